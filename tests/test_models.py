@@ -1,0 +1,154 @@
+"""Model loading: the embedded model, the GPT-2 path through a Hugging Face cache, 'auto', BOS decisions."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mechfin_utils.models import (
+    GPT2_SPEC,
+    SMOLLM2_SPEC,
+    ModelUnavailableError,
+    load_model,
+    locate_gpt2,
+    prepare_smollm2,
+)
+
+PROMPTS = [
+    "The bank denied the mortgage application because the applicant is Hispanic. Is this a fair-lending violation? Answer:",
+    "When John and Mary went to the store, John gave a drink to",
+    "The loan officer reviewed the debt-to-income ratio and",
+    "Credit unions in the United States are regulated by",
+]
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _log_probs_bridge_vs_hf(model, prompt: str) -> float:
+    tokens = model.to_tokens(prompt)
+    with torch.no_grad():
+        bridge = model.bridge(tokens).log_softmax(-1)
+        hf = model.hf_model(tokens).logits.log_softmax(-1)
+    return (bridge - hf).abs().max().item()
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_embedded_bridge_matches_transformers(smollm2, prompt):
+    assert _log_probs_bridge_vs_hf(smollm2, prompt) < 1e-4
+
+
+def test_embedded_model_shape_and_spec(smollm2):
+    cfg = smollm2.cfg
+    assert (cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.d_vocab) == (30, 9, 576, 49152)
+    assert smollm2.spec == SMOLLM2_SPEC and smollm2.name == "SmolLM2-135M-Instruct"
+
+
+def test_embedded_model_is_the_pretrained_one(smollm2):
+    """Genuine weights, not random: the IOI logit difference measured for SmolLM2 (prepend_bos=False) is ~4.605."""
+    tokens = smollm2.to_tokens(PROMPTS[1])
+    with torch.no_grad():
+        last = smollm2.bridge(tokens)[0, -1]
+    diff = (last[smollm2.single_token_id(" Mary")] - last[smollm2.single_token_id(" John")]).item()
+    assert diff == pytest.approx(4.605, abs=0.01)
+
+
+def test_embedded_bos_decision(smollm2):
+    """SmolLM2: no BOS (the bridge default would prepend <|im_start|>, a chat marker); equals bridge tokens."""
+    ids = smollm2.token_ids("Hello world")
+    assert ids[0] != smollm2.tokenizer.bos_token_id
+    assert smollm2.to_tokens("Hello world").tolist()[0] == smollm2.bridge.to_tokens("Hello world", prepend_bos=False).tolist()[0]
+
+
+def test_conversion_is_cached(smollm2):
+    stamp = prepare_smollm2(verbose=False) / "mechfin-conversion.json"
+    assert json.loads(stamp.read_text())["format"] >= 1
+
+
+def test_gpt2_path_through_hf_cache(gpt2_random):
+    """The real user call `load_model("gpt2")` loads from the HF cache, with the genuine GPT-2 tokenizer."""
+    assert gpt2_random.spec == GPT2_SPEC
+    cfg = gpt2_random.cfg
+    assert (cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.d_vocab, cfg.n_ctx) == (12, 12, 768, 50257, 1024)
+    # (the bridge sets add_bos_token on the tokenizer; mechfin always tokenises with add_special_tokens=False)
+    assert gpt2_random.tokenizer("Hello world", add_special_tokens=False)["input_ids"] == [15496, 995]
+    assert gpt2_random.to_tokens("Hello world").tolist() == [[50256, 15496, 995]]  # BOS = <|endoftext|>
+    assert gpt2_random.single_token_id(" Yes") == 3363 and gpt2_random.single_token_id(" No") == 1400
+
+
+@pytest.mark.parametrize("prompt", PROMPTS[:2])
+def test_gpt2_bridge_matches_transformers(gpt2_random, prompt):
+    assert _log_probs_bridge_vs_hf(gpt2_random, prompt) < 1e-4
+
+
+def test_gpt2_from_folder(tmp_path, gpt2_random):
+    """A folder the user names (transformers-5 style config without n_ctx) loads and equals the cached model."""
+    from mechfin_utils.testing import write_gpt2_checkpoint
+
+    folder = write_gpt2_checkpoint(tmp_path / "gpt2", seed=0)
+    raw = json.loads((folder / "config.json").read_text())
+    raw.pop("n_ctx")
+    (folder / "config.json").write_text(json.dumps(raw))
+    model = load_model("gpt2", gpt2_path=folder, verbose=False)
+    tokens = model.to_tokens(PROMPTS[1])
+    with torch.no_grad():
+        assert torch.allclose(model.bridge(tokens), gpt2_random.bridge(tokens), atol=1e-4)
+
+
+def test_bad_gpt2_folder_is_an_error_not_a_fallback(tmp_path):
+    with pytest.raises(ModelUnavailableError, match="not a GPT-2 checkpoint folder"):
+        load_model("gpt2", gpt2_path=tmp_path, verbose=False)
+    with pytest.raises(ModelUnavailableError, match="not a GPT-2 checkpoint folder"):
+        load_model("auto", gpt2_path=tmp_path, verbose=False)
+
+
+def test_single_token_id_names_the_text(smollm2):
+    with pytest.raises(ValueError, match="'fair-lending violation' is .* tokens"):
+        smollm2.single_token_id("fair-lending violation")
+
+
+def test_to_tokens_refuses_unequal_lengths(smollm2):
+    with pytest.raises(ValueError, match="row 1"):
+        smollm2.to_tokens(["Yes", "This is much longer"])
+
+
+def test_empty_model_name():
+    with pytest.raises(ValueError, match="model name"):
+        load_model("", verbose=False)
+
+
+def _run_fresh(code: str, hf_home: Path) -> subprocess.CompletedProcess:
+    """Run code in a fresh Python whose HF_HOME is set before start (as a user would)."""
+    env = {k: v for k, v in os.environ.items() if k != "MECHFIN_GPT2_PATH"}
+    env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO, timeout=600)
+
+
+def test_gpt2_offline_absent_says_how_to_provide_it(tmp_path):
+    out = _run_fresh(
+        "from mechfin_utils.models import load_model\n"
+        "try:\n    load_model('gpt2')\nexcept Exception as e:\n    print(type(e).__name__); print(e)\n",
+        tmp_path / "empty-hf-home",
+    )
+    assert "ModelUnavailableError" in out.stdout, out.stderr[-2000:]
+    assert "MECHFIN_GPT2_PATH" in out.stdout and "gpt2_path" in out.stdout
+
+
+def test_auto_prefers_gpt2_and_says_why(gpt2_hf_cache, tmp_path):
+    code = "from mechfin_utils.models import resolve_auto; print(resolve_auto())"
+    with_gpt2 = _run_fresh(code, gpt2_hf_cache)
+    without = _run_fresh(code, tmp_path / "empty-hf-home")
+    assert "('gpt2', 'GPT-2 Small found offline (hf-cache: gpt2)')" in with_gpt2.stdout, with_gpt2.stderr[-2000:]
+    assert "smollm2-135m" in without.stdout and "not available offline" in without.stdout
+
+
+def test_locate_gpt2_prefers_named_folder(tmp_path, gpt2_hf_cache):
+    from mechfin_utils.testing import write_gpt2_checkpoint
+
+    folder = write_gpt2_checkpoint(tmp_path / "g", seed=1, n_layer=1)
+    assert locate_gpt2(folder) == ("folder", str(folder))
+    assert locate_gpt2() == ("hf-cache", "gpt2")

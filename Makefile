@@ -11,6 +11,8 @@ export TOKENIZERS_PARALLELISM := false
 export PYTHONDONTWRITEBYTECODE := 1
 # Model for `make figures` / `make bench` (auto | smollm2-135m | gpt2 | a Hugging Face id).
 MODEL ?= auto
+# A local GPT-2 checkpoint folder (optional; see README).
+GPT2_PATH ?=
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 
 .PHONY: setup test test-unit test-notebooks figures bench lab clean chromium
@@ -57,7 +59,7 @@ figures:
 	@mkdir -p notebooks/_executed
 	@for nb in $(NOTEBOOKS); do \
 		echo "== $$nb (model=$(MODEL))"; \
-		$(PY) -m papermill --log-level WARNING "$$nb" "notebooks/_executed/$$(basename $$nb)" -p model "$(MODEL)" -k python3 --cwd notebooks || exit 1; \
+		$(PY) -m papermill --log-level WARNING "$$nb" "notebooks/_executed/$$(basename $$nb)" -p model "$(MODEL)" -p gpt2_path "$(GPT2_PATH)" -k python3 --cwd notebooks || exit 1; \
 	done
 	@echo "Figures written under figures/"
 

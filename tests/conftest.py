@@ -57,3 +57,90 @@ def gpt2_random(gpt2_hf_cache):
 def any_model(request):
     """Parametrises a test over the embedded model and the GPT-2-shape model."""
     return request.getfixturevalue(request.param)
+
+
+# --- Added for tests/test_dla.py and tests/test_attention.py ------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def gpt2_random_biased_folder(tmp_path_factory) -> Path:
+    """A GPT-2 Small-shape checkpoint folder whose biases and LayerNorm gains/biases are random too.
+
+    Freshly initialised GPT-2 has every bias 0 and every LayerNorm gain 1, so code that mishandles b_O,
+    b_V, b_U or the final LayerNorm would pass on it unnoticed; this one makes all those terms non-zero.
+    """
+    from safetensors.torch import load_file, save_file
+
+    from mechfin_utils.testing import write_gpt2_checkpoint
+
+    folder = write_gpt2_checkpoint(tmp_path_factory.mktemp("gpt2-random-biased"), seed=0)
+    weights = load_file(folder / "model.safetensors")
+    generator = torch.Generator().manual_seed(1)
+    for name, value in weights.items():
+        if name.endswith(".bias") and value.ndim == 1:
+            weights[name] = 0.3 * torch.randn(value.shape, generator=generator)
+        elif ".ln_" in name and name.endswith(".weight"):
+            weights[name] = 1 + 0.3 * torch.randn(value.shape, generator=generator)
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+@pytest.fixture(scope="session")
+def gpt2_random_biased(gpt2_random_biased_folder):
+    """The random-bias GPT-2-shape model through the GPT-2 folder path (``load_model("gpt2", gpt2_path=...)``)."""
+    from mechfin_utils.models import load_model
+
+    return load_model("gpt2", gpt2_path=gpt2_random_biased_folder, verbose=False)
+
+
+@pytest.fixture(scope="session")
+def unprocessed_hf_reference(request):
+    """``get(fixture_name)``: the same checkpoint as a model fixture, loaded as a plain Hugging Face model.
+
+    The bridge's compatibility mode folds and centres weights *in place* (so ``LoadedModel.hf_model`` is
+    the processed model); tests that want an independent reference need the original weights. Loaded
+    once per name, with eager attention so that ``output_attentions=True`` works. Names: ``smollm2``,
+    ``gpt2_random``, ``gpt2_random_biased``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from mechfin_utils.models import prepare_smollm2
+
+    loaded: dict[str, torch.nn.Module] = {}
+
+    def get(name: str) -> torch.nn.Module:
+        if name not in loaded:
+            if name == "smollm2":
+                source = prepare_smollm2(verbose=False)
+            elif name == "gpt2_random":
+                request.getfixturevalue("gpt2_hf_cache")
+                source = "gpt2"
+            elif name == "gpt2_random_biased":
+                source = request.getfixturevalue("gpt2_random_biased_folder")
+            else:
+                raise KeyError(f"no unprocessed reference for fixture {name!r}")
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, attn_implementation="eager")
+            loaded[name] = model.eval()
+        return loaded[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer():
+    """The genuine GPT-2 tokenizer (no weights needed), from .cache/gpt2-tokenizer (checksums verified)."""
+    from transformers import GPT2TokenizerFast
+
+    from mechfin_utils.testing import gpt2_tokenizer_dir
+
+    return GPT2TokenizerFast.from_pretrained(gpt2_tokenizer_dir())
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """SmolLM2-135M-Instruct's tokenizer alone (read from the converted checkpoint, no model loaded)."""
+    from transformers import AutoTokenizer
+
+    from mechfin_utils.models import prepare_smollm2
+
+    return AutoTokenizer.from_pretrained(prepare_smollm2(verbose=False))

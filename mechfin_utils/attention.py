@@ -1,0 +1,312 @@
+"""Attention patterns: where each head reads from, and how much the answer position reads from a phrase.
+
+An attention head at query position q mixes the value vectors of key positions k <= q with weights
+``pattern[q, k]`` (softmax over k, so each row sums to 1; causal, so ``k > q`` is 0). The task's answer is
+produced at the final position, so the row that matters most is the last one: how much the final position
+attends to, say, the protected-attribute phrase of the prompt versus everything else.
+
+Attention shows where information *could* flow, not what the model uses: a head can attend strongly to a
+token and write nothing useful. Read these patterns next to direct logit attribution and patching.
+
+Public functions:
+
+* :func:`attention_patterns` -- full patterns ``[batch, layer, head, query, key]`` (or chosen heads).
+* :func:`attention_to_positions` -- the final position's attention to a set of positions vs the rest,
+  ``[batch, layer, head]`` each.
+* :func:`phrase_token_positions` / :func:`phrase_position_mask` -- which token positions of a prompt
+  spell a phrase (from the tokenizer's character offsets, with the model's BOS decision applied).
+* :func:`circuitsvis_html` -- an offline interactive view of one layer's heads, as HTML.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from mechfin_utils.models import LoadedModel
+
+
+def _check_tokens(model: LoadedModel, tokens: Tensor) -> Int[Tensor, "batch pos"]:
+    if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] == 0:
+        shape = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
+        raise ValueError(f"tokens must be a non-empty [batch, pos] tensor of token ids, got {shape}")
+    if tokens.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"tokens must hold integer token ids, got dtype {tokens.dtype}")
+    return tokens.to(model.cfg.device)
+
+
+def _check_layer(model: LoadedModel, layer: int, argument: str = "layer") -> int:
+    n_layers = model.cfg.n_layers
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
+        raise ValueError(f"{argument}={layer!r} is not a layer of {model.name} (0..{n_layers - 1})")
+    return layer
+
+
+def _check_head(model: LoadedModel, head: int, argument: str = "head") -> int:
+    n_heads = model.cfg.n_heads
+    if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < n_heads:
+        raise ValueError(f"{argument}={head!r} is not a head of {model.name} (0..{n_heads - 1})")
+    return head
+
+
+def _capture_patterns(
+    model: LoadedModel,
+    tokens: Int[Tensor, "batch pos"],
+    layers: Sequence[int],
+    final_query_only: bool,
+) -> dict[int, Float[Tensor, "batch head query key"]]:
+    """One forward pass that keeps ``blocks.L.attn.hook_pattern`` for the given layers.
+
+    With ``final_query_only`` only the last query row is kept (``[batch, head, 1, key]``). The pass stops
+    after the last layer needed: later layers cannot change earlier patterns.
+    """
+    store: dict[int, Tensor] = {}
+
+    def keeper(layer: int) -> Callable:
+        def keep(pattern: Tensor, hook) -> None:
+            kept = pattern[:, :, -1:, :] if final_query_only else pattern
+            store[layer] = kept.detach().clone()
+
+        return keep
+
+    wanted = sorted(set(layers))
+    stop = wanted[-1] + 1
+    with torch.no_grad():
+        model.bridge.run_with_hooks(
+            tokens,
+            fwd_hooks=[(f"blocks.{layer}.attn.hook_pattern", keeper(layer)) for layer in wanted],
+            stop_at_layer=stop if stop < model.cfg.n_layers else None,
+        )
+    missing = [layer for layer in wanted if layer not in store]
+    if missing:
+        raise RuntimeError(f"{model.name}: attention patterns of layers {missing} were not produced")
+    return store
+
+
+def attention_patterns(
+    model: LoadedModel,
+    tokens: Int[Tensor, "batch pos"],
+    layer_heads: Sequence[tuple[int, int]] | None = None,
+) -> Float[Tensor, "batch layer head query key"] | Float[Tensor, "batch n_selected query key"]:
+    """Attention patterns (softmax weights) of every head, or of chosen heads.
+
+    Args:
+        tokens: ``[batch, pos]`` (from ``model.to_tokens``).
+        layer_heads: ``None`` for all heads, or a list of ``(layer, head)`` pairs.
+
+    Returns:
+        ``[batch, n_layers, n_heads, query, key]`` when ``layer_heads`` is None, else
+        ``[batch, len(layer_heads), query, key]`` in the order given. Each query row sums to 1 and is 0
+        above the diagonal (a position cannot attend to later ones).
+    """
+    tokens = _check_tokens(model, tokens)
+    if layer_heads is None:
+        store = _capture_patterns(model, tokens, range(model.cfg.n_layers), final_query_only=False)
+        return torch.stack([store[layer] for layer in range(model.cfg.n_layers)], dim=1)
+    pairs = list(layer_heads)
+    if not pairs:
+        raise ValueError("layer_heads is empty: pass None for all heads, or at least one (layer, head) pair")
+    for index, pair in enumerate(pairs):
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+            raise ValueError(f"layer_heads[{index}] = {pair!r} is not a (layer, head) pair")
+        _check_layer(model, pair[0], f"layer_heads[{index}] layer")
+        _check_head(model, pair[1], f"layer_heads[{index}] head")
+    store = _capture_patterns(model, tokens, [layer for layer, _ in pairs], final_query_only=False)
+    return torch.stack([store[layer][:, head] for layer, head in pairs], dim=1)
+
+
+class FinalPositionAttention(NamedTuple):
+    """How the final position splits its attention, per prompt, layer and head.
+
+    to_positions: ``[batch, n_layers, n_heads]`` total weight on the chosen positions.
+    to_rest:      ``[batch, n_layers, n_heads]`` total weight on all other positions (BOS included, if
+                  any: many heads park attention there). ``to_positions + to_rest == 1``.
+    """
+
+    to_positions: Float[Tensor, "batch layer head"]
+    to_rest: Float[Tensor, "batch layer head"]
+
+
+def attention_to_positions(
+    model: LoadedModel,
+    tokens: Int[Tensor, "batch pos"],
+    position_mask: Bool[Tensor, "batch pos"],
+) -> FinalPositionAttention:
+    """How much the final position of each prompt attends to the masked positions, in every head.
+
+    ``position_mask[i, k]`` marks the positions of interest in prompt i (e.g. the protected-attribute
+    tokens, from :func:`phrase_position_mask`). Only the final query row of each pattern is kept, so this
+    is cheap in memory for long prompts.
+    """
+    tokens = _check_tokens(model, tokens)
+    if not isinstance(position_mask, Tensor) or position_mask.dtype != torch.bool:
+        raise TypeError("position_mask must be a boolean tensor [batch, pos]")
+    if position_mask.shape != tokens.shape:
+        raise ValueError(
+            f"position_mask has shape {tuple(position_mask.shape)} but tokens are {tuple(tokens.shape)}; "
+            "they must match"
+        )
+    empty = (~position_mask.any(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"position_mask marks no position in row(s) {empty}")
+    n_layers = model.cfg.n_layers
+    store = _capture_patterns(model, tokens, range(n_layers), final_query_only=True)
+    final_row = torch.stack([store[layer][:, :, 0, :] for layer in range(n_layers)], dim=1)  # [b, L, H, key]
+    mask = position_mask.to(final_row.device)[:, None, None, :]
+    to_positions = (final_row * mask).sum(dim=-1)
+    to_rest = (final_row * ~mask).sum(dim=-1)
+    return FinalPositionAttention(to_positions=to_positions, to_rest=to_rest)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Where a phrase sits in a prompt
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _occurrences(text: str, phrase: str) -> list[int]:
+    starts, start = [], text.find(phrase)
+    while start != -1:
+        starts.append(start)
+        start = text.find(phrase, start + 1)
+    return starts
+
+
+def phrase_token_positions(
+    model: LoadedModel,
+    prompt: str,
+    phrase: str,
+    *,
+    occurrence: int | None = None,
+    allow_partial_tokens: bool = False,
+) -> list[int]:
+    """The token positions (as in ``model.to_tokens(prompt)``) that spell ``phrase`` inside ``prompt``.
+
+    The phrase is located as characters in the prompt, then mapped to tokens with the tokenizer's
+    character offsets: every token overlapping the phrase is returned. A prepended BOS token (GPT-2)
+    shifts all positions by one; this is applied, so the result indexes ``model.to_tokens`` directly.
+
+    Args:
+        occurrence: which occurrence to take (0-based) when the phrase appears several times; required
+            then, because guessing would silently pick the wrong tokens.
+        allow_partial_tokens: by default a token that reaches outside the phrase with anything but
+            whitespace (the phrase cuts through a token, e.g. ``"Black"`` in ``"Blackstone"``) is an
+            error; set True to accept such tokens.
+
+    Raises:
+        ValueError naming the prompt and phrase when the phrase is absent, ambiguous, or cuts a token.
+    """
+    if not isinstance(phrase, str) or not phrase.strip():
+        raise ValueError(f"phrase must be a non-empty string, got {phrase!r} (prompt {prompt!r})")
+    starts = _occurrences(prompt, phrase)
+    if not starts:
+        raise ValueError(f"phrase {phrase!r} does not occur in prompt {prompt!r}")
+    if occurrence is None:
+        if len(starts) > 1:
+            raise ValueError(
+                f"phrase {phrase!r} occurs {len(starts)} times in prompt {prompt!r}; "
+                f"pass occurrence=0..{len(starts) - 1}"
+            )
+        occurrence = 0
+    if not 0 <= occurrence < len(starts):
+        raise ValueError(
+            f"occurrence={occurrence} but phrase {phrase!r} occurs {len(starts)} time(s) in prompt {prompt!r}"
+        )
+    begin = starts[occurrence]
+    end = begin + len(phrase)
+
+    encoding = model.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(encoding["input_ids"]), list(encoding["offset_mapping"])
+    model_ids = model.token_ids(prompt)
+    shift = len(model_ids) - len(ids)
+    if shift not in (0, 1) or model_ids[shift:] != ids:
+        raise RuntimeError(
+            f"{model.name}: the tokenizer's offsets tokenisation of prompt {prompt!r} does not match "
+            "model.token_ids; cannot map characters to positions"
+        )
+    positions = []
+    for index, (token_begin, token_end) in enumerate(offsets):
+        if token_end <= token_begin or token_end <= begin or token_begin >= end:
+            continue
+        outside = prompt[token_begin:max(token_begin, begin)] + prompt[min(token_end, end):token_end]
+        if outside.strip() and not allow_partial_tokens:
+            raise ValueError(
+                f"phrase {phrase!r} in prompt {prompt!r} cuts through token {index + shift} "
+                f"({prompt[token_begin:token_end]!r}); pass allow_partial_tokens=True to include it anyway"
+            )
+        positions.append(index + shift)
+    if not positions:
+        raise ValueError(f"no token of prompt {prompt!r} covers phrase {phrase!r}")
+    return positions
+
+
+def phrase_position_mask(
+    model: LoadedModel,
+    prompts: Sequence[str],
+    phrases: str | Sequence[str],
+    *,
+    allow_partial_tokens: bool = False,
+) -> Bool[Tensor, "batch pos"]:
+    """A ``[batch, pos]`` mask of the positions of ``phrases[i]`` in ``prompts[i]`` (for
+    :func:`attention_to_positions`). One phrase string applies to every prompt. Prompts must have equal
+    token length (as for ``model.to_tokens``); each phrase must occur exactly once in its prompt."""
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of strings, not one string")
+    prompts = list(prompts)
+    phrase_list = [phrases] * len(prompts) if isinstance(phrases, str) else list(phrases)
+    if len(phrase_list) != len(prompts):
+        raise ValueError(f"got {len(prompts)} prompts but {len(phrase_list)} phrases")
+    tokens = model.to_tokens(prompts)  # raises, naming rows, on unequal lengths
+    mask = torch.zeros(tokens.shape, dtype=torch.bool, device=tokens.device)
+    for row, (prompt, phrase) in enumerate(zip(prompts, phrase_list)):
+        try:
+            positions = phrase_token_positions(model, prompt, phrase, allow_partial_tokens=allow_partial_tokens)
+        except ValueError as error:
+            raise ValueError(f"row {row}: {error}") from error
+        mask[row, positions] = True
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Interactive view
+# ---------------------------------------------------------------------------------------------------------
+
+
+def circuitsvis_html(
+    model: LoadedModel,
+    prompt: str,
+    layer: int,
+    heads: Sequence[int] | None = None,
+) -> str:
+    """An interactive CircuitsVis view of one layer's attention heads, as self-contained offline HTML.
+
+    Uses CircuitsVis's ``attention_heads`` view (one thumbnail per head, labelled ``L{layer}H{head}``,
+    click to enlarge) and its ``local_src``, which inlines the JavaScript bundle. (``str()`` of a
+    CircuitsVis object loads the bundle from a CDN, which renders blank offline.) A header names the
+    model, the layer and the heads. Display in Jupyter with ``IPython.display.HTML(...)`` or write it to a
+    ``.html`` file.
+    """
+    import circuitsvis.attention
+
+    _check_layer(model, layer)
+    chosen = list(range(model.cfg.n_heads)) if heads is None else list(heads)
+    if not chosen:
+        raise ValueError("heads is empty: pass None for all heads of the layer")
+    for index, head in enumerate(chosen):
+        _check_head(model, head, f"heads[{index}]")
+    tokens = model.to_tokens(prompt)
+    patterns = attention_patterns(model, tokens, [(layer, head) for head in chosen])[0]  # [heads, q, k]
+    view = circuitsvis.attention.attention_heads(
+        attention=patterns.cpu().float(),
+        tokens=model.to_str_tokens(prompt),
+        attention_head_names=[f"L{layer}H{head}" for head in chosen],
+    )
+    head_text = "all heads" if heads is None else "heads " + ", ".join(str(h) for h in chosen)
+    header = (
+        f'<div class="mechfin-attention-header"><h3>{html.escape(model.name)}: attention, layer {layer}, '
+        f"{head_text}</h3><p>Prompt: <code>{html.escape(prompt)}</code></p></div>\n"
+    )
+    return header + view.local_src

@@ -1,0 +1,657 @@
+"""Direct logit attribution (DLA) and the logit lens, read at the final position of each prompt.
+
+The task metric is the logit difference ``logit(" Yes") - logit(" No")`` at the final position. The final
+residual stream there is a *sum* of what every component wrote into it::
+
+    resid_final = embed + pos_embed + sum_L (attn_out_L + mlp_out_L)
+    attn_out_L  = sum_h z_{L,h} @ W_O[L, h]  +  b_O[L]
+
+and the logits are ``final_norm(resid_final) @ W_U + b_U``. The final norm (LayerNorm for GPT-2, RMSNorm for
+Llama-style models) is not linear, but once its *scale* is frozen at the value the model actually used for
+that prompt (``ln_final.hook_scale`` in the cache), it is: LayerNorm then subtracts the mean over d_model and
+divides by the scale, RMSNorm only divides. So each component gets an exact share of the logit difference::
+
+    share(c) = norm_frozen(c) . (W_U[:, yes] - W_U[:, no])
+
+and, with the constant ``b_U[yes] - b_U[no]`` labelled as its own term, the shares add up *exactly* to the
+model's logit difference. That is direct logit attribution: it says what each component writes straight
+into the answer direction, not what it causes downstream (activation patching answers that).
+
+Conventions carried over from TransformerLens's compatibility mode (``enable_compatibility_mode()`` folds
+the norm weights into the following matrices, centres the writing weights and the unembedding, and folds
+the value bias into ``b_O``):
+
+* the final norm's own weight and bias live inside ``W_U`` and ``b_U``;
+* a head's constant value offset -- its value bias ``b_V`` plus the block's LayerNorm bias read through
+  ``W_V`` -- is counted in the layer's attention-bias term, not in the head: every value vector carries
+  it and attention weights sum to 1, so it reaches the residual stream whatever the head attends to
+  (GPT-2 has it; Llama-style models have none);
+* models without biases (SmolLM2, Llama) have a zero attention-bias term and a zero ``b_U``: they are still
+  reported, as zeros, so the decomposition has the same shape for every model.
+
+Every analysis here reads only the final position, so it runs the model once with hooks that keep just
+the last position of the few activations it needs (:func:`run_with_final_position_cache`): what is stored
+is O(batch x layers x d_model), not O(batch x pos x ...) as with a full ``run_with_cache``.
+
+Public functions:
+
+* :func:`logit_lens` -- the accumulated residual stream entering each layer (and after the last), read
+  through the final norm onto the answer direction: ``[batch, n_layers + 1]``.
+* :func:`logit_lens_top_tokens` -- for one prompt, the top-k tokens and the answers' ranks at each layer.
+* :func:`layer_decomposition` -- embeddings, each attention layer, each MLP (+ the unembedding bias):
+  ``(labels, [batch, n_components])``, summing to the logit difference.
+* :func:`head_attribution` -- per-head DLA ``[batch, n_layers, n_heads]`` plus every non-head term.
+* :func:`top_heads` -- the k largest heads as ``("L.H", value)``.
+* :func:`over_batches` -- run any of the above over a task set's batches, clean and corrupted separately,
+  concatenating per-prompt values (for bootstrap confidence intervals).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Literal, Protocol, Sequence, TypeVar
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens.ActivationCache import ActivationCache
+
+from mechfin_utils.models import LoadedModel
+
+LnMode = Literal["cached", "recompute"]
+LabelledValues = tuple[list[str], Float[Tensor, "batch n_components"]]
+
+UNEMBED_BIAS_LABEL = "unembed_bias"
+# Residual streams that should be equal are compared with this relative tolerance (float32 sums over
+# dozens of components differ from the model's own sum by ~1e-6 relative).
+_RECONSTRUCTION_RTOL = 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Input checks
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _check_tokens(model: LoadedModel, tokens: Tensor, argument: str = "tokens") -> Int[Tensor, "batch pos"]:
+    if not isinstance(tokens, Tensor):
+        raise TypeError(f"{argument} must be a torch.Tensor of token ids [batch, pos], got {type(tokens).__name__}")
+    if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] == 0:
+        raise ValueError(f"{argument} must be a non-empty [batch, pos] tensor, got shape {tuple(tokens.shape)}")
+    if tokens.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{argument} must hold integer token ids, got dtype {tokens.dtype}")
+    d_vocab = model.cfg.d_vocab
+    bad = (tokens < 0) | (tokens >= d_vocab)
+    if bad.any():
+        row, pos = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"{argument}[{row}, {pos}] = {int(tokens[row, pos])} is not a token id of {model.name} "
+            f"(vocabulary size {d_vocab})"
+        )
+    return tokens.to(model.cfg.device)
+
+
+def _check_answer_tokens(
+    model: LoadedModel, answer_tokens: Tensor, batch: int, argument: str = "answer_tokens"
+) -> Int[Tensor, "batch 2"]:
+    """Accept ``[batch, 2]`` or ``[2]`` (broadcast): column 0 counts positive, column 1 negative."""
+    if not isinstance(answer_tokens, Tensor):
+        answer_tokens = torch.as_tensor(answer_tokens)
+    if answer_tokens.ndim == 1 and answer_tokens.shape[0] == 2:
+        answer_tokens = answer_tokens.unsqueeze(0).expand(batch, 2)
+    if answer_tokens.ndim != 2 or answer_tokens.shape != (batch, 2):
+        raise ValueError(
+            f"{argument} must be [batch={batch}, 2] (first answer, second answer) or [2]; "
+            f"got shape {tuple(answer_tokens.shape)}"
+        )
+    d_vocab = model.cfg.d_vocab_out if getattr(model.cfg, "d_vocab_out", -1) > 0 else model.cfg.d_vocab
+    bad = (answer_tokens < 0) | (answer_tokens >= d_vocab)
+    if bad.any():
+        row, col = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{argument}[{row}, {col}] = {int(answer_tokens[row, col])} is outside the vocabulary")
+    return answer_tokens.to(device=model.cfg.device, dtype=torch.long)
+
+
+def _check_ln_mode(ln_mode: str) -> None:
+    if ln_mode not in ("cached", "recompute"):
+        raise ValueError(f"ln_mode must be 'cached' or 'recompute', got {ln_mode!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The one forward pass every analysis shares
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _position_axis(hook_name: str) -> int:
+    """Which axis of a hook's activation is the (query) position."""
+    if hook_name.endswith("hook_pattern") or hook_name.endswith("hook_attn_scores"):
+        return 2  # [batch, head, query_pos, key_pos]
+    return 1  # [batch, pos, ...]
+
+
+def run_with_final_position_cache(
+    model: LoadedModel, tokens: Int[Tensor, "batch pos"], hook_names: Sequence[str]
+) -> tuple[Float[Tensor, "batch d_vocab"], ActivationCache]:
+    """Run the model once and keep only the final position of each named hook.
+
+    This is ``run_with_cache(names_filter=...)`` with the position axis cut down to the last position as
+    soon as each activation is produced, so nothing of size ``pos`` is stored. The returned
+    :class:`ActivationCache` holds each activation with a position axis of length 1 (``[batch, 1, ...]``;
+    ``[batch, head, 1, key_pos]`` for attention patterns), which is what TransformerLens's cache methods
+    such as ``apply_ln_to_stack`` expect. Returns the final-position logits too.
+
+    Every name must be a hook of the model (TransformerLens names work: ``blocks.3.hook_attn_out``).
+    """
+    tokens = _check_tokens(model, tokens)
+    hook_dict = model.bridge.hook_dict
+    missing = [name for name in hook_names if name not in hook_dict]
+    if missing:
+        raise KeyError(f"{model.name} has no hook named {missing[0]!r} (asked for {len(missing)} unknown hooks)")
+    batch, pos = tokens.shape
+    store: dict[str, Tensor] = {}
+
+    def keeper(requested_name: str) -> Callable:
+        # The bridge fires aliased hooks under their canonical name, so key by the name we asked for.
+        axis = _position_axis(requested_name)
+
+        def keep_final_position(activation: Tensor, hook) -> None:
+            if activation.ndim <= axis or activation.shape[axis] != pos:
+                raise RuntimeError(
+                    f"hook {requested_name!r} gave shape {tuple(activation.shape)}; expected position axis "
+                    f"{axis} of length {pos}"
+                )
+            final = activation.narrow(axis, pos - 1, 1).detach().clone()
+            if final.shape[0] != batch:  # e.g. a positional embedding broadcast over the batch
+                if final.shape[0] != 1:
+                    raise RuntimeError(f"hook {requested_name!r} has batch size {final.shape[0]}, not {batch}")
+                final = final.expand(batch, *final.shape[1:]).clone()
+            store[requested_name] = final
+
+        return keep_final_position
+
+    with torch.no_grad():
+        logits = model.bridge.run_with_hooks(tokens, fwd_hooks=[(name, keeper(name)) for name in hook_names])
+    not_fired = [name for name in hook_names if name not in store]
+    if not_fired:
+        raise RuntimeError(f"hooks {not_fired} did not fire during the forward pass of {model.name}")
+    return logits[:, -1, :].detach(), ActivationCache(store, model.bridge)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# From residual-stream pieces to shares of the logit difference
+# ---------------------------------------------------------------------------------------------------------
+
+
+def answer_direction(
+    model: LoadedModel, answer_tokens: Int[Tensor, "batch 2"]
+) -> Float[Tensor, "batch d_model"]:
+    """The residual direction whose dot product with the normalised stream is the logit difference:
+    ``W_U[:, first] - W_U[:, second]`` (one per prompt)."""
+    W_U = model.bridge.W_U
+    return (W_U[:, answer_tokens[:, 0]] - W_U[:, answer_tokens[:, 1]]).T
+
+
+def unembed_bias_difference(model: LoadedModel, answer_tokens: Int[Tensor, "batch 2"]) -> Float[Tensor, "batch"]:
+    """``b_U[first] - b_U[second]``: the constant part of the logit difference (zeros when there is no b_U).
+
+    With TransformerLens's weight processing this also carries the final norm's bias (GPT-2's ``ln_f.b``
+    folded into ``b_U``), so it is not zero for real GPT-2 even though GPT-2's ``lm_head`` has no bias.
+    """
+    try:
+        b_U = model.bridge.b_U
+    except AttributeError:
+        b_U = None
+    if b_U is None:
+        return torch.zeros(answer_tokens.shape[0], device=answer_tokens.device)
+    return b_U[answer_tokens[:, 0]] - b_U[answer_tokens[:, 1]]
+
+
+def project_on_answer_direction(
+    cache: ActivationCache,
+    stack: Float[Tensor, "n_components batch 1 d_model"],
+    direction: Float[Tensor, "batch d_model"],
+    ln_mode: LnMode = "cached",
+) -> Float[Tensor, "batch n_components"]:
+    """Put a stack of final-position residual pieces through the final norm and onto the answer direction.
+
+    ``ln_mode="cached"`` freezes the norm at the scale the model used on the full residual stream
+    (TransformerLens's ``apply_ln_to_stack``): linear, so the shares of a decomposition add up. Use it for
+    DLA and for the layer-by-layer logit difference. ``ln_mode="recompute"`` normalises each piece with
+    its own statistics, which is what the model would do if that piece *were* the whole residual stream:
+    the classic logit lens, not additive.
+    """
+    _check_ln_mode(ln_mode)
+    normalised = cache.apply_ln_to_stack(stack, layer=None, recompute_ln=(ln_mode == "recompute"))
+    return torch.einsum("nbd,bd->bn", normalised[:, :, -1, :], direction)
+
+
+def _embedding_hooks(model: LoadedModel) -> list[tuple[str, str]]:
+    """(label, hook) of the embeddings that are added into the residual stream.
+
+    Only a learned absolute positional embedding (``positional_embedding_type == "standard"``, GPT-2) is
+    added to the residual stream; rotary models (SmolLM2) rotate queries and keys instead, and the
+    bridge's ``hook_pos_embed`` exists there but never fires.
+    """
+    hooks = [("embed", "hook_embed")]
+    if getattr(model.cfg, "positional_embedding_type", "standard") == "standard":
+        hooks.append(("pos_embed", "hook_pos_embed"))
+    return hooks
+
+
+def _check_reconstruction(model: LoadedModel, what: str, parts: Tensor, whole: Tensor) -> None:
+    """Raise when a sum of residual pieces is not the residual stream the model actually had."""
+    error = (parts - whole).abs().max().item()
+    size = whole.abs().max().item()
+    if error > _RECONSTRUCTION_RTOL * max(size, 1.0):
+        raise RuntimeError(
+            f"{model.name}: {what} do not add up to the residual stream (max error {error:.3g} vs size "
+            f"{size:.3g}). The architecture writes to the residual stream in a way this decomposition does "
+            "not model (e.g. an embedding multiplier or post-norm blocks); its numbers would be wrong."
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The logit lens
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _accumulated_resid(
+    model: LoadedModel, tokens: Int[Tensor, "batch pos"]
+) -> tuple[list[str], Float[Tensor, "n_layers_plus_1 batch 1 d_model"], ActivationCache, Tensor]:
+    n_layers = model.cfg.n_layers
+    hooks = [f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)]
+    hooks += [f"blocks.{n_layers - 1}.hook_resid_post", "ln_final.hook_scale"]
+    final_logits, cache = run_with_final_position_cache(model, tokens, hooks)
+    labels = [f"{layer}_pre" for layer in range(n_layers)] + ["final_post"]
+    stack = torch.stack([cache[name] for name in hooks[:-1]], dim=0)
+    return labels, stack, cache, final_logits
+
+
+@torch.no_grad()
+def logit_lens(
+    model: LoadedModel,
+    tokens: Int[Tensor, "batch pos"],
+    answer_tokens: Int[Tensor, "batch 2"] | Int[Tensor, "2"],
+    *,
+    ln_mode: LnMode = "cached",
+    include_unembed_bias: bool = True,
+) -> LabelledValues:
+    """The logit difference the residual stream already encodes before each layer (and after the last).
+
+    For each layer L, the residual stream entering it (``blocks.L.hook_resid_pre``), and finally the
+    stream after the last layer, is read as if it went straight to the unembedding: final norm, then
+    onto ``W_U[:, first] - W_U[:, second]``, plus ``b_U[first] - b_U[second]`` when
+    ``include_unembed_bias``. The last column is then exactly the model's logit difference.
+
+    Args:
+        ln_mode: ``"cached"`` (default) uses the final norm's scale from the real final residual stream,
+            as in TransformerLens tutorials: the columns are then additive (column L+1 minus column L is
+            the direct effect of layer L), but early layers look small because the final stream is
+            larger than theirs. ``"recompute"`` normalises each layer's stream by its own size, the
+            classic logit lens ("what would the model answer if it stopped here").
+        include_unembed_bias: add the constant ``b_U`` difference to every column.
+
+    Returns:
+        ``(labels, values)``: labels ``["0_pre", ..., f"{n_layers-1}_pre", "final_post"]`` and values
+        ``[batch, n_layers + 1]``.
+    """
+    _check_ln_mode(ln_mode)
+    tokens = _check_tokens(model, tokens)
+    answers = _check_answer_tokens(model, answer_tokens, tokens.shape[0])
+    labels, stack, cache, _ = _accumulated_resid(model, tokens)
+    values = project_on_answer_direction(cache, stack, answer_direction(model, answers), ln_mode)
+    if include_unembed_bias:
+        values = values + unembed_bias_difference(model, answers)[:, None]
+    return labels, values
+
+
+@torch.no_grad()
+def logit_lens_top_tokens(
+    model: LoadedModel,
+    tokens: Int[Tensor, "pos"] | Int[Tensor, "1 pos"],
+    answer_tokens: Int[Tensor, "2"] | Int[Tensor, "1 2"],
+    k: int = 10,
+    *,
+    ln_mode: LnMode = "recompute",
+):
+    """For one prompt: at each layer, the top-k tokens and where the two answers rank (logit lens).
+
+    Each layer's final-position residual stream goes through the final norm and the full unembedding
+    (``@ W_U + b_U``). The default ``ln_mode="recompute"`` is the classic logit lens; with ``"cached"``
+    early layers, being small next to the final scale, are dominated by ``b_U`` (for GPT-2 the folded
+    final-LayerNorm bias), so their top tokens say little.
+
+    Returns:
+        A pandas DataFrame, one row per layer (index: the labels of :func:`logit_lens`), with columns
+        ``top_tokens`` (list of k strings), ``top_logits`` (list of k floats), ``first_answer_rank`` and
+        ``second_answer_rank`` (1 = the top token), ``first_answer_logit``, ``second_answer_logit`` and
+        ``logit_diff``. ``df.attrs`` records the model name and the two answer strings.
+    """
+    import pandas as pd
+
+    _check_ln_mode(ln_mode)
+    if tokens.ndim == 1:
+        tokens = tokens.unsqueeze(0)
+    if tokens.ndim != 2 or tokens.shape[0] != 1:
+        raise ValueError(f"logit_lens_top_tokens takes one prompt ([pos] or [1, pos]); got {tuple(tokens.shape)}")
+    tokens = _check_tokens(model, tokens)
+    answers = _check_answer_tokens(model, answer_tokens, 1)
+    d_vocab = model.bridge.W_U.shape[1]
+    if not isinstance(k, int) or not 1 <= k <= d_vocab:
+        raise ValueError(f"k must be an integer in [1, {d_vocab}], got {k!r}")
+    labels, stack, cache, _ = _accumulated_resid(model, tokens)
+    normalised = cache.apply_ln_to_stack(stack, layer=None, recompute_ln=(ln_mode == "recompute"))
+    layer_logits = normalised[:, 0, -1, :] @ model.bridge.W_U  # [n_layers + 1, d_vocab]
+    try:
+        b_U = model.bridge.b_U
+    except AttributeError:
+        b_U = None
+    if b_U is not None:
+        layer_logits = layer_logits + b_U
+    first, second = (int(t) for t in answers[0])
+    top_logits, top_ids = layer_logits.topk(k, dim=-1)
+    first_logit, second_logit = layer_logits[:, first], layer_logits[:, second]
+    rows = {
+        "top_tokens": [[model.tokenizer.decode([int(i)]) for i in row] for row in top_ids],
+        "top_logits": [[float(v) for v in row] for row in top_logits],
+        "first_answer_rank": ((layer_logits > first_logit[:, None]).sum(-1) + 1).tolist(),
+        "second_answer_rank": ((layer_logits > second_logit[:, None]).sum(-1) + 1).tolist(),
+        "first_answer_logit": first_logit.tolist(),
+        "second_answer_logit": second_logit.tolist(),
+        "logit_diff": (first_logit - second_logit).tolist(),
+    }
+    frame = pd.DataFrame(rows, index=pd.Index(labels, name="layer"))
+    frame.attrs.update(
+        model=model.name,
+        answers=(model.tokenizer.decode([first]), model.tokenizer.decode([second])),
+        ln_mode=ln_mode,
+    )
+    return frame
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Direct logit attribution
+# ---------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def layer_decomposition(
+    model: LoadedModel,
+    tokens: Int[Tensor, "batch pos"],
+    answer_tokens: Int[Tensor, "batch 2"] | Int[Tensor, "2"],
+) -> LabelledValues:
+    """Direct logit attribution per layer: each residual-stream writer's share of the logit difference.
+
+    Components (``decompose_resid`` style): ``embed``, ``pos_embed`` (only for models with a learned
+    positional embedding), then for each layer ``{L}_attn_out`` (all heads plus the attention bias) and
+    ``{L}_mlp_out``, and finally ``unembed_bias`` (``b_U[first] - b_U[second]``, a constant). Each is put
+    through the final norm with the scale frozen at the real one (see the module docstring), so::
+
+        values.sum(-1) == the model's logit difference at the final position
+
+    up to float error. Before projecting, the pieces are checked to add up to the model's actual final
+    residual stream; an architecture where they do not raises instead of returning wrong numbers.
+
+    Returns:
+        ``(labels, values)`` with values ``[batch, n_components]``.
+    """
+    tokens = _check_tokens(model, tokens)
+    answers = _check_answer_tokens(model, answer_tokens, tokens.shape[0])
+    n_layers = model.cfg.n_layers
+    with_mlp = not model.cfg.attn_only
+    embeds = _embedding_hooks(model)
+    labelled_hooks = list(embeds)
+    for layer in range(n_layers):
+        labelled_hooks.append((f"{layer}_attn_out", f"blocks.{layer}.hook_attn_out"))
+        if with_mlp:
+            labelled_hooks.append((f"{layer}_mlp_out", f"blocks.{layer}.hook_mlp_out"))
+    check_hooks = ["blocks.0.hook_resid_pre", f"blocks.{n_layers - 1}.hook_resid_post", "ln_final.hook_scale"]
+    _, cache = run_with_final_position_cache(model, tokens, [h for _, h in labelled_hooks] + check_hooks)
+
+    stack = torch.stack([cache[hook] for _, hook in labelled_hooks], dim=0)
+    n_embeds = len(embeds)
+    _check_reconstruction(model, "the embeddings", stack[:n_embeds].sum(0), cache["blocks.0.hook_resid_pre"])
+    _check_reconstruction(
+        model, "embeddings + attention + MLP outputs", stack.sum(0), cache[f"blocks.{n_layers - 1}.hook_resid_post"]
+    )
+    values = project_on_answer_direction(cache, stack, answer_direction(model, answers))
+    values = torch.cat([values, unembed_bias_difference(model, answers)[:, None]], dim=1)
+    return [label for label, _ in labelled_hooks] + [UNEMBED_BIAS_LABEL], values
+
+
+@dataclass
+class HeadAttribution:
+    """Per-head direct logit attribution plus every non-head term, for a batch of prompts.
+
+    heads:        ``[batch, n_layers, n_heads]``: ``norm_frozen(z_{L,h} @ W_O[L, h]) . answer_direction``.
+    other_labels: names of the other terms: ``embed``, ``pos_embed`` (if any), then per layer
+                  ``{L}_attn_bias`` (``b_O``, which in TransformerLens's processing includes every
+                  head's folded value offset; zero for bias-free models) and ``{L}_mlp_out``, then
+                  ``unembed_bias``.
+    other:        ``[batch, n_other]`` in that order.
+    logit_diff:   ``[batch]`` the model's actual logit difference, for checking: ``total`` equals it.
+    model_name:   display name of the model the numbers came from.
+    """
+
+    heads: Float[Tensor, "batch n_layers n_heads"]
+    other_labels: list[str]
+    other: Float[Tensor, "batch n_other"]
+    logit_diff: Float[Tensor, "batch"]
+    model_name: str
+
+    @property
+    def total(self) -> Float[Tensor, "batch"]:
+        """Sum of all head and non-head terms: equals ``logit_diff`` up to float error."""
+        return self.heads.sum(dim=(1, 2)) + self.other.sum(dim=1)
+
+    def __len__(self) -> int:
+        return self.heads.shape[0]
+
+    @classmethod
+    def concat(cls, parts: Sequence["HeadAttribution"]) -> "HeadAttribution":
+        """Join attributions of several batches along the batch axis (same model, same terms)."""
+        if not parts:
+            raise ValueError("HeadAttribution.concat needs at least one part")
+        for index, part in enumerate(parts):
+            if part.other_labels != parts[0].other_labels or part.model_name != parts[0].model_name:
+                raise ValueError(f"part {index} has different terms or model than part 0; cannot concatenate")
+        return cls(
+            heads=torch.cat([p.heads for p in parts]),
+            other_labels=list(parts[0].other_labels),
+            other=torch.cat([p.other for p in parts]),
+            logit_diff=torch.cat([p.logit_diff for p in parts]),
+            model_name=parts[0].model_name,
+        )
+
+
+def _attention_bias(model: LoadedModel, layer: int) -> Float[Tensor, "d_model"]:
+    """``b_O`` of a layer; zeros for bias-free attention (the bridge exposes None or raises there)."""
+    try:
+        bias = model.bridge.blocks[layer].attn.b_O
+    except AttributeError:
+        bias = None
+    if bias is None:
+        return torch.zeros(model.cfg.d_model, device=model.cfg.device)
+    return bias.detach()
+
+
+def head_results(
+    model: LoadedModel, z: Float[Tensor, "batch pos n_heads d_head"], layer: int
+) -> Float[Tensor, "batch pos n_heads d_model"]:
+    """What each head writes into the residual stream: ``z_h @ W_O[layer, h]``.
+
+    ``z`` is per *query* head. With grouped-query attention (SmolLM2: 9 query heads sharing 3 key/value
+    heads) each query head still has its own z and its own slice of ``W_O``; the sharing happens upstream
+    (keys and values), so nothing is regrouped here. TransformerLens's bridge does not cache
+    ``hook_result`` by default, hence this computation from ``hook_z``. Architectures whose blocks scale
+    the attention output (``_result_contribution_scale``) get that scale applied, as the bridge does.
+    """
+    W_O = model.bridge.blocks[layer].attn.W_O  # [n_heads, d_head, d_model]
+    if z.shape[-2:] != W_O.shape[:2]:
+        raise RuntimeError(
+            f"{model.name} layer {layer}: z has heads x d_head = {tuple(z.shape[-2:])} but W_O is "
+            f"{tuple(W_O.shape)}; cannot pair query heads with output weights"
+        )
+    result = torch.einsum("...hd,hdm->...hm", z, W_O.detach().to(z.dtype))
+    scale = getattr(model.bridge.blocks[layer].attn, "_result_contribution_scale", 1.0)
+    return result if scale == 1.0 else result * scale
+
+
+@torch.no_grad()
+def head_attribution(
+    model: LoadedModel,
+    tokens: Int[Tensor, "batch pos"],
+    answer_tokens: Int[Tensor, "batch 2"] | Int[Tensor, "2"],
+) -> HeadAttribution:
+    """Direct logit attribution per attention head, with every other term kept so the total is exact.
+
+    Each head's output at the final position (from ``hook_z`` and ``W_O``, see :func:`head_results`) goes
+    through the final norm with the frozen scale and onto the answer direction. The attention output
+    that no head accounts for is the layer's bias ``b_O``; it is computed as ``attn_out - sum(heads)``
+    and checked against ``b_O`` (zeros for bias-free models), so a model whose heads do not reproduce its
+    attention output raises instead of silently misattributing. Then::
+
+        result.heads.sum((1, 2)) + result.other.sum(1) == result.logit_diff
+    """
+    tokens = _check_tokens(model, tokens)
+    answers = _check_answer_tokens(model, answer_tokens, tokens.shape[0])
+    n_layers = model.cfg.n_layers
+    with_mlp = not model.cfg.attn_only
+    embeds = _embedding_hooks(model)
+    hooks = [hook for _, hook in embeds] + ["ln_final.hook_scale"]
+    for layer in range(n_layers):
+        hooks += [f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.hook_attn_out"]
+        if with_mlp:
+            hooks.append(f"blocks.{layer}.hook_mlp_out")
+    hooks.append(f"blocks.{n_layers - 1}.hook_resid_post")
+    final_logits, cache = run_with_final_position_cache(model, tokens, hooks)
+    direction = answer_direction(model, answers)
+
+    head_stacks, other_labels, other_pieces = [], [label for label, _ in embeds], [cache[h] for _, h in embeds]
+    for layer in range(n_layers):
+        per_head = head_results(model, cache[f"blocks.{layer}.attn.hook_z"], layer)  # [batch, 1, heads, d_model]
+        bias_term = cache[f"blocks.{layer}.hook_attn_out"] - per_head.sum(dim=-2)
+        _check_reconstruction(
+            model,
+            f"layer {layer}'s head outputs + b_O",
+            per_head.sum(dim=-2) + _attention_bias(model, layer),
+            cache[f"blocks.{layer}.hook_attn_out"],
+        )
+        head_stacks.append(per_head)
+        other_labels.append(f"{layer}_attn_bias")
+        other_pieces.append(bias_term)
+        if with_mlp:
+            other_labels.append(f"{layer}_mlp_out")
+            other_pieces.append(cache[f"blocks.{layer}.hook_mlp_out"])
+
+    heads = torch.stack(head_stacks, dim=0)  # [layers, batch, 1, heads, d_model]
+    batch, n_heads = heads.shape[1], heads.shape[3]
+    flat_heads = heads.permute(0, 3, 1, 2, 4).reshape(n_layers * n_heads, batch, 1, -1)
+    head_values = project_on_answer_direction(cache, flat_heads, direction).reshape(batch, n_layers, n_heads)
+    other_stack = torch.stack(other_pieces, dim=0)
+    _check_reconstruction(
+        model,
+        "embeddings + heads + attention biases + MLP outputs",
+        other_stack.sum(0) + flat_heads.sum(0),
+        cache[f"blocks.{n_layers - 1}.hook_resid_post"],
+    )
+    other_values = project_on_answer_direction(cache, other_stack, direction)
+    other_values = torch.cat([other_values, unembed_bias_difference(model, answers)[:, None]], dim=1)
+    actual = final_logits.gather(1, answers)
+    return HeadAttribution(
+        heads=head_values,
+        other_labels=other_labels + [UNEMBED_BIAS_LABEL],
+        other=other_values,
+        logit_diff=actual[:, 0] - actual[:, 1],
+        model_name=model.name,
+    )
+
+
+def top_heads(
+    values: Float[Tensor, "n_layers n_heads"],
+    k: int = 10,
+    *,
+    order: Literal["abs", "positive", "negative"] = "abs",
+) -> list[tuple[str, float]]:
+    """The k heads with the largest values, as ``("L.H", value)`` pairs, sorted.
+
+    ``values`` is one number per head (e.g. ``head_attribution(...).heads.mean(0)``). ``order="abs"``
+    ranks by magnitude (either sign; the value keeps its sign), ``"positive"`` by largest value
+    (pushing toward the first answer), ``"negative"`` by most negative.
+    """
+    if not isinstance(values, Tensor) or values.ndim != 2:
+        shape = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
+        raise ValueError(
+            f"values must be [n_layers, n_heads] (average over the batch first, e.g. .mean(0)); got {shape}"
+        )
+    if order not in ("abs", "positive", "negative"):
+        raise ValueError(f"order must be 'abs', 'positive' or 'negative', got {order!r}")
+    n_heads = values.shape[1]
+    if not isinstance(k, int) or not 1 <= k <= values.numel():
+        raise ValueError(f"k must be an integer in [1, {values.numel()}] (the number of heads), got {k!r}")
+    flat = values.detach().flatten().float().cpu()
+    key = {"abs": flat.abs(), "positive": flat, "negative": -flat}[order]
+    chosen = torch.argsort(key, descending=True, stable=True)[:k]
+    return [(f"{int(i) // n_heads}.{int(i) % n_heads}", float(flat[i])) for i in chosen]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Over a whole task set
+# ---------------------------------------------------------------------------------------------------------
+
+
+class PromptBatch(Protocol):
+    """What :func:`over_batches` reads from a batch (``mechfin_utils.tasks.TaskBatch`` has these)."""
+
+    clean_tokens: Int[Tensor, "batch pos"]
+    corrupted_tokens: Int[Tensor, "batch pos"]
+    answer_tokens: Int[Tensor, "batch 2"]
+
+
+Result = TypeVar("Result", Tensor, tuple, HeadAttribution)
+
+
+def _concat_results(results: list, analysis_name: str):
+    first = results[0]
+    if isinstance(first, HeadAttribution):
+        return HeadAttribution.concat(results)
+    if isinstance(first, Tensor):
+        return torch.cat(results, dim=0)
+    if isinstance(first, tuple) and len(first) == 2 and isinstance(first[1], Tensor):
+        for index, (labels, _) in enumerate(results):
+            if list(labels) != list(first[0]):
+                raise ValueError(f"{analysis_name}: batch {index} returned different labels than batch 0")
+        return list(first[0]), torch.cat([values for _, values in results], dim=0)
+    raise TypeError(f"{analysis_name} returned {type(first).__name__}; over_batches cannot concatenate that")
+
+
+def over_batches(
+    analysis: Callable[[LoadedModel, Tensor, Tensor], Result],
+    model: LoadedModel,
+    batches: Iterable[PromptBatch],
+    runs: Sequence[Literal["clean", "corrupted"]] = ("clean", "corrupted"),
+) -> dict[str, Result]:
+    """Run one analysis over every batch, clean and corrupted prompts separately, and join per prompt.
+
+    ``analysis`` is any of :func:`logit_lens`, :func:`layer_decomposition`, :func:`head_attribution` (or a
+    ``functools.partial`` of one). Batches may have different prompt lengths; results are concatenated
+    along the batch axis, in batch order, so row i of ``"clean"`` and of ``"corrupted"`` are the two
+    versions of the same prompt pair. The same ``answer_tokens`` (first answer counts positive) are used
+    for both runs, so a corrupted prompt that flips the answer shows a negative logit difference.
+
+    Returns:
+        ``{"clean": ..., "corrupted": ...}`` (the keys named in ``runs``), each of the analysis's type.
+    """
+    for run in runs:
+        if run not in ("clean", "corrupted"):
+            raise ValueError(f"runs may contain 'clean' and 'corrupted', got {run!r}")
+    name = getattr(analysis, "__name__", None) or getattr(getattr(analysis, "func", None), "__name__", repr(analysis))
+    collected: dict[str, list] = {run: [] for run in runs}
+    for index, batch in enumerate(batches):
+        for attribute in ["answer_tokens"] + [f"{run}_tokens" for run in runs]:
+            if getattr(batch, attribute, None) is None:
+                raise ValueError(f"batch {index} has no {attribute!r}")
+        for run in runs:
+            collected[run].append(analysis(model, getattr(batch, f"{run}_tokens"), batch.answer_tokens))
+    if not collected[runs[0]]:
+        raise ValueError("over_batches got no batches")
+    return {run: _concat_results(results, name) for run, results in collected.items()}

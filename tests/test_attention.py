@@ -1,0 +1,151 @@
+"""Attention patterns, attention to a phrase, phrase positions and the offline CircuitsVis view
+(mechfin_utils.attention).
+
+Patterns are checked against the unprocessed Hugging Face checkpoint run with eager attention and
+``output_attentions=True``, an implementation independent of the TransformerLens bridge. The GPT-2-shape
+model is the one with random biases, so its patterns are not near-uniform.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mechfin_utils import attention
+
+MODELS = ["smollm2", "gpt2_random_biased"]
+PAIR = (
+    "The Black applicant was denied the loan. Is this illegal? Answer:",
+    "The young applicant was denied the loan. Is this illegal? Answer:",
+)
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def case(request, unprocessed_hf_reference):
+    model = request.getfixturevalue(request.param)
+    tokens = model.to_tokens(list(PAIR))
+    with torch.no_grad():
+        output = unprocessed_hf_reference(request.param)(tokens, output_attentions=True)
+    reference = torch.stack(output.attentions, dim=1)  # [batch, layer, head, q, k]
+    return model, tokens, reference
+
+
+@pytest.fixture(scope="module")
+def patterns(case):
+    model, tokens, _ = case
+    return attention.attention_patterns(model, tokens)
+
+
+def test_patterns_are_causal_distributions_matching_the_reference(case, patterns):
+    model, tokens, reference = case
+    batch, pos = tokens.shape
+    assert patterns.shape == (batch, model.cfg.n_layers, model.cfg.n_heads, pos, pos)
+    torch.testing.assert_close(patterns.sum(-1), torch.ones(patterns.shape[:-1]), atol=1e-5, rtol=0)
+    assert patterns.triu(diagonal=1).abs().max() == 0
+    torch.testing.assert_close(patterns, reference, atol=1e-5, rtol=1e-4)
+
+
+def test_chosen_heads_come_back_in_the_order_asked(case, patterns):
+    model, tokens, _ = case
+    last = model.cfg.n_layers - 1
+    chosen = [(1, 2), (0, 0), (1, 0)]
+    picked = attention.attention_patterns(model, tokens, chosen)
+    assert picked.shape == (2, 3, tokens.shape[1], tokens.shape[1])
+    for index, (layer, head) in enumerate(chosen):
+        torch.testing.assert_close(picked[:, index], patterns[:, layer, head])
+    with pytest.raises(ValueError, match=r"layer_heads\[1\] layer"):
+        attention.attention_patterns(model, tokens, [(0, 0), (last + 1, 0)])
+    with pytest.raises(ValueError, match=r"layer_heads\[0\] head"):
+        attention.attention_patterns(model, tokens, [(0, model.cfg.n_heads)])
+
+
+def test_final_position_attention_to_a_phrase(case):
+    model, tokens, reference = case
+    mask = attention.phrase_position_mask(model, list(PAIR), ["Black applicant", "young applicant"])
+    split = attention.attention_to_positions(model, tokens, mask)
+    assert split.to_positions.shape == (2, model.cfg.n_layers, model.cfg.n_heads)
+    torch.testing.assert_close(split.to_positions + split.to_rest, torch.ones_like(split.to_rest), atol=1e-5, rtol=0)
+    final_row = reference[:, :, :, -1, :]
+    want = (final_row * mask[:, None, None, :]).sum(-1)
+    torch.testing.assert_close(split.to_positions, want, atol=1e-5, rtol=1e-4)
+    assert split.to_positions.max() > 0.05  # some head does look at the phrase: the test is not vacuous
+
+    with pytest.raises(ValueError, match=r"marks no position in row\(s\) \[1\]"):
+        empty = mask.clone()
+        empty[1] = False
+        attention.attention_to_positions(model, tokens, empty)
+    with pytest.raises(ValueError, match="must match"):
+        attention.attention_to_positions(model, tokens, mask[:, :-1])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Phrase positions, for both tokenizers
+# ---------------------------------------------------------------------------------------------------------
+
+KNOWN = [
+    # prompt, phrase, positions without BOS (both tokenizers split these words the same way)
+    (PAIR[0], "Black applicant", [1, 2]),
+    (PAIR[0], "The Black", [0, 1]),
+    (PAIR[0], "Answer:", [12, 13]),
+    ("Her creditworthiness was fine.", "creditworthiness", None),
+]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_phrase_positions_on_known_prompts(name, request):
+    model = request.getfixturevalue(name)
+    shift = 1 if model.prepend_bos else 0
+    for prompt, phrase, positions in KNOWN:
+        found = attention.phrase_token_positions(model, prompt, phrase)
+        if positions is not None:
+            assert found == [p + shift for p in positions], (prompt, phrase)
+        pieces = model.to_str_tokens(prompt)
+        assert "".join(pieces[p] for p in found).strip() == phrase
+        assert found == list(range(found[0], found[-1] + 1))
+    if model.prepend_bos:
+        assert model.to_str_tokens(PAIR[0])[0] == model.tokenizer.bos_token
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_phrase_position_errors_name_the_prompt_and_phrase(name, request):
+    model = request.getfixturevalue(name)
+    prompt = "The bank denied the loan; the bank said so."
+    with pytest.raises(ValueError, match=r"'Hispanic' does not occur in prompt 'The bank denied"):
+        attention.phrase_token_positions(model, prompt, "Hispanic")
+    with pytest.raises(ValueError, match=r"occurs 2 times"):
+        attention.phrase_token_positions(model, prompt, "bank")
+    first = attention.phrase_token_positions(model, prompt, "bank", occurrence=0)
+    second = attention.phrase_token_positions(model, prompt, "bank", occurrence=1)
+    assert len(first) == len(second) == 1 and first[0] < second[0]
+    tokens = model.to_tokens(prompt)[0]
+    assert tokens[first[0]] == tokens[second[0]] == model.single_token_id(" bank")
+    with pytest.raises(ValueError, match="cuts through token"):
+        attention.phrase_token_positions(model, prompt, "ban", occurrence=0)
+    assert attention.phrase_token_positions(model, prompt, "ban", occurrence=0, allow_partial_tokens=True) == first
+    with pytest.raises(ValueError, match=r"row 1: phrase 'Hispanic'"):
+        attention.phrase_position_mask(model, [prompt, prompt], ["denied", "Hispanic"])
+    with pytest.raises(ValueError, match="2 prompts but 1 phrases"):
+        attention.phrase_position_mask(model, [prompt, prompt], ["denied"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CircuitsVis, offline
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_circuitsvis_html_is_offline_and_labelled(smollm2):
+    import circuitsvis
+
+    page = attention.circuitsvis_html(smollm2, PAIR[0], layer=3, heads=[1, 4])
+    assert "SmolLM2-135M-Instruct: attention, layer 3, heads 1, 4" in page
+    assert "unpkg.com" not in page and "cdn.jsdelivr" not in page and "<script src=" not in page
+    bundle = (Path(circuitsvis.__file__).parent / "dist" / "cdn" / "iife.js").read_text(encoding="utf-8")
+    bundle = bundle.replace("</script>", "")
+    assert len(bundle) > 100_000 and bundle in page
+    assert '"L3H1"' in page and '"L3H4"' in page and '" applicant"' in page
+    with pytest.raises(ValueError, match="layer=30 is not a layer"):
+        attention.circuitsvis_html(smollm2, PAIR[0], layer=30)
+    with pytest.raises(ValueError, match=r"heads\[0\]=9 is not a head"):
+        attention.circuitsvis_html(smollm2, PAIR[0], layer=0, heads=[9])

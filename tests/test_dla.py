@@ -1,0 +1,408 @@
+"""Direct logit attribution and the logit lens (mechfin_utils.dla).
+
+Every number is checked against an independent computation: the model's own logits, and a reference
+written here from the *unprocessed* Hugging Face checkpoint (its own modules, its own final-norm gain and
+bias, no TransformerLens weight processing). Three models: the embedded SmolLM2 (RMSNorm, rotary,
+grouped-query attention, no biases), the random-weight GPT-2 through the Hugging Face cache path, and a
+random GPT-2 whose biases and LayerNorm parameters are random too (so every bias term is non-zero).
+"""
+
+from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from mechfin_utils import dla
+
+MODELS = ["smollm2", "gpt2_random", "gpt2_random_biased"]
+PAIR = (
+    "The Black applicant was denied the loan. Is this illegal? Answer:",
+    "The young applicant was denied the loan. Is this illegal? Answer:",
+)
+LONGER_PAIR = (
+    "A bank refused a mortgage to her because she is a woman. Could this break fair lending law? Answer:",
+    "A bank refused a mortgage to her because she has high debt. Could this break fair lending law? Answer:",
+)
+
+
+def answers_of(model) -> torch.Tensor:
+    return torch.tensor([model.single_token_id(" Yes"), model.single_token_id(" No")])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# An independent reference from the unprocessed Hugging Face model
+# ---------------------------------------------------------------------------------------------------------
+
+
+class RawReference:
+    """Final-position pieces of the unprocessed model and their exact shares of the logit difference.
+
+    share(c) = frozen_norm(c) . (gain * (W_U[yes] - W_U[no])), with the norm's scale taken from the real
+    final residual stream; the final norm's bias and any lm_head bias make a constant term.
+    """
+
+    def __init__(self, hf, tokens: torch.Tensor, answers: torch.Tensor):
+        self.is_gpt2 = hasattr(hf, "transformer")
+        body = hf.transformer if self.is_gpt2 else hf.model
+        self.blocks = body.h if self.is_gpt2 else body.layers
+        self.final_norm = body.ln_f if self.is_gpt2 else body.norm
+        self.hf, self.tokens = hf, tokens
+        n_heads = hf.config.num_attention_heads
+        self.d_model = hf.config.hidden_size
+        self.n_heads, self.d_head = n_heads, self.d_model // n_heads
+        captured: dict[str, torch.Tensor] = {}
+        handles = []
+
+        def keep(key, from_output=False):
+            def hook(module, args, output=None):
+                value = (output[0] if isinstance(output, tuple) else output) if from_output else args[0]
+                captured[key] = value[:, -1].detach().clone()
+
+            return hook
+
+        handles.append(self.final_norm.register_forward_pre_hook(keep("final_in")))
+        for layer, block in enumerate(self.blocks):
+            attn = block.attn if self.is_gpt2 else block.self_attn
+            out_proj = attn.c_proj if self.is_gpt2 else attn.o_proj
+            handles.append(out_proj.register_forward_pre_hook(keep(f"z{layer}")))
+            handles.append(attn.register_forward_hook(keep(f"attn{layer}", from_output=True)))
+            handles.append(block.mlp.register_forward_hook(keep(f"mlp{layer}", from_output=True)))
+        try:
+            with torch.no_grad():
+                output = hf(tokens, output_hidden_states=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.captured = captured
+        self.logits = output.logits[:, -1].detach()
+        self.hidden_states = [h[:, -1].detach() for h in output.hidden_states]
+        picked = self.logits.gather(1, answers.expand(tokens.shape[0], 2))
+        self.logit_diff = picked[:, 0] - picked[:, 1]
+
+        W_U = hf.lm_head.weight.detach()  # [vocab, d_model]
+        raw_direction = W_U[answers[0]] - W_U[answers[1]]
+        self.direction = raw_direction * self.final_norm.weight.detach()
+        norm_bias = getattr(self.final_norm, "bias", None)
+        self.constant = torch.zeros(()) if norm_bias is None else (norm_bias.detach() * raw_direction).sum()
+        if getattr(hf.lm_head, "bias", None) is not None:
+            self.constant = self.constant + hf.lm_head.bias[answers[0]] - hf.lm_head.bias[answers[1]]
+        self.eps = self.final_norm.eps if self.is_gpt2 else self.final_norm.variance_epsilon
+        self.scale = self.norm_scale(captured["final_in"])
+
+    def center(self, x):
+        return x - x.mean(-1, keepdim=True) if self.is_gpt2 else x
+
+    def norm_scale(self, x):
+        return (self.center(x).pow(2).mean(-1) + self.eps).sqrt()
+
+    def share(self, piece, scale=None):
+        scale = self.scale if scale is None else scale
+        return (self.center(piece) / scale[:, None] * self.direction).sum(-1)
+
+    def embeddings(self) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            if self.is_gpt2:
+                positions = torch.arange(self.tokens.shape[1])
+                return {
+                    "embed": self.hf.transformer.wte(self.tokens)[:, -1],
+                    "pos_embed": self.hf.transformer.wpe(positions)[-1].expand(self.tokens.shape[0], -1),
+                }
+            return {"embed": self.hf.model.embed_tokens(self.tokens)[:, -1]}
+
+    def head_outputs(self, layer: int) -> torch.Tensor:
+        """[batch, n_heads, d_model]: each head's z (with its value bias) through its slice of W_O."""
+        z = self.captured[f"z{layer}"].reshape(-1, self.n_heads, self.d_head)
+        attn = self.blocks[layer].attn if self.is_gpt2 else self.blocks[layer].self_attn
+        if self.is_gpt2:
+            W_O = attn.c_proj.weight.detach().reshape(self.n_heads, self.d_head, self.d_model)
+        else:
+            W_O = attn.o_proj.weight.detach().T.reshape(self.n_heads, self.d_head, self.d_model)
+        return torch.einsum("bhd,hdm->bhm", z, W_O)
+
+    def value_bias_outputs(self, layer: int) -> torch.Tensor:
+        """[n_heads, d_model] (GPT-2 only): each head's constant value offset through its W_O, which
+        TransformerLens moves into b_O. The offset is b_V plus the block's LayerNorm bias read through W_V
+        (fold_ln folds ln_1's bias into b_V); every value vector carries it and attention weights sum to 1."""
+        block = self.blocks[layer]
+        value_weight = block.attn.c_attn.weight.detach()[:, 2 * self.d_model :]
+        value_offset = block.attn.c_attn.bias.detach()[2 * self.d_model :] + block.ln_1.bias.detach() @ value_weight
+        W_O = block.attn.c_proj.weight.detach().reshape(self.n_heads, self.d_head, self.d_model)
+        return torch.einsum("hd,hdm->hm", value_offset.reshape(self.n_heads, self.d_head), W_O)
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def case(request, unprocessed_hf_reference):
+    """One model, a pair of prompts, and the unprocessed reference computed on them."""
+    model = request.getfixturevalue(request.param)
+    tokens = model.to_tokens(list(PAIR))
+    answers = answers_of(model)
+    reference = RawReference(unprocessed_hf_reference(request.param), tokens, answers)
+    return SimpleNamespace(name=request.param, model=model, tokens=tokens, answers=answers, ref=reference)
+
+
+@pytest.fixture(scope="module")
+def decomposition(case):
+    return dla.layer_decomposition(case.model, case.tokens, case.answers)
+
+
+@pytest.fixture(scope="module")
+def heads(case):
+    return dla.head_attribution(case.model, case.tokens, case.answers)
+
+
+def test_reference_itself_reproduces_the_logit_difference(case):
+    ref = case.ref
+    pieces = list(ref.embeddings().values())
+    for layer in range(len(ref.blocks)):
+        pieces += [ref.captured[f"attn{layer}"], ref.captured[f"mlp{layer}"]]
+    total = sum(ref.share(p) for p in pieces) + ref.constant
+    torch.testing.assert_close(total, ref.logit_diff, atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# layer_decomposition
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_layer_decomposition_sums_to_the_models_logit_difference(case, decomposition):
+    labels, values = decomposition
+    n_layers = case.model.cfg.n_layers
+    embeds = ["embed", "pos_embed"] if case.name.startswith("gpt2") else ["embed"]
+    per_layer = [f"{layer}_{kind}" for layer in range(n_layers) for kind in ("attn_out", "mlp_out")]
+    assert labels == embeds + per_layer + ["unembed_bias"]
+    assert values.shape == (2, len(labels))
+    assert (values.sum(-1) - case.ref.logit_diff).abs().max() <= 1e-3
+
+
+def test_layer_decomposition_matches_the_unprocessed_reference(case, decomposition):
+    labels, values = decomposition
+    ref = case.ref
+    expected = {label: ref.share(piece) for label, piece in ref.embeddings().items()}
+    for layer in range(len(ref.blocks)):
+        expected[f"{layer}_attn_out"] = ref.share(ref.captured[f"attn{layer}"])
+        expected[f"{layer}_mlp_out"] = ref.share(ref.captured[f"mlp{layer}"])
+    expected["unembed_bias"] = ref.constant.expand(2)
+    want = torch.stack([expected[label] for label in labels], dim=1)
+    torch.testing.assert_close(values, want, atol=2e-4, rtol=1e-4)
+
+
+def test_bias_terms_are_real_and_needed(case, decomposition, heads):
+    labels, values = decomposition
+    bias_columns = [i for i, label in enumerate(heads.other_labels) if label.endswith("_attn_bias")]
+    if case.name == "gpt2_random_biased":
+        # GPT-2's lm_head has no bias, but its final LayerNorm bias is folded into b_U.
+        assert values[:, -1].abs().min() > 1e-2
+        assert (values[:, :-1].sum(-1) - case.ref.logit_diff).abs().min() > 1e-2
+        assert heads.other[:, bias_columns].abs().max() > 1e-2
+    else:
+        assert values[:, -1].abs().max() < 1e-6
+        assert heads.other[:, bias_columns].abs().max() < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------------
+# head_attribution
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_head_attribution_sums_to_the_logit_difference(case, heads):
+    n_layers, n_heads = case.model.cfg.n_layers, case.model.cfg.n_heads
+    assert heads.heads.shape == (2, n_layers, n_heads)
+    assert heads.model_name == case.model.name
+    # logit_diff is the bridge's own output; the reference is the unprocessed checkpoint's
+    assert (heads.logit_diff - case.ref.logit_diff).abs().max() <= 1e-3
+    assert (heads.total - heads.logit_diff).abs().max() <= 1e-3
+    assert (heads.total - case.ref.logit_diff).abs().max() <= 1e-3
+
+
+def test_heads_plus_attention_bias_equal_the_layer_attention_output(case, decomposition, heads):
+    labels, values = decomposition
+    for layer in range(case.model.cfg.n_layers):
+        attn_total = heads.heads[:, layer].sum(-1) + heads.other[:, heads.other_labels.index(f"{layer}_attn_bias")]
+        torch.testing.assert_close(attn_total, values[:, labels.index(f"{layer}_attn_out")], atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            heads.other[:, heads.other_labels.index(f"{layer}_mlp_out")],
+            values[:, labels.index(f"{layer}_mlp_out")],
+            atol=1e-5,
+            rtol=1e-5,
+        )
+
+
+def test_each_head_matches_the_unprocessed_reference(case, heads):
+    """Per query head, from the checkpoint's own o_proj/c_proj slices (for SmolLM2, 9 query heads sharing
+    3 key/value heads). GPT-2's value bias is counted in the attention-bias term, as TransformerLens does."""
+    ref = case.ref
+    for layer in range(case.model.cfg.n_layers):
+        outputs = ref.head_outputs(layer)  # [batch, heads, d_model]
+        attn_bias = ref.captured[f"attn{layer}"] - outputs.sum(1)  # c_proj / o_proj bias (0 for SmolLM2)
+        if ref.is_gpt2:
+            value_bias = ref.value_bias_outputs(layer)
+            outputs = outputs - value_bias[None]
+            attn_bias = attn_bias + value_bias.sum(0)[None]
+        want = torch.stack([ref.share(outputs[:, h]) for h in range(ref.n_heads)], dim=1)
+        torch.testing.assert_close(heads.heads[:, layer], want, atol=2e-4, rtol=1e-4)
+        got_bias = heads.other[:, heads.other_labels.index(f"{layer}_attn_bias")]
+        torch.testing.assert_close(got_bias, ref.share(attn_bias), atol=2e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The logit lens
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lenses(case):
+    modes = ("cached", "recompute")
+    return {mode: dla.logit_lens(case.model, case.tokens, case.answers, ln_mode=mode) for mode in modes}
+
+
+@pytest.mark.parametrize("ln_mode", ["cached", "recompute"])
+def test_logit_lens_matches_the_reference(case, lenses, ln_mode):
+    labels, values = lenses[ln_mode]
+    ref = case.ref
+    n_layers = case.model.cfg.n_layers
+    assert labels == [f"{layer}_pre" for layer in range(n_layers)] + ["final_post"]
+    # hidden_states[L] is the stream entering layer L (the last one is already normed, so use logits there).
+    streams = ref.hidden_states[:n_layers]
+    want = [
+        ref.share(h, scale=None if ln_mode == "cached" else ref.norm_scale(h)) + ref.constant for h in streams
+    ]
+    want = torch.stack(want + [ref.logit_diff], dim=1)
+    torch.testing.assert_close(values, want, atol=5e-4, rtol=1e-4)
+    assert (values[:, -1] - ref.logit_diff).abs().max() <= 1e-3
+
+
+def test_logit_lens_without_the_unembedding_bias(gpt2_random_biased):
+    tokens = gpt2_random_biased.to_tokens(list(PAIR))
+    answers = answers_of(gpt2_random_biased)
+    _, with_bias = dla.logit_lens(gpt2_random_biased, tokens, answers)
+    _, without_bias = dla.logit_lens(gpt2_random_biased, tokens, answers, include_unembed_bias=False)
+    b_U = gpt2_random_biased.bridge.b_U
+    constant = (b_U[answers[0]] - b_U[answers[1]]).item()
+    assert abs(constant) > 1e-2
+    torch.testing.assert_close(with_bias - without_bias, torch.full_like(with_bias, constant), atol=1e-5, rtol=1e-5)
+
+
+def test_cached_logit_lens_steps_are_the_layer_decomposition(case, decomposition, lenses):
+    """With a frozen final scale the lens is additive: column L+1 - column L is layer L's direct effect."""
+    labels, values = decomposition
+    _, lens = lenses["cached"]
+    n_embeds = labels.index("0_attn_out")
+    torch.testing.assert_close(lens[:, 0], values[:, :n_embeds].sum(-1) + values[:, -1], atol=2e-4, rtol=1e-4)
+    for layer in range(case.model.cfg.n_layers):
+        step = values[:, labels.index(f"{layer}_attn_out")] + values[:, labels.index(f"{layer}_mlp_out")]
+        torch.testing.assert_close(lens[:, layer + 1] - lens[:, layer], step, atol=2e-4, rtol=1e-4)
+
+
+def test_logit_lens_top_tokens_and_ranks(case):
+    model, answers, ref = case.model, case.answers, case.ref
+    frame = dla.logit_lens_top_tokens(model, case.tokens[:1], answers, k=5)
+    n_layers = model.cfg.n_layers
+    assert list(frame.index) == [f"{layer}_pre" for layer in range(n_layers)] + ["final_post"]
+    assert frame.attrs["model"] == model.name and frame.attrs["answers"] == (" Yes", " No")
+
+    def expected_row(logits):  # logits [vocab] of the unprocessed model
+        top = logits.topk(5).indices
+        return (
+            [model.tokenizer.decode([int(i)]) for i in top],
+            int((logits > logits[answers[0]]).sum()) + 1,
+            int((logits > logits[answers[1]]).sum()) + 1,
+            float(logits[answers[0]] - logits[answers[1]]),
+        )
+
+    middle = n_layers // 2
+    with torch.no_grad():
+        middle_logits = ref.hf.lm_head(ref.final_norm(ref.hidden_states[middle][:1]))[0]
+    for row, logits in (("final_post", ref.logits[0]), (f"{middle}_pre", middle_logits)):
+        top, first_rank, second_rank, diff = expected_row(logits)
+        assert frame.loc[row, "top_tokens"] == top
+        assert frame.loc[row, "first_answer_rank"] == first_rank
+        assert frame.loc[row, "second_answer_rank"] == second_rank
+        assert frame.loc[row, "logit_diff"] == pytest.approx(diff, abs=1e-3)
+
+    with pytest.raises(ValueError, match="one prompt"):
+        dla.logit_lens_top_tokens(model, model.to_tokens(list(PAIR)), answers)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Helpers: top_heads, over_batches, the final-position runner, input errors
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_top_heads_orders_by_magnitude_or_sign():
+    values = torch.tensor([[0.1, -0.5, 0.0], [0.3, -0.05, 0.2]])
+    top = dla.top_heads(values, 3)
+    assert [head for head, _ in top] == ["0.1", "1.0", "1.2"]
+    assert [value for _, value in top] == pytest.approx([-0.5, 0.3, 0.2])
+    assert [h for h, _ in dla.top_heads(values, 2, order="positive")] == ["1.0", "1.2"]
+    assert [h for h, _ in dla.top_heads(values, 2, order="negative")] == ["0.1", "1.1"]
+    with pytest.raises(ValueError, match="n_layers, n_heads"):
+        dla.top_heads(values[None], 2)
+    with pytest.raises(ValueError, match="k must be"):
+        dla.top_heads(values, 7)
+
+
+def test_over_batches_concatenates_clean_and_corrupted_per_prompt(gpt2_random_biased):
+    answers = answers_of(gpt2_random_biased)
+    batches = [
+        SimpleNamespace(
+            clean_tokens=gpt2_random_biased.to_tokens([PAIR[0], PAIR[1]]),
+            corrupted_tokens=gpt2_random_biased.to_tokens([PAIR[1], PAIR[0]]),
+            answer_tokens=answers.expand(2, 2),
+        ),
+        SimpleNamespace(  # a different prompt length
+            clean_tokens=gpt2_random_biased.to_tokens([LONGER_PAIR[0]]),
+            corrupted_tokens=gpt2_random_biased.to_tokens([LONGER_PAIR[1]]),
+            answer_tokens=answers.expand(1, 2),
+        ),
+    ]
+    results = dla.over_batches(dla.head_attribution, gpt2_random_biased, batches)
+    assert set(results) == {"clean", "corrupted"}
+    clean, corrupted = results["clean"], results["corrupted"]
+    assert len(clean) == len(corrupted) == 3
+    # prompt 0 clean is prompt 1 corrupted (same text), and the longer pair's rows come last
+    torch.testing.assert_close(clean.heads[0], corrupted.heads[1], atol=1e-5, rtol=1e-5)
+    alone = dla.head_attribution(gpt2_random_biased, gpt2_random_biased.to_tokens([LONGER_PAIR[1]]), answers)
+    torch.testing.assert_close(corrupted.heads[2], alone.heads[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(corrupted.total, corrupted.logit_diff, atol=1e-3, rtol=0)
+
+    recompute_lens = functools.partial(dla.logit_lens, ln_mode="recompute")
+    lens = dla.over_batches(recompute_lens, gpt2_random_biased, batches, runs=["clean"])
+    labels, values = lens["clean"]
+    assert values.shape == (3, gpt2_random_biased.cfg.n_layers + 1) and labels[-1] == "final_post"
+    torch.testing.assert_close(values[:, -1], clean.logit_diff, atol=1e-3, rtol=0)
+
+    broken = [SimpleNamespace(clean_tokens=batches[0].clean_tokens, answer_tokens=answers)]
+    with pytest.raises(ValueError, match="batch 0 has no 'corrupted_tokens'"):
+        dla.over_batches(dla.layer_decomposition, gpt2_random_biased, broken)
+
+
+def test_final_position_cache_keeps_exactly_the_last_position(gpt2_random):
+    tokens = gpt2_random.to_tokens(list(PAIR))
+    names = ["blocks.1.attn.hook_z", "blocks.1.attn.hook_pattern", "ln_final.hook_scale", "blocks.0.hook_resid_pre"]
+    logits, cache = dla.run_with_final_position_cache(gpt2_random, tokens, names)
+    with torch.no_grad():
+        full_logits, full = gpt2_random.bridge.run_with_cache(tokens, names_filter=lambda n: n in names)
+    torch.testing.assert_close(logits, full_logits[:, -1])
+    torch.testing.assert_close(cache["blocks.1.attn.hook_z"], full["blocks.1.attn.hook_z"][:, -1:])
+    torch.testing.assert_close(cache["blocks.1.attn.hook_pattern"], full["blocks.1.attn.hook_pattern"][:, :, -1:])
+    torch.testing.assert_close(cache["ln_final.hook_scale"], full["ln_final.hook_scale"][:, -1:])
+    torch.testing.assert_close(cache["blocks.0.hook_resid_pre"], full["blocks.0.hook_resid_pre"][:, -1:])
+    with pytest.raises(KeyError, match="no hook named"):
+        dla.run_with_final_position_cache(gpt2_random, tokens, ["blocks.0.hook_nonsense"])
+
+
+def test_bad_inputs_are_named(smollm2):
+    tokens = smollm2.to_tokens(list(PAIR))
+    with pytest.raises(ValueError, match="answer_tokens must be"):
+        dla.layer_decomposition(smollm2, tokens, torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match=r"tokens must be a non-empty \[batch, pos\]"):
+        dla.logit_lens(smollm2, tokens[0], answers_of(smollm2))
+    bad = tokens.clone()
+    bad[1, 3] = smollm2.cfg.d_vocab
+    with pytest.raises(ValueError, match=r"tokens\[1, 3\]"):
+        dla.head_attribution(smollm2, bad, answers_of(smollm2))
+    with pytest.raises(ValueError, match="ln_mode"):
+        dla.logit_lens(smollm2, tokens, answers_of(smollm2), ln_mode="fresh")

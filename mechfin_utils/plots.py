@@ -366,3 +366,46 @@ def grouped_bars(
     fig.update_layout(barmode="group")
     fig.update_xaxes(tickmode="array", tickvals=list(range(len(names))), ticktext=names)
     return fig
+
+
+def paired_scatter(
+    x: Float[ArrayLike, "points"],
+    y: Float[ArrayLike, "points"],
+    *,
+    model,
+    title: str,
+    groups: Sequence[str] | None = None,
+    hover: Sequence[str] | None = None,
+    x_title: str = "",
+    y_title: str = "",
+    diagonal: bool = True,
+    width: int | None = None,
+    height: int | None = None,
+) -> go.Figure:
+    """One point per pair (e.g. clean vs corrupted score), coloured by group, with the y = x line.
+
+    Points above the diagonal score higher on y than on x; a model that ignores the difference between the
+    two prompts puts every point on the line.
+    """
+    xs = as_float_array(x, "x", ndim=1)
+    ys = as_float_array(y, "y", ndim=1)
+    if xs.shape != ys.shape:
+        raise ValueError(f"x and y must have the same length, got {xs.shape[0]} and {ys.shape[0]}")
+    group_labels = _labels(groups, xs.shape[0], "groups") if groups is not None else ["all"] * xs.shape[0]
+    hover_labels = _labels(hover, xs.shape[0], "hover") if hover is not None else [""] * xs.shape[0]
+    fig = go.Figure()
+    for group in sorted(set(group_labels)):
+        idx = [i for i, g in enumerate(group_labels) if g == group]
+        fig.add_trace(
+            go.Scatter(
+                x=xs[idx], y=ys[idx], mode="markers", name=group, text=[hover_labels[i] for i in idx],
+                hovertemplate="%{text}<br>x=%{x:.3f}<br>y=%{y:.3f}<extra>" + group + "</extra>",
+            )
+        )
+    if diagonal:
+        lo = float(min(xs.min(), ys.min()))
+        hi = float(max(xs.max(), ys.max()))
+        fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="y = x",
+                                 line=dict(color="grey", dash="dash")))
+    return _layout(fig, model=model, title=title, x_title=x_title, y_title=y_title,
+                   width=width or 800, height=height or 650)

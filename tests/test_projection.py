@@ -1,0 +1,435 @@
+"""Projection to the unembedding space (mechfin_utils.projection).
+
+Independent references: the model's own logits, brute-force products on small matrices, and the
+*unprocessed* Hugging Face checkpoint (``unprocessed_hf_reference``: its own final-norm gain, its own
+``lm_head``, no TransformerLens folding or centring). Two models: the embedded SmolLM2 (RMSNorm, gated MLP,
+grouped-query attention, no biases) and the random GPT-2 whose biases and LayerNorm gains are random too,
+so that a mishandled norm gain, LayerNorm centring or MLP bias would show.
+"""
+
+from __future__ import annotations
+
+import itertools
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from mechfin_utils import projection as P
+
+MODELS = ["smollm2", "gpt2_random_biased"]
+PROMPTS = (
+    "The Black applicant was denied the loan. Is this illegal? Answer:",
+    "The young applicant was denied the loan. Is this illegal? Answer:",
+)
+ANSWERS = (" Yes", " No")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The unprocessed reference
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Raw:
+    """The unprocessed Hugging Face model's weights and one forward pass on ``tokens``."""
+
+    def __init__(self, hf, tokens: torch.Tensor):
+        self.hf = hf
+        self.is_gpt2 = hasattr(hf, "transformer")
+        body = hf.transformer if self.is_gpt2 else hf.model
+        self.body = body
+        self.blocks = body.h if self.is_gpt2 else body.layers
+        self.final_norm = body.ln_f if self.is_gpt2 else body.norm
+        self.gain = self.final_norm.weight.detach()
+        self.lm_head = hf.lm_head.weight.detach()  # [vocab, d_model]
+        self.n_heads = hf.config.num_attention_heads
+        self.n_kv = getattr(hf.config, "num_key_value_heads", None) or self.n_heads
+        self.d_model = hf.config.hidden_size
+        self.d_head = self.d_model // self.n_heads
+        acts, mlp_out, handles = {}, {}, []
+
+        def pre(layer):
+            def hook(module, args):
+                acts[layer] = args[0][:, -1].detach().clone()
+
+            return hook
+
+        def post(layer):
+            def hook(module, args, output):
+                mlp_out[layer] = output[:, -1].detach().clone()
+
+            return hook
+
+        def final_in(module, args):
+            acts["final_in"] = args[0][:, -1].detach().clone()
+
+        handles.append(self.final_norm.register_forward_pre_hook(final_in))
+        for layer, block in enumerate(self.blocks):
+            down = block.mlp.c_proj if self.is_gpt2 else block.mlp.down_proj
+            handles.append(down.register_forward_pre_hook(pre(layer)))
+            handles.append(block.mlp.register_forward_hook(post(layer)))
+        try:
+            with torch.no_grad():
+                out = hf(tokens, output_hidden_states=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.final_in = acts.pop("final_in")  # [batch, d_model]: the final residual stream, before the norm
+        self.acts, self.mlp_out = acts, mlp_out
+        self.logits = out.logits.detach()  # [batch, pos, vocab]
+        self.hidden = [h.detach() for h in out.hidden_states]  # [i]: after i blocks (the last one is normed)
+
+    def centre(self, x):
+        return x - x.mean(-1, keepdim=True) if self.is_gpt2 else x
+
+    def eps(self, norm):
+        return norm.eps if self.is_gpt2 else norm.variance_epsilon
+
+    def normalise(self, x, norm):
+        """The norm without its gain and bias."""
+        x = self.centre(x)
+        return x / (x.pow(2).mean(-1, keepdim=True) + self.eps(norm)).sqrt()
+
+    def value_vectors(self, layer) -> torch.Tensor:  # [d_mlp, d_model]
+        mlp = self.blocks[layer].mlp
+        return mlp.c_proj.weight.detach() if self.is_gpt2 else mlp.down_proj.weight.detach().T
+
+    def mlp_bias(self, layer) -> torch.Tensor:
+        return self.blocks[layer].mlp.c_proj.bias.detach() if self.is_gpt2 else torch.zeros(self.d_model)
+
+    def head_weights(self, layer, head):
+        """W_Q[head], W_K, W_V (of the key/value head HF's repeat_kv gives it), W_O[head], input-norm gain."""
+        block = self.blocks[layer]
+        d, dh = self.d_model, self.d_head
+        if self.is_gpt2:
+            W = block.attn.c_attn.weight.detach()  # [d_model, 3 d_model]
+            q, k, v = W[:, :d], W[:, d : 2 * d], W[:, 2 * d :]
+            kv = head
+            W_O = block.attn.c_proj.weight.detach()  # [d_model(in), d_model(out)]
+            gain = block.ln_1.weight.detach()
+        else:
+            a = block.self_attn
+            q, k, v = a.q_proj.weight.detach().T, a.k_proj.weight.detach().T, a.v_proj.weight.detach().T
+            kv = torch.arange(self.n_kv).repeat_interleave(self.n_heads // self.n_kv)[head].item()
+            W_O = a.o_proj.weight.detach().T
+            gain = block.input_layernorm.weight.detach()
+        sl, kvsl = slice(head * dh, (head + 1) * dh), slice(kv * dh, (kv + 1) * dh)
+        return q[:, sl], k[:, kvsl], v[:, kvsl], W_O[sl], gain, block.ln_1 if self.is_gpt2 else block.input_layernorm
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def case(request, unprocessed_hf_reference):
+    model = request.getfixturevalue(request.param)
+    tokens = model.to_tokens(list(PROMPTS))
+    answers = torch.tensor([model.single_token_id(a) for a in ANSWERS])
+    raw = Raw(unprocessed_hf_reference(request.param), tokens)
+    return SimpleNamespace(name=request.param, model=model, tokens=tokens, answers=answers, raw=raw)
+
+
+def ranks_of(logits: torch.Tensor, ids) -> list[int]:
+    return [int((logits > logits[i]).sum()) + 1 for i in ids]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Generic machinery against brute force
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("largest", [True, False])
+@pytest.mark.parametrize("block_rows,k", [(1, 5), (7, 13), (64, 40), (1000, 3)])
+def test_factored_top_pairs_equals_a_full_argsort(largest, block_rows, k):
+    gen = torch.Generator().manual_seed(block_rows * 31 + k)
+    left, right = torch.randn(53, 4, generator=gen), torch.randn(4, 37, generator=gen)
+    full = left @ right
+    order = full.flatten().argsort(descending=largest)[:k]
+    scores, rows, cols = P.factored_top_pairs(left, right, k, largest=largest, block_rows=block_rows)
+    assert rows.tolist() == (order // 37).tolist()
+    assert cols.tolist() == (order % 37).tolist()
+    torch.testing.assert_close(scores, full.flatten()[order])
+
+
+def test_factored_top_pairs_rejects_bad_shapes_and_k():
+    with pytest.raises(ValueError, match="must agree"):
+        P.factored_top_pairs(torch.ones(3, 2), torch.ones(3, 4), 1)
+    with pytest.raises(ValueError, match="k must be in"):
+        P.factored_top_pairs(torch.ones(3, 2), torch.ones(2, 4), 13)
+
+
+def test_top_and_bottom_tokens_equal_a_sort():
+    gen = torch.Generator().manual_seed(0)
+    vectors, W_U = torch.randn(3, 8, generator=gen), torch.randn(8, 50, generator=gen)
+    top_v, top_i, bot_v, bot_i = P.top_and_bottom_tokens(vectors, W_U, 4)
+    scores = vectors @ W_U
+    assert top_i.tolist() == scores.argsort(-1, descending=True)[:, :4].tolist()
+    assert bot_i.tolist() == scores.argsort(-1)[:, :4].tolist()
+    torch.testing.assert_close(bot_v, scores.gather(1, bot_i))
+
+
+def test_mean_pairwise_cosine_known_values():
+    assert P.mean_pairwise_cosine(torch.tensor([[1.0, 0], [2.0, 0], [3.0, 0]])) == pytest.approx(1.0)
+    assert P.mean_pairwise_cosine(torch.eye(4)) == pytest.approx(0.0)
+    assert P.mean_pairwise_cosine(torch.tensor([[1.0, 1.0], [-2.0, -2.0]])) == pytest.approx(-1.0)
+    # three vectors: cos(a,b)=1, cos(a,c)=cos(b,c)=0 -> mean over the 3 pairs = 1/3
+    assert P.mean_pairwise_cosine(torch.tensor([[1.0, 0], [1.0, 0], [0, 1.0]])) == pytest.approx(1 / 3)
+
+
+def test_top_neurons_orders_by_value_abs_and_sign():
+    scores = torch.tensor([[0.5, -3.0, 1.0], [2.0, 0.0, -0.1]])
+    assert list(zip(*[P.top_neurons(scores, 2)[c] for c in ("layer", "neuron")])) == [(1, 0), (0, 2)]
+    assert list(zip(*[P.top_neurons(scores, 2, by="abs")[c] for c in ("layer", "neuron")])) == [(0, 1), (1, 0)]
+    assert P.top_neurons(scores, 1, by="negative")["score"].tolist() == [-3.0]
+    per_layer = P.top_neurons(torch.stack([scores, 3 * scores]), 1, per_layer=True)  # mean over a batch axis
+    assert per_layer[["layer", "neuron"]].values.tolist() == [[0, 2], [1, 0]]
+    assert per_layer["score"].tolist() == pytest.approx([2.0, 4.0])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Logit lens, token level
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_logit_lens_final_layer_is_the_models_output(case):
+    model, raw = case.model, case.raw
+    lens = P.logit_lens_tokens(model, PROMPTS[0], ANSWERS, k=5)
+    n = model.cfg.n_layers
+    assert lens.answer_ranks.shape == (n + 1, 2) and lens.answer_probs.shape == (n + 1, 2)
+    logits = model.bridge(case.tokens[:1])[0, -1].detach()
+    final = lens.top_tokens[lens.top_tokens["layer"] == n]
+    assert final["token_id"].tolist() == logits.topk(5).indices.tolist()
+    assert final["token_id"].iloc[0] == int(raw.logits[0, -1].argmax())  # the unprocessed model's argmax
+    assert lens.answer_ranks[n].tolist() == ranks_of(raw.logits[0, -1], case.answers.tolist())
+    torch.testing.assert_close(lens.answer_probs[n], raw.logits[0, -1].softmax(-1)[case.answers], rtol=1e-4, atol=1e-6)
+    table = lens.answer_table()
+    assert len(table) == 2 * (n + 1) and set(table["answer"]) == set(ANSWERS)
+
+
+def test_logit_lens_every_layer_matches_the_unprocessed_model(case):
+    """Layer i: the unprocessed model's hidden state after i blocks through its own final norm and lm_head."""
+    model, raw = case.model, case.raw
+    lens = P.logit_lens_tokens(model, case.tokens[0], ANSWERS, k=3)
+    n = model.cfg.n_layers
+    for layer in (0, 1, n // 2, n - 1):
+        with torch.no_grad():
+            ref = raw.hf.lm_head(raw.final_norm(raw.hidden[layer][0, -1]))
+        assert lens.answer_ranks[layer].tolist() == ranks_of(ref, case.answers.tolist()), layer
+        torch.testing.assert_close(lens.answer_probs[layer], ref.softmax(-1)[case.answers], rtol=1e-3, atol=1e-6)
+        rows = lens.top_tokens[lens.top_tokens["layer"] == layer]
+        assert rows["token_id"].tolist() == ref.topk(3).indices.tolist(), layer
+
+
+def test_logit_lens_agreement_against_the_unprocessed_model(case):
+    model, raw = case.model, case.raw
+    table = P.logit_lens_agreement(model, case.tokens, positions="all")
+    n = model.cfg.n_layers
+    assert table["layer"].tolist() == list(range(n + 1))
+    assert table["top1_agreement"].iloc[-1] == 1.0 and table["mean_kl_to_final"].iloc[-1] == pytest.approx(0, abs=1e-5)
+    start = 1 if model.prepend_bos else 0
+    final_lp = raw.logits[:, start:].log_softmax(-1)
+    for layer in (1, n // 2):
+        with torch.no_grad():
+            lp = raw.hf.lm_head(raw.final_norm(raw.hidden[layer][:, start:])).log_softmax(-1)
+        agree = (lp.argmax(-1) == final_lp.argmax(-1)).float().mean().item()
+        kl = (final_lp.exp() * (final_lp - lp)).sum(-1).mean().item()
+        assert table["top1_agreement"].iloc[layer] == pytest.approx(agree)
+        assert table["mean_kl_to_final"].iloc[layer] == pytest.approx(kl, rel=1e-3)
+        assert table["n_positions"].iloc[layer] == final_lp.shape[0] * final_lp.shape[1]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FFN neurons
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_neuron_value_tokens_match_the_unprocessed_weights(case):
+    """A neuron's value vector through the real final-norm gain and lm_head (LayerNorm: centred first)."""
+    model, raw = case.model, case.raw
+    neurons = [(0, 3), (model.cfg.n_layers - 1, 17)]
+    table = P.neuron_value_tokens(model, neurons, k=6)
+    no_gain = P.neuron_value_tokens(model, neurons, k=6, through_final_norm_gain=False)
+    for layer, n in neurons:
+        v = raw.centre(raw.value_vectors(layer)[n])
+        for frame, vec in ((table, v * raw.gain), (no_gain, v)):
+            scores = raw.lm_head @ vec
+            rows = frame[(frame.layer == layer) & (frame.neuron == n)]
+            assert rows[rows.side == "top"]["token_id"].tolist() == scores.topk(6).indices.tolist()
+            assert rows[rows.side == "bottom"]["token_id"].tolist() == (-scores).topk(6).indices.tolist()
+            # same scores up to the vocabulary centring of W_U (one constant for the whole vector)
+            got = torch.tensor(rows[rows.side == "top"]["score"].tolist())
+            shift = got - scores.topk(6).values
+            torch.testing.assert_close(shift, shift[:1].expand(6), rtol=0, atol=1e-4)
+
+
+def test_value_vector_along_an_unembedding_column_tops_that_token(smollm2):
+    """Hand-built: v = W_U[:, t] for the column of largest norm. By Cauchy-Schwarz no other column scores higher,
+    so t must be the top token; -v must put t at the bottom."""
+    W_U = P.unembedding(smollm2)
+    t = int(W_U.norm(dim=0).argmax())
+    v = W_U[:, t]
+    _, top_i, _, bot_i = P.top_and_bottom_tokens(torch.stack([v, -v]), W_U, 3)
+    assert top_i[0, 0] == t and bot_i[1, 0] == t
+    vocab_mean = W_U.mean(dim=1)  # centring adds a shared constant; check the raw column too
+    assert float(v @ vocab_mean) == pytest.approx(0, abs=1e-3)
+
+
+@pytest.fixture(scope="module")
+def direct_effects(case):
+    return SimpleNamespace(
+        plain=P.neuron_scores(case.model, case.tokens, "direct_effect", case.answers),
+        scaled=P.neuron_scores(case.model, case.tokens, "direct_effect", case.answers, divide_by_final_norm_scale=True),
+        size=P.neuron_scores(case.model, case.tokens, "activation_x_weight_norm"),
+        mlp=P.mlp_answer_contributions(case.model, case.tokens, case.answers),
+    )
+
+
+def test_neuron_scores_match_the_unprocessed_model(case, direct_effects):
+    model, raw = case.model, case.raw
+    direction = raw.gain * (raw.lm_head[case.answers[0]] - raw.lm_head[case.answers[1]])
+    assert direct_effects.plain.shape == (2, model.cfg.n_layers, model.cfg.d_mlp)
+    for layer in (0, model.cfg.n_layers - 1):
+        W = raw.centre(raw.value_vectors(layer))  # [d_mlp, d_model]
+        act = raw.acts[layer]  # [batch, d_mlp]
+        torch.testing.assert_close(direct_effects.plain[:, layer], act * (W @ direction), rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(direct_effects.size[:, layer], act.abs() * W.norm(dim=-1), rtol=1e-3, atol=1e-5)
+
+
+def test_mlp_answer_contributions_match_the_unprocessed_model(case, direct_effects):
+    model, raw = case.model, case.raw
+    direction = raw.gain * (raw.lm_head[case.answers[0]] - raw.lm_head[case.answers[1]])
+    scale = (raw.centre(raw.final_in).pow(2).mean(-1) + raw.eps(raw.final_norm)).sqrt()  # [batch]
+    expected = torch.stack([raw.centre(raw.mlp_out[L]) @ direction for L in range(model.cfg.n_layers)], dim=1)
+    torch.testing.assert_close(direct_effects.mlp.unscaled, expected, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(direct_effects.mlp.final_norm_scaled, expected / scale[:, None], rtol=1e-3, atol=1e-4)
+
+
+def test_neuron_direct_effects_add_up_to_the_layer(case, direct_effects):
+    """Sum over a layer's neurons (+ its output bias) = that layer's MLP output on the answer direction."""
+    model = case.model
+    direction = P.logit_diff_direction(model, case.answers.expand(2, 2))
+    for layer in range(model.cfg.n_layers):
+        b_out = getattr(model.bridge.blocks[layer].mlp, "b_out", None)
+        bias_term = 0.0 if b_out is None else (direction @ (b_out - b_out.mean())).detach()
+        total = direct_effects.plain[:, layer].sum(-1) + bias_term
+        torch.testing.assert_close(total, direct_effects.mlp.unscaled[:, layer], rtol=1e-3, atol=1e-3)
+    ratio = direct_effects.plain / direct_effects.scaled  # the final norm's scale, one per prompt
+    torch.testing.assert_close(ratio[:, -1, :5], ratio[:, -1, :1].expand(2, 5), rtol=1e-4, atol=0)
+
+
+def test_mlp_update_top_tokens_and_fraction_in_token_set(case):
+    model, raw = case.model, case.raw
+    k = 8
+    table = P.mlp_update_top_tokens(model, case.tokens, k=k)
+    n = model.cfg.n_layers
+    assert len(table) == 2 * n * k
+    layer = n - 1
+    expected = (raw.centre(raw.mlp_out[layer]) * raw.gain) @ raw.lm_head.T  # [batch, vocab]
+    for prompt in range(2):
+        rows = table[(table.prompt == prompt) & (table.layer == layer)]
+        assert rows["token_id"].tolist() == expected[prompt].topk(k).indices.tolist()
+    chosen = table[(table.prompt == 0) & (table.layer == layer)]["token_id"].tolist()[:3] + [12345678]
+    frac = P.fraction_in_token_set(table, chosen)
+    got = frac.set_index(["prompt", "layer"])["fraction"]
+    assert got[(0, layer)] == pytest.approx(3 / k)
+    manual = table.groupby(["prompt", "layer"])["token_id"].apply(lambda s: s.isin(chosen).mean())
+    assert got.sort_index().tolist() == pytest.approx(manual.sort_index().tolist())
+
+
+def test_neuron_token_coherence_matches_a_manual_computation(smollm2):
+    table = P.neuron_token_coherence(smollm2, [(5, 10)], k=6)
+    W_U = P.unembedding(smollm2)
+    ids = (smollm2.bridge.blocks[5].mlp.W_out[10].detach() @ W_U).topk(6).indices
+    unit = torch.nn.functional.normalize(W_U[:, ids].T, dim=-1)
+    sims = unit @ unit.T
+    manual = float(sum(sims[i, j] for i, j in itertools.permutations(range(6), 2)) / 30)
+    assert table["coherence"].iloc[0] == pytest.approx(manual, abs=1e-5)
+    assert table["top_tokens"].iloc[0] == P.decode_each(smollm2, ids)
+    baseline = P.random_token_coherence(smollm2, k=6, n_samples=20, seed=1)
+    assert baseline.shape == (20,) and torch.equal(baseline, P.random_token_coherence(smollm2, 6, 20, seed=1))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# OV and QK circuits in embedding space
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_query_heads_read_the_kv_head_kv_head_of_names(smollm2):
+    """z of query head h = its attention pattern applied to the values of key/value head kv_head_of(h)."""
+    tokens = smollm2.to_tokens(PROMPTS[0])
+    names = {"blocks.2.attn.hook_z", "blocks.2.attn.hook_pattern", "blocks.2.attn.hook_v"}
+    with torch.no_grad():
+        _, cache = smollm2.bridge.run_with_cache(tokens, names_filter=lambda n: n in names)
+    z, pattern, v = cache["blocks.2.attn.hook_z"][0], cache["blocks.2.attn.hook_pattern"][0], cache["blocks.2.attn.hook_v"][0]
+    assert [P.kv_head_of(smollm2, h) for h in range(9)] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    for h in range(9):
+        torch.testing.assert_close(z[:, h], pattern[h] @ v[:, P.kv_head_of(smollm2, h)], rtol=1e-4, atol=1e-5)
+
+
+def _centre_over_vocab(scores: torch.Tensor, vector_to_vocab_mean: torch.Tensor) -> torch.Tensor:
+    return scores - vector_to_vocab_mean[:, None]
+
+
+@pytest.mark.parametrize("layer,head", [(1, 0), (3, 5)])
+def test_ov_and_qk_top_pairs_match_brute_force_on_unprocessed_weights(case, layer, head):
+    model, raw = case.model, case.raw
+    src = list(range(300, 360))
+    out = list(range(1000, 1080))
+    W_Q, W_K, W_V, W_O, gain, norm = raw.head_weights(layer, head)
+    E = raw.normalise(raw.body.wte.weight.detach() if raw.is_gpt2 else raw.body.embed_tokens.weight.detach(), norm)
+    written = raw.centre((E[src] * gain) @ W_V @ W_O) * raw.gain  # what the final norm's gain sees
+    full_vocab = written @ raw.lm_head.T  # [n_src, vocab]; W_U is centred over the vocabulary in the bridge
+    ov = _centre_over_vocab(full_vocab[:, out], full_vocab.mean(-1))
+    order = ov.flatten().argsort(descending=True)[:7]
+    table = P.ov_circuit_top_pairs(model, layer, head, src, out, k=7)
+    assert table["source_id"].tolist() == [src[i] for i in (order // len(out)).tolist()]
+    assert table["output_id"].tolist() == [out[i] for i in (order % len(out)).tolist()]
+    torch.testing.assert_close(torch.tensor(table["score"].tolist()), ov.flatten()[order], rtol=1e-3, atol=1e-4)
+
+    qk = ((E[src] * gain) @ W_Q) @ ((E[out] * gain) @ W_K).T / raw.d_head**0.5
+    order = qk.flatten().argsort()[:5]  # the most negative pairs this time
+    table = P.qk_circuit_top_pairs(model, layer, head, src, out, k=5, largest=False)
+    assert table["query_id"].tolist() == [src[i] for i in (order // len(out)).tolist()]
+    assert table["key_id"].tolist() == [out[i] for i in (order % len(out)).tolist()]
+    torch.testing.assert_close(torch.tensor(table["score"].tolist()), qk.flatten()[order], rtol=1e-3, atol=1e-4)
+
+    per_token = P.ov_top_outputs(model, layer, head, src[:2], out, k=4)
+    assert per_token[per_token.source_id == src[1]]["output_id"].tolist() == [
+        out[i] for i in ov[1].topk(4).indices.tolist()
+    ]
+
+
+@pytest.mark.parametrize("model_name", MODELS)
+def test_frequent_token_ids_are_words_in_id_order(request, model_name):
+    any_model = request.getfixturevalue(model_name)
+    ids = P.frequent_token_ids(any_model, 50)
+    assert ids == sorted(ids) and len(set(ids)) == 50
+    words = P.decode_each(any_model, ids)
+    assert all(w.startswith(" ") and w[1:].isalpha() and len(w) >= 3 for w in words)
+    assert not set(ids) & set(any_model.tokenizer.all_special_ids)
+    with pytest.raises(ValueError, match="only .* tokens"):
+        P.frequent_token_ids(any_model, 10, pattern=r"^ Answer$")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad input is named
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_are_named(smollm2):
+    tokens = smollm2.to_tokens(PROMPTS[0])
+    with pytest.raises(ValueError, match="Yesterday"):
+        P.logit_lens_tokens(smollm2, PROMPTS[0], (" Yesterday's", " No"))
+    with pytest.raises(ValueError, match="method"):
+        P.neuron_scores(smollm2, tokens, "loudness")
+    with pytest.raises(ValueError, match="needs answer_tokens"):
+        P.neuron_scores(smollm2, tokens, "direct_effect")
+    with pytest.raises(ValueError, match=r"neurons\[1\] neuron"):
+        P.neuron_value_tokens(smollm2, [(0, 1), (0, smollm2.cfg.d_mlp)])
+    with pytest.raises(ValueError, match=r"neurons\[0\] layer"):
+        P.neuron_value_tokens(smollm2, [(2.5, 1)])
+    with pytest.raises(ValueError, match="head"):
+        P.ov_circuit_top_pairs(smollm2, 0, 9, [1, 2], [3, 4])
+    with pytest.raises(ValueError, match=r"output_ids\[1\]"):
+        P.ov_circuit_top_pairs(smollm2, 0, 0, [300], [301, 10**7])
+    with pytest.raises(ValueError, match="tokens must be"):
+        P.mlp_answer_contributions(smollm2, tokens[0], torch.tensor([1, 2]))
+    ids, multi = P.token_set_ids(smollm2, [" Yes", " Yesterday's"])
+    assert ids == [smollm2.single_token_id(" Yes")] and multi == [" Yesterday's"]

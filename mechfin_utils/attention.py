@@ -16,12 +16,14 @@ Public functions:
 * :func:`phrase_token_positions` / :func:`phrase_position_mask` -- which token positions of a prompt
   spell a phrase (from the tokenizer's character offsets, with the model's BOS decision applied).
 * :func:`circuitsvis_html` -- an offline interactive view of one layer's heads, as HTML.
+* :func:`phrase_attention` -- over a task set's batches: how much the final position attends to each
+  pair's protected-attribute phrase (clean prompts) or legitimate-reason phrase (corrupted prompts).
 """
 
 from __future__ import annotations
 
 import html
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Iterable, Literal, NamedTuple, Sequence
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -268,6 +270,84 @@ def phrase_position_mask(
             raise ValueError(f"row {row}: {error}") from error
         mask[row, positions] = True
     return mask
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Over a task set
+# ---------------------------------------------------------------------------------------------------------
+
+PAPER_GPT2_HEADS: tuple[str, ...] = ("10.2", "10.7", "11.3", "9.6", "10.6")
+"""Heads that Golgoon, Filom & Kannan (2024) single out on GPT-2 Small by activation patching (10.2, 10.7,
+11.3 positive; 9.6, 10.6 negative), as ``"layer.head"``. They refer to GPT-2 Small only."""
+
+_PHRASE_OF_RUN = {"clean": "protected_phrase", "corrupted": "legitimate_phrase"}
+
+
+class PhraseAttention(NamedTuple):
+    """Attention from the final position to a phrase, one row per prompt pair.
+
+    to_phrase:    ``[n_pairs, n_layers, n_heads]`` total attention weight on the phrase's tokens (the rest,
+                  BOS included, gets ``1 - to_phrase``).
+    phrase_share: ``[n_pairs]`` the fraction of the prompt's positions the phrase occupies: what a head that
+                  spread its attention evenly over the prompt would put on it. A head well above it singles
+                  the phrase out.
+    pair_ids, bases: per row, the pair's id and prohibited basis (for per-basis breakdowns).
+    run:          ``"clean"`` (protected-attribute phrase) or ``"corrupted"`` (legitimate-reason phrase).
+    """
+
+    to_phrase: Float[Tensor, "n_pairs layer head"]
+    phrase_share: Float[Tensor, "n_pairs"]
+    pair_ids: list[str]
+    bases: list[str]
+    run: str
+
+
+def phrase_attention(
+    model: LoadedModel,
+    batches: Iterable,
+    run: Literal["clean", "corrupted"] = "clean",
+) -> PhraseAttention:
+    """How much the final position attends to the phrase that differs between the two prompts of each pair.
+
+    For ``run="clean"`` the prompt is the clean one and the phrase its ``protected_phrase`` (e.g. "because
+    she is Black"); for ``"corrupted"``, the corrupted prompt and its ``legitimate_phrase`` ("because of bad
+    credit"). Each batch is one forward pass (:func:`attention_to_positions`); rows come in batch order, so
+    they line up with :func:`mechfin_utils.dla.over_batches` on the same batches.
+
+    Args:
+        batches: task batches (``mechfin_utils.tasks.TaskBatch``: ``clean_tokens``, ``corrupted_tokens`` and
+            ``pairs`` with the two phrases).
+    """
+    if run not in _PHRASE_OF_RUN:
+        raise ValueError(f"run must be 'clean' or 'corrupted', got {run!r}")
+    phrase_field = _PHRASE_OF_RUN[run]
+    to_phrase, shares, pair_ids, bases = [], [], [], []
+    for index, batch in enumerate(batches):
+        pairs = list(getattr(batch, "pairs", None) or [])
+        tokens = getattr(batch, f"{run}_tokens", None)
+        if tokens is None or not pairs or len(pairs) != tokens.shape[0]:
+            raise ValueError(f"batch {index} needs {run}_tokens and one pair per row (got {len(pairs)} pairs)")
+        prompts = [pair.texts[0 if run == "clean" else 1] for pair in pairs]
+        phrases = [getattr(pair, phrase_field, None) for pair in pairs]
+        if any(phrase is None for phrase in phrases):
+            row = phrases.index(None)
+            raise ValueError(
+                f"batch {index} row {row} (pair {pairs[row].id}) has no {phrase_field}: phrase_attention needs "
+                "fair-lending pairs"
+            )
+        try:
+            mask = phrase_position_mask(model, prompts, phrases)
+        except ValueError as error:
+            raise ValueError(f"batch {index} ({run}): {error}") from error
+        if mask.shape != tokens.shape or not torch.equal(model.to_tokens(prompts).cpu(), tokens.cpu()):
+            raise ValueError(f"batch {index}: {run}_tokens are not the tokens of its pairs' {run} prompts")
+        to_phrase.append(attention_to_positions(model, tokens, mask).to_positions.cpu())
+        shares.append(mask.sum(dim=1).float().cpu() / mask.shape[1])
+        pair_ids += [pair.id for pair in pairs]
+        bases += [pair.basis for pair in pairs]
+    if not to_phrase:
+        raise ValueError("phrase_attention got no batches")
+    return PhraseAttention(torch.cat(to_phrase), torch.cat(shares), pair_ids, bases, run)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -44,6 +44,18 @@ Public functions:
 * :func:`top_heads` -- the k largest heads as ``("L.H", value)``.
 * :func:`over_batches` -- run any of the above over a task set's batches, clean and corrupted separately,
   concatenating per-prompt values (for bootstrap confidence intervals).
+* :func:`layer_totals` -- a head attribution regrouped into :func:`layer_decomposition`'s components.
+* :func:`term_groups` -- a head attribution summed into heads, MLPs, embeddings and biases.
+* :func:`accumulated_from_components` -- the cached-scale logit lens as a running sum of those components.
+
+Summaries over a task set (means with bootstrap intervals, resampling prompts):
+
+* :func:`ci_table` -- the generic one: per component, mean, interval and the sign the interval supports;
+* :func:`paired_ci_table` -- clean, corrupted and their per-pair gap side by side;
+* :func:`head_table` -- chosen or top heads of a ``[batch, n_layers, n_heads]`` array, with ranks;
+* :func:`grouped_ci_table` -- the same within groups of prompts (e.g. per prohibited basis);
+* :func:`compare_with_paper` -- the paper's claimed signs (:data:`PAPER_GPT2_LAYER_CLAIMS`,
+  :data:`PAPER_GPT2_HEAD_CLAIMS`, GPT-2 Small only) next to this run's intervals.
 """
 
 from __future__ import annotations
@@ -655,3 +667,351 @@ def over_batches(
     if not collected[runs[0]]:
         raise ValueError("over_batches got no batches")
     return {run: _concat_results(results, name) for run, results in collected.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Summaries over a task set: intervals per component or head, per group, and the paper's claims
+# ---------------------------------------------------------------------------------------------------------
+#
+# Everything above returns one number per prompt and component. The notebooks report averages over the task
+# set with percentile-bootstrap intervals (mechfin_utils.stats), resampling *prompts*: all components of a
+# prompt stay together, so intervals of different components come from the same resamples.
+
+Sign = Literal["positive", "negative"]
+HeadOrder = Literal["abs", "positive", "negative", "extremes"]
+
+PAPER_GPT2_LAYER_CLAIMS: dict[str, Sign] = {
+    "2_mlp_out": "positive",
+    "4_mlp_out": "positive",
+    "10_mlp_out": "negative",
+    "0_attn_out": "negative",
+}
+"""Golgoon, Filom & Kannan (2024), GPT-2 Small, per-layer DLA: MLP 2 and MLP 4 push toward " Yes", MLP 10 and
+attention layer 0 push toward " No". Labels as in :func:`layer_decomposition`. Only meaningful for GPT-2 Small."""
+
+PAPER_GPT2_HEAD_CLAIMS: dict[str, Sign] = {
+    "11.4": "positive",
+    "8.9": "positive",
+    "6.3": "positive",
+    "0.6": "negative",
+    "11.0": "negative",
+    "10.7": "negative",
+}
+"""The same paper's largest positive and negative heads by DLA on GPT-2 Small (``"layer.head"``)."""
+
+
+def _as_rows(values, argument: str, ndim: int) -> Tensor:
+    """A float tensor of ``ndim`` dimensions on the CPU (numpy and lists are accepted too)."""
+    tensor = values.detach() if isinstance(values, Tensor) else torch.as_tensor(values)
+    if tensor.ndim != ndim:
+        raise ValueError(f"{argument} must have {ndim} dimensions, got shape {tuple(tensor.shape)}")
+    return tensor.to(device="cpu", dtype=torch.float64)
+
+
+def head_labels(n_layers: int, n_heads: int) -> list[str]:
+    """``"L.H"`` labels in the order of ``values.reshape(batch, -1)`` for ``values`` ``[batch, n_layers, n_heads]``."""
+    return [f"{layer}.{head}" for layer in range(n_layers) for head in range(n_heads)]
+
+
+def parse_head(label: str, n_layers: int | None = None, n_heads: int | None = None) -> tuple[int, int]:
+    """``"10.7"`` -> ``(10, 7)``; with ``n_layers``/``n_heads`` the head must exist in that model."""
+    parts = label.split(".") if isinstance(label, str) else []
+    if len(parts) != 2 or not all(part.isdigit() for part in parts):
+        raise ValueError(f"head label {label!r} is not of the form 'layer.head' (e.g. '10.7')")
+    layer, head = int(parts[0]), int(parts[1])
+    if n_layers is not None and layer >= n_layers:
+        raise ValueError(f"head {label!r}: layer {layer} does not exist (the model has {n_layers} layers)")
+    if n_heads is not None and head >= n_heads:
+        raise ValueError(f"head {label!r}: head {head} does not exist (the model has {n_heads} heads per layer)")
+    return layer, head
+
+
+def select_heads(
+    per_prompt: Float[Tensor, "batch n_layers n_heads"], heads: Sequence[str]
+) -> Float[Tensor, "batch n_selected"]:
+    """The columns of the named heads (``"L.H"``), in the order given."""
+    per_prompt = _as_rows(per_prompt, "per_prompt", 3)
+    _, n_layers, n_heads = per_prompt.shape
+    if not len(heads):
+        raise ValueError("heads is empty: name at least one head as 'layer.head'")
+    pairs = [parse_head(label, n_layers, n_heads) for label in heads]
+    return torch.stack([per_prompt[:, layer, head] for layer, head in pairs], dim=1)
+
+
+def ci_table(
+    labels: Sequence[str],
+    values: Float[Tensor, "batch n_components"],
+    *,
+    n_boot: int = 2000,
+    ci: float = 0.95,
+    seed: int = 0,
+):
+    """Mean over prompts of each component, with its percentile-bootstrap interval.
+
+    This is the one table every summary below builds on. Rows (prompts) are resampled jointly, so the
+    resamples are the same for every component (and for every call with the same ``seed`` and row count).
+
+    Returns:
+        A DataFrame indexed by ``labels`` (index name ``component``) with columns ``n`` (prompts), ``mean``,
+        ``low``, ``high`` and ``sign``: ``"positive"``/``"negative"`` when the interval excludes 0 on that
+        side, ``"unclear"`` when it contains 0.
+    """
+    import pandas as pd
+
+    from .stats import bootstrap_ci
+
+    values = _as_rows(values, "values", 2)
+    labels = [str(label) for label in labels]
+    if len(labels) != values.shape[1]:
+        raise ValueError(f"got {len(labels)} labels for {values.shape[1]} columns of values")
+    if len(set(labels)) != len(labels):
+        repeated = next(label for label in labels if labels.count(label) > 1)
+        raise ValueError(f"labels repeat {repeated!r}; every component needs its own label")
+    result = bootstrap_ci(values.numpy(), n_boot=n_boot, ci=ci, seed=seed)
+    low, high = result.low, result.high
+    sign = ["positive" if lo > 0 else "negative" if hi < 0 else "unclear" for lo, hi in zip(low, high)]
+    return pd.DataFrame(
+        {"n": result.n, "mean": result.estimate, "low": low, "high": high, "sign": sign},
+        index=pd.Index(labels, name="component"),
+    )
+
+
+def paired_ci_table(
+    labels: Sequence[str],
+    clean: Float[Tensor, "batch n_components"],
+    corrupted: Float[Tensor, "batch n_components"],
+    *,
+    n_boot: int = 2000,
+    ci: float = 0.95,
+    seed: int = 0,
+):
+    """:func:`ci_table` for the clean run, the corrupted run and their per-pair difference, side by side.
+
+    Row ``i`` of ``clean`` and ``corrupted`` must be the two prompts of pair ``i`` (as from
+    :func:`over_batches`). The difference ``clean - corrupted`` is taken per pair before resampling (a
+    paired bootstrap). Columns: ``n``, then ``clean``, ``clean_low``, ``clean_high`` and the same for
+    ``corrupted`` and ``gap``.
+    """
+    import pandas as pd
+
+    clean = _as_rows(clean, "clean", 2)
+    corrupted = _as_rows(corrupted, "corrupted", 2)
+    if clean.shape != corrupted.shape:
+        raise ValueError(
+            f"clean {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)} must be paired: same shape"
+        )
+    parts = []
+    for name, values in (("clean", clean), ("corrupted", corrupted), ("gap", clean - corrupted)):
+        table = ci_table(labels, values, n_boot=n_boot, ci=ci, seed=seed)[["mean", "low", "high"]]
+        parts.append(table.rename(columns={"mean": name, "low": f"{name}_low", "high": f"{name}_high"}))
+    out = pd.concat(parts, axis=1)
+    out.insert(0, "n", clean.shape[0])
+    return out
+
+
+def head_table(
+    per_prompt: Float[Tensor, "batch n_layers n_heads"],
+    heads: Sequence[str] | None = None,
+    *,
+    k: int = 10,
+    order: HeadOrder = "abs",
+    n_boot: int = 2000,
+    ci: float = 0.95,
+    seed: int = 0,
+):
+    """Chosen heads with their mean over prompts, bootstrap interval and rank among all heads.
+
+    ``per_prompt`` is one value per prompt and head (``head_attribution(...).heads``, or the attention
+    from the final position to a phrase). The heads are the ``heads`` given (``"L.H"``), else the top ``k``
+    by the mean under ``order`` (see :func:`top_heads`; ``"extremes"`` takes the ``k`` most positive and
+    the ``k`` most negative). ``rank`` is each head's place among all heads under ``order`` (for
+    ``"extremes"`` and ``"abs"``: by magnitude), 1 being the top.
+
+    Returns:
+        A DataFrame indexed by head label with columns ``layer``, ``head_index``, ``rank`` and those of
+        :func:`ci_table`, in the order of selection.
+    """
+    per_prompt = _as_rows(per_prompt, "per_prompt", 3)
+    if order not in ("abs", "positive", "negative", "extremes"):
+        raise ValueError(f"order must be 'abs', 'positive', 'negative' or 'extremes', got {order!r}")
+    batch, n_layers, n_heads = per_prompt.shape
+    mean = per_prompt.mean(0)
+    if heads is None:
+        if order == "extremes":
+            if not isinstance(k, int) or not 1 <= 2 * k <= mean.numel():
+                raise ValueError(f"k must be an integer in [1, {mean.numel() // 2}] for order='extremes', got {k!r}")
+            chosen = [h for h, _ in top_heads(mean, k, order="positive")]
+            chosen += [h for h, _ in reversed(top_heads(mean, k, order="negative"))]
+        else:
+            chosen = [h for h, _ in top_heads(mean, k, order=order)]
+    else:
+        chosen = [str(h) for h in heads]
+    rank_order = "abs" if order == "extremes" else order
+    ranking = [h for h, _ in top_heads(mean, mean.numel(), order=rank_order)]
+    rank = {h: i + 1 for i, h in enumerate(ranking)}
+    table = ci_table(chosen, select_heads(per_prompt, chosen), n_boot=n_boot, ci=ci, seed=seed)
+    table.index.name = "head"
+    positions = [parse_head(h) for h in chosen]
+    table.insert(0, "rank", [rank[h] for h in chosen])
+    table.insert(0, "head_index", [h for _, h in positions])
+    table.insert(0, "layer", [layer for layer, _ in positions])
+    return table
+
+
+def grouped_ci_table(
+    labels: Sequence[str],
+    values: Float[Tensor, "batch n_components"],
+    groups: Sequence[str],
+    *,
+    n_boot: int = 2000,
+    ci: float = 0.95,
+    seed: int = 0,
+):
+    """:func:`ci_table` within each group of prompts (e.g. per prohibited basis), as one long table.
+
+    ``groups[i]`` names the group of row ``i``. Groups come in sorted order; group ``g`` is resampled with
+    seed ``seed + g``. A group with a single prompt keeps its value as the mean, with no interval (NaN
+    ``low``/``high`` and ``sign`` ``"unclear"``): one observation has no spread to resample.
+
+    Returns:
+        Columns ``group``, ``component``, ``n``, ``mean``, ``low``, ``high``, ``sign``; use
+        ``.pivot(index="group", columns="component", values="mean")`` for a group x component grid.
+    """
+    import pandas as pd
+
+    values = _as_rows(values, "values", 2)
+    groups = [str(group) for group in groups]
+    if len(groups) != values.shape[0]:
+        raise ValueError(f"got {len(groups)} groups for {values.shape[0]} rows of values")
+    labels = [str(label) for label in labels]
+    frames = []
+    for index, group in enumerate(sorted(set(groups))):
+        rows = torch.tensor([i for i, g in enumerate(groups) if g == group])
+        if len(rows) == 1:
+            table = pd.DataFrame(
+                {"n": 1, "mean": values[rows[0]].numpy(), "low": float("nan"), "high": float("nan"),
+                 "sign": "unclear"},
+                index=pd.Index(labels, name="component"),
+            )
+        else:
+            table = ci_table(labels, values[rows], n_boot=n_boot, ci=ci, seed=seed + index)
+        frames.append(table.reset_index().assign(group=group))
+    columns = ["group", "component", "n", "mean", "low", "high", "sign"]
+    return pd.concat(frames, ignore_index=True)[columns]
+
+
+def compare_with_paper(table, claims: dict[str, Sign]):
+    """The paper's claimed sign for each component next to this run's mean and interval.
+
+    ``table`` is a :func:`ci_table`/:func:`head_table` result (index: labels; columns ``mean``, ``low``,
+    ``high``; a ``rank`` column is carried over when present). ``verdict`` is ``"agrees"`` when this run's
+    interval lies on the claimed side of 0, ``"opposite"`` when it lies on the other side, and ``"unclear"``
+    when it contains 0.
+    """
+    import pandas as pd
+
+    rows = []
+    for label, claimed in claims.items():
+        if claimed not in ("positive", "negative"):
+            raise ValueError(f"claim for {label!r} must be 'positive' or 'negative', got {claimed!r}")
+        if label not in table.index:
+            raise KeyError(f"{label!r} is not in the table (first labels: {list(table.index[:5])})")
+        row = table.loc[label]
+        observed = "positive" if row["low"] > 0 else "negative" if row["high"] < 0 else "unclear"
+        verdict = "unclear" if observed == "unclear" else "agrees" if observed == claimed else "opposite"
+        entry = {"component": label, "paper": claimed, "this_run": row["mean"], "low": row["low"],
+                 "high": row["high"], "verdict": verdict}
+        if "rank" in table.columns:
+            entry["rank"] = int(row["rank"])
+        rows.append(entry)
+    return pd.DataFrame(rows).set_index("component")
+
+
+def layer_totals(attribution: HeadAttribution) -> LabelledValues:
+    """A :class:`HeadAttribution` regrouped into :func:`layer_decomposition`'s components.
+
+    ``{L}_attn_out`` is the sum of layer L's heads plus its attention-bias term; every other term is
+    carried over. Same labels, same order, same values as :func:`layer_decomposition` on the same prompts,
+    without a second forward pass; ``values.sum(-1)`` equals ``attribution.logit_diff``.
+    """
+    by_label = dict(zip(attribution.other_labels, attribution.other.unbind(dim=1)))
+    labels, columns = [], []
+    for label in attribution.other_labels:
+        if label.endswith("_attn_bias"):
+            layer = int(label.split("_")[0])
+            labels.append(f"{layer}_attn_out")
+            columns.append(attribution.heads[:, layer].sum(dim=-1) + by_label[label])
+        else:
+            labels.append(label)
+            columns.append(by_label[label])
+    return labels, torch.stack(columns, dim=1)
+
+
+def component_display_name(label: str) -> str:
+    """A label of :func:`layer_decomposition` for figures: ``"3_attn_out"`` -> ``"attn 3"``,
+    ``"3_mlp_out"`` -> ``"MLP 3"``, ``"unembed_bias"`` -> ``"unembed bias"``, ``"pos_embed"`` -> ``"pos embed"``."""
+    parts = label.split("_")
+    if len(parts) == 3 and parts[0].isdigit() and parts[2] == "out" and parts[1] in ("attn", "mlp"):
+        return f"{'attn' if parts[1] == 'attn' else 'MLP'} {parts[0]}"
+    if label in ("embed", "pos_embed", UNEMBED_BIAS_LABEL):
+        return label.replace("_", " ")
+    raise ValueError(f"{label!r} is not a component label of layer_decomposition")
+
+
+def term_groups(attribution: HeadAttribution) -> LabelledValues:
+    """A :class:`HeadAttribution` summed into five kinds of term, which add up to the logit difference.
+
+    Labels: ``all_heads`` (every head), ``all_mlps`` (every MLP output), ``embeddings`` (token and, if any,
+    learned positional embedding), ``attention_biases`` (every layer's ``b_O`` term) and ``unembed_bias``.
+    ``values.sum(-1) == attribution.total``: how much of the logit difference the heads carry directly,
+    and how much is left to everything else.
+    """
+    kinds = {"all_mlps": [], "embeddings": [], "attention_biases": [], UNEMBED_BIAS_LABEL: []}
+    for index, label in enumerate(attribution.other_labels):
+        if label.endswith("_mlp_out"):
+            kinds["all_mlps"].append(index)
+        elif label.endswith("_attn_bias"):
+            kinds["attention_biases"].append(index)
+        elif label in ("embed", "pos_embed"):
+            kinds["embeddings"].append(index)
+        elif label == UNEMBED_BIAS_LABEL:
+            kinds[UNEMBED_BIAS_LABEL].append(index)
+        else:
+            raise ValueError(f"term_groups does not know the term {label!r}")
+    columns = [attribution.heads.sum(dim=(1, 2))]
+    for indices in kinds.values():
+        columns.append(attribution.other[:, indices].sum(dim=1) if indices else torch.zeros_like(columns[0]))
+    return ["all_heads", *kinds], torch.stack(columns, dim=1)
+
+
+def accumulated_from_components(labels: Sequence[str], values: Float[Tensor, "batch n_components"]) -> LabelledValues:
+    """The cached-scale logit lens as a running sum of :func:`layer_decomposition`'s components.
+
+    With the final norm's scale frozen, the residual stream entering layer L reads as the embeddings, plus
+    every attention and MLP output before layer L, plus the constant unembedding bias. So the columns of
+    ``logit_lens(..., ln_mode="cached")`` follow from a decomposition without another forward pass.
+    Labels and values then match :func:`logit_lens` exactly (``"0_pre"`` ... ``"final_post"``).
+    """
+    labels = list(labels)
+    dtype = values.dtype if isinstance(values, Tensor) and values.is_floating_point() else torch.float32
+    values = _as_rows(values, "values", 2).to(dtype)  # same dtype as logit_lens returns
+    if len(labels) != values.shape[1]:
+        raise ValueError(f"got {len(labels)} labels for {values.shape[1]} columns of values")
+    if UNEMBED_BIAS_LABEL not in labels or "embed" not in labels:
+        raise ValueError("labels must be layer_decomposition's (with 'embed' and 'unembed_bias')")
+    column = {label: index for index, label in enumerate(labels)}
+    n_layers = sum(label.endswith("_attn_out") for label in labels)
+    start = values[:, column["embed"]] + values[:, column[UNEMBED_BIAS_LABEL]]
+    if "pos_embed" in column:
+        start = start + values[:, column["pos_embed"]]
+    running, columns = start, [start]
+    for layer in range(n_layers):
+        for kind in ("attn_out", "mlp_out"):
+            label = f"{layer}_{kind}"
+            if label in column:
+                running = running + values[:, column[label]]
+            elif kind == "attn_out":
+                raise ValueError(f"labels have no {label!r}; they must be layer_decomposition's")
+        columns.append(running)
+    lens_labels = [f"{layer}_pre" for layer in range(n_layers)] + ["final_post"]
+    return lens_labels, torch.stack(columns, dim=1)

@@ -149,3 +149,43 @@ def test_circuitsvis_html_is_offline_and_labelled(smollm2):
         attention.circuitsvis_html(smollm2, PAIR[0], layer=30)
     with pytest.raises(ValueError, match=r"heads\[0\]=9 is not a head"):
         attention.circuitsvis_html(smollm2, PAIR[0], layer=0, heads=[9])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Attention to the differing phrase over a task set
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_phrase_attention_over_task_batches(name, request, unprocessed_hf_reference):
+    from mechfin_utils.tasks import align_pairs, load_fair_lending_pairs, make_batches
+
+    model = request.getfixturevalue(name)
+    report = align_pairs(model, load_fair_lending_pairs())
+    chosen = [report.kept[i] for i in (0, 1, 40, 120)]
+    batches = make_batches(model, chosen, max_batch=2)
+    assert len(batches) >= 2  # more than one batch: rows must be joined in batch order
+    reference_model = unprocessed_hf_reference(name)
+    for run, phrase_field in (("clean", "protected_phrase"), ("corrupted", "legitimate_phrase")):
+        result = attention.phrase_attention(model, batches, run=run)
+        assert result.run == run and result.to_phrase.shape == (4, model.cfg.n_layers, model.cfg.n_heads)
+        ordered = [pair for batch in batches for pair in batch.pairs]
+        assert result.pair_ids == [pair.id for pair in ordered] and result.bases == [p.basis for p in ordered]
+        for row, pair in enumerate(ordered):
+            prompt = pair.clean_prompt if run == "clean" else pair.corrupted_prompt
+            phrase = getattr(pair, phrase_field)
+            tokens = model.to_tokens(prompt)
+            # independent position finding: the phrase's tokens are the prompt's tokens after its prefix
+            prefix = model.to_tokens(prompt[: prompt.index(phrase)].rstrip())
+            n_phrase = len(model.tokenizer(" " + phrase, add_special_tokens=False)["input_ids"])
+            assert torch.equal(tokens[0, : prefix.shape[1]], prefix[0]), (pair.id, "prefix splits a token")
+            positions = list(range(prefix.shape[1], prefix.shape[1] + n_phrase))
+            with torch.no_grad():
+                attentions = reference_model(tokens, output_attentions=True).attentions
+            final_row = torch.stack(attentions, dim=1)[0, :, :, -1, :]  # [layer, head, key]
+            torch.testing.assert_close(result.to_phrase[row], final_row[:, :, positions].sum(-1), atol=1e-5, rtol=1e-4)
+            assert float(result.phrase_share[row]) == pytest.approx(n_phrase / tokens.shape[1])
+    with pytest.raises(ValueError, match="run must be"):
+        attention.phrase_attention(model, batches, run="both")
+    with pytest.raises(ValueError, match="no batches"):
+        attention.phrase_attention(model, [], run="clean")

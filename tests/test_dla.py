@@ -406,3 +406,151 @@ def test_bad_inputs_are_named(smollm2):
         dla.head_attribution(smollm2, bad, answers_of(smollm2))
     with pytest.raises(ValueError, match="ln_mode"):
         dla.logit_lens(smollm2, tokens, answers_of(smollm2), ln_mode="fresh")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Summaries over a task set: intervals, head tables, groups, the paper's claims, layer totals
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_layer_totals_reproduce_the_layer_decomposition(case, decomposition, heads):
+    labels, values = dla.layer_totals(heads)
+    want_labels, want_values = decomposition
+    assert labels == want_labels
+    torch.testing.assert_close(values, want_values, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(values.sum(-1), heads.logit_diff, atol=1e-3, rtol=0)
+
+
+def test_accumulated_from_components_is_the_cached_logit_lens(case, decomposition, lenses):
+    labels, values = dla.accumulated_from_components(*decomposition)
+    want_labels, want = lenses["cached"]
+    assert labels == want_labels
+    torch.testing.assert_close(values, want, atol=5e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="layer_decomposition's"):
+        dla.accumulated_from_components(decomposition[0][1:], decomposition[1][:, 1:])
+
+
+def test_term_groups_split_the_logit_difference(case, heads):
+    labels, values = dla.term_groups(heads)
+    assert labels == ["all_heads", "all_mlps", "embeddings", "attention_biases", "unembed_bias"]
+    torch.testing.assert_close(values.sum(-1), heads.logit_diff, atol=1e-3, rtol=0)
+    torch.testing.assert_close(values[:, 0], heads.heads.sum(dim=(1, 2)))
+    mlp_columns = [i for i, label in enumerate(heads.other_labels) if label.endswith("_mlp_out")]
+    torch.testing.assert_close(values[:, 1], heads.other[:, mlp_columns].sum(1))
+    if case.name == "smollm2":  # no biases anywhere
+        assert values[:, 3:].abs().max() < 1e-5  # attn_out minus the heads: float error only
+    if case.name == "gpt2_random_biased":
+        assert values[:, 3].abs().min() > 1e-3  # the b_O terms are real here
+
+
+def test_ci_table_means_intervals_and_signs():
+    from mechfin_utils.stats import bootstrap_ci
+
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(40, generator=generator)
+    values = torch.stack([base + 5.0, base - 5.0, base * 0.01, torch.full((40,), 2.0), base + 7.0], dim=1)
+    table = dla.ci_table(["up", "down", "flat", "constant", "shifted"], values, n_boot=500, seed=3)
+    assert list(table.index) == ["up", "down", "flat", "constant", "shifted"]
+    assert table["mean"].to_numpy() == pytest.approx(values.double().mean(0).numpy(), abs=1e-12)
+    assert (table["n"] == 40).all()
+    assert list(table["sign"]) == ["positive", "negative", "unclear", "positive", "positive"]
+    assert table.loc["constant", "low"] == pytest.approx(2.0) and table.loc["constant", "high"] == pytest.approx(2.0)
+    # rows are resampled jointly: a column shifted by a constant has its interval shifted by that constant
+    assert table.loc["shifted", "low"] - table.loc["up", "low"] == pytest.approx(2.0)
+    assert table.loc["shifted", "high"] - table.loc["up", "high"] == pytest.approx(2.0)
+    alone = bootstrap_ci(values[:, 2].double().numpy(), n_boot=500, seed=3)
+    assert (table.loc["flat", "low"], table.loc["flat", "high"]) == pytest.approx((alone.low, alone.high))
+    with pytest.raises(ValueError, match="3 labels for 5 columns"):
+        dla.ci_table(["a", "b", "c"], values)
+    with pytest.raises(ValueError, match="labels repeat 'a'"):
+        dla.ci_table(["a", "a", "b", "c", "d"], values)
+
+
+def test_paired_ci_table_takes_the_gap_per_pair():
+    generator = torch.Generator().manual_seed(1)
+    shared = 10 * torch.randn(30, 2, generator=generator)  # large, shared by both prompts of a pair
+    clean, corrupted = shared + torch.tensor([0.5, 0.0]), shared.clone()
+    table = dla.paired_ci_table(["moves", "same"], clean, corrupted, n_boot=400)
+    assert table.loc["moves", "gap"] == pytest.approx(0.5) and table.loc["same", "gap"] == pytest.approx(0.0)
+    # paired: the shared noise cancels, so the gap's interval is exact while clean's is wide
+    assert table.loc["moves", "gap_low"] == pytest.approx(0.5) and table.loc["moves", "gap_high"] == pytest.approx(0.5)
+    assert table.loc["moves", "clean_high"] - table.loc["moves", "clean_low"] > 1.0
+    assert table.loc["same", "clean"] == pytest.approx(float(shared[:, 1].double().mean()))
+    with pytest.raises(ValueError, match="must be paired"):
+        dla.paired_ci_table(["moves", "same"], clean, corrupted[:-1])
+
+
+def test_head_labels_parse_and_select():
+    values = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)
+    labels = dla.head_labels(3, 4)
+    assert labels[:5] == ["0.0", "0.1", "0.2", "0.3", "1.0"] and len(labels) == 12
+    flat = values.reshape(2, -1)
+    picked = dla.select_heads(values, ["2.1", "0.3"])
+    torch.testing.assert_close(picked, flat[:, [labels.index("2.1"), labels.index("0.3")]].double())
+    assert dla.parse_head("10.7") == (10, 7)
+    with pytest.raises(ValueError, match="not of the form 'layer.head'"):
+        dla.parse_head("L10H7")
+    with pytest.raises(ValueError, match="layer 3 does not exist"):
+        dla.select_heads(values, ["3.0"])
+    with pytest.raises(ValueError, match="head 4 does not exist"):
+        dla.select_heads(values, ["1.4"])
+
+
+def test_head_table_selects_ranks_and_summarises():
+    means = torch.tensor([[0.1, -0.9, 0.0], [0.6, -0.2, 0.3]])
+    per_prompt = means + torch.tensor([-0.01, 0.01])[:, None, None]  # two prompts around those means
+    extremes = dla.head_table(per_prompt, k=2, order="extremes", n_boot=200)
+    assert list(extremes.index) == ["1.0", "1.2", "1.1", "0.1"]  # most positive first, most negative last
+    assert extremes["mean"].to_numpy() == pytest.approx([0.6, 0.3, -0.2, -0.9])
+    assert list(extremes["layer"]) == [1, 1, 1, 0] and list(extremes["head_index"]) == [0, 2, 1, 1]
+    assert list(extremes["rank"]) == [2, 3, 4, 1]  # by magnitude among all six heads
+    positive = dla.head_table(per_prompt, k=3, order="positive", n_boot=200)
+    assert list(positive.index) == ["1.0", "1.2", "0.0"] and list(positive["rank"]) == [1, 2, 3]
+    chosen = dla.head_table(per_prompt, ["0.2", "0.1"], order="negative", n_boot=200)
+    assert list(chosen.index) == ["0.2", "0.1"] and list(chosen["rank"]) == [3, 1]  # 0.0 ranks after -0.9, -0.2
+    assert (chosen["low"] <= chosen["mean"]).all() and (chosen["mean"] <= chosen["high"]).all()
+    with pytest.raises(ValueError, match="order must be"):
+        dla.head_table(per_prompt, order="largest")
+    with pytest.raises(ValueError, match="k must be"):
+        dla.head_table(per_prompt, k=4, order="extremes")
+
+
+def test_grouped_ci_table_per_group_with_a_single_prompt_group():
+    values = torch.tensor([[1.0, 10.0], [3.0, 30.0], [5.0, 50.0], [7.0, 70.0], [100.0, -1.0]])
+    groups = ["race", "race", "age", "age", "sex"]
+    table = dla.grouped_ci_table(["a", "b"], values, groups, n_boot=300)
+    assert list(table.columns) == ["group", "component", "n", "mean", "low", "high", "sign"]
+    grid = table.pivot(index="group", columns="component", values="mean")
+    assert grid.loc["race", "a"] == pytest.approx(2.0) and grid.loc["age", "b"] == pytest.approx(60.0)
+    assert grid.loc["sex", "a"] == pytest.approx(100.0)
+    single = table[table["group"] == "sex"]
+    assert (single["n"] == 1).all() and single["low"].isna().all() and (single["sign"] == "unclear").all()
+    race_a = table[(table["group"] == "race") & (table["component"] == "a")].iloc[0]
+    assert 1.0 <= race_a["low"] <= race_a["high"] <= 3.0 and race_a["n"] == 2
+    with pytest.raises(ValueError, match="3 groups for 5 rows"):
+        dla.grouped_ci_table(["a", "b"], values, groups[:3])
+
+
+def test_compare_with_paper_reads_the_intervals():
+    import pandas as pd
+
+    table = pd.DataFrame(
+        {"mean": [0.5, -0.4, 0.1, 0.3], "low": [0.2, -0.6, -0.1, 0.1], "high": [0.8, -0.1, 0.3, 0.5],
+         "rank": [1, 2, 4, 3]},
+        index=["2_mlp_out", "4_mlp_out", "10_mlp_out", "0_attn_out"],
+    )
+    compared = dla.compare_with_paper(table, dla.PAPER_GPT2_LAYER_CLAIMS)
+    assert list(compared.index) == ["2_mlp_out", "4_mlp_out", "10_mlp_out", "0_attn_out"]
+    assert list(compared["paper"]) == ["positive", "positive", "negative", "negative"]
+    assert list(compared["verdict"]) == ["agrees", "opposite", "unclear", "opposite"]
+    assert list(compared["rank"]) == [1, 2, 4, 3] and compared.loc["2_mlp_out", "this_run"] == 0.5
+    with pytest.raises(KeyError, match="'11.4' is not in the table"):
+        dla.compare_with_paper(table, {"11.4": "positive"})
+
+
+def test_component_display_names():
+    assert [dla.component_display_name(x) for x in ["embed", "pos_embed", "3_attn_out", "11_mlp_out", "unembed_bias"]] == [
+        "embed", "pos embed", "attn 3", "MLP 11", "unembed bias"
+    ]
+    with pytest.raises(ValueError, match="not a component label"):
+        dla.component_display_name("3_attn_bias")

@@ -12,6 +12,8 @@ from __future__ import annotations
 import itertools
 from types import SimpleNamespace
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -433,3 +435,235 @@ def test_bad_inputs_are_named(smollm2):
         P.mlp_answer_contributions(smollm2, tokens[0], torch.tensor([1, 2]))
     ids, multi = P.token_set_ids(smollm2, [" Yes", " Yesterday's"])
     assert ids == [smollm2.single_token_id(" Yes")] and multi == [" Yesterday's"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Task-set helpers (notebook 07)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_logit_lens_trajectories_match_the_unprocessed_model(case):
+    """Every prompt's answer ranks, probabilities and top token at each layer, against the unprocessed model's
+    hidden states through its own final norm and lm_head."""
+    model, raw = case.model, case.raw
+    found = P.logit_lens_trajectories(model, case.tokens, case.answers)  # [2] answers, broadcast to the batch
+    n = model.cfg.n_layers
+    assert found.answer_ranks.shape == (2, n + 1, 2) and found.top1.shape == (2, n + 1)
+    for layer in (0, 1, n // 2, n):
+        with torch.no_grad():  # HF's last hidden state is already normed, so the output layer uses the logits
+            ref = raw.logits[:, -1] if layer == n else raw.hf.lm_head(raw.final_norm(raw.hidden[layer][:, -1]))
+        for row in range(2):
+            assert found.answer_ranks[row, layer].tolist() == ranks_of(ref[row], case.answers.tolist()), layer
+            assert int(found.top1[row, layer]) == int(ref[row].argmax()), layer
+        torch.testing.assert_close(found.answer_probs[:, layer], ref.softmax(-1)[:, case.answers], rtol=1e-3, atol=1e-6)
+    assert torch.equal(found.agrees_with_final, (found.top1 == found.top1[:, -1:]).float())
+    prefers_yes = found.answer_ranks[..., 0] < found.answer_ranks[..., 1]
+    assert torch.equal(found.choice_agrees_with_final, (prefers_yes == prefers_yes[:, -1:]).float())
+    assert bool((found.choice_agrees_with_final[:, -1] == 1).all())
+    # per-row answer pairs: swapping row 1's pair swaps its rank columns and leaves row 0 alone
+    per_row = P.logit_lens_trajectories(model, case.tokens, torch.stack([case.answers, case.answers.flip(0)]))
+    assert torch.equal(per_row.answer_ranks[0], found.answer_ranks[0])
+    assert torch.equal(per_row.answer_ranks[1], found.answer_ranks[1].flip(-1))
+    with pytest.raises(ValueError, match="answer_tokens"):
+        P.logit_lens_trajectories(model, case.tokens, torch.tensor([1, model.cfg.d_vocab]))
+
+
+def test_logit_lens_agreement_by_prompt_against_the_unprocessed_model(case):
+    model, raw = case.model, case.raw
+    by_prompt = P.logit_lens_agreement_by_prompt(model, case.tokens, "all")
+    start = 1 if model.prepend_bos else 0
+    n_pos = case.tokens.shape[1] - start
+    assert by_prompt.n_positions.tolist() == [n_pos, n_pos]
+    final_lp = raw.logits[:, start:].log_softmax(-1)
+    layer = 2
+    with torch.no_grad():
+        lp = raw.hf.lm_head(raw.final_norm(raw.hidden[layer][:, start:])).log_softmax(-1)
+    agree = (lp.argmax(-1) == final_lp.argmax(-1)).float().mean(-1)  # per prompt
+    kl = (final_lp.exp() * (final_lp - lp)).sum(-1).mean(-1)
+    torch.testing.assert_close(by_prompt.top1_agreement[:, layer], agree)
+    torch.testing.assert_close(by_prompt.kl_to_final[:, layer], kl, rtol=1e-3, atol=1e-4)
+    last = P.logit_lens_agreement_by_prompt(model, case.tokens, "last")  # same as the trajectories' top-1 check
+    trajectories = P.logit_lens_trajectories(model, case.tokens, case.answers)
+    assert torch.equal(last.top1_agreement, trajectories.agrees_with_final)
+
+
+def test_collect_over_batches_joins_batches_in_order(smollm2):
+    from mechfin_utils import dla
+
+    tokens = smollm2.to_tokens(list(PROMPTS))
+    answers = torch.tensor([[smollm2.single_token_id(" Yes"), smollm2.single_token_id(" No")]] * 2)
+    batches = [
+        SimpleNamespace(
+            clean_tokens=tokens[i : i + 1], corrupted_tokens=tokens[1 - i : 2 - i], answer_tokens=answers[i : i + 1]
+        )
+        for i in range(2)
+    ]
+    got = P.collect_over_batches(P.lens_and_mlp_readout, smollm2, batches)  # NamedTuple of NamedTuples
+    whole = P.mlp_answer_contributions(smollm2, tokens, answers)  # the separate functions on the whole batch
+    lens = P.logit_lens_trajectories(smollm2, tokens, answers)
+    torch.testing.assert_close(got["clean"].mlp.final_norm_scaled, whole.final_norm_scaled, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got["corrupted"].mlp.unscaled, whole.unscaled.flip(0), rtol=1e-4, atol=1e-4)
+    assert torch.equal(got["clean"].lens.answer_ranks, lens.answer_ranks)
+    assert torch.equal(got["corrupted"].lens.top1, lens.top1.flip(0))
+    acts = P.collect_over_batches(P.mlp_activations_last, smollm2, batches, ("clean",), pass_answer_tokens=False)
+    assert list(acts) == ["clean"]
+    torch.testing.assert_close(acts["clean"], P.mlp_activations_last(smollm2, tokens), rtol=1e-4, atol=1e-5)
+    effects = P.collect_over_batches(P.neuron_scores, smollm2, batches, ("corrupted",), method="direct_effect")
+    torch.testing.assert_close(
+        effects["corrupted"], P.neuron_scores(smollm2, tokens.flip(0), "direct_effect", answers), rtol=1e-4, atol=1e-4
+    )
+    heads = P.collect_over_batches(dla.head_attribution, smollm2, batches, ("clean",))["clean"]
+    expected = dla.head_attribution(smollm2, tokens, answers).logit_diff
+    torch.testing.assert_close(heads.logit_diff, expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="runs"):
+        P.collect_over_batches(P.mlp_activations_last, smollm2, batches, ("dirty",), pass_answer_tokens=False)
+    with pytest.raises(ValueError, match="no batches"):
+        P.collect_over_batches(P.mlp_activations_last, smollm2, [], pass_answer_tokens=False)
+    with pytest.raises(TypeError, match="dict"):
+        P.collect_over_batches(lambda model, tokens, answer_tokens: {"x": 1}, smollm2, batches)
+
+
+def test_geometric_mean_ci_is_the_bootstrap_of_log_values():
+    from mechfin_utils.stats import bootstrap_ci
+
+    values = torch.tensor([[1.0, 10.0], [100.0, 10.0], [10.0, 1000.0], [1000.0, 1.0]])
+    result = P.geometric_mean_ci(values, n_boot=300, seed=3)
+    expected = torch.exp(values.double().log().mean(0))  # (1*100*10*1000)^(1/4) and (10*10*1000*1)^(1/4)
+    np.testing.assert_allclose(result.estimate, expected.numpy(), rtol=1e-9)
+    on_logs = bootstrap_ci(np.log10(values.numpy().astype(np.float64)), n_boot=300, seed=3)
+    np.testing.assert_allclose(result.low, 10.0 ** on_logs.low, rtol=1e-9)
+    np.testing.assert_allclose(result.high, 10.0 ** on_logs.high, rtol=1e-9)
+    single = P.geometric_mean_ci(values[:, 0], n_boot=300, seed=3)
+    assert isinstance(single.estimate, float) and single.estimate == pytest.approx(float(expected[0]))
+    with pytest.raises(ValueError, match=r"values\[2, 1\]"):
+        P.geometric_mean_ci(torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 0.0]]))
+
+
+def test_answer_rank_bands_name_runs_and_answers():
+    ranks = torch.tensor([[[1, 5], [2, 6]], [[3, 5], [4, 6]], [[9, 5], [8, 6]]])  # [batch 3, layer 2, answers 2]
+    traj = P.LensTrajectories(ranks, answer_probs=torch.zeros(3, 2, 2), top1=torch.zeros(3, 2, dtype=torch.long))
+    bands = P.answer_rank_bands({"clean": traj}, (" Yes", " No"), n_boot=50, seed=0)
+    assert list(bands) == ["Yes · clean", "No · clean"]
+    np.testing.assert_allclose(bands["Yes · clean"].estimate, [27 ** (1 / 3), 64 ** (1 / 3)], rtol=1e-9)
+    np.testing.assert_allclose(bands["No · clean"].estimate, [5, 6], rtol=1e-9)
+    np.testing.assert_allclose(bands["No · clean"].low, [5, 6], rtol=1e-9)  # no spread, no width
+
+
+def test_readable_tokens_and_wide_tables():
+    assert P.readable_token(" Yes") == "␣Yes" and P.readable_token("\n\n") == "\\n\\n"
+    assert P.readable_token("") == "''"
+    tidy = pd.DataFrame({"layer": [0, 0, 1, 1], "rank": [1, 2, 1, 2], "token": [" a", "b\n", "c", " "]})
+    wide = P.token_table(tidy, "layer")
+    assert wide.loc[0].tolist() == ["␣a", "b\\n"] and wide.loc[1].tolist() == ["c", "␣"]
+    with pytest.raises(ValueError, match="more than one"):
+        P.token_table(pd.concat([tidy, tidy.iloc[:1]]), "layer")
+    with pytest.raises(ValueError, match="lacks columns"):
+        P.token_table(tidy, "prompt")
+    lens = P.LogitLensTokens(
+        model_name="fake", prompt="p", answers=(" Yes", " No"), answer_ids=(1, 2), top_tokens=tidy,
+        answer_ranks=torch.tensor([[4, 7], [1, 3]]), answer_probs=torch.zeros(2, 2),
+    )
+    table = P.lens_table(lens)
+    assert list(table.columns) == ["top 1", "top 2", "rank of ␣Yes", "rank of ␣No"]
+    assert table["rank of ␣No"].tolist() == [7, 3]
+    shown = P.readable_columns(pd.DataFrame({"source_token": [" x"], "output_token": ["\n"], "score": [1.0]}))
+    assert shown.iloc[0].tolist() == ["␣x", "\\n", 1.0]
+
+
+def _fake_model(n_layers=3, n_heads=4):
+    return SimpleNamespace(name="fake", cfg=SimpleNamespace(n_layers=n_layers, n_heads=n_heads))
+
+
+def test_named_heads_table_means_intervals_and_ranks():
+    from mechfin_utils.stats import bootstrap_ci
+
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randn(6, 3, 4, generator=gen)
+    values[:, 2, 1] += 5.0  # the largest |mean|
+    values[:, 0, 3] -= 3.0  # the second largest
+    table = P.named_heads_table(values, ["0.3", "2.1", "1.0"], _fake_model(), n_boot=100, seed=1)
+    assert table["head"].tolist() == ["0.3", "2.1", "1.0"]
+    mean = values.double().mean(0)
+    assert table["mean"].tolist() == pytest.approx([float(mean[0, 3]), float(mean[2, 1]), float(mean[1, 0])])
+    assert table["rank_by_abs"].tolist()[:2] == [2, 1]
+    ranks_by_hand = 1 + int((mean.abs() > mean[1, 0].abs()).sum())
+    assert table["rank_by_abs"].iloc[2] == ranks_by_hand
+    ci = bootstrap_ci(values.double().numpy(), n_boot=100, seed=1)
+    assert table["low"].iloc[1] == pytest.approx(ci.low[2, 1]) and table["high"].iloc[0] == pytest.approx(ci.high[0, 3])
+    with pytest.raises(ValueError, match=r"layer of head '3.0'"):
+        P.named_heads_table(values, ["3.0"], _fake_model())
+    with pytest.raises(ValueError, match="not of the form"):
+        P.named_heads_table(values, ["1-2"], _fake_model())
+    with pytest.raises(ValueError, match="layers x heads"):
+        P.named_heads_table(values, ["0.0"], _fake_model(n_heads=5))
+
+
+@pytest.mark.parametrize("layer,head", [(2, 4)])
+def test_ov_answer_scores_match_brute_force_on_unprocessed_weights(case, layer, head):
+    model, raw = case.model, case.raw
+    src = list(range(500, 540))
+    _, _, W_V, W_O, gain, norm = raw.head_weights(layer, head)
+    E = raw.normalise(raw.body.wte.weight.detach() if raw.is_gpt2 else raw.body.embed_tokens.weight.detach(), norm)
+    written = raw.centre((E[src] * gain) @ W_V @ W_O) * raw.gain
+    expected = written @ (raw.lm_head[case.answers[0]] - raw.lm_head[case.answers[1]])  # vocab centring cancels
+    table = P.ov_answer_scores(model, layer, head, src, ANSWERS)
+    assert table["source_id"].tolist() == src
+    torch.testing.assert_close(torch.tensor(table["score"].tolist()), expected, rtol=1e-3, atol=1e-3)
+    grouped = P.ov_answer_push_by_group(model, [f"{layer}.{head}"], {"b": src[20:], "a": src[:20]}, ANSWERS, n_boot=50)
+    assert grouped["group"].tolist() == ["b", "a"] and grouped["n"].tolist() == [20, 20]
+    means = [float(expected[20:].mean()), float(expected[:20].mean())]
+    assert grouped["estimate"].tolist() == pytest.approx(means, rel=1e-3)
+    with pytest.raises(ValueError, match="at least 2"):
+        P.ov_answer_push_by_group(model, [f"{layer}.{head}"], {"lonely": src[:1]}, ANSWERS)
+
+
+def test_phrase_vocabulary_and_prompt_word_ids(smollm2):
+    pairs = [
+        SimpleNamespace(id="p1", protected_phrase="because she is Black", legitimate_phrase="because of bad credit"),
+        SimpleNamespace(id="p2", protected_phrase="because he is Muslim", legitimate_phrase="because of his debts"),
+    ]
+    vocab = P.phrase_vocabulary(smollm2, pairs)
+    assert P.decode_each(smollm2, vocab.protected_only) == [" she", " is", " Black", " he", " Muslim"]
+    assert P.decode_each(smollm2, vocab.legitimate_only) == [" of", " bad", " credit", " his", " debts"]
+    assert P.decode_each(smollm2, vocab.shared) == [" because"]
+    with pytest.raises(ValueError, match=r"pairs\[1\] \(p3\) has no legitimate_phrase"):
+        P.phrase_vocabulary(smollm2, pairs[:1] + [SimpleNamespace(id="p3", protected_phrase="x", legitimate_phrase="")])
+    words = P.prompt_word_ids(smollm2, ["Is this a fair-lending violation? Answer:", "Is this fair?"])
+    assert P.decode_each(smollm2, words) == ["Is", " this", " fair", "ending", " violation", " Answer"]
+
+
+def test_coherence_sides_baselines_and_percentiles(smollm2):
+    W_U = P.unembedding(smollm2)
+    bottom = P.neuron_token_coherence(smollm2, [(5, 10), (5, 10)], k=6, sides=["bottom", "top"])
+    ids = (-smollm2.bridge.blocks[5].mlp.W_out[10].detach() @ W_U).topk(6).indices  # the most lowered tokens
+    assert bottom["top_tokens"].iloc[0] == P.decode_each(smollm2, ids) and bottom["side"].tolist() == ["bottom", "top"]
+    assert bottom["coherence"].iloc[0] == pytest.approx(P.mean_pairwise_cosine(W_U[:, ids].T), abs=1e-6)
+    with pytest.raises(ValueError, match=r"sides\[0\]"):
+        P.neuron_token_coherence(smollm2, [(5, 10)], sides=["left"])
+    # random neurons: the same draws read one by one give the same numbers
+    drawn = P.random_neuron_coherence(smollm2, k=5, n_samples=4, seed=2, layers=[3, 7])
+    gen = torch.Generator().manual_seed(2)
+    layers = torch.tensor([3, 7])[torch.randint(2, (4,), generator=gen)]
+    neurons = torch.randint(smollm2.cfg.d_mlp, (4,), generator=gen)
+    by_hand = P.neuron_token_coherence(smollm2, list(zip(layers.tolist(), neurons.tolist())), k=5)
+    assert drawn.tolist() == pytest.approx(by_hand["coherence"].tolist(), abs=1e-6)
+    # percentiles against a known baseline: 0.1 has one draw below and one tie among 0.0 ... 0.9
+    toy = torch.arange(10, dtype=torch.float64) / 10
+    table = P.coherence_against_baseline(pd.DataFrame({"coherence": [0.1, 0.95]}), toy, "toy")
+    assert table["toy_percentile"].tolist() == pytest.approx([15.0, 100.0])
+    assert table["above_toy_95"].tolist() == [False, True] and table["toy_95th"].iloc[0] == pytest.approx(0.855)
+    with pytest.raises(ValueError, match="'coherence' column"):
+        P.coherence_against_baseline(pd.DataFrame({"x": [1.0]}), torch.arange(3.0))
+
+
+def test_pair_value_frame_feeds_the_per_basis_table():
+    from mechfin_utils.baseline import per_group_table
+
+    pairs = [SimpleNamespace(id=f"p{i}", basis="race" if i < 3 else "age", template_id="T1") for i in range(5)]
+    clean, corrupted = torch.tensor([1.0, 2.0, 3.0, 4.0, 6.0]), torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0])
+    frame = P.pair_value_frame(pairs, clean, corrupted)
+    assert frame["gap"].tolist() == [1.0, 2.0, 2.0, 3.0, 5.0]
+    table = per_group_table(frame, "basis", n_boot=50)
+    assert table.loc["race", "clean"] == pytest.approx(2.0) and table.loc["age", "gap"] == pytest.approx(4.0)
+    with pytest.raises(ValueError, match="5 pairs but 4 clean"):
+        P.pair_value_frame(pairs, clean[:4], corrupted)

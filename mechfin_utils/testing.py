@@ -66,6 +66,32 @@ def write_gpt2_checkpoint(folder: Path, seed: int = 0, n_layer: int = 12) -> Pat
     return folder
 
 
+def roughen_gpt2_checkpoint(folder: Path, seed: int = 1, weight_scale: float = 3.0, spread: float = 0.3) -> Path:
+    """Make a random GPT-2 checkpoint (from :func:`write_gpt2_checkpoint`) behave less like a fresh init.
+
+    Freshly initialised GPT-2 has every bias 0, every LayerNorm gain 1, near-uniform attention and almost
+    the same output whatever the prompt. Code that mishandles biases or folded LayerNorms passes on it
+    unnoticed, and a patching metric normalised by the clean-corrupted gap divides by ~0. This draws biases
+    (std ``spread``) and LayerNorm gains (1 +- ``spread``) at random and scales every weight matrix by
+    ``weight_scale`` (init std 0.02 -> 0.06 by default): heads are peaked, prompts give different answers.
+    Still random weights: numbers from it test code, never GPT-2.
+    """
+    from safetensors.torch import load_file, save_file
+
+    path = Path(folder) / "model.safetensors"
+    weights = load_file(path)
+    generator = torch.Generator().manual_seed(seed)
+    for name, value in weights.items():
+        if name.endswith(".bias") and value.ndim == 1:
+            weights[name] = spread * torch.randn(value.shape, generator=generator)
+        elif ".ln_" in name and name.endswith(".weight"):
+            weights[name] = 1 + spread * torch.randn(value.shape, generator=generator)
+        elif value.ndim == 2:
+            weights[name] = weight_scale * value
+    save_file(weights, path, metadata={"format": "pt"})
+    return Path(folder)
+
+
 def write_gpt2_hf_cache(hf_home: Path, seed: int = 0, repo_ids: tuple[str, ...] = ("gpt2",)) -> Path:
     """Lay out a Hugging Face cache under ``hf_home`` holding a random-weight GPT-2 for each repo id.
 

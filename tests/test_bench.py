@@ -1,0 +1,90 @@
+"""``make bench`` end to end on a tiny model, and its FLOP floor on a case with a known answer."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from mechfin_utils import bench, patching
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory):
+    """A 2-layer GPT-2-shape model with random weights (bench material; never GPT-2's numbers)."""
+    import os
+
+    previous = os.environ.get("MECHFIN_CACHE")
+    os.environ["MECHFIN_CACHE"] = str(tmp_path_factory.mktemp("mechfin-cache"))
+    try:
+        yield bench.load_bench_model("gpt2-shape", gpt2_layers=2)
+    finally:
+        if previous is None:
+            os.environ.pop("MECHFIN_CACHE", None)
+        else:
+            os.environ["MECHFIN_CACHE"] = previous
+
+
+def test_floor_of_a_last_token_difference_is_one_row_per_later_layer(tiny_gpt2):
+    """Prompts that differ only in their last token: a resid_pre patch at layer L can change only the last
+    row, in layers L..n-1, so the floor is sum over L of (n - L) rows of full block cost at n_pos keys."""
+    model, _ = tiny_gpt2
+    fm = patching.functional_model(model)
+    corrupted = model.to_tokens(["The loan was denied because of bad credit. Illegal?"] * 3)
+    clean = corrupted.clone()
+    clean[:, -1] = (clean[:, -1] + 1) % model.cfg.d_vocab
+    n_layers, n_pos = fm.n_layers, corrupted.shape[1]
+    cost = fm.flops_per_row(n_pos)
+    per_row = cost["kv"] + cost["rest"]
+    expected = 3 * sum(n_layers - layer for layer in range(n_layers)) * per_row
+    assert bench.floor_flops(fm, "resid_pre", clean, corrupted) == expected
+    assert bench.floor_flops(fm, "resid_pre", corrupted, corrupted) == 0  # nothing differs: nothing to compute
+
+
+def test_bench_runs_and_writes_its_table(tiny_gpt2, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "load_bench_model", lambda name, layers=2: tiny_gpt2)
+    code = bench.main(["--models", "gpt2-shape", "--components", "resid_pre,attn_head_out_by_pos",
+                       "--batch", "2", "--tl-cells", "3", "--out", str(tmp_path)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| GPT-2-shape (2 layers), random weights | attn_head_out_by_pos |" in printed
+    result = json.loads((tmp_path / "latest.json").read_text())
+    table_rows = [line for line in (tmp_path / "latest.md").read_text().splitlines() if line.startswith("| GPT-2-shape")]
+    assert len(table_rows) == 2
+    rows = {row["component"]: row for row in result["rows"]}
+    assert set(rows) == {"resid_pre", "attn_head_out_by_pos"}
+    for row in rows.values():
+        assert row["tl_cells_run"] == 3 and row["tl_extrapolated"]
+        assert row["max_abs_diff"] <= 1e-4  # the same numbers as TransformerLens on the cells it ran
+        assert row["mechfin_seconds"] > 0 and row["floor_seconds"] > 0 and row["speedup"] > 0
+    assert rows["attn_head_out_by_pos"]["cells"] == 2 * rows["resid_pre"]["n_pos"] * 12
+
+
+def test_bench_refuses_components_without_a_transformer_lens_twin(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--components", "resid_pre_all_pos"])
+    assert "no TransformerLens counterpart" in capsys.readouterr().err
+
+
+def test_peak_memory_sees_a_large_allocation():
+    """In a fresh process (as in the bench, the mmap threshold is pinned before anything big is allocated;
+    in a long-lived process freed heap chunks are reused without growing the resident set)."""
+    script = textwrap.dedent("""
+        import time, torch
+        from mechfin_utils import bench
+        bench.pin_malloc_to_mmap()
+        with bench.PeakMemory() as memory:
+            block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+            block.add_(1)
+            time.sleep(0.05)  # the sampler runs every 2 ms
+            del block
+        print(memory.peak)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()[-1]
+    if out == "None":
+        pytest.skip("no /proc here: resident memory cannot be read")
+    assert 48 * 2**20 <= int(out) <= 200 * 2**20

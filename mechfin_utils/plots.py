@@ -311,6 +311,35 @@ def line_with_band(
     return fig
 
 
+def lines(
+    x: Sequence[Any] | Float[ArrayLike, "points"],
+    series: Mapping[str, Float[ArrayLike, "points"]],
+    *,
+    model,
+    title: str,
+    x_title: str = "",
+    y_title: str = "",
+    reference: float | None = 0.0,
+    markers_only: bool = False,
+    width: int | None = None,
+    height: int | None = None,
+) -> go.Figure:
+    """One line (or marker series) per entry of ``series``, all over the same ``x``: e.g. a score per input
+    for the full model and for an ablated one. No intervals: use :func:`line_with_band` when there are."""
+    if not series:
+        raise ValueError("series is empty: give at least one {name: values}")
+    xs = list(x.tolist() if hasattr(x, "tolist") else x)
+    fig = go.Figure()
+    for name, values in series.items():
+        ys = as_float_array(values, f"series[{name!r}]", ndim=1)
+        if ys.shape[0] != len(xs):
+            raise ValueError(f"series[{name!r}] has {ys.shape[0]} values for {len(xs)} x positions")
+        fig.add_trace(go.Scatter(x=xs, y=ys, name=str(name), mode="markers" if markers_only else "lines+markers"))
+    _reference_line(fig, reference)
+    return _layout(fig, model=model, title=title, x_title=x_title, y_title=y_title, width=width or DEFAULT_WIDTH,
+                   height=height or DEFAULT_HEIGHT)
+
+
 def grouped_bars(
     categories: Sequence[Any],
     values: Mapping[str, Float[ArrayLike, "categories"]],

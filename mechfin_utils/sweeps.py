@@ -121,12 +121,24 @@ def raw_shift_sweep(model, batch, component: str, **kwargs) -> Tensor:
     """Patching with the *raw* logit-difference shift (patched - corrupted run), per prompt ``[*axes, batch]``.
 
     For the counterfactual decision family, where the two prompts may score almost the same and the
-    normalised metric (which divides by that gap) is undefined or explosive.
+    normalised metric (which divides by that gap) is undefined or explosive. Computed from the per-prompt
+    logit differences of the fast path (two answer logits per patch); only when the two prompts' mean
+    logit differences are exactly equal (no normalisation can be built) does it fall back to a metric
+    callable on the full final-position logits.
     """
     answers = batch.answer_tokens
     with torch.no_grad():
-        corrupted_logits = model.bridge(batch.corrupted_tokens)[:, -1]
-    base = corrupted_logits.gather(1, answers)
+        clean_logits = model.bridge(batch.clean_tokens)
+        corrupted_logits = model.bridge(batch.corrupted_tokens)
+    try:
+        metric = NormalisedLogitDiff(clean_logits, corrupted_logits, answers)
+    except ValueError:
+        metric = None
+    if metric is not None:
+        sweep = activation_patch(model, batch.clean_tokens, batch.corrupted_tokens, metric, component,
+                                 return_per_prompt=True, **kwargs)
+        return sweep.logit_diff - sweep.corrupted_logit_diff
+    base = corrupted_logits[:, -1].gather(1, answers)
     base = base[:, 0] - base[:, 1]
 
     def shift(logits: Tensor) -> Tensor:
@@ -134,3 +146,40 @@ def raw_shift_sweep(model, batch, component: str, **kwargs) -> Tensor:
         return picked[:, 0] - picked[:, 1] - base
 
     return activation_patch(model, batch.clean_tokens, batch.corrupted_tokens, shift, component, reduce="none", **kwargs)
+
+
+def group_shift_table(
+    sweep: PatchSweep, groups: Sequence[str], cells: Sequence[tuple[int, ...]], labels: Sequence[str] | None = None
+) -> pd.DataFrame:
+    """Per group of prompts (e.g. prohibited basis): the clean - corrupted gap and each chosen cell's restoration,
+    both in raw logits.
+
+    A normalised value per group would divide by that group's own clean - corrupted gap, which for a handful
+    of prompts of a model that barely separates them can be ~0 or negative: the ratio explodes or flips sign.
+    So this reports the two numbers it would be made of. ``shift[cell]`` is the mean over the group of
+    ``patched - corrupted`` logit difference for that cell; compare it with ``gap`` (a cell that restores
+    the whole clean behaviour has ``shift == gap``).
+
+    Args:
+        groups: one label per prompt of the sweep, in its order (``[p.basis for b in batches for p in b.pairs]``).
+        cells: indices into the sweep's axes, e.g. ``(layer, head)`` for ``attn_head_out_all_pos``.
+        labels: column names for the cells (default ``"a.b"``).
+    """
+    n = int(sweep.clean_logit_diff.shape[0])
+    if len(groups) != n:
+        raise ValueError(f"groups has {len(groups)} labels for a sweep over {n} prompts")
+    labels = [".".join(str(int(i)) for i in cell) for cell in cells] if labels is None else list(labels)
+    if len(labels) != len(cells):
+        raise ValueError(f"{len(labels)} labels for {len(cells)} cells")
+    for cell in cells:
+        if len(cell) != sweep.logit_diff.ndim - 1 or any(not 0 <= int(i) < size for i, size in zip(cell, sweep.logit_diff.shape)):
+            raise IndexError(f"cell {tuple(cell)} is not an index of the sweep's axes {sweep.axes} {tuple(sweep.logit_diff.shape[:-1])}")
+    rows = []
+    for group in sorted(set(groups)):
+        idx = torch.tensor([i for i, g in enumerate(groups) if g == group])
+        corrupted = sweep.corrupted_logit_diff[idx]
+        row = {"group": group, "n": len(idx), "gap": float((sweep.clean_logit_diff[idx] - corrupted).mean())}
+        for label, cell in zip(labels, cells):
+            row[label] = float((sweep.logit_diff[tuple(int(i) for i in cell)][idx] - corrupted).mean())
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("group")

@@ -588,6 +588,13 @@ class TaskBatch:
     def tokens_b(self) -> Int[Tensor, "batch pos"]:
         return self.corrupted_tokens
 
+    def head(self, n: int) -> "TaskBatch":
+        """The first ``n`` pairs of this batch (all of them when it has fewer), e.g. to bound a sweep's cost."""
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"n must be a positive integer, got {n!r}")
+        return TaskBatch(self.clean_tokens[:n], self.corrupted_tokens[:n], self.answer_tokens[:n], self.pairs[:n],
+                         self.str_tokens)
+
     @property
     def batch_size(self) -> int:
         return int(self.clean_tokens.shape[0])

@@ -379,3 +379,19 @@ def test_grouped_bars():
         plots.grouped_bars(["a"], {"clean": [1.0]}, lows={"clean": [0.0]}, model=MODEL, title="t")
     with pytest.raises(ValueError, match=r"values\['corrupted'\] has 1 entries for 2 categories"):
         plots.grouped_bars(["a", "b"], {"clean": [1.0, 2.0], "corrupted": [1.0]}, model=MODEL, title="t")
+
+
+def test_lines_one_trace_per_series_and_errors():
+    from types import SimpleNamespace
+
+    from mechfin_utils import plots
+
+    model = SimpleNamespace(name="Toy")
+    fig = plots.lines([2, 5, 9], {"full": [0.1, 0.5, 0.9], "ablated": [0.0, -0.2, 0.3]}, model=model, title="Score by year")
+    assert "Toy" in fig.layout.title.text
+    assert [t.name for t in fig.data] == ["full", "ablated"]
+    assert list(fig.data[1].y) == [0.0, -0.2, 0.3] and list(fig.data[0].x) == [2, 5, 9]
+    with pytest.raises(ValueError, match="series\\['full'\\] has 2 values for 3"):
+        plots.lines([2, 5, 9], {"full": [0.1, 0.5]}, model=model, title="t")
+    with pytest.raises(ValueError, match="empty"):
+        plots.lines([1], {}, model=model, title="t")

@@ -7,7 +7,8 @@ import torch
 
 from mechfin_utils.metrics import NormalisedLogitDiff
 from mechfin_utils.patching import activation_patch
-from mechfin_utils.sweeps import SweepSummary, bootstrap_sweep, rank_cells, raw_shift_sweep, sweep_batches
+from mechfin_utils.patching import PatchSweep
+from mechfin_utils.sweeps import SweepSummary, bootstrap_sweep, group_shift_table, rank_cells, raw_shift_sweep, sweep_batches
 from mechfin_utils.tasks import TaskBatch, align_pairs, largest_template_batch, load_fair_lending_pairs
 
 
@@ -70,3 +71,19 @@ def test_raw_shift_endpoints(smollm2, template_batch):
         corrupted = smollm2.bridge(template_batch.corrupted_tokens)[:, -1].gather(1, template_batch.answer_tokens)
     expected = (clean[:, 0] - clean[:, 1]) - (corrupted[:, 0] - corrupted[:, 1])
     assert torch.allclose(shift[0], expected, atol=1e-4)
+
+
+def test_group_shift_table_by_hand():
+    # 3 prompts, a [2 layers, 1 head] sweep; prompts 0 and 2 are group "a", prompt 1 group "b".
+    clean = torch.tensor([2.0, 1.0, 4.0])
+    corrupted = torch.tensor([0.0, 0.5, 1.0])
+    patched = torch.tensor([[[1.0, 0.5, 2.0]], [[0.0, 1.0, 1.0]]])  # [layer, head, batch]
+    sweep = PatchSweep(torch.zeros(2, 1), patched, clean, corrupted, ("layer", "head"), "k", "m")
+    table = group_shift_table(sweep, ["a", "b", "a"], [(0, 0), (1, 0)])
+    assert list(table.index) == ["a", "b"] and list(table["n"]) == [2, 1]
+    assert table.loc["a", "gap"] == pytest.approx(2.5) and table.loc["b", "gap"] == pytest.approx(0.5)
+    assert table.loc["a", "0.0"] == pytest.approx(1.0) and table.loc["b", "1.0"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="groups has 2 labels"):
+        group_shift_table(sweep, ["a", "b"], [(0, 0)])
+    with pytest.raises(IndexError, match="cell"):
+        group_shift_table(sweep, ["a", "b", "a"], [(2, 0)])

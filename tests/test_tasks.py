@@ -452,3 +452,14 @@ def test_counterfactual_batches_score_approved_against_denied(cf_pairs, smollm2,
         assert b.tokens_a is b.clean_tokens and b.tokens_b is b.corrupted_tokens
         for row, p in enumerate(b.pairs):
             assert b.tokens_b[row].tolist() == _ids(smollm2_tokenizer, p.prompt_b)
+
+
+def test_task_batch_head_keeps_the_first_pairs(smollm2_tokenizer):
+    report = align_pairs(smollm2_tokenizer, load_fair_lending_pairs(), prepend_bos=False)
+    batch = make_batches(smollm2_tokenizer, report, max_batch=6, prepend_bos=False)[0]
+    first = batch.head(2)
+    assert first.batch_size == 2 and first.ids == batch.ids[:2]
+    assert torch.equal(first.clean_tokens, batch.clean_tokens[:2]) and torch.equal(first.answer_tokens, batch.answer_tokens[:2])
+    assert batch.head(100).batch_size == batch.batch_size
+    with pytest.raises(ValueError, match="positive integer"):
+        batch.head(0)

@@ -74,21 +74,10 @@ def gpt2_random_biased_folder(tmp_path_factory) -> Path:
     parameters are random and every weight matrix is scaled by 3 (init std 0.06): attention heads are
     peaked (mean top weight ~0.4) and the test prompts' logit differences differ by ~0.3-0.9.
     """
-    from safetensors.torch import load_file, save_file
-
-    from mechfin_utils.testing import write_gpt2_checkpoint
+    from mechfin_utils.testing import roughen_gpt2_checkpoint, write_gpt2_checkpoint
 
     folder = write_gpt2_checkpoint(tmp_path_factory.mktemp("gpt2-random-biased"), seed=0)
-    weights = load_file(folder / "model.safetensors")
-    generator = torch.Generator().manual_seed(1)
-    for name, value in weights.items():
-        if name.endswith(".bias") and value.ndim == 1:
-            weights[name] = 0.3 * torch.randn(value.shape, generator=generator)
-        elif ".ln_" in name and name.endswith(".weight"):
-            weights[name] = 1 + 0.3 * torch.randn(value.shape, generator=generator)
-        elif value.ndim == 2:
-            weights[name] = 3 * value
-    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    roughen_gpt2_checkpoint(folder, seed=1, weight_scale=3.0)
     return folder
 
 

@@ -36,30 +36,10 @@ swap is a large, non-local change), and MLP 0 in GPT-2 (which acts like an exten
 Output layout (identical to ``transformer_lens.patching.get_act_patch_<key>``)
 ------------------------------------------------------------------------------
 Each result is keyed by the name of the TransformerLens function it approximates, with that function's
-output shape:
-
-=================================  ================  ===================================================
-key                                hook              shape
-=================================  ================  ===================================================
-``resid_pre``                      hook_resid_pre    [layer, pos]
-``resid_mid``                      hook_resid_mid    [layer, pos]
-``attn_out``                       hook_attn_out     [layer, pos]
-``mlp_out``                        hook_mlp_out      [layer, pos]
-``attn_head_out_by_pos``           attn.hook_z       [layer, pos, head]
-``attn_head_q_by_pos``             attn.hook_q       [layer, pos, head]
-``attn_head_k_by_pos``             attn.hook_k       [layer, pos, kv_head]
-``attn_head_v_by_pos``             attn.hook_v       [layer, pos, kv_head]
-``attn_head_pattern_by_pos``       attn.hook_pattern [layer, head, dest_pos]
-``attn_head_pattern_dest_src_pos`` attn.hook_pattern [layer, head, dest_pos, src_pos]
-``attn_head_out_all_pos``          attn.hook_z       [layer, head]
-``attn_head_q_all_pos``            attn.hook_q       [layer, head]
-``attn_head_k_all_pos``            attn.hook_k       [layer, kv_head]
-``attn_head_v_all_pos``            attn.hook_v       [layer, kv_head]
-``attn_head_pattern_all_pos``      attn.hook_pattern [layer, head]
-``resid_pre_all_pos`` (and         the same hooks,   [layer] (no TransformerLens counterpart; as in
-``resid_mid``/``attn_out``/        every position    ``mechfin_utils.patching``. ``resid_pre_all_pos[0]``
-``mlp_out`` ``_all_pos``)          at once           estimates clean - corrupted, 1 when normalised)
-=================================  ================  ===================================================
+output shape: the same keys, hooks and shapes as exact patching (the table in
+:mod:`mechfin_utils.patching`'s docstring; :data:`COMPONENTS` records the axis names of every key), so an
+attribution result and an exact one can be compared cell by cell. The ``*_all_pos`` residual/output keys
+have no TransformerLens counterpart; ``resid_pre_all_pos[0]`` estimates clean - corrupted (1 when normalised).
 
 Two conventions to keep in mind:
 

@@ -1225,12 +1225,15 @@ def _node_xy(name: str, n_layers: int, n_heads: int) -> tuple[float, float]:
     return (float(node.layer) + (0.35 if node.is_mlp else 0.0), float(-1.5 if node.is_mlp else node.head))
 
 
-def circuit_figure(circuit: Circuit, model, title: str | None = None):
+def circuit_figure(circuit: Circuit, model, title: str | None = None, max_edges: int = 2000):
     """A plotly figure of the circuit: nodes laid out by layer (x) and head (y; MLPs on the row below the
     heads), kept nodes coloured by importance (|delta| when pruned, in units of the full-vs-baseline gap),
     the other candidate nodes as faint dots, and the circuit's implied residual edges.
 
-    The title always carries ``model.name``; a circuit found on a different model is refused.
+    Implied edges grow with the square of the circuit's size; past ``max_edges`` (a circuit of ~60 nodes)
+    they are a grey wash that says nothing and makes the SVG tens of MB, so they are left out and the
+    subtitle says how many there are. The title always carries ``model.name``; a circuit found on a
+    different model is refused.
     """
     import plotly.graph_objects as go
 
@@ -1241,8 +1244,10 @@ def circuit_figure(circuit: Circuit, model, title: str | None = None):
     n_layers, n_heads = circuit.n_layers, circuit.n_heads
     xy = lambda name: _node_xy(name, n_layers, n_heads)  # noqa: E731
 
+    edges = circuit.edges
+    drawn = edges if len(edges) <= max_edges else []
     edge_x, edge_y = [], []
-    for sender, receiver in circuit.edges:
+    for sender, receiver in drawn:
         (x0, y0), (x1, y1) = xy(sender), xy(receiver)
         edge_x += [x0, x1, None]
         edge_y += [y0, y1, None]
@@ -1281,7 +1286,8 @@ def circuit_figure(circuit: Circuit, model, title: str | None = None):
     fig = go.Figure(traces)
     fig.update_layout(
         title=(f"{full_title}<br><sup>{len(circuit.nodes)} of {n_layers * (n_heads + 1)} nodes, faithfulness "
-               f"{circuit.faithfulness:.2f}, {circuit.ablation} ablation, metric {circuit.metric_name}</sup>"),
+               f"{circuit.faithfulness:.2f}, {circuit.ablation} ablation, metric {circuit.metric_name}"
+               + ("" if drawn is edges else f"; its {len(edges):,} implied edges are not drawn") + "</sup>"),
         xaxis=dict(title="layer", tickmode="linear", dtick=1 if n_layers <= 16 else 2, zeroline=False),
         yaxis=dict(title="head", zeroline=False, tickvals=[-1.5, *range(n_heads)],
                    ticktext=["MLP", *[str(h) for h in range(n_heads)]]),

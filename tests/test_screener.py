@@ -1,0 +1,138 @@
+"""The screener: reproducible training, the padded objective, caching, loading through the bridge, the CLI."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from mechfin_utils import screener
+from mechfin_utils.behaviour import HFScorer
+from mechfin_utils.models import ModelUnavailableError, load_model
+
+pytestmark = pytest.mark.slow
+
+TINY = replace(screener.RECIPES["brief"], name="tiny", max_steps=2, pairs_per_step=2, eval_every_nth_pair=1000)
+
+
+@pytest.fixture()
+def scratch_cache(tmp_path, monkeypatch):
+    """A scratch mechfin cache for screeners; the converted embedded model is linked in, not converted again."""
+    from mechfin_utils.models import prepare_smollm2
+
+    converted = prepare_smollm2(verbose=False)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / converted.name).symlink_to(converted, target_is_directory=True)
+    monkeypatch.setenv("MECHFIN_CACHE", str(cache))
+    return cache
+
+
+@pytest.fixture(scope="module")
+def smollm2_base():
+    return screener.resolve_base("smollm2-135m")
+
+
+def test_training_is_reproducible_from_its_seed(tmp_path, smollm2_base):
+    first = screener.train_screener(smollm2_base, TINY, tmp_path / "a", progress=False)
+    again = screener.train_screener(smollm2_base, TINY, tmp_path / "b", progress=False)
+    other = screener.train_screener(smollm2_base, replace(TINY, seed=1), tmp_path / "c", progress=False)
+    assert first["weights_sha256"] == again["weights_sha256"]
+    assert first["loss_per_step"] == again["loss_per_step"]
+    assert other["weights_sha256"] != first["weights_sha256"]
+    card = json.loads((tmp_path / "a" / screener.CARD_FILE).read_text())
+    assert card["steps"] == 2 and card["prompts_seen"] == 8
+    assert card["data"]["train"]["pairs"] == 440 and card["data"]["paper_style_set"]["trained_on"] is False
+    assert card["weights_sha256"] == screener._sha256(tmp_path / "a" / "model.safetensors")
+    assert "## Held-out behaviour" in (tmp_path / "a" / "README.md").read_text()
+
+
+def test_padded_two_answer_objective_equals_one_prompt_at_a_time(smollm2_base):
+    model, tokenizer = screener._load_plain(smollm2_base)
+    prompts = ["The bank denied Maria's loan because she is Black. Answer:", "Is it fair? Answer:"]
+    ids, mask, last = screener._batch_tensors(tokenizer, prompts, prepend_bos=False)
+    answer_ids = screener._answer_ids(tokenizer)
+    with torch.no_grad():
+        batched = model(input_ids=ids, attention_mask=mask).logits[torch.arange(2), last][:, answer_ids]
+        for row, prompt in enumerate(prompts):
+            alone = model(torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])).logits[0, -1]
+            assert torch.allclose(batched[row], alone[answer_ids], atol=1e-4)
+
+
+def test_cache_is_reused_only_when_the_fingerprint_matches(scratch_cache, monkeypatch):
+    calls = []
+    real_train = screener.train_screener
+
+    def counting(*args, **kwargs):
+        calls.append(args[1].name)
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(screener, "train_screener", counting)
+    folder, card = screener.ensure_screener("smollm2-135m", TINY, progress=False)
+    assert folder.parent == scratch_cache and calls == ["tiny"]
+    screener.ensure_screener("smollm2-135m", TINY, progress=False)
+    assert calls == ["tiny"]  # cached
+    card["fingerprint"]["train_file_sha256"] = "0" * 64
+    (folder / screener.CARD_FILE).write_text(json.dumps(card))
+    screener.ensure_screener("smollm2-135m", TINY, progress=False)
+    assert calls == ["tiny", "tiny"]  # stale card: retrained
+
+
+def test_screener_loads_through_the_bridge_with_the_trained_weights(scratch_cache, monkeypatch):
+    monkeypatch.setitem(screener.RECIPES, "brief", replace(TINY, name="brief"))
+    model = load_model("smollm2-135m-screener-brief", verbose=False)
+    assert model.slug == "smollm2-135m-screener-brief" and "not the real one" in model.name
+    assert model.prepend_bos is False
+    from transformers import AutoModelForCausalLM
+
+    folder = scratch_cache / model.slug
+    plain = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    prompts = ["Because of her race, the bank denied Rosa a mortgage. Is this a fair-lending violation? Answer:",
+               "Omar's auto loan was declined due to his debts. Answer:"]
+    from mechfin_utils.behaviour import BridgeScorer
+
+    by_bridge = BridgeScorer(model).logit_diffs(prompts)
+    by_hand = HFScorer(plain, model.tokenizer, prepend_bos=False, name="plain").logit_diffs(prompts)
+    assert abs(by_bridge - by_hand).max() < 2e-3
+    card = screener.screener_card(model)
+    assert card["recipe"]["name"] == "brief" and card["steps"] == 2
+
+
+def test_gpt2_screener_trains_and_loads_on_the_gpt2_path(gpt2_hf_cache, scratch_cache, monkeypatch):
+    monkeypatch.setitem(screener.RECIPES, "full", replace(TINY, name="full"))  # random-weight GPT-2 shape: code path only
+    model = load_model("gpt2-screener", verbose=False)
+    assert model.slug == "gpt2-screener" and model.prepend_bos is True and model.cfg.n_layers == 12
+    card = screener.screener_card(model)
+    assert card["base_model"] == "GPT-2 Small" and card["steps"] == 2
+
+
+def test_evaluate_command_prints_one_json_line(scratch_cache, monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(screener.RECIPES, "brief", replace(TINY, name="brief"))
+    source = screener.split_path("test_questions").read_text(encoding="utf-8").splitlines(keepends=True)
+    small = tmp_path / "pairs.csv"
+    small.write_text("".join(source[:9]), encoding="utf-8")
+    assert screener.main(["evaluate", str(small), "--model", "smollm2-135m-screener-brief", "--n-boot", "50"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    result = json.loads(lines[0])
+    assert set(result) >= {"n", "auroc", "accuracy", "mean_gap", "excluded"} and result["excluded"] == []
+    assert 1 <= result["n"] <= 8 and 0.0 <= result["auroc"] <= 1.0
+
+
+def test_evaluate_command_names_the_bad_row(tmp_path, capsys):
+    source = screener.split_path("test_questions").read_text(encoding="utf-8").splitlines(keepends=True)
+    bad = tmp_path / "bad.csv"
+    bad.write_text(source[0] + source[1].replace(" Yes,", " Maybe,", 1), encoding="utf-8")
+    assert screener.main(["evaluate", str(bad), "--model", "smollm2-135m-screener-brief"]) == 2
+    err = capsys.readouterr().err
+    assert "bad.csv line 2" in err and "clean_answer" in err
+    assert screener.main(["evaluate", str(tmp_path / "missing.csv")]) == 2
+
+
+def test_unknown_model_name_fails_before_any_hub_call_with_the_closest_match():
+    with pytest.raises(ModelUnavailableError, match=r"'smolm2-135m'\. Did you mean 'smollm2-135m'\?"):
+        load_model("smolm2-135m", verbose=False)
+    with pytest.raises(ModelUnavailableError, match="smollm2-135m-screener"):
+        load_model("someone/not-cached", verbose=False)

@@ -14,6 +14,10 @@ MODEL ?= auto
 # A local GPT-2 checkpoint folder (optional; see README).
 GPT2_PATH ?=
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
+# The fine-tuned screener that `make figures` also runs the paper's fair-lending analyses on (notebooks 00-04;
+# notebook 08 compares it with its base model). SCREENER= (empty) skips it.
+SCREENER ?= $(if $(filter gpt2,$(MODEL)),gpt2-screener,smollm2-135m-screener)
+SCREENER_NOTEBOOKS := $(filter notebooks/00_% notebooks/01_% notebooks/02_% notebooks/03_% notebooks/04_%,$(NOTEBOOKS))
 
 .PHONY: setup test test-unit test-notebooks figures bench lab clean chromium
 
@@ -56,12 +60,10 @@ test-notebooks:
 	MECHFIN_FAST=1 MECHFIN_FIGURES_DIR=$$(mktemp -d) $(PY) -m pytest --nbval-lax -q -p no:cacheprovider $(NOTEBOOKS)
 
 figures:
-	@mkdir -p notebooks/_executed
-	@for nb in $(NOTEBOOKS); do \
-		echo "== $$nb (model=$(MODEL))"; \
-		$(PY) -m papermill --log-level WARNING "$$nb" "notebooks/_executed/$$(basename $$nb)" -p model "$(MODEL)" -p gpt2_path "$(GPT2_PATH)" -k python3 --cwd notebooks || exit 1; \
-	done
-	@echo "Figures written under figures/"
+	$(PY) -m mechfin_utils.run_figures --model "$(MODEL)" --gpt2-path "$(GPT2_PATH)" $(NOTEBOOKS)
+	@if [ -n "$(SCREENER)" ]; then \
+		$(PY) -m mechfin_utils.run_figures --model "$(SCREENER)" --gpt2-path "$(GPT2_PATH)" $(SCREENER_NOTEBOOKS); fi
+	@echo "Figures written under figures/ (each model's manifest.json records the times)"
 
 bench:
 	$(PY) -m mechfin_utils.bench

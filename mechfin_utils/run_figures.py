@@ -1,0 +1,133 @@
+"""``make figures``: run notebooks top to bottom with papermill for one model and record a manifest.
+
+    python -m mechfin_utils.run_figures --model smollm2-135m notebooks/00_*.ipynb ...
+
+Each notebook is executed into ``notebooks/_executed/`` (scratch, never committed) and writes its figures under
+``figures/<model>/``. Afterwards ``figures/<model>/manifest.json`` records what produced them: the model's name
+and the sha256 of its weights, the parameters, the package versions, the git commit, the machine, and the wall
+time of each notebook (times are recorded, never asserted). A later run with other notebooks updates their entries
+and keeps the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Sequence
+
+from .figures import REPO_ROOT, figures_root
+from .models import ALIASES, GPT2_SPEC, SCREENERS, SMOLLM2_SPEC, cache_dir, locate_gpt2, prepare_smollm2, resolve_auto
+
+PACKAGES = ("torch", "transformers", "transformer-lens", "numpy", "pandas", "plotly", "kaleido", "papermill", "peft")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_identity(name: str, gpt2_path: str | None = None) -> dict[str, str | None]:
+    """``slug`` (the figures folder), ``resolved`` name and the sha256 of the weights, without loading the model."""
+    key = ALIASES.get(name.strip().lower(), name.strip())
+    if key == "auto":
+        key = resolve_auto(gpt2_path)[0]
+    if key in SCREENERS:
+        card_path = cache_dir() / key / "screener-card.json"
+        sha = json.loads(card_path.read_text())["weights_sha256"] if card_path.is_file() else None
+        return {"slug": key, "resolved": key, "weights_sha256": sha}
+    if key == "smollm2-135m":
+        return {"slug": SMOLLM2_SPEC.slug, "resolved": key,
+                "weights_sha256": _sha256(prepare_smollm2(verbose=False) / "model.safetensors")}
+    if key == "gpt2":
+        found = locate_gpt2(gpt2_path)
+        sha = None
+        if found and found[0] == "folder":
+            weights = Path(found[1]) / "model.safetensors"
+            sha = _sha256(weights) if weights.is_file() else None
+        return {"slug": GPT2_SPEC.slug, "resolved": key, "weights_sha256": sha}
+    return {"slug": key.split("/")[-1].lower(), "resolved": key, "weights_sha256": None}
+
+
+def _commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return head + ("+uncommitted changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for package in PACKAGES:
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            out[package] = "not installed"
+    return out
+
+
+def run(notebooks: Sequence[str], model: str, gpt2_path: str = "", seed: int = 0) -> Path:
+    """Execute ``notebooks`` for ``model``, stop at the first failure, and write the manifest."""
+    import papermill
+
+    identity = model_identity(model, gpt2_path or None)
+    executed = REPO_ROOT / "notebooks" / "_executed"
+    executed.mkdir(parents=True, exist_ok=True)
+    manifest_path = figures_root() / identity["slug"] / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    seconds = dict(manifest.get("seconds_per_notebook", {}))
+    parameters = {"model": model, "gpt2_path": gpt2_path, "seed": seed}
+    for notebook in notebooks:
+        path = Path(notebook)
+        print(f"== {path.name} (model={model})", flush=True)
+        start = time.perf_counter()
+        papermill.execute_notebook(str(path), str(executed / f"{identity['slug']}-{path.name}"),
+                                   parameters=parameters, kernel_name="python3", cwd=str(REPO_ROOT / "notebooks"),
+                                   log_output=False, progress_bar=False)
+        seconds[path.stem] = round(time.perf_counter() - start, 1)
+        print(f"   {seconds[path.stem]} s", flush=True)
+    if identity["weights_sha256"] is None:  # a screener trained during this run has a card now
+        identity = model_identity(model, gpt2_path or None)
+    manifest.update({
+        "model": identity["resolved"], "figures_folder": f"figures/{identity['slug']}",
+        "weights_sha256": identity["weights_sha256"], "parameters": parameters, "fast": False,
+        "packages": _versions(), "python": platform.python_version(), "commit": _commit(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "written_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "seconds_per_notebook": dict(sorted(seconds.items())),
+        "seconds_total": round(sum(seconds.values()), 1),
+    })
+    manifest_path.parent.mkdir(parents=True, exist_ok=True)
+    manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest_path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mechfin_utils.run_figures", description=__doc__.splitlines()[0])
+    parser.add_argument("notebooks", nargs="+")
+    parser.add_argument("--model", default="auto")
+    parser.add_argument("--gpt2-path", default="")
+    args = parser.parse_args(argv)
+    missing = [n for n in args.notebooks if not Path(n).is_file()]
+    if missing:
+        print(f"error: no such notebook(s): {missing}", file=sys.stderr)
+        return 2
+    print(f"manifest: {run(args.notebooks, args.model, args.gpt2_path)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

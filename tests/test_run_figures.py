@@ -1,0 +1,29 @@
+"""The figures runner's manifest: which folder and which weights a model name means, without loading it."""
+
+from __future__ import annotations
+
+import json
+
+from mechfin_utils import run_figures
+
+
+def test_model_identity_of_a_screener_reads_its_card(tmp_path, monkeypatch):
+    monkeypatch.setenv("MECHFIN_CACHE", str(tmp_path))
+    assert run_figures.model_identity("smollm2-135m-screener") == {
+        "slug": "smollm2-135m-screener", "resolved": "smollm2-135m-screener", "weights_sha256": None}
+    (tmp_path / "smollm2-135m-screener").mkdir()
+    (tmp_path / "smollm2-135m-screener" / "screener-card.json").write_text(json.dumps({"weights_sha256": "ab" * 32}))
+    assert run_figures.model_identity("smollm2-135m-screener")["weights_sha256"] == "ab" * 32
+
+
+def test_model_identity_of_the_embedded_model_hashes_its_converted_weights():
+    from mechfin_utils.models import prepare_smollm2
+
+    identity = run_figures.model_identity("smollm2")
+    assert identity["slug"] == "smollm2-135m" and identity["resolved"] == "smollm2-135m"
+    assert identity["weights_sha256"] == run_figures._sha256(prepare_smollm2(verbose=False) / "model.safetensors")
+
+
+def test_runner_refuses_missing_notebooks(capsys):
+    assert run_figures.main(["notebooks/99_missing.ipynb", "--model", "smollm2-135m"]) == 2
+    assert "99_missing" in capsys.readouterr().err

@@ -63,8 +63,9 @@ def _commit() -> str:
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        # the figures being written are not a change to what writes them
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!figures"],
+                               cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.strip()
         return head + ("+uncommitted changes" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -81,7 +82,8 @@ def _versions() -> dict[str, str]:
 
 
 def run(notebooks: Sequence[str], model: str, gpt2_path: str = "", seed: int = 0) -> Path:
-    """Execute ``notebooks`` for ``model``, stop at the first failure, and write the manifest."""
+    """Execute ``notebooks`` for ``model`` in order, stopping at the first failure; the manifest is written after
+    each notebook, so a failure keeps the times of those that ran."""
     import papermill
 
     identity = model_identity(model, gpt2_path or None)
@@ -100,8 +102,13 @@ def run(notebooks: Sequence[str], model: str, gpt2_path: str = "", seed: int = 0
                                    log_output=False, progress_bar=False)
         seconds[path.stem] = round(time.perf_counter() - start, 1)
         print(f"   {seconds[path.stem]} s", flush=True)
-    if identity["weights_sha256"] is None:  # a screener trained during this run has a card now
-        identity = model_identity(model, gpt2_path or None)
+        if identity["weights_sha256"] is None:  # a screener trained during this run has a card now
+            identity = model_identity(model, gpt2_path or None)
+        _write_manifest(manifest_path, manifest, identity, parameters, seconds)  # after each: a failure keeps the rest
+    return manifest_path
+
+
+def _write_manifest(path: Path, manifest: dict, identity: dict, parameters: dict, seconds: dict) -> None:
     manifest.update({
         "model": identity["resolved"], "figures_folder": f"figures/{identity['slug']}",
         "weights_sha256": identity["weights_sha256"], "parameters": parameters, "fast": False,
@@ -110,9 +117,8 @@ def run(notebooks: Sequence[str], model: str, gpt2_path: str = "", seed: int = 0
         "seconds_per_notebook": dict(sorted(seconds.items())),
         "seconds_total": round(sum(seconds.values()), 1),
     })
-    manifest_path.parent.mkdir(parents=True, exist_ok=True)
-    manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
-    return manifest_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(manifest, indent=1) + "\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -34,6 +34,7 @@ Command line::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -371,7 +372,8 @@ def evaluate_file(path: str | os.PathLike, model_name: str = "smollm2-135m-scree
                   n_boot: int = 1000) -> dict[str, Any]:
     """``evaluate`` as a function: the JSON-ready summary of a model on a pairs file."""
     pairs = load_fair_lending_pairs(path)
-    model = load_model(model_name, verbose=False)
+    with contextlib.redirect_stdout(sys.stderr):  # loading (and first-use training) reports on stderr: stdout is the JSON
+        model = load_model(model_name, verbose=True)
     result = evaluate_pairs(model, pairs, label=Path(path).name, n_boot=n_boot)
     summary = result.summary
     return {"file": str(path), "model": model.name, "n": summary["n"], "auroc": summary["auroc"],

@@ -22,7 +22,15 @@ import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .tasks import ALL_BASES, DATA_DIR, FAIR_LENDING_ANSWERS, FairLendingPair, TaskDataError, load_fair_lending_pairs
+from .tasks import (
+    ALL_BASES,
+    DATA_DIR,
+    FAIR_LENDING_ANSWERS,
+    FairLendingPair,
+    TaskDataError,
+    load_fair_lending_pairs,
+    read_task_text,
+)
 
 SCREENER_DIR = DATA_DIR / "screener"
 TRAIN_SPLIT = "train"
@@ -72,13 +80,7 @@ def load_control_prompts(path: str | Path | None = None) -> list[ControlPrompt]:
     path = Path(path) if path is not None else CONTROLS_CSV
     if not path.is_file():
         raise TaskDataError(f"control file {path} does not exist")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        line = raw[: error.start].count(b"\n") + 1
-        raise TaskDataError(f"{path.name} line {line}: byte {raw[error.start]:#04x} is not UTF-8; save the "
-                            "file as UTF-8") from None
+    text = read_task_text(path, "control_id")
     reader = csv.reader(text.splitlines(keepends=True))
     header = next(reader, None)
     if header is None:

@@ -31,6 +31,7 @@ The pipeline is the same for both families:
 from __future__ import annotations
 
 import csv
+import io
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,54 +230,91 @@ def _where(path: Path, line: int, id_column: str, row_id: str | None) -> str:
     return f"{path.name} line {line} ({id_column}={shown})"
 
 
-def _read_validated_rows(path: Path, columns: Sequence[str], id_column: str) -> list[tuple[int, dict[str, str]]]:
-    """Rows of a task CSV as ``(line, {column: value})`` after the checks every task file shares.
+Problems = list[tuple[int, str]]
+"""(line, message) for every bad row found so far; reported together, in file order."""
 
-    Shared rules: the header holds exactly ``columns`` (none missing, none unknown, none twice); every row has
-    one value per column and no empty (or whitespace-only) value; ids are unique.
+
+def read_task_text(path: Path, id_column: str) -> str:
+    """The file's text: UTF-8, with or without a byte-order mark; any other byte is named with its line and row."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        text = raw.split(b"\n")[line - 1].decode("utf-8", errors="replace")
+        row_id = text.split(",")[0] if line > 1 else None
+        where = _where(path, line, id_column, row_id) if line > 1 else f"{path.name} line 1 (the header)"
+        column = error.start - raw.rfind(b"\n", 0, error.start)
+        raise TaskDataError(
+            f"{where}: byte {raw[error.start]:#04x} at character {column} is not UTF-8; save the file as UTF-8"
+        ) from None
+
+
+def _raise_problems(path: Path, problems: Problems) -> None:
+    """One problem: its message as it is. Several: all of them, in file order, under a count."""
+    if len(problems) == 1:
+        raise TaskDataError(problems[0][1])
+    if problems:
+        listed = "\n  ".join(message for _, message in sorted(problems, key=lambda p: p[0]))
+        raise TaskDataError(f"{len(problems)} bad rows in {path.name}:\n  {listed}")
+
+
+def _read_validated_rows(
+    path: Path, columns: Sequence[str], id_column: str
+) -> tuple[list[tuple[int, dict[str, str]]], Problems]:
+    """Rows of a task CSV as ``(line, {column: value})`` after the checks every task file shares, and the
+    problems of the rows that failed them (those rows are not returned).
+
+    Shared rules: UTF-8 (a byte-order mark is accepted); the header holds exactly ``columns`` (none missing,
+    none unknown, none twice); every row has one value per column and no empty (or whitespace-only) value; ids
+    are unique. A bad header raises at once; bad rows are collected.
     """
     if not path.is_file():
         raise TaskDataError(f"task file {path} does not exist")
-    with path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.reader(handle)
-        try:
-            header = next(reader)
-        except StopIteration:
-            raise TaskDataError(f"{path.name} is empty: expected a header with columns {list(columns)}") from None
-        repeated = sorted(c for c, n in Counter(header).items() if n > 1)
-        if repeated:
-            raise TaskDataError(f"{path.name} line 1: column(s) {repeated} appear more than once in the header")
-        unknown = [c for c in header if c not in columns]
-        if unknown:
-            raise TaskDataError(f"{path.name} line 1: unknown column(s) {unknown}; expected exactly {list(columns)}")
-        missing = [c for c in columns if c not in header]
-        if missing:
-            raise TaskDataError(f"{path.name} line 1: missing column(s) {missing}; expected exactly {list(columns)}")
+    reader = csv.reader(io.StringIO(read_task_text(path, id_column), newline=""))
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise TaskDataError(f"{path.name} is empty: expected a header with columns {list(columns)}") from None
+    repeated = sorted(c for c, n in Counter(header).items() if n > 1)
+    if repeated:
+        raise TaskDataError(f"{path.name} line 1: column(s) {repeated} appear more than once in the header")
+    unknown = [c for c in header if c not in columns]
+    if unknown:
+        raise TaskDataError(f"{path.name} line 1: unknown column(s) {unknown}; expected exactly {list(columns)}")
+    missing = [c for c in columns if c not in header]
+    if missing:
+        raise TaskDataError(f"{path.name} line 1: missing column(s) {missing}; expected exactly {list(columns)}")
 
-        rows: list[tuple[int, dict[str, str]]] = []
-        first_line_of_id: dict[str, int] = {}
-        next_line = reader.line_num + 1
-        for values in reader:
-            line, next_line = next_line, reader.line_num + 1
-            if not values:
-                raise TaskDataError(f"{path.name} line {line}: blank line inside the table")
-            row_id = values[header.index(id_column)] if len(values) > header.index(id_column) else None
-            where = _where(path, line, id_column, row_id)
-            if len(values) != len(header):
-                raise TaskDataError(f"{where}: {len(values)} values for {len(header)} columns")
-            row = dict(zip(header, values))
-            for column in columns:
-                if not row[column].strip():
-                    raise TaskDataError(f"{where}, field {column!r}: empty value")
-            if row_id in first_line_of_id:
-                raise TaskDataError(
-                    f"{where}, field {id_column!r}: duplicate id, first used on line {first_line_of_id[row_id]}"
-                )
-            first_line_of_id[row_id] = line
-            rows.append((line, row))
-    if not rows:
+    rows: list[tuple[int, dict[str, str]]] = []
+    problems: Problems = []
+    first_line_of_id: dict[str, int] = {}
+    next_line = reader.line_num + 1
+    for values in reader:
+        line, next_line = next_line, reader.line_num + 1
+        if not values:
+            problems.append((line, f"{path.name} line {line}: blank line inside the table"))
+            continue
+        row_id = values[header.index(id_column)] if len(values) > header.index(id_column) else None
+        where = _where(path, line, id_column, row_id)
+        if len(values) != len(header):
+            problems.append((line, f"{where}: {len(values)} values for {len(header)} columns"))
+            continue
+        row = dict(zip(header, values))
+        empty = [column for column in columns if not row[column].strip()]
+        if empty:
+            problems.append((line, f"{where}, field {empty[0]!r}: empty value"))
+            continue
+        if row_id in first_line_of_id:
+            problems.append(
+                (line, f"{where}, field {id_column!r}: duplicate id, first used on line {first_line_of_id[row_id]}")
+            )
+            continue
+        first_line_of_id[row_id] = line
+        rows.append((line, row))
+    if not rows and not problems:
         raise TaskDataError(f"{path.name} has a header but no rows")
-    return rows
+    return rows, problems
 
 
 def _check_basis(row: dict[str, str], where: str) -> None:
@@ -322,61 +360,81 @@ def _check_single_substitution(
 def load_fair_lending_pairs(path: str | Path | None = None) -> list[FairLendingPair]:
     """Read and validate the fair-lending pairs (default ``data/fair_lending_pairs.csv``).
 
-    Rules (each violation raises :class:`TaskDataError` naming line, ``pair_id`` and field): exactly the
-    columns :data:`FAIR_LENDING_COLUMNS`; no empty value; unique ``pair_id``; ``basis`` in :data:`ALL_BASES`
+    Rules (a :class:`TaskDataError` names the line, ``pair_id`` and field of *every* bad row, in file order):
+    UTF-8, a byte-order mark accepted; exactly the columns :data:`FAIR_LENDING_COLUMNS`; no empty value; unique ``pair_id``; ``basis`` in :data:`ALL_BASES`
     with the matching ``statute``; FHA bases only on housing products; answers exactly `` Yes`` / `` No``;
     a known ``reason_category``; clean and corrupted prompts differ, and only by replacing the one occurrence
     of ``protected_phrase`` with ``legitimate_phrase``.
     """
     path = Path(path) if path is not None else FAIR_LENDING_CSV
+    rows, problems = _read_validated_rows(path, FAIR_LENDING_COLUMNS, "pair_id")
     pairs = []
-    for line, row in _read_validated_rows(path, FAIR_LENDING_COLUMNS, "pair_id"):
-        where = _where(path, line, "pair_id", row["pair_id"])
-        _check_basis(row, where)
-        for column, expected in zip(("clean_answer", "corrupted_answer"), FAIR_LENDING_ANSWERS):
-            if row[column] != expected:
-                raise TaskDataError(f"{where}, field {column!r}: {row[column]!r}, expected {expected!r}")
-        if row["reason_category"] not in LEGITIMATE_REASON_CATEGORIES:
-            raise TaskDataError(
-                f"{where}, field 'reason_category': unknown {row['reason_category']!r}; "
-                f"known: {sorted(LEGITIMATE_REASON_CATEGORIES)}"
-            )
-        _check_single_substitution(
-            where, row["clean_prompt"], row["corrupted_prompt"], "clean_prompt", "corrupted_prompt",
-            row["protected_phrase"], row["legitimate_phrase"], "protected_phrase", "legitimate_phrase",
-        )
-        pairs.append(FairLendingPair(**row, line=line))
+    for line, row in rows:
+        try:
+            pairs.append(_fair_lending_pair(path, line, row))
+        except TaskDataError as error:
+            problems.append((line, str(error)))
+    _raise_problems(path, problems)
     return pairs
+
+
+def _fair_lending_pair(path: Path, line: int, row: dict[str, str]) -> FairLendingPair:
+    """One validated row (the first problem raises)."""
+    where = _where(path, line, "pair_id", row["pair_id"])
+    _check_basis(row, where)
+    for column, expected in zip(("clean_answer", "corrupted_answer"), FAIR_LENDING_ANSWERS):
+        if row[column] != expected:
+            raise TaskDataError(f"{where}, field {column!r}: {row[column]!r}, expected {expected!r}")
+    if row["reason_category"] not in LEGITIMATE_REASON_CATEGORIES:
+        raise TaskDataError(
+            f"{where}, field 'reason_category': unknown {row['reason_category']!r}; "
+            f"known: {sorted(LEGITIMATE_REASON_CATEGORIES)}"
+        )
+    _check_single_substitution(
+        where, row["clean_prompt"], row["corrupted_prompt"], "clean_prompt", "corrupted_prompt",
+        row["protected_phrase"], row["legitimate_phrase"], "protected_phrase", "legitimate_phrase",
+    )
+    return FairLendingPair(**row, line=line)
 
 
 def load_counterfactual_pairs(path: str | Path | None = None) -> list[CounterfactualPair]:
     """Read and validate the counterfactual decision pairs (default ``data/counterfactual_decisions.csv``).
 
-    Rules (each violation raises :class:`TaskDataError` naming line, ``cf_id`` and field): exactly the columns
-    :data:`COUNTERFACTUAL_COLUMNS`; no empty value; unique ``cf_id``; ``basis``/``statute`` as for the
+    Rules (a :class:`TaskDataError` names the line, ``cf_id`` and field of every bad row, in file order): UTF-8,
+    a byte-order mark accepted; exactly the columns :data:`COUNTERFACTUAL_COLUMNS`; no empty value; unique ``cf_id``; ``basis``/``statute`` as for the
     fair-lending pairs; ``profile`` in :data:`PROFILES`; ``answer_tokens`` exactly
     ``" approved| denied"``; the prompts differ, and only by replacing the one occurrence of ``value_a`` with
     ``value_b``.
     """
     path = Path(path) if path is not None else COUNTERFACTUAL_CSV
-    expected_answers = "|".join(COUNTERFACTUAL_ANSWERS)
+    rows, problems = _read_validated_rows(path, COUNTERFACTUAL_COLUMNS, "cf_id")
     pairs = []
-    for line, row in _read_validated_rows(path, COUNTERFACTUAL_COLUMNS, "cf_id"):
-        where = _where(path, line, "cf_id", row["cf_id"])
-        _check_basis(row, where)
-        if row["profile"] not in PROFILES:
-            raise TaskDataError(f"{where}, field 'profile': unknown {row['profile']!r}; known: {list(PROFILES)}")
-        if row["answer_tokens"] != expected_answers:
-            raise TaskDataError(
-                f"{where}, field 'answer_tokens': {row['answer_tokens']!r}, expected {expected_answers!r}"
-            )
-        _check_single_substitution(
-            where, row["prompt_a"], row["prompt_b"], "prompt_a", "prompt_b",
-            row["value_a"], row["value_b"], "value_a", "value_b",
-        )
-        fields = {k: v for k, v in row.items() if k != "answer_tokens"}
-        pairs.append(CounterfactualPair(**fields, answer_tokens=COUNTERFACTUAL_ANSWERS, line=line))
+    for line, row in rows:
+        try:
+            pairs.append(_counterfactual_pair(path, line, row))
+        except TaskDataError as error:
+            problems.append((line, str(error)))
+    _raise_problems(path, problems)
     return pairs
+
+
+def _counterfactual_pair(path: Path, line: int, row: dict[str, str]) -> CounterfactualPair:
+    """One validated row (the first problem raises)."""
+    expected_answers = "|".join(COUNTERFACTUAL_ANSWERS)
+    where = _where(path, line, "cf_id", row["cf_id"])
+    _check_basis(row, where)
+    if row["profile"] not in PROFILES:
+        raise TaskDataError(f"{where}, field 'profile': unknown {row['profile']!r}; known: {list(PROFILES)}")
+    if row["answer_tokens"] != expected_answers:
+        raise TaskDataError(
+            f"{where}, field 'answer_tokens': {row['answer_tokens']!r}, expected {expected_answers!r}"
+        )
+    _check_single_substitution(
+        where, row["prompt_a"], row["prompt_b"], "prompt_a", "prompt_b",
+        row["value_a"], row["value_b"], "value_a", "value_b",
+    )
+    fields = {k: v for k, v in row.items() if k != "answer_tokens"}
+    return CounterfactualPair(**fields, answer_tokens=COUNTERFACTUAL_ANSWERS, line=line)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -393,6 +451,7 @@ class _TokenizerView:
     token_ids: Callable[[str], list[int]]
     decode_one: Callable[[int], str]
     device: Any
+    n_ctx: int | None = None  # the model's context; None for a bare tokenizer
 
     @property
     def key(self) -> tuple[str, bool]:
@@ -410,7 +469,8 @@ def _tokenizer_view(model_or_tokenizer: Any, prepend_bos: bool | None) -> _Token
             )
         tok = model.tokenizer
         return _TokenizerView(
-            model.name, model.prepend_bos, model.token_ids, lambda i: tok.decode([i]), model.cfg.device
+            model.name, model.prepend_bos, model.token_ids, lambda i: tok.decode([i]), model.cfg.device,
+            int(model.cfg.n_ctx),
         )
     tok = model_or_tokenizer
     if not callable(tok) or not hasattr(tok, "decode"):
@@ -540,19 +600,27 @@ def align_pairs(
         An :class:`AlignmentReport`; pairs of unequal token length are in ``excluded`` with the two lengths.
 
     Raises:
-        TaskDataError: an answer string is not a single token (the message names it and its pieces).
+        TaskDataError: an answer string is not a single token (the message names it and its pieces), or a prompt
+            is longer than the model's context (every such pair is named, with its line and length).
     """
     view = _tokenizer_view(model_or_tokenizer, prepend_bos)
     _check_homogeneous(pairs)
     answer_ids = _answer_ids(view, pairs)
-    kept, excluded, lengths = [], [], {}
+    kept, excluded, lengths, too_long = [], [], {}, []
     for pair in pairs:
         first, second = (len(view.token_ids(t)) for t in pair.texts)
-        if first == second:
+        if view.n_ctx is not None and max(first, second) > view.n_ctx:
+            too_long.append(f"{pair.id} (line {pair.line}): {max(first, second)} tokens")
+        elif first == second:
             kept.append(pair)
             lengths[pair.id] = first
         else:
             excluded.append(Exclusion(pair, UNEQUAL_LENGTH, f"{first} vs {second} tokens"))
+    if too_long:
+        raise TaskDataError(
+            f"{len(too_long)} pair(s) exceed {view.name}'s context of {view.n_ctx} tokens, refused before any "
+            "forward pass: " + "; ".join(too_long)
+        )
     return AlignmentReport(view.name, view.prepend_bos, kept, excluded, answer_ids, lengths, view)
 
 

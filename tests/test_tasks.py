@@ -463,3 +463,53 @@ def test_task_batch_head_keeps_the_first_pairs(smollm2_tokenizer):
     assert batch.head(100).batch_size == batch.batch_size
     with pytest.raises(ValueError, match="positive integer"):
         batch.head(0)
+
+
+# --- Bad input, as a new user makes it: every problem named, nothing lost --------------------------------------
+
+
+def test_a_byte_order_mark_is_accepted(tmp_path):
+    path = tmp_path / "bom.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + FAIR_LENDING_CSV.read_bytes())
+    assert load_fair_lending_pairs(path) == load_fair_lending_pairs()
+
+
+def test_a_byte_that_is_not_utf8_is_named_with_file_line_and_row(tmp_path):
+    lines = FAIR_LENDING_CSV.read_bytes().split(b"\n")
+    lines[5] = lines[5].replace(b"because", b"b\xe9cause", 1)  # a Latin-1 e-acute in row fl-0005
+    path = tmp_path / "latin1.csv"
+    path.write_bytes(b"\n".join(lines))
+    with pytest.raises(TaskDataError, match=r"latin1\.csv line 6 \(pair_id='fl-0005'\): byte 0xe9 at character \d+ "
+                                            r"is not UTF-8"):
+        load_fair_lending_pairs(path)
+
+
+def test_every_bad_row_is_reported_at_once_in_file_order(tmp_path):
+    header, rows = _rows(FAIR_LENDING_CSV, n=6)
+    _set(header, rows[1], "basis", "height")          # line 3: semantic
+    rows[3] = rows[3][:-1]                            # line 5: structural (a value short)
+    _set(header, rows[4], "clean_answer", " Maybe")   # line 6: semantic
+    with pytest.raises(TaskDataError) as error:
+        load_fair_lending_pairs(_write(tmp_path, header, rows))
+    message = str(error.value)
+    assert message.startswith("3 bad rows in tasks.csv")
+    assert message.index("line 3") < message.index("line 5") < message.index("line 6")
+
+
+def test_a_prompt_longer_than_the_context_is_refused_before_any_forward(smollm2_tokenizer):
+    from types import SimpleNamespace
+
+    from mechfin_utils.models import SMOLLM2_SPEC
+
+    def token_ids(text):
+        return list(smollm2_tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    tiny_context = SimpleNamespace(spec=SMOLLM2_SPEC, name="tiny-context model", prepend_bos=False,
+                                   tokenizer=smollm2_tokenizer, token_ids=token_ids,
+                                   cfg=SimpleNamespace(device="cpu", n_ctx=26))
+    pairs = load_fair_lending_pairs()[:6]
+    too_long = [p for p in pairs if max(len(token_ids(t)) for t in p.texts) > 26]
+    assert too_long and len(too_long) < len(pairs)
+    with pytest.raises(TaskDataError, match=rf"{len(too_long)} pair\(s\) exceed tiny-context model's context of 26 "
+                                            rf"tokens, refused before any forward pass: {too_long[0].id} \(line "):
+        align_pairs(tiny_context, pairs)

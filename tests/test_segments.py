@@ -1,0 +1,82 @@
+"""Segment alignment of unequal-length pairs, and segment patching against a by-hand Hugging Face computation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mechfin_utils.screener_data import load_split
+from mechfin_utils.segments import SEGMENTS, segment_pair, segment_pairs, segment_patching
+from mechfin_utils.tasks import Exclusion, FairLendingPair
+
+pytestmark = pytest.mark.slow
+
+
+def _pair(clean: str, corrupted: str, protected: str, legitimate: str) -> FairLendingPair:
+    return FairLendingPair("x-1", "race", "ECOA", "T", "mortgage", clean, corrupted, " Yes", " No", protected,
+                           legitimate, "credit_score")
+
+
+def test_segments_cover_every_token_and_spell_the_phrase(smollm2):
+    pairs = load_split("test_templates")[:24]
+    aligned, excluded = segment_pairs(smollm2, pairs)
+    assert len(aligned) + len(excluded) == 24 and len(aligned) >= 20
+    assert any(len(a.clean.ids) != len(a.corrupted.ids) for a in aligned)  # unequal lengths are kept
+    for item in aligned:
+        for prompt, phrase in ((item.clean, item.pair.protected_phrase), (item.corrupted, item.pair.legitimate_phrase)):
+            every = sorted(p for s in SEGMENTS for p in prompt.positions[s])
+            assert every == list(range(len(prompt.ids)))
+            assert prompt.positions["final"] == (len(prompt.ids) - 1,)
+            spelled = smollm2.tokenizer.decode([prompt.ids[p] for p in prompt.positions["phrase"]])
+            assert spelled.strip() == phrase
+        clean_rest = [item.clean.ids[p] for p in item.clean.positions["rest"]]
+        assert clean_rest == [item.corrupted.ids[p] for p in item.corrupted.positions["rest"]]
+
+
+def test_a_phrase_that_splits_a_token_is_excluded_with_its_reason(smollm2):
+    pair = _pair("The bank denied Maria's loan because she is Black. Answer:",
+                 "The bank denied Maria's loan because of debtck. Answer:", "because she is Bla", "because of debt")
+    result = segment_pair(smollm2, pair)
+    assert isinstance(result, Exclusion) and result.reason == "token_straddles_phrase_boundary"
+    assert "clean prompt" in result.detail
+
+
+def test_segment_patching_matches_hooks_on_the_plain_model(smollm2, unprocessed_hf_reference):
+    pair = _pair("The bank denied Maria's mortgage because she is Black. Is this a fair-lending violation? Answer:",
+                 "The bank denied Maria's mortgage because her credit score is 540. Is this a fair-lending violation? "
+                 "Answer:", "because she is Black", "because her credit score is 540")
+    item = segment_pair(smollm2, pair)
+    assert len(item.clean.ids) != len(item.corrupted.ids)
+    layer = 12
+    results = segment_patching(smollm2, [item], layers=[layer])
+    hf = unprocessed_hf_reference("smollm2")
+    yes, no = smollm2.single_token_id(" Yes"), smollm2.single_token_id(" No")
+    captured = {}
+
+    def capture(module, args, kwargs):
+        captured["h"] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
+
+    handle = hf.model.layers[layer].register_forward_pre_hook(capture, with_kwargs=True)
+    with torch.no_grad():
+        clean_logits = hf(torch.tensor([item.clean.ids])).logits[0, -1]
+    handle.remove()
+    clean_hidden = captured["h"][0]
+    for segment in SEGMENTS:
+        clean_positions, corrupted_positions = item.mapping(segment)
+        if not clean_positions:
+            continue
+
+        def overwrite(module, args, kwargs, c=clean_positions, k=corrupted_positions):
+            hidden = (args[0] if args else kwargs["hidden_states"]).clone()
+            hidden[0, list(k)] = clean_hidden[list(c)]
+            if args:
+                return (hidden, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": hidden}
+
+        handle = hf.model.layers[layer].register_forward_pre_hook(overwrite, with_kwargs=True)
+        with torch.no_grad():
+            final = hf(torch.tensor([item.corrupted.ids])).logits[0, -1]
+        handle.remove()
+        row = results[results["segment"] == segment].iloc[0]
+        assert row["ld_patched"] == pytest.approx(float(final[yes] - final[no]), abs=2e-3), segment
+    assert results["ld_clean"].iloc[0] == pytest.approx(float(clean_logits[yes] - clean_logits[no]), abs=2e-3)

@@ -12,8 +12,9 @@ can be aligned by **segment**:
 ``final``   the last position, where the answer is read
 ==========  ======================================================================================
 
-:func:`segment_pair` finds each segment's token positions from the tokenizer's character offsets (a BOS token, when
-the model prepends one, belongs to ``prefix``). A pair is *excluded, with its reason*, only when it cannot be aligned:
+:func:`segment_pair` finds the phrase's token positions from the tokenizer's character offsets
+(``attention.phrase_token_positions``, the one place that maps characters to tokens); the other segments follow (a BOS
+token, when the model prepends one, belongs to ``prefix``). A pair is *excluded, with its reason*, only when it cannot be aligned:
 a token straddles the phrase's boundary, or the text outside the phrase tokenises differently in the two prompts.
 
 :func:`segment_patching` then runs the corrupted prompt and, at one layer's residual stream, writes in the clean
@@ -33,6 +34,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from .attention import phrase_token_positions
 from .tasks import Exclusion, FairLendingPair
 
 SEGMENTS = ("prefix", "phrase", "rest", "final")
@@ -64,40 +66,26 @@ class SegmentedPair:
 
 def _segment_prompt(model, text: str, phrase: str) -> SegmentedPrompt | str:
     """Positions per segment of one prompt, or the reason it cannot be segmented."""
-    start = text.find(phrase)
-    if start < 0 or text.count(phrase) != 1:
+    if text.count(phrase) != 1:
         raise ValueError(f"phrase {phrase!r} must occur exactly once in {text!r}")
-    end = start + len(phrase)
-    encoded = model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(encoded["input_ids"])
-    offset = 0
-    if model.prepend_bos:
-        ids = [model.tokenizer.bos_token_id] + ids
-        offset = 1
-    if ids != model.token_ids(text):
-        raise ValueError(f"{model.name}: offsets tokenisation disagrees with token_ids for {text!r}")
-    positions: dict[str, list[int]] = {s: [] for s in SEGMENTS}
-    positions["prefix"] = list(range(offset))
-    last = len(ids) - 1
-    for k, (s, e) in enumerate(encoded["offset_mapping"]):
-        position = k + offset
-        core = s
-        while core < e - 1 and text[core].isspace():  # a leading space belongs to the token, not to the text
-            core += 1
-        if core < start < e or core < end < e:
+    try:
+        phrase_positions = phrase_token_positions(model, text, phrase)  # the tokenizer's character offsets
+    except ValueError as error:
+        if "cuts through token" in str(error):
             return STRADDLES
-        if position == last:
-            segment = "final"
-        elif e <= start:
-            segment = "prefix"
-        elif core >= end:
-            segment = "rest"
-        else:
-            segment = "phrase"
-        positions[segment].append(position)
-    if not positions["phrase"]:
-        return STRADDLES
-    return SegmentedPrompt(tuple(ids), {s: tuple(p) for s, p in positions.items()})
+        raise
+    ids = tuple(model.token_ids(text))
+    last = len(ids) - 1
+    first_phrase, last_phrase = phrase_positions[0], phrase_positions[-1]
+    if last_phrase >= last:
+        return STRADDLES  # the phrase reaches the answer position: nothing left to align after it
+    positions = {
+        "prefix": tuple(range(first_phrase)),  # a BOS token, when prepended, is position 0
+        "phrase": tuple(phrase_positions),
+        "rest": tuple(range(last_phrase + 1, last)),
+        "final": (last,),
+    }
+    return SegmentedPrompt(ids, positions)
 
 
 def segment_pair(model, pair: FairLendingPair) -> SegmentedPair | Exclusion:

@@ -16,6 +16,8 @@ Public functions:
 * :func:`phrase_token_positions` / :func:`phrase_position_mask` -- which token positions of a prompt
   spell a phrase (from the tokenizer's character offsets, with the model's BOS decision applied).
 * :func:`circuitsvis_html` -- an offline interactive view of one layer's heads, as HTML.
+* :func:`final_position_attention_by_token` -- one prompt of any length: the answer position's attention per
+  token, averaged over the heads of chosen layers.
 * :func:`phrase_attention` -- over a task set's batches: how much the final position attends to each
   pair's protected-attribute phrase (clean prompts) or legitimate-reason phrase (corrupted prompts).
 """
@@ -167,6 +169,35 @@ def attention_to_positions(
 # ---------------------------------------------------------------------------------------------------------
 # Where a phrase sits in a prompt
 # ---------------------------------------------------------------------------------------------------------
+
+
+def final_position_attention_by_token(
+    model: LoadedModel, prompt: str, layers: Sequence[int]
+) -> tuple[list[str], Float[Tensor, "pos"]]:
+    """Where the answer position looks, token by token: the final query row of every head of ``layers``,
+    averaged over those heads, for one prompt of any length.
+
+    Returns ``(str_tokens, weights)``; ``weights`` sums to 1 (an average of softmax rows). Position 0 often
+    collects attention that carries no information (an "attention sink"); it is included, not hidden.
+    """
+    tokens = model.to_tokens(prompt)
+    wanted = [_check_layer(model, layer, "layers") for layer in layers]
+    if not wanted:
+        raise ValueError("layers is empty: give at least one layer")
+    store = _capture_patterns(model, tokens, wanted, final_query_only=True)
+    weights = torch.stack([store[layer][0, :, -1, :] for layer in wanted]).mean(dim=(0, 1))
+    return model.to_str_tokens(prompt), weights
+
+
+def top_attended_tokens(
+    model: LoadedModel, prompt: str, layers: Sequence[int], k: int = 3, *, skip_first: bool = True
+) -> list[tuple[int, str, float]]:
+    """The ``k`` tokens the answer position attends to most (:func:`final_position_attention_by_token`), as
+    ``(position, token, weight)``, largest first; ``skip_first`` leaves out position 0, the usual attention sink."""
+    tokens, weights = final_position_attention_by_token(model, prompt, layers)
+    start = 1 if skip_first else 0
+    order = (weights[start:].argsort(descending=True)[:k] + start).tolist()
+    return [(i, tokens[i], float(weights[i])) for i in order]
 
 
 def _occurrences(text: str, phrase: str) -> list[int]:

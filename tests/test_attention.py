@@ -189,3 +189,16 @@ def test_phrase_attention_over_task_batches(name, request, unprocessed_hf_refere
         attention.phrase_attention(model, batches, run="both")
     with pytest.raises(ValueError, match="no batches"):
         attention.phrase_attention(model, [], run="clean")
+
+
+@pytest.mark.slow
+def test_final_position_attention_by_token_is_the_mean_final_row(smollm2):
+    from mechfin_utils.attention import attention_patterns, final_position_attention_by_token
+
+    prompt = "Priya, who is Black, was denied a mortgage because her credit score is 510. Answer:"
+    tokens, weights = final_position_attention_by_token(smollm2, prompt, [27, 29])
+    assert len(tokens) == weights.shape[0] == smollm2.to_tokens(prompt).shape[1]
+    assert float(weights.sum()) == pytest.approx(1.0, abs=1e-5)
+    heads = [(layer, head) for layer in (27, 29) for head in range(smollm2.cfg.n_heads)]
+    full = attention_patterns(smollm2, smollm2.to_tokens(prompt), heads)[0, :, -1, :]
+    assert torch.allclose(weights, full.mean(0), atol=1e-6)

@@ -190,13 +190,15 @@ def final_position_attention_by_token(
 
 
 def top_attended_tokens(
-    model: LoadedModel, prompt: str, layers: Sequence[int], k: int = 3, *, skip_first: bool = True
+    model: LoadedModel, prompt: str, layers: Sequence[int], k: int = 3
 ) -> list[tuple[int, str, float]]:
     """The ``k`` tokens the answer position attends to most (:func:`final_position_attention_by_token`), as
-    ``(position, token, weight)``, largest first; ``skip_first`` leaves out position 0, the usual attention sink."""
+    ``(position, token, weight)``, largest first, among the positions between the first (the usual attention
+    sink) and the answer position itself (which mostly attends to itself): the content it reads from."""
     tokens, weights = final_position_attention_by_token(model, prompt, layers)
-    start = 1 if skip_first else 0
-    order = (weights[start:].argsort(descending=True)[:k] + start).tolist()
+    if len(tokens) < 3:
+        raise ValueError(f"prompt {prompt!r} has {len(tokens)} tokens: nothing between the first and the last")
+    order = (weights[1:-1].argsort(descending=True)[:k] + 1).tolist()
     return [(i, tokens[i], float(weights[i])) for i in order]
 
 

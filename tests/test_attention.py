@@ -202,3 +202,15 @@ def test_final_position_attention_by_token_is_the_mean_final_row(smollm2):
     heads = [(layer, head) for layer in (27, 29) for head in range(smollm2.cfg.n_heads)]
     full = attention_patterns(smollm2, smollm2.to_tokens(prompt), heads)[0, :, -1, :]
     assert torch.allclose(weights, full.mean(0), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_top_attended_tokens_skip_the_sink_and_the_answer_position(smollm2):
+    from mechfin_utils.attention import final_position_attention_by_token, top_attended_tokens
+
+    prompt = "Priya, who is Black, was denied a mortgage because her credit score is 510. Answer:"
+    tokens, weights = final_position_attention_by_token(smollm2, prompt, [28])
+    top = top_attended_tokens(smollm2, prompt, [28], k=4)
+    inner = weights[1:-1]
+    assert [w for _, _, w in top] == pytest.approx(sorted(inner.tolist(), reverse=True)[:4])
+    assert all(0 < i < len(tokens) - 1 and tokens[i] == t for i, t, _ in top)

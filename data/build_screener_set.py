@@ -26,8 +26,6 @@ fixed seed, and ``tests/test_screener_data.py`` checks that a rebuild gives the 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import random
 import sys
 from dataclasses import dataclass
@@ -37,7 +35,7 @@ from typing import Sequence
 DATA_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(DATA_DIR))  # for build_task_sets, when imported from elsewhere
 
-from build_task_sets import LEGITIMATE_PHRASES, PROTECTED_PHRASES  # noqa: E402
+from build_task_sets import LEGITIMATE_PHRASES, PROTECTED_PHRASES, to_csv  # noqa: E402
 
 from mechfin_utils.tasks import (  # noqa: E402
     FAIR_LENDING_ANSWERS,
@@ -343,14 +341,6 @@ def build_control_rows() -> list[dict[str, str]]:
 SPLIT_SEEDS = {"train": 11, "test_templates": 12, "test_phrases": 13, "test_questions": 14}
 SPLIT_SIZES = {"train": 40, "test_templates": 12, "test_phrases": 12, "test_questions": 12}
 """Pairs per basis in each split: 440 training pairs (880 prompts), 132 pairs per test split."""
-
-
-def to_csv(rows: list[dict[str, str]], columns: Sequence[str]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
 
 
 def build_files() -> dict[Path, str]:

@@ -152,6 +152,17 @@ class LoadedModel:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB blocks (model weights are hundreds of MB)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def cache_dir() -> Path:
     """mechfin's own cache folder: ``$MECHFIN_CACHE`` or ``~/.cache/mechfin``."""
     return Path(os.environ.get("MECHFIN_CACHE", Path.home() / ".cache" / "mechfin")).expanduser()

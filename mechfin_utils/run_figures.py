@@ -12,7 +12,6 @@ and keeps the rest.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -24,17 +23,21 @@ from pathlib import Path
 from typing import Sequence
 
 from .figures import REPO_ROOT, figures_root
-from .models import ALIASES, GPT2_SPEC, SCREENERS, SMOLLM2_SPEC, cache_dir, locate_gpt2, prepare_smollm2, resolve_auto
+from .models import (
+    ALIASES,
+    GPT2_SPEC,
+    SCREENERS,
+    SMOLLM2_SPEC,
+    cache_dir,
+    file_sha256,
+    locate_gpt2,
+    prepare_smollm2,
+    resolve_auto,
+)
 
 PACKAGES = ("torch", "transformers", "transformer-lens", "numpy", "pandas", "plotly", "kaleido", "papermill", "peft")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def model_identity(name: str, gpt2_path: str | None = None) -> dict[str, str | None]:
@@ -48,13 +51,13 @@ def model_identity(name: str, gpt2_path: str | None = None) -> dict[str, str | N
         return {"slug": key, "resolved": key, "weights_sha256": sha}
     if key == "smollm2-135m":
         return {"slug": SMOLLM2_SPEC.slug, "resolved": key,
-                "weights_sha256": _sha256(prepare_smollm2(verbose=False) / "model.safetensors")}
+                "weights_sha256": file_sha256(prepare_smollm2(verbose=False) / "model.safetensors")}
     if key == "gpt2":
         found = locate_gpt2(gpt2_path)
         sha = None
         if found and found[0] == "folder":
             weights = Path(found[1]) / "model.safetensors"
-            sha = _sha256(weights) if weights.is_file() else None
+            sha = file_sha256(weights) if weights.is_file() else None
         return {"slug": GPT2_SPEC.slug, "resolved": key, "weights_sha256": sha}
     return {"slug": key.split("/")[-1].lower(), "resolved": key, "weights_sha256": None}
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import platform
@@ -57,6 +56,7 @@ from .models import (
     ModelUnavailableError,
     boot_bridge,
     cache_dir,
+    file_sha256,
     load_model,
     locate_gpt2,
     prepare_smollm2,
@@ -126,18 +126,12 @@ def screener_folder(base: Base, recipe: Recipe) -> Path:
     return cache_dir() / screener_spec(base, recipe).slug
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fingerprint(base: Base, recipe: Recipe) -> dict[str, Any]:
     """What determines the trained weights; a cached screener is reused only when this matches its card."""
     return {"format": CARD_FORMAT_VERSION, "base": base.key, "base_identity": base.identity,
-            "recipe": asdict(recipe), "train_file_sha256": _sha256(split_path(TRAIN_SPLIT)),
+            "recipe": asdict(recipe), "train_file_sha256": file_sha256(split_path(TRAIN_SPLIT)),
             "torch": torch.__version__}
 
 
@@ -244,7 +238,7 @@ def train_screener(base: Base, recipe: Recipe, folder: Path, *, progress: bool =
         "train_seconds": round(train_seconds, 1),
         "threads": torch.get_num_threads(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-        "weights_sha256": _sha256(weights),
+        "weights_sha256": file_sha256(weights),
         "held_out": held_out_metrics(scorer, every_nth=recipe.eval_every_nth_pair),
         "trained_at": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -255,10 +249,10 @@ def train_screener(base: Base, recipe: Recipe, folder: Path, *, progress: bool =
 
 def _data_card() -> dict[str, Any]:
     files = {split: split_path(split) for split in (TRAIN_SPLIT, *TEST_SPLITS)}
-    out = {split: {"file": f"data/screener/{path.name}", "pairs": len(load_split(split)), "sha256": _sha256(path)}
+    out = {split: {"file": f"data/screener/{path.name}", "pairs": len(load_split(split)), "sha256": file_sha256(path)}
            for split, path in files.items()}
     out["paper_style_set"] = {"file": "data/fair_lending_pairs.csv", "pairs": len(load_fair_lending_pairs()),
-                              "sha256": _sha256(FAIR_LENDING_CSV), "trained_on": False}
+                              "sha256": file_sha256(FAIR_LENDING_CSV), "trained_on": False}
     return out
 
 

@@ -21,7 +21,7 @@ def test_model_identity_of_the_embedded_model_hashes_its_converted_weights():
 
     identity = run_figures.model_identity("smollm2")
     assert identity["slug"] == "smollm2-135m" and identity["resolved"] == "smollm2-135m"
-    assert identity["weights_sha256"] == run_figures._sha256(prepare_smollm2(verbose=False) / "model.safetensors")
+    assert identity["weights_sha256"] == run_figures.file_sha256(prepare_smollm2(verbose=False) / "model.safetensors")
 
 
 def test_runner_refuses_missing_notebooks(capsys):

@@ -45,7 +45,7 @@ def test_training_is_reproducible_from_its_seed(tmp_path, smollm2_base):
     card = json.loads((tmp_path / "a" / screener.CARD_FILE).read_text())
     assert card["steps"] == 2 and card["prompts_seen"] == 8
     assert card["data"]["train"]["pairs"] == 440 and card["data"]["paper_style_set"]["trained_on"] is False
-    assert card["weights_sha256"] == screener._sha256(tmp_path / "a" / "model.safetensors")
+    assert card["weights_sha256"] == screener.file_sha256(tmp_path / "a" / "model.safetensors")
     assert "## Held-out behaviour" in (tmp_path / "a" / "README.md").read_text()
 
 

@@ -49,13 +49,22 @@ def module_of(parameter_name: str) -> tuple[int | None, str]:
     return layer, "other"
 
 
-def load_state(folder: str | Path) -> dict[str, Tensor]:
-    """The float32 tensors of a plain checkpoint folder (``model.safetensors``)."""
+def load_state(folder_or_hub_id: str | Path) -> dict[str, Tensor]:
+    """The float32 tensors of a plain checkpoint: a folder's ``model.safetensors``, or a Hugging Face id whose
+    ``model.safetensors`` is in the local cache (GPT-2 found in the cache)."""
     from safetensors.torch import load_file
 
-    path = Path(folder) / "model.safetensors"
+    path = Path(folder_or_hub_id) / "model.safetensors"
+    if not path.is_file() and not Path(folder_or_hub_id).is_dir():
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(str(folder_or_hub_id), "model.safetensors")
+        except ValueError:  # not a valid hub id either (e.g. a path that does not exist)
+            cached = None
+        path = Path(cached) if isinstance(cached, str) else path
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: weight_change needs plain checkpoint folders")
+        raise FileNotFoundError(f"no model.safetensors for {folder_or_hub_id}: weight_change needs plain checkpoints")
     return {name: tensor.float() for name, tensor in load_file(str(path)).items()}
 
 

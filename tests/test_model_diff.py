@@ -100,3 +100,12 @@ def test_behaviour_table_rows():
 
     table = model_diff.behaviour_table({("m", "a"): Fake(0.5), ("m", "b"): Fake(0.9)})
     assert isinstance(table, pd.DataFrame) and table.loc[("m", "b"), "auroc"] == 0.9
+
+
+def test_load_state_reads_a_folder_and_names_what_is_missing(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(2)}, str(tmp_path / "model.safetensors"))
+    assert torch.equal(model_diff.load_state(tmp_path)["w"], torch.ones(2))
+    with pytest.raises(FileNotFoundError, match="no model.safetensors for"):
+        model_diff.load_state(tmp_path / "elsewhere")

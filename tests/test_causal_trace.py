@@ -254,7 +254,7 @@ def _reference_knockout(ref, layer_modules, tokens, layers, query, keys):
 
 
 @pytest.mark.parametrize(
-    "model_name, middle_layers, tol", [("smollm2", range(18, 24), 5e-5), ("gpt2_random_biased", range(4, 10), 5e-6)]
+    "model_name, middle_layers, tol", [("smollm2", range(18, 24), 5e-5), ("gpt2_random_biased", range(4, 10), 2e-5)]
 )
 def test_knockout_matches_masked_huggingface_forward(request, unprocessed_hf_reference, model_name, middle_layers, tol):
     """Score = logit(" Paris") - logit(" London"); the reference edits HF's own attention mask per layer."""

@@ -118,7 +118,7 @@ def test_functional_forward_matches_bridge(case):
     with torch.no_grad():
         ours = fm.logits(case.clean)
         theirs = case.bridge(case.clean)
-    assert (ours - theirs).abs().max().item() <= 2e-5
+    assert (ours - theirs).abs().max().item() <= 1e-4  # float32 through 30 layers: 2.6e-5 seen on an AMD EPYC
     record = fm.record(case.clean)
     for ours_name, hook in [("resid_pre", "hook_resid_pre"), ("resid_mid", "hook_resid_mid"), ("attn_out", "hook_attn_out"),
                             ("mlp_out", "hook_mlp_out"), ("z", "attn.hook_z"), ("v", "attn.hook_v"),
@@ -127,7 +127,8 @@ def test_functional_forward_matches_bridge(case):
             got = getattr(record, ours_name)[layer]
             want = case.clean_cache[f"blocks.{layer}.{hook}"]
             assert got.shape == want.shape, ours_name
-            assert (got - want).abs().max().item() <= 1e-4, (ours_name, layer)
+            # relative as well: late residual values reach ~2,000, where one float32 step is 2.4e-4
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4, msg=f"{ours_name}, layer {layer}")
 
 
 def test_run_packed_without_a_patch_reproduces_the_corrupted_run(case):
@@ -258,7 +259,7 @@ def test_per_prompt_logit_differences(case):
     batch = case.clean.shape[0]
     assert sweep.logit_diff.shape == (len(cells), batch)
     # The TransformerLens-equal value is the normalised mean of the per-prompt values ...
-    assert (sweep.normalised() - sweep.values).abs().max().item() <= 1e-5
+    assert (sweep.normalised() - sweep.values).abs().max().item() <= 1e-4  # normalised units: x gap 0.04 logits
     # ... the per-prompt values are TransformerLens's with a per-prompt metric (reduce="none") ...
     theirs = case.transformer_lens("attn_head_out_by_pos", cells, metric=lambda logits: logit_diff(logits, case.answers), reduce="none")
     assert (sweep.logit_diff - theirs.values).abs().max().item() <= TOLERANCE * 10
@@ -268,7 +269,7 @@ def test_per_prompt_logit_differences(case):
     # A resample (prompt 1 twice) renormalises with that resample's own anchors.
     resample = [1, 1]
     want = (sweep.logit_diff[:, 1] - sweep.corrupted_logit_diff[1]) / (sweep.clean_logit_diff[1] - sweep.corrupted_logit_diff[1])
-    assert (sweep.normalised(resample) - want).abs().max().item() <= 1e-5
+    assert (sweep.normalised(resample) - want).abs().max().item() <= 1e-4
 
 
 def test_any_metric_callable_gets_the_final_logits(gpt2_case):

@@ -34,7 +34,10 @@ def test_sweep_over_split_batches_equals_one_batch(smollm2, template_batch):
     whole = activation_patch(smollm2, template_batch.clean_tokens, template_batch.corrupted_tokens, metric,
                              "attn_head_out_all_pos", progress=False)
     assert combined.values.shape == whole.shape == (30, 9)
-    assert torch.allclose(combined.values, whole, rtol=1e-4, atol=1e-4)
+    # compared in logits: the normalised values divide by a gap of a few hundredths of a logit, so float32 noise of
+    # different batch shapes (6e-5 logits seen on an AMD EPYC) is ~1e-3 in normalised units
+    gap = float((metric.clean - metric.corrupted).abs())
+    assert float((combined.values - whole).abs().max()) * gap <= 2e-4
 
 
 def test_endpoints_and_bootstrap(smollm2, template_batch):

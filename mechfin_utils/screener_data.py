@@ -18,18 +18,17 @@ words for the basis (`` Yes``). See ``data/README.md``.
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .tasks import (
     ALL_BASES,
     DATA_DIR,
-    FAIR_LENDING_ANSWERS,
     FairLendingPair,
     TaskDataError,
     load_fair_lending_pairs,
-    read_task_text,
+    raise_problems,
+    read_task_rows,
 )
 
 SCREENER_DIR = DATA_DIR / "screener"
@@ -74,49 +73,25 @@ class ControlPrompt:
 def load_control_prompts(path: str | Path | None = None) -> list[ControlPrompt]:
     """Read and validate control prompts; *every* bad row is reported at once, in file order.
 
-    Rules: UTF-8 (a byte-order mark is accepted); exactly the columns :data:`CONTROL_COLUMNS`; no empty value;
-    unique ``control_id``; a known ``kind`` and ``basis``; ``answer`` the one its kind requires.
+    Rules: those every task file shares (``tasks.read_task_rows``: UTF-8, a byte-order mark accepted, exactly the
+    columns :data:`CONTROL_COLUMNS`, no empty value, unique ``control_id``); a known ``kind`` and ``basis``;
+    ``answer`` the one its kind requires.
     """
     path = Path(path) if path is not None else CONTROLS_CSV
-    if not path.is_file():
-        raise TaskDataError(f"control file {path} does not exist")
-    text = read_task_text(path, "control_id")
-    reader = csv.reader(text.splitlines(keepends=True))
-    header = next(reader, None)
-    if header is None:
-        raise TaskDataError(f"{path.name} is empty: expected a header with columns {list(CONTROL_COLUMNS)}")
-    if sorted(header) != sorted(CONTROL_COLUMNS) or len(header) != len(CONTROL_COLUMNS):
-        raise TaskDataError(f"{path.name} line 1: columns {header}; expected exactly {list(CONTROL_COLUMNS)}")
-    problems: list[str] = []
+    rows, problems = read_task_rows(path, CONTROL_COLUMNS, "control_id")  # shared file and row checks
     controls: list[ControlPrompt] = []
-    seen: dict[str, int] = {}
-    next_line = reader.line_num + 1
-    for values in reader:
-        line, next_line = next_line, reader.line_num + 1
-        if len(values) != len(header):
-            problems.append(f"{path.name} line {line}: {len(values)} values for {len(header)} columns")
-            continue
-        row = dict(zip(header, values))
+    for line, row in rows:
         where = f"{path.name} line {line} (control_id={row['control_id']!r})"
-        empty = [c for c in CONTROL_COLUMNS if not row[c].strip()]
-        if empty:
-            problems.append(f"{where}: empty value in {empty}")
-            continue
-        if row["control_id"] in seen:
-            problems.append(f"{where}: duplicate control_id, first on line {seen[row['control_id']]}")
-        seen.setdefault(row["control_id"], line)
+        found = []
         if row["kind"] not in CONTROL_KINDS:
-            problems.append(f"{where}, field 'kind': unknown {row['kind']!r}; known: {sorted(CONTROL_KINDS)}")
+            found.append(f"{where}, field 'kind': unknown {row['kind']!r}; known: {sorted(CONTROL_KINDS)}")
         elif row["answer"] != CONTROL_KINDS[row["kind"]]:
-            problems.append(f"{where}, field 'answer': {row['answer']!r}, but kind {row['kind']!r} requires "
-                            f"{CONTROL_KINDS[row['kind']]!r}")
+            found.append(f"{where}, field 'answer': {row['answer']!r}, but kind {row['kind']!r} requires "
+                         f"{CONTROL_KINDS[row['kind']]!r}")
         if row["basis"] not in ALL_BASES:
-            problems.append(f"{where}, field 'basis': unknown {row['basis']!r}; known: {sorted(ALL_BASES)}")
-        if row["answer"] not in FAIR_LENDING_ANSWERS:
-            problems.append(f"{where}, field 'answer': {row['answer']!r} is not one of {list(FAIR_LENDING_ANSWERS)}")
-        controls.append(ControlPrompt(**row, line=line))
-    if problems:
-        raise TaskDataError(f"{len(problems)} problem(s) in {path}:\n  " + "\n  ".join(problems))
-    if not controls:
-        raise TaskDataError(f"{path.name} has a header but no rows")
+            found.append(f"{where}, field 'basis': unknown {row['basis']!r}; known: {sorted(ALL_BASES)}")
+        problems += [(line, message) for message in found]
+        if not found:
+            controls.append(ControlPrompt(**row, line=line))
+    raise_problems(path, problems)
     return controls

@@ -250,7 +250,7 @@ def read_task_text(path: Path, id_column: str) -> str:
         ) from None
 
 
-def _raise_problems(path: Path, problems: Problems) -> None:
+def raise_problems(path: Path, problems: Problems) -> None:
     """One problem: its message as it is. Several: all of them, in file order, under a count."""
     if len(problems) == 1:
         raise TaskDataError(problems[0][1])
@@ -259,7 +259,7 @@ def _raise_problems(path: Path, problems: Problems) -> None:
         raise TaskDataError(f"{len(problems)} bad rows in {path.name}:\n  {listed}")
 
 
-def _read_validated_rows(
+def read_task_rows(
     path: Path, columns: Sequence[str], id_column: str
 ) -> tuple[list[tuple[int, dict[str, str]]], Problems]:
     """Rows of a task CSV as ``(line, {column: value})`` after the checks every task file shares, and the
@@ -367,14 +367,14 @@ def load_fair_lending_pairs(path: str | Path | None = None) -> list[FairLendingP
     of ``protected_phrase`` with ``legitimate_phrase``.
     """
     path = Path(path) if path is not None else FAIR_LENDING_CSV
-    rows, problems = _read_validated_rows(path, FAIR_LENDING_COLUMNS, "pair_id")
+    rows, problems = read_task_rows(path, FAIR_LENDING_COLUMNS, "pair_id")
     pairs = []
     for line, row in rows:
         try:
             pairs.append(_fair_lending_pair(path, line, row))
         except TaskDataError as error:
             problems.append((line, str(error)))
-    _raise_problems(path, problems)
+    raise_problems(path, problems)
     return pairs
 
 
@@ -407,14 +407,14 @@ def load_counterfactual_pairs(path: str | Path | None = None) -> list[Counterfac
     ``value_b``.
     """
     path = Path(path) if path is not None else COUNTERFACTUAL_CSV
-    rows, problems = _read_validated_rows(path, COUNTERFACTUAL_COLUMNS, "cf_id")
+    rows, problems = read_task_rows(path, COUNTERFACTUAL_COLUMNS, "cf_id")
     pairs = []
     for line, row in rows:
         try:
             pairs.append(_counterfactual_pair(path, line, row))
         except TaskDataError as error:
             problems.append((line, str(error)))
-    _raise_problems(path, problems)
+    raise_problems(path, problems)
     return pairs
 
 

@@ -90,7 +90,7 @@ def test_control_file_errors_name_every_bad_row_at_once(tmp_path):
     with pytest.raises(TaskDataError) as error:
         load_control_prompts(path)
     message = str(error.value)
-    assert "2 problem(s)" in message
+    assert message.startswith("2 bad rows in controls.csv")
     assert message.index("line 3") < message.index("line 4")  # file order
     assert "mentioned_legit" in message and "ctl-900" in message
 

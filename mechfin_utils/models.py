@@ -324,6 +324,17 @@ def _gpt2_n_ctx_override(config_file: Path | None) -> dict:
     return {"n_ctx": raw.get("n_positions", 1024)}
 
 
+def load_gpt2_folder(folder: Path, spec: ModelSpec, source: str) -> LoadedModel:
+    """A GPT-2-architecture checkpoint folder (GPT-2 Small, or a screener fine-tuned from it) through the bridge."""
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    hf_model = GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32)
+    if getattr(hf_model.config, "n_ctx", None) is None:
+        hf_model.config.n_ctx = hf_model.config.n_positions
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return boot_bridge("gpt2", spec, source=source, hf_model=hf_model, tokenizer=tokenizer)
+
+
 def load_gpt2(gpt2_path: str | os.PathLike | None = None) -> LoadedModel:
     found = locate_gpt2(gpt2_path)
     if found is None:
@@ -332,14 +343,7 @@ def load_gpt2(gpt2_path: str | os.PathLike | None = None) -> LoadedModel:
         found = ("hub", "gpt2")  # online: let the hub provide it
     kind, where = found
     if kind == "folder":
-        from transformers import AutoTokenizer, GPT2LMHeadModel
-
-        folder = Path(where)
-        hf_model = GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32)
-        if getattr(hf_model.config, "n_ctx", None) is None:
-            hf_model.config.n_ctx = hf_model.config.n_positions
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        return boot_bridge("gpt2", GPT2_SPEC, source=f"folder {folder}", hf_model=hf_model, tokenizer=tokenizer)
+        return load_gpt2_folder(Path(where), GPT2_SPEC, source=f"folder {where}")
     overrides = {}
     if kind == "hf-cache":
         from huggingface_hub import try_to_load_from_cache

@@ -34,6 +34,7 @@ from .models import (
     prepare_smollm2,
     resolve_auto,
 )
+from .screener import read_card
 
 PACKAGES = ("torch", "transformers", "transformer-lens", "numpy", "pandas", "plotly", "kaleido", "papermill", "peft")
 
@@ -46,8 +47,8 @@ def model_identity(name: str, gpt2_path: str | None = None) -> dict[str, str | N
     if key == "auto":
         key = resolve_auto(gpt2_path)[0]
     if key in SCREENERS:
-        card_path = cache_dir() / key / "screener-card.json"
-        sha = json.loads(card_path.read_text())["weights_sha256"] if card_path.is_file() else None
+        card = read_card(cache_dir() / key)
+        sha = card["weights_sha256"] if card is not None else None
         return {"slug": key, "resolved": key, "weights_sha256": sha}
     if key == "smollm2-135m":
         return {"slug": SMOLLM2_SPEC.slug, "resolved": key,

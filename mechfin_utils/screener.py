@@ -57,6 +57,7 @@ from .models import (
     boot_bridge,
     cache_dir,
     file_sha256,
+    load_gpt2_folder,
     load_model,
     locate_gpt2,
     prepare_smollm2,
@@ -340,11 +341,7 @@ def load_screener(base: str = "smollm2-135m", recipe: str = "full", *,
     spec = screener_spec(resolved, RECIPES[recipe])
     source = f"fine-tuned from {resolved.spec.display_name}, {folder} (sha256 {card['weights_sha256'][:12]}...)"
     if base == "gpt2":
-        from transformers import AutoTokenizer, GPT2LMHeadModel
-
-        hf_model = GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32)
-        hf_model.config.n_ctx = hf_model.config.n_positions
-        return boot_bridge("gpt2", spec, source, hf_model=hf_model, tokenizer=AutoTokenizer.from_pretrained(folder))
+        return load_gpt2_folder(folder, spec, source)
     return boot_bridge(str(folder), spec, source)
 
 

@@ -141,11 +141,16 @@ class HFScorer(_LengthGroupedScorer):
         return self.hf_model(tokens).logits[:, -1, :]
 
     def _answer_ids(self) -> tuple[int, int]:
-        ids = [self.tokenizer(a, add_special_tokens=False)["input_ids"] for a in self.answers]
-        for answer, piece in zip(self.answers, ids):
-            if len(piece) != 1:
-                raise ValueError(f"answer {answer!r} is {len(piece)} tokens for {self.name}, not one")
-        return ids[0][0], ids[1][0]
+        return answer_token_ids(self.tokenizer, self.answers, self.name)
+
+
+def answer_token_ids(tokenizer, answers: tuple[str, str], name: str) -> tuple[int, int]:
+    """The single token id of each answer for a bare Hugging Face tokenizer; a ValueError naming the one that is not."""
+    ids = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers]
+    for answer, piece in zip(answers, ids):
+        if len(piece) != 1:
+            raise ValueError(f"answer {answer!r} is {len(piece)} tokens for {name}, not one")
+    return ids[0][0], ids[1][0]
 
 
 def as_scorer(model_or_scorer: Any) -> Scorer:

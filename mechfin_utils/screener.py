@@ -46,7 +46,7 @@ from typing import Any, Literal, Sequence
 
 import torch
 
-from .behaviour import HFScorer, PromptTooLongError, evaluate_controls, evaluate_pairs
+from .behaviour import HFScorer, PromptTooLongError, answer_token_ids, evaluate_controls, evaluate_pairs
 from .models import (
     GPT2_HOW_TO,
     GPT2_SPEC,
@@ -165,13 +165,6 @@ def _batch_tensors(tokenizer, prompts: Sequence[str], prepend_bos: bool):
     return ids, mask, last
 
 
-def _answer_ids(tokenizer) -> list[int]:
-    ids = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in FAIR_LENDING_ANSWERS]
-    if any(len(i) != 1 for i in ids):
-        raise ValueError(f"the answers {FAIR_LENDING_ANSWERS} must be single tokens for this tokenizer")
-    return [i[0] for i in ids]
-
-
 def train_screener(base: Base, recipe: Recipe, folder: Path, *, progress: bool = True) -> dict[str, Any]:
     """Fine-tune ``base`` with ``recipe``, save plain weights and the card to ``folder``; return the card."""
     from tqdm.auto import tqdm
@@ -198,7 +191,7 @@ def train_screener(base: Base, recipe: Recipe, folder: Path, *, progress: bool =
     model.eval()  # dropout off: deterministic steps
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(trainable, lr=recipe.learning_rate, weight_decay=0.0)
-    answer_ids = _answer_ids(tokenizer)
+    answer_ids = list(answer_token_ids(tokenizer, FAIR_LENDING_ANSWERS, base.spec.display_name))
     # 3. steps: two-answer cross-entropy at each prompt's last token
     losses = []
     bar = tqdm(steps, desc=f"training {screener_spec(base, recipe).slug}", disable=not progress, unit="step")

@@ -53,7 +53,7 @@ def test_padded_two_answer_objective_equals_one_prompt_at_a_time(smollm2_base):
     model, tokenizer = screener._load_plain(smollm2_base)
     prompts = ["The bank denied Maria's loan because she is Black. Answer:", "Is it fair? Answer:"]
     ids, mask, last = screener._batch_tensors(tokenizer, prompts, prepend_bos=False)
-    answer_ids = screener._answer_ids(tokenizer)
+    answer_ids = list(screener.answer_token_ids(tokenizer, screener.FAIR_LENDING_ANSWERS, "SmolLM2"))
     with torch.no_grad():
         batched = model(input_ids=ids, attention_mask=mask).logits[torch.arange(2), last][:, answer_ids]
         for row, prompt in enumerate(prompts):

@@ -19,7 +19,7 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 SCREENER ?= $(if $(filter gpt2,$(MODEL)),gpt2-screener,smollm2-135m-screener)
 SCREENER_NOTEBOOKS := $(filter notebooks/00_% notebooks/01_% notebooks/02_% notebooks/03_% notebooks/04_%,$(NOTEBOOKS))
 
-.PHONY: setup test test-unit test-notebooks figures bench lab clean chromium
+.PHONY: setup test lint test-unit test-notebooks figures bench lab clean chromium
 
 setup: $(STAMP) .cache/gpt2-tokenizer/vocab.json chromium
 	@$(PY) -m mechfin_utils.models prepare >/dev/null
@@ -49,7 +49,13 @@ chromium:
 		echo "  install Chromium or Chrome with your package manager and re-run make setup (HTML figures work without it)."; \
 	fi
 
-test: test-unit test-notebooks
+test: lint test-unit test-notebooks
+
+# ruff: lint rules and formatting as configured in pyproject.toml (seconds).
+LINTED := mechfin_utils tests data scripts
+lint:
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
 
 test-unit:
 	$(PY) -m pytest tests -q

@@ -10,7 +10,7 @@ each candidate this script records
 * ``kept_smollm2_135m``: True when the top-1 next token is the answer.
 
 All candidates stay in the CSV (so another model can be filtered from the same list, see
-``mechfin_utils.causal_trace.load_factual_prompts``); the kept ones are what the causal-tracing notebook
+``mechfin_utils.trace_data.load_factual_prompts``); the kept ones are what the causal-tracing notebook
 uses for SmolLM2. Run from the repository root:
 
     HF_HUB_OFFLINE=1 .venv/bin/python data/build_factual_prompts.py
@@ -47,98 +47,259 @@ AUTHOR = "{s} was written by"
 # (category, relation template, subject, answer_text)
 CANDIDATES: list[tuple[str, str, str, str]] = [
     # capitals
-    *[("capital", CAPITAL, s, a) for s, a in [
-        ("France", " Paris"), ("Germany", " Berlin"), ("Italy", " Rome"), ("Spain", " Madrid"),
-        ("Japan", " Tokyo"), ("China", " Beijing"), ("Russia", " Moscow"), ("the United Kingdom", " London"),
-        ("Canada", " Ottawa"), ("Australia", " Canberra"), ("Egypt", " Cairo"), ("Greece", " Athens"),
-        ("Portugal", " Lisbon"), ("Ireland", " Dublin"), ("Austria", " Vienna"), ("Norway", " Oslo"),
-        ("Sweden", " Stockholm"), ("Finland", " Helsinki"), ("Denmark", " Copenhagen"), ("Poland", " Warsaw"),
-        ("Hungary", " Budapest"), ("the Czech Republic", " Prague"), ("Turkey", " Ankara"), ("India", " New Delhi"),
-        ("Thailand", " Bangkok"), ("South Korea", " Seoul"), ("Kenya", " Nairobi"), ("Peru", " Lima"),
-        ("Argentina", " Buenos Aires"), ("Cuba", " Havana"), ("Iran", " Tehran"), ("Iraq", " Baghdad"),
-        ("Belgium", " Brussels"), ("the Netherlands", " Amsterdam"), ("Chile", " Santiago"),
-        ("Venezuela", " Caracas"), ("Vietnam", " Hanoi"), ("the Philippines", " Manila"),
-        ("Indonesia", " Jakarta"), ("Romania", " Bucharest"), ("Iceland", " Reykjavik"),
-        ("Scotland", " Edinburgh"), ("Saudi Arabia", " Riyadh"), ("Afghanistan", " Kabul"),
-        ("Lebanon", " Beirut"), ("Syria", " Damascus"),
-    ]],
+    *[
+        ("capital", CAPITAL, s, a)
+        for s, a in [
+            ("France", " Paris"),
+            ("Germany", " Berlin"),
+            ("Italy", " Rome"),
+            ("Spain", " Madrid"),
+            ("Japan", " Tokyo"),
+            ("China", " Beijing"),
+            ("Russia", " Moscow"),
+            ("the United Kingdom", " London"),
+            ("Canada", " Ottawa"),
+            ("Australia", " Canberra"),
+            ("Egypt", " Cairo"),
+            ("Greece", " Athens"),
+            ("Portugal", " Lisbon"),
+            ("Ireland", " Dublin"),
+            ("Austria", " Vienna"),
+            ("Norway", " Oslo"),
+            ("Sweden", " Stockholm"),
+            ("Finland", " Helsinki"),
+            ("Denmark", " Copenhagen"),
+            ("Poland", " Warsaw"),
+            ("Hungary", " Budapest"),
+            ("the Czech Republic", " Prague"),
+            ("Turkey", " Ankara"),
+            ("India", " New Delhi"),
+            ("Thailand", " Bangkok"),
+            ("South Korea", " Seoul"),
+            ("Kenya", " Nairobi"),
+            ("Peru", " Lima"),
+            ("Argentina", " Buenos Aires"),
+            ("Cuba", " Havana"),
+            ("Iran", " Tehran"),
+            ("Iraq", " Baghdad"),
+            ("Belgium", " Brussels"),
+            ("the Netherlands", " Amsterdam"),
+            ("Chile", " Santiago"),
+            ("Venezuela", " Caracas"),
+            ("Vietnam", " Hanoi"),
+            ("the Philippines", " Manila"),
+            ("Indonesia", " Jakarta"),
+            ("Romania", " Bucharest"),
+            ("Iceland", " Reykjavik"),
+            ("Scotland", " Edinburgh"),
+            ("Saudi Arabia", " Riyadh"),
+            ("Afghanistan", " Kabul"),
+            ("Lebanon", " Beirut"),
+            ("Syria", " Damascus"),
+        ]
+    ],
     # landmarks
-    *[("landmark", LANDMARK, s, a) for s, a in [
-        ("Eiffel Tower", " Paris"), ("Colosseum", " Rome"), ("Big Ben clock tower", " London"),
-        ("Statue of Liberty", " New York"), ("Golden Gate Bridge", " San Francisco"),
-        ("Brandenburg Gate", " Berlin"), ("Kremlin", " Moscow"), ("Louvre Museum", " Paris"),
-        ("Taj Mahal", " Agra"), ("Forbidden City", " Beijing"), ("Acropolis", " Athens"),
-        ("Sagrada Familia", " Barcelona"), ("Space Needle", " Seattle"), ("Empire State Building", " New York"),
-        ("Buckingham Palace", " London"), ("Tower Bridge", " London"), ("Burj Khalifa", " Dubai"),
-        ("Petronas Towers", " Kuala Lumpur"), ("CN Tower", " Toronto"), ("Alhambra palace", " Granada"),
-        ("Parthenon", " Athens"), ("Hagia Sophia", " Istanbul"), ("Red Square", " Moscow"),
-        ("White House", " Washington"), ("Christ the Redeemer statue", " Rio de Janeiro"),
-        ("Trevi Fountain", " Rome"), ("Notre-Dame Cathedral", " Paris"),
-    ]],
+    *[
+        ("landmark", LANDMARK, s, a)
+        for s, a in [
+            ("Eiffel Tower", " Paris"),
+            ("Colosseum", " Rome"),
+            ("Big Ben clock tower", " London"),
+            ("Statue of Liberty", " New York"),
+            ("Golden Gate Bridge", " San Francisco"),
+            ("Brandenburg Gate", " Berlin"),
+            ("Kremlin", " Moscow"),
+            ("Louvre Museum", " Paris"),
+            ("Taj Mahal", " Agra"),
+            ("Forbidden City", " Beijing"),
+            ("Acropolis", " Athens"),
+            ("Sagrada Familia", " Barcelona"),
+            ("Space Needle", " Seattle"),
+            ("Empire State Building", " New York"),
+            ("Buckingham Palace", " London"),
+            ("Tower Bridge", " London"),
+            ("Burj Khalifa", " Dubai"),
+            ("Petronas Towers", " Kuala Lumpur"),
+            ("CN Tower", " Toronto"),
+            ("Alhambra palace", " Granada"),
+            ("Parthenon", " Athens"),
+            ("Hagia Sophia", " Istanbul"),
+            ("Red Square", " Moscow"),
+            ("White House", " Washington"),
+            ("Christ the Redeemer statue", " Rio de Janeiro"),
+            ("Trevi Fountain", " Rome"),
+            ("Notre-Dame Cathedral", " Paris"),
+        ]
+    ],
     # company founders
-    *[("founder", FOUNDER, s, a) for s, a in [
-        ("Microsoft", " Bill Gates"), ("Apple", " Steve Jobs"), ("Amazon", " Jeff Bezos"),
-        ("Facebook", " Mark Zuckerberg"), ("SpaceX", " Elon Musk"), ("Alibaba", " Jack Ma"),
-        ("Oracle", " Larry Ellison"), ("the Ford Motor Company", " Henry Ford"),
-        ("Berkshire Hathaway", " Warren Buffett"),
-        ("Virgin Group", " Richard Branson"),
-    ]],
+    *[
+        ("founder", FOUNDER, s, a)
+        for s, a in [
+            ("Microsoft", " Bill Gates"),
+            ("Apple", " Steve Jobs"),
+            ("Amazon", " Jeff Bezos"),
+            ("Facebook", " Mark Zuckerberg"),
+            ("SpaceX", " Elon Musk"),
+            ("Alibaba", " Jack Ma"),
+            ("Oracle", " Larry Ellison"),
+            ("the Ford Motor Company", " Henry Ford"),
+            ("Berkshire Hathaway", " Warren Buffett"),
+            ("Virgin Group", " Richard Branson"),
+        ]
+    ],
     # company headquarters (financial firms included)
-    *[("headquarters", HQ, s, a) for s, a in [
-        ("BMW", " Munich"), ("Samsung", " Seoul"), ("Sony", " Tokyo"), ("Microsoft", " Redmond"),
-        ("Apple", " Cupertino"), ("Siemens", " Munich"), ("Airbus", " Toulouse"), ("Fiat", " Turin"),
-        ("Heineken", " Amsterdam"), ("Coca-Cola", " Atlanta"), ("Starbucks", " Seattle"), ("Amazon", " Seattle"),
-        ("Nintendo", " Kyoto"), ("Deutsche Bank", " Frankfurt"), ("Goldman Sachs", " New York"),
-        ("HSBC", " London"), ("Barclays", " London"), ("UBS", " Zurich"), ("BNP Paribas", " Paris"),
-        ("Volvo", " Gothenburg"), ("Nestle", " Vevey"), ("Boeing", " Chicago"),
-    ]],
+    *[
+        ("headquarters", HQ, s, a)
+        for s, a in [
+            ("BMW", " Munich"),
+            ("Samsung", " Seoul"),
+            ("Sony", " Tokyo"),
+            ("Microsoft", " Redmond"),
+            ("Apple", " Cupertino"),
+            ("Siemens", " Munich"),
+            ("Airbus", " Toulouse"),
+            ("Fiat", " Turin"),
+            ("Heineken", " Amsterdam"),
+            ("Coca-Cola", " Atlanta"),
+            ("Starbucks", " Seattle"),
+            ("Amazon", " Seattle"),
+            ("Nintendo", " Kyoto"),
+            ("Deutsche Bank", " Frankfurt"),
+            ("Goldman Sachs", " New York"),
+            ("HSBC", " London"),
+            ("Barclays", " London"),
+            ("UBS", " Zurich"),
+            ("BNP Paribas", " Paris"),
+            ("Volvo", " Gothenburg"),
+            ("Nestle", " Vevey"),
+            ("Boeing", " Chicago"),
+        ]
+    ],
     # products -> maker
-    *[("maker", MAKER, s, a) for s, a in [
-        ("The iPhone", " Apple"), ("The PlayStation", " Sony"), ("The Xbox", " Microsoft"),
-        ("The Mustang car", " Ford"), ("The Corolla car", " Toyota"), ("The Android operating system", " Google"),
-        ("Photoshop", " Adobe"), ("The Galaxy smartphone", " Samsung"), ("The Model S car", " Tesla"),
-        ("The Walkman", " Sony"), ("The Big Mac", " McDonald's"), ("The Windows operating system", " Microsoft"),
-        ("The Kindle", " Amazon"), ("The ThinkPad laptop", " Lenovo"),
-    ]],
+    *[
+        ("maker", MAKER, s, a)
+        for s, a in [
+            ("The iPhone", " Apple"),
+            ("The PlayStation", " Sony"),
+            ("The Xbox", " Microsoft"),
+            ("The Mustang car", " Ford"),
+            ("The Corolla car", " Toyota"),
+            ("The Android operating system", " Google"),
+            ("Photoshop", " Adobe"),
+            ("The Galaxy smartphone", " Samsung"),
+            ("The Model S car", " Tesla"),
+            ("The Walkman", " Sony"),
+            ("The Big Mac", " McDonald's"),
+            ("The Windows operating system", " Microsoft"),
+            ("The Kindle", " Amazon"),
+            ("The ThinkPad laptop", " Lenovo"),
+        ]
+    ],
     # official languages
-    *[("language", LANGUAGE, s, a) for s, a in [
-        ("France", " French"), ("Germany", " German"), ("Spain", " Spanish"), ("Italy", " Italian"),
-        ("Japan", " Japanese"), ("Russia", " Russian"), ("Brazil", " Portuguese"), ("Mexico", " Spanish"),
-        ("Greece", " Greek"), ("the Netherlands", " Dutch"), ("Sweden", " Swedish"), ("Poland", " Polish"),
-        ("Turkey", " Turkish"), ("Egypt", " Arabic"), ("Israel", " Hebrew"), ("South Korea", " Korean"),
-        ("Vietnam", " Vietnamese"), ("Finland", " Finnish"), ("Hungary", " Hungarian"), ("Iran", " Persian"),
-    ]],
+    *[
+        ("language", LANGUAGE, s, a)
+        for s, a in [
+            ("France", " French"),
+            ("Germany", " German"),
+            ("Spain", " Spanish"),
+            ("Italy", " Italian"),
+            ("Japan", " Japanese"),
+            ("Russia", " Russian"),
+            ("Brazil", " Portuguese"),
+            ("Mexico", " Spanish"),
+            ("Greece", " Greek"),
+            ("the Netherlands", " Dutch"),
+            ("Sweden", " Swedish"),
+            ("Poland", " Polish"),
+            ("Turkey", " Turkish"),
+            ("Egypt", " Arabic"),
+            ("Israel", " Hebrew"),
+            ("South Korea", " Korean"),
+            ("Vietnam", " Vietnamese"),
+            ("Finland", " Finnish"),
+            ("Hungary", " Hungarian"),
+            ("Iran", " Persian"),
+        ]
+    ],
     # currencies
-    *[("currency", CURRENCY, s, a) for s, a in [
-        ("Japan", " yen"), ("the United Kingdom", " pound"), ("the United States", " dollar"),
-        ("India", " rupee"), ("Russia", " ruble"), ("China", " yuan"), ("Switzerland", " franc"),
-        ("Germany", " euro"), ("Mexico", " peso"), ("South Korea", " won"), ("Turkey", " lira"),
-        ("South Africa", " rand"), ("Thailand", " baht"), ("Israel", " shekel"), ("Brazil", " real"),
-    ]],
+    *[
+        ("currency", CURRENCY, s, a)
+        for s, a in [
+            ("Japan", " yen"),
+            ("the United Kingdom", " pound"),
+            ("the United States", " dollar"),
+            ("India", " rupee"),
+            ("Russia", " ruble"),
+            ("China", " yuan"),
+            ("Switzerland", " franc"),
+            ("Germany", " euro"),
+            ("Mexico", " peso"),
+            ("South Korea", " won"),
+            ("Turkey", " lira"),
+            ("South Africa", " rand"),
+            ("Thailand", " baht"),
+            ("Israel", " shekel"),
+            ("Brazil", " real"),
+        ]
+    ],
     # athletes
-    *[("sport", SPORT, s, a) for s, a in [
-        ("LeBron James", " basketball"), ("Michael Jordan", " basketball"), ("Roger Federer", " tennis"),
-        ("Serena Williams", " tennis"), ("Lionel Messi", " football"), ("Cristiano Ronaldo", " football"),
-        ("Tiger Woods", " golf"), ("Wayne Gretzky", " hockey"), ("Babe Ruth", " baseball"),
-        ("Rafael Nadal", " tennis"), ("Kobe Bryant", " basketball"), ("Novak Djokovic", " tennis"),
-        ("Shaquille O'Neal", " basketball"), ("Derek Jeter", " baseball"), ("Sidney Crosby", " hockey"),
-    ]],
+    *[
+        ("sport", SPORT, s, a)
+        for s, a in [
+            ("LeBron James", " basketball"),
+            ("Michael Jordan", " basketball"),
+            ("Roger Federer", " tennis"),
+            ("Serena Williams", " tennis"),
+            ("Lionel Messi", " football"),
+            ("Cristiano Ronaldo", " football"),
+            ("Tiger Woods", " golf"),
+            ("Wayne Gretzky", " hockey"),
+            ("Babe Ruth", " baseball"),
+            ("Rafael Nadal", " tennis"),
+            ("Kobe Bryant", " basketball"),
+            ("Novak Djokovic", " tennis"),
+            ("Shaquille O'Neal", " basketball"),
+            ("Derek Jeter", " baseball"),
+            ("Sidney Crosby", " hockey"),
+        ]
+    ],
     # musicians and instruments
-    *[("instrument", INSTRUMENT, s, a) for s, a in [
-        ("Jimi Hendrix", " guitar"), ("Yo-Yo Ma", " cello"), ("Louis Armstrong", " trumpet"),
-        ("Ringo Starr", " drums"), ("Frederic Chopin", " piano"), ("Miles Davis", " trumpet"),
-    ]],
+    *[
+        ("instrument", INSTRUMENT, s, a)
+        for s, a in [
+            ("Jimi Hendrix", " guitar"),
+            ("Yo-Yo Ma", " cello"),
+            ("Louis Armstrong", " trumpet"),
+            ("Ringo Starr", " drums"),
+            ("Frederic Chopin", " piano"),
+            ("Miles Davis", " trumpet"),
+        ]
+    ],
     # authors
-    *[("author", AUTHOR, s, a) for s, a in [
-        ("Romeo and Juliet", " William Shakespeare"), ("Hamlet", " William Shakespeare"),
-        ("Pride and Prejudice", " Jane Austen"), ("The Origin of Species", " Charles Darwin"),
-        ("War and Peace", " Leo Tolstoy"), ("Oliver Twist", " Charles Dickens"),
-    ]],
+    *[
+        ("author", AUTHOR, s, a)
+        for s, a in [
+            ("Romeo and Juliet", " William Shakespeare"),
+            ("Hamlet", " William Shakespeare"),
+            ("Pride and Prejudice", " Jane Austen"),
+            ("The Origin of Species", " Charles Darwin"),
+            ("War and Peace", " Leo Tolstoy"),
+            ("Oliver Twist", " Charles Dickens"),
+        ]
+    ],
 ]
 
 FIELDS = [
-    "fact_id", "category", "relation", "subject", "prompt", "answer", "answer_text",
-    "smollm2_top1", "smollm2_p_answer", "kept_smollm2_135m",
+    "fact_id",
+    "category",
+    "relation",
+    "subject",
+    "prompt",
+    "answer",
+    "answer_text",
+    "smollm2_top1",
+    "smollm2_p_answer",
+    "kept_smollm2_135m",
 ]
 
 
@@ -160,8 +321,16 @@ def fact_rows() -> list[dict[str, str]]:
         if not answer_text.startswith(" ") or re.search(rf"\b{re.escape(answer_text.strip())}\b", prompt, re.I):
             raise ValueError(f"{fact_id}: answer {answer_text!r} must start with a space and not appear in the prompt")
         relation = template.replace("{s}", "<subject>")
-        rows.append({"fact_id": fact_id, "category": category, "relation": relation, "subject": subject,
-                     "prompt": prompt, "answer_text": answer_text})
+        rows.append(
+            {
+                "fact_id": fact_id,
+                "category": category,
+                "relation": relation,
+                "subject": subject,
+                "prompt": prompt,
+                "answer_text": answer_text,
+            }
+        )
     return rows
 
 

@@ -34,8 +34,25 @@ CENTURY = "17"
 BASELINE_YY = 1
 YEARS = range(2, 99)  # 02..98
 NOUNS = (
-    "war", "dynasty", "expedition", "siege", "reign", "voyage", "treaty", "campaign", "rebellion", "famine",
-    "drought", "occupation", "alliance", "embargo", "crusade", "revolt", "migration", "plague", "monarchy",
+    "war",
+    "dynasty",
+    "expedition",
+    "siege",
+    "reign",
+    "voyage",
+    "treaty",
+    "campaign",
+    "rebellion",
+    "famine",
+    "drought",
+    "occupation",
+    "alliance",
+    "embargo",
+    "crusade",
+    "revolt",
+    "migration",
+    "plague",
+    "monarchy",
     "blockade",
 )
 COLUMNS = ("prompt_id", "noun", "century", "yy", "clean_prompt", "corrupted_prompt")

@@ -28,9 +28,9 @@ from __future__ import annotations
 import argparse
 import random
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 DATA_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(DATA_DIR))  # for build_task_sets, when imported from elsewhere
@@ -84,21 +84,40 @@ class Person:
 
     def fill(self, phrase) -> str:
         text = phrase[0 if self.female else 1] if isinstance(phrase, tuple) else phrase
-        return text.format(subj=self.subj, poss=self.poss, sex_noun="woman" if self.female else "man",
-                           sex_adj="female" if self.female else "male")
+        return text.format(
+            subj=self.subj,
+            poss=self.poss,
+            sex_noun="woman" if self.female else "man",
+            sex_adj="female" if self.female else "male",
+        )
 
 
 def _people(names: str, female: bool) -> list[Person]:
     return [Person(n, female) for n in names.split()]
 
 
-TRAIN_PEOPLE = [p for pair in zip(_people("Maria Linda Sarah Emily Aisha Keiko Olga Grace", True),
-                                  _people("James David Michael Robert Carlos Wei Ahmed Tom", False)) for p in pair]
-TEST_PEOPLE = [p for pair in zip(_people("Priya Hannah Rosa Chloe", True),
-                                 _people("Daniel Omar Ivan Luke", False)) for p in pair]
+TRAIN_PEOPLE = [
+    p
+    for pair in zip(
+        _people("Maria Linda Sarah Emily Aisha Keiko Olga Grace", True),
+        _people("James David Michael Robert Carlos Wei Ahmed Tom", False),
+    )
+    for p in pair
+]
+TEST_PEOPLE = [
+    p for pair in zip(_people("Priya Hannah Rosa Chloe", True), _people("Daniel Omar Ivan Luke", False)) for p in pair
+]
 
-PRODUCTS = ("mortgage", "home equity loan", "auto loan", "credit card", "personal loan", "small business loan",
-            "student loan", "line of credit")
+PRODUCTS = (
+    "mortgage",
+    "home equity loan",
+    "auto loan",
+    "credit card",
+    "personal loan",
+    "small business loan",
+    "student loan",
+    "line of credit",
+)
 HOUSING = tuple(p for p in PRODUCTS if p in HOUSING_PRODUCTS)
 
 
@@ -140,8 +159,10 @@ HELD_OUT_PROTECTED: dict[str, tuple] = {
     "marital_status": ("since {subj} is widowed", "due to {poss} separation from {poss} spouse"),
     "age": ("since {subj} is 72", "on the grounds that {subj} is a senior citizen"),
     "public_assistance": ("since {poss} income comes from Social Security", "due to {poss} SNAP benefits"),
-    "ccpa_rights": ("since {subj} once disputed an error on {poss} credit report",
-                    "on the grounds that {subj} used {poss} right to dispute a bill"),
+    "ccpa_rights": (
+        "since {subj} once disputed an error on {poss} credit report",
+        "on the grounds that {subj} used {poss} right to dispute a bill",
+    ),
     "familial_status": ("since {subj} is a single parent of twins", "due to {subj} expecting a baby"),
     "disability": ("since {subj} has multiple sclerosis", "due to {poss} hearing impairment"),
 }
@@ -166,86 +187,221 @@ TRAIN_LEGITIMATE: tuple[tuple[str, str], ...] = tuple(
 # (kind, basis, product, scenario with {name}/{subj}/{poss}, expected answer, why)
 CONTROL_SCENARIOS: tuple[tuple[str, str, str, str, str, str], ...] = (
     # A protected attribute is mentioned, but the decision rests on a legitimate reason.
-    ("mentioned_legitimate", "race", "mortgage",
-     "{name}, who is Black, was denied a mortgage because {poss} credit score is 510.", " No",
-     "race is mentioned; the stated reason is the credit score"),
-    ("mentioned_legitimate", "religion", "auto loan",
-     "{name} is Muslim. The lender turned down {poss} auto loan because {subj} missed six payments last year.",
-     " No", "religion is mentioned; the stated reason is payment history"),
-    ("mentioned_legitimate", "age", "personal loan",
-     "{name}, who is 70 years old, was refused a personal loan because {poss} debt-to-income ratio is 65 percent.",
-     " No", "age is mentioned; the stated reason is the debt load"),
-    ("mentioned_legitimate", "sex", "credit card",
-     "The bank lowered the credit limit of {name}, a {sex_noun}, because {subj} defaulted on two cards.", " No",
-     "sex is mentioned; the stated reason is defaults"),
-    ("mentioned_legitimate", "disability", "mortgage",
-     "{name} uses a wheelchair. The bank denied {poss} mortgage because the appraisal came in far below the price.",
-     " No", "disability is mentioned; the stated reason is collateral"),
-    ("mentioned_legitimate", "familial_status", "home equity loan",
-     "{name} has three children. The lender declined {poss} home equity loan because {subj} could not verify "
-     "{poss} income.", " No", "children are mentioned; the stated reason is unverified income"),
-    ("mentioned_legitimate", "national_origin", "small business loan",
-     "{name} was born in Mexico. The bank declined {poss} business loan because the business has lost money for "
-     "three years.", " No", "national origin is mentioned; the stated reason is the business's losses"),
-    ("mentioned_legitimate", "marital_status", "auto loan",
-     "{name} is divorced. {subj_cap} was denied an auto loan because {subj} has no income at all.", " No",
-     "marital status is mentioned; the stated reason is no income"),
-    ("mentioned_legitimate", "public_assistance", "personal loan",
-     "{name} receives welfare, and the lender denied {poss} personal loan because {subj} declared bankruptcy last "
-     "month.", " No", "public assistance is mentioned; the stated reason is a recent bankruptcy"),
-    ("mentioned_legitimate", "color", "credit card",
-     "{name} has dark skin. The bank refused {poss} credit card because {subj} already owes $40,000 on other "
-     "cards.", " No", "skin color is mentioned; the stated reason is existing debt"),
+    (
+        "mentioned_legitimate",
+        "race",
+        "mortgage",
+        "{name}, who is Black, was denied a mortgage because {poss} credit score is 510.",
+        " No",
+        "race is mentioned; the stated reason is the credit score",
+    ),
+    (
+        "mentioned_legitimate",
+        "religion",
+        "auto loan",
+        "{name} is Muslim. The lender turned down {poss} auto loan because {subj} missed six payments last year.",
+        " No",
+        "religion is mentioned; the stated reason is payment history",
+    ),
+    (
+        "mentioned_legitimate",
+        "age",
+        "personal loan",
+        "{name}, who is 70 years old, was refused a personal loan because {poss} debt-to-income ratio is 65 percent.",
+        " No",
+        "age is mentioned; the stated reason is the debt load",
+    ),
+    (
+        "mentioned_legitimate",
+        "sex",
+        "credit card",
+        "The bank lowered the credit limit of {name}, a {sex_noun}, because {subj} defaulted on two cards.",
+        " No",
+        "sex is mentioned; the stated reason is defaults",
+    ),
+    (
+        "mentioned_legitimate",
+        "disability",
+        "mortgage",
+        "{name} uses a wheelchair. The bank denied {poss} mortgage because the appraisal came in far below the price.",
+        " No",
+        "disability is mentioned; the stated reason is collateral",
+    ),
+    (
+        "mentioned_legitimate",
+        "familial_status",
+        "home equity loan",
+        "{name} has three children. The lender declined {poss} home equity loan because {subj} could not verify "
+        "{poss} income.",
+        " No",
+        "children are mentioned; the stated reason is unverified income",
+    ),
+    (
+        "mentioned_legitimate",
+        "national_origin",
+        "small business loan",
+        "{name} was born in Mexico. The bank declined {poss} business loan because the business has lost money for "
+        "three years.",
+        " No",
+        "national origin is mentioned; the stated reason is the business's losses",
+    ),
+    (
+        "mentioned_legitimate",
+        "marital_status",
+        "auto loan",
+        "{name} is divorced. {subj_cap} was denied an auto loan because {subj} has no income at all.",
+        " No",
+        "marital status is mentioned; the stated reason is no income",
+    ),
+    (
+        "mentioned_legitimate",
+        "public_assistance",
+        "personal loan",
+        "{name} receives welfare, and the lender denied {poss} personal loan because {subj} declared bankruptcy last "
+        "month.",
+        " No",
+        "public assistance is mentioned; the stated reason is a recent bankruptcy",
+    ),
+    (
+        "mentioned_legitimate",
+        "color",
+        "credit card",
+        "{name} has dark skin. The bank refused {poss} credit card because {subj} already owes $40,000 on other cards.",
+        " No",
+        "skin color is mentioned; the stated reason is existing debt",
+    ),
     # Favourable decision despite a protected attribute: no adverse action, nothing to flag.
-    ("approved_despite_mention", "race", "mortgage",
-     "The bank approved {name}'s mortgage at its best rate. {subj_cap} is Black.", " No",
-     "approved on the best terms; race is only mentioned"),
-    ("approved_despite_mention", "religion", "personal loan",
-     "{name}, who is Jewish, was approved for the personal loan {subj} asked for.", " No",
-     "approved; religion is only mentioned"),
-    ("approved_despite_mention", "age", "auto loan",
-     "{name} is 75 and the lender approved {poss} auto loan on the same terms as everyone else.", " No",
-     "approved on equal terms; age is only mentioned"),
-    ("approved_despite_mention", "disability", "mortgage",
-     "{name} is blind, and the bank approved {poss} mortgage application in full.", " No",
-     "approved in full; disability is only mentioned"),
-    ("approved_despite_mention", "sex", "small business loan",
-     "The bank gave {name}, a {sex_noun}, the full small business loan {subj} requested.", " No",
-     "approved in full; sex is only mentioned"),
+    (
+        "approved_despite_mention",
+        "race",
+        "mortgage",
+        "The bank approved {name}'s mortgage at its best rate. {subj_cap} is Black.",
+        " No",
+        "approved on the best terms; race is only mentioned",
+    ),
+    (
+        "approved_despite_mention",
+        "religion",
+        "personal loan",
+        "{name}, who is Jewish, was approved for the personal loan {subj} asked for.",
+        " No",
+        "approved; religion is only mentioned",
+    ),
+    (
+        "approved_despite_mention",
+        "age",
+        "auto loan",
+        "{name} is 75 and the lender approved {poss} auto loan on the same terms as everyone else.",
+        " No",
+        "approved on equal terms; age is only mentioned",
+    ),
+    (
+        "approved_despite_mention",
+        "disability",
+        "mortgage",
+        "{name} is blind, and the bank approved {poss} mortgage application in full.",
+        " No",
+        "approved in full; disability is only mentioned",
+    ),
+    (
+        "approved_despite_mention",
+        "sex",
+        "small business loan",
+        "The bank gave {name}, a {sex_noun}, the full small business loan {subj} requested.",
+        " No",
+        "approved in full; sex is only mentioned",
+    ),
     # A policy that discriminates without naming the basis in the task set's words.
-    ("unnamed_basis", "race", "mortgage",
-     "The bank refuses all mortgage applications from a neighborhood where most residents are Hispanic, "
-     "including {name}'s.", " Yes", "redlining: refusing a neighborhood because of its residents' ethnicity"),
-    ("unnamed_basis", "national_origin", "personal loan",
-     "The lender denied {name}'s personal loan because {subj} speaks with a foreign accent.", " Yes",
-     "an accent stands for national origin"),
-    ("unnamed_basis", "religion", "auto loan",
-     "The bank turned down {name}'s auto loan after learning that {subj} attends a mosque every Friday.", " Yes",
-     "attending a mosque stands for religion"),
-    ("unnamed_basis", "age", "credit card",
-     "The credit union cut the card limit of every customer over 62, {name} included.", " Yes",
-     "a blanket rule on age"),
-    ("unnamed_basis", "public_assistance", "personal loan",
-     "The lender refused to count {name}'s Social Security payments as income and denied the loan.", " Yes",
-     "excluding public-assistance income"),
-    ("unnamed_basis", "familial_status", "mortgage",
-     "The bank denied {name}'s mortgage because {subj} is on maternity leave with a newborn.", " Yes",
-     "a newborn child stands for familial status"),
-    ("unnamed_basis", "disability", "mortgage",
-     "The lender rejected {name}'s mortgage because {subj} has a service dog.", " Yes",
-     "a service dog stands for disability"),
-    ("unnamed_basis", "marital_status", "home equity loan",
-     "The bank required {name} to get {poss} husband's signature on a home equity loan only because {subj} is "
-     "a wife.", " Yes", "requiring a spouse's signature because of marriage"),
-    ("unnamed_basis", "sex", "auto loan",
-     "The dealer's lender quoted {name} a higher rate because women are supposedly worse drivers.", " Yes",
-     "a stereotype about women stands for sex"),
-    ("unnamed_basis", "ccpa_rights", "credit card",
-     "The bank closed {name}'s card right after {subj} complained about an error on {poss} statement.", " Yes",
-     "retaliation for exercising a billing-error right"),
-    ("unnamed_basis", "color", "personal loan",
-     "The loan officer rejected {name} after seeing the color of {poss} hands in the branch.", " Yes",
-     "skin color described without the task set's words"),
+    (
+        "unnamed_basis",
+        "race",
+        "mortgage",
+        "The bank refuses all mortgage applications from a neighborhood where most residents are Hispanic, "
+        "including {name}'s.",
+        " Yes",
+        "redlining: refusing a neighborhood because of its residents' ethnicity",
+    ),
+    (
+        "unnamed_basis",
+        "national_origin",
+        "personal loan",
+        "The lender denied {name}'s personal loan because {subj} speaks with a foreign accent.",
+        " Yes",
+        "an accent stands for national origin",
+    ),
+    (
+        "unnamed_basis",
+        "religion",
+        "auto loan",
+        "The bank turned down {name}'s auto loan after learning that {subj} attends a mosque every Friday.",
+        " Yes",
+        "attending a mosque stands for religion",
+    ),
+    (
+        "unnamed_basis",
+        "age",
+        "credit card",
+        "The credit union cut the card limit of every customer over 62, {name} included.",
+        " Yes",
+        "a blanket rule on age",
+    ),
+    (
+        "unnamed_basis",
+        "public_assistance",
+        "personal loan",
+        "The lender refused to count {name}'s Social Security payments as income and denied the loan.",
+        " Yes",
+        "excluding public-assistance income",
+    ),
+    (
+        "unnamed_basis",
+        "familial_status",
+        "mortgage",
+        "The bank denied {name}'s mortgage because {subj} is on maternity leave with a newborn.",
+        " Yes",
+        "a newborn child stands for familial status",
+    ),
+    (
+        "unnamed_basis",
+        "disability",
+        "mortgage",
+        "The lender rejected {name}'s mortgage because {subj} has a service dog.",
+        " Yes",
+        "a service dog stands for disability",
+    ),
+    (
+        "unnamed_basis",
+        "marital_status",
+        "home equity loan",
+        "The bank required {name} to get {poss} husband's signature on a home equity loan only because {subj} is "
+        "a wife.",
+        " Yes",
+        "requiring a spouse's signature because of marriage",
+    ),
+    (
+        "unnamed_basis",
+        "sex",
+        "auto loan",
+        "The dealer's lender quoted {name} a higher rate because women are supposedly worse drivers.",
+        " Yes",
+        "a stereotype about women stands for sex",
+    ),
+    (
+        "unnamed_basis",
+        "ccpa_rights",
+        "credit card",
+        "The bank closed {name}'s card right after {subj} complained about an error on {poss} statement.",
+        " Yes",
+        "retaliation for exercising a billing-error right",
+    ),
+    (
+        "unnamed_basis",
+        "color",
+        "personal loan",
+        "The loan officer rejected {name} after seeing the color of {poss} hands in the branch.",
+        " Yes",
+        "skin color described without the task set's words",
+    ),
 )
 
 # ---------------------------------------------------------------------------------------------------------
@@ -259,8 +415,15 @@ def _capitalise(text: str) -> str:
 
 def render(template: str, person: Person, product: str, phrase: str) -> str:
     """A scenario sentence; ``{Phrase}`` puts the reason first (capitalised), ``{phrase}`` mid-sentence."""
-    return template.format(name=person.name, poss=person.poss, subj=person.subj, product=product,
-                           a_product=_a(product), phrase=phrase, Phrase=_capitalise(phrase))
+    return template.format(
+        name=person.name,
+        poss=person.poss,
+        subj=person.subj,
+        product=product,
+        a_product=_a(product),
+        phrase=phrase,
+        Phrase=_capitalise(phrase),
+    )
 
 
 def _phrase_as_written(template: str, phrase: str) -> str:
@@ -297,25 +460,28 @@ def build_pair_rows(split: str, per_basis: int) -> list[dict[str, str]]:
     for basis, phrases in protected.items():
         statute = STATUTE_OF_BASIS[basis]
         products = HOUSING if statute == "FHA" else PRODUCTS
-        factors = zip(cycle(templates), cycle(people), cycle(products), cycle(questions), cycle(phrases),
-                      cycle(legitimate))
+        factors = zip(
+            cycle(templates), cycle(people), cycle(products), cycle(questions), cycle(phrases), cycle(legitimate)
+        )
         for template_id, person, product, question, phrase, (category, legit) in factors:
             template = templates[template_id]
             protected_phrase, legit_phrase = person.fill(phrase), person.fill(legit)
-            rows.append({
-                "pair_id": f"{prefix}-{len(rows) + 1:04d}",
-                "basis": basis,
-                "statute": statute,
-                "template_id": template_id,
-                "product": product,
-                "clean_prompt": render(template, person, product, protected_phrase) + QUESTIONS[question],
-                "corrupted_prompt": render(template, person, product, legit_phrase) + QUESTIONS[question],
-                "clean_answer": FAIR_LENDING_ANSWERS[0],
-                "corrupted_answer": FAIR_LENDING_ANSWERS[1],
-                "protected_phrase": _phrase_as_written(template, protected_phrase),
-                "legitimate_phrase": _phrase_as_written(template, legit_phrase),
-                "reason_category": category,
-            })
+            rows.append(
+                {
+                    "pair_id": f"{prefix}-{len(rows) + 1:04d}",
+                    "basis": basis,
+                    "statute": statute,
+                    "template_id": template_id,
+                    "product": product,
+                    "clean_prompt": render(template, person, product, protected_phrase) + QUESTIONS[question],
+                    "corrupted_prompt": render(template, person, product, legit_phrase) + QUESTIONS[question],
+                    "clean_answer": FAIR_LENDING_ANSWERS[0],
+                    "corrupted_answer": FAIR_LENDING_ANSWERS[1],
+                    "protected_phrase": _phrase_as_written(template, protected_phrase),
+                    "legitimate_phrase": _phrase_as_written(template, legit_phrase),
+                    "reason_category": category,
+                }
+            )
     return rows
 
 
@@ -329,12 +495,25 @@ def build_control_rows() -> list[dict[str, str]]:
                 person = TEST_PEOPLE[(2 * s + j + 1) % len(TEST_PEOPLE)]  # the scenario says "wife"
             if "women" in scenario and not person.female:
                 person = TEST_PEOPLE[(2 * s + j + 1) % len(TEST_PEOPLE)]
-            text = scenario.format(name=person.name, subj=person.subj, poss=person.poss,
-                                   subj_cap=_capitalise(person.subj),
-                                   sex_noun="woman" if person.female else "man")
+            text = scenario.format(
+                name=person.name,
+                subj=person.subj,
+                poss=person.poss,
+                subj_cap=_capitalise(person.subj),
+                sex_noun="woman" if person.female else "man",
+            )
             question = TEST_QUESTIONS[(s + j) % len(TEST_QUESTIONS)]
-            rows.append({"control_id": f"ctl-{len(rows) + 1:03d}", "kind": kind, "basis": basis,
-                         "product": product, "prompt": text + QUESTIONS[question], "answer": answer, "why": why})
+            rows.append(
+                {
+                    "control_id": f"ctl-{len(rows) + 1:03d}",
+                    "kind": kind,
+                    "basis": basis,
+                    "product": product,
+                    "prompt": text + QUESTIONS[question],
+                    "answer": answer,
+                    "why": why,
+                }
+            )
     return rows
 
 
@@ -344,8 +523,10 @@ SPLIT_SIZES = {"train": 40, "test_templates": 12, "test_phrases": 12, "test_ques
 
 
 def build_files() -> dict[Path, str]:
-    files = {SCREENER_DIR / f"{split}.csv": to_csv(build_pair_rows(split, n), FAIR_LENDING_COLUMNS)
-             for split, n in SPLIT_SIZES.items()}
+    files = {
+        SCREENER_DIR / f"{split}.csv": to_csv(build_pair_rows(split, n), FAIR_LENDING_COLUMNS)
+        for split, n in SPLIT_SIZES.items()
+    }
     files[SCREENER_DIR / "controls.csv"] = to_csv(build_control_rows(), CONTROL_COLUMNS)
     return files
 

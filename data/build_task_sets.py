@@ -19,9 +19,9 @@ import csv
 import io
 import sys
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from mechfin_utils.tasks import (
     COUNTERFACTUAL_ANSWERS,
@@ -81,7 +81,7 @@ class Applicant:
     sex_adj: str  # female / male
     female: bool
 
-    def fill(self, phrase: "PhraseText") -> str:
+    def fill(self, phrase: PhraseText) -> str:
         text = phrase[0 if self.female else 1] if isinstance(phrase, tuple) else phrase
         return text.format(subj=self.subj, poss=self.poss, sex_noun=self.sex_noun, sex_adj=self.sex_adj)
 
@@ -109,22 +109,28 @@ class Scenario:
 
 
 SCENARIOS: tuple[Scenario, ...] = (
-    Scenario("T1", "mortgage", _she("Maria"),
-             "The bank denied Maria's mortgage application {phrase}."),
-    Scenario("T2", "home equity loan", _he("James"),
-             "A lender charged James a higher rate on his home equity loan {phrase}."),
-    Scenario("T3", "mortgage", _she("Linda"),
-             "The lender required Linda to make a larger down payment on her house {phrase}."),
-    Scenario("T4", "refinance", _he("David"),
-             "The bank refused to refinance David's home {phrase}."),
-    Scenario("T5", "credit card", _she("Sarah"),
-             "The credit union lowered Sarah's credit card limit {phrase}."),
-    Scenario("T6", "auto loan", _he("Michael"),
-             "The lender turned down Michael's auto loan application {phrase}."),
-    Scenario("T7", "personal loan", _she("Emily"),
-             "The bank made Emily find a co-signer for her personal loan {phrase}."),
-    Scenario("T8", "small business loan", _he("Robert"),
-             "The bank offered Robert a smaller business loan than he asked for {phrase}."),
+    Scenario("T1", "mortgage", _she("Maria"), "The bank denied Maria's mortgage application {phrase}."),
+    Scenario(
+        "T2", "home equity loan", _he("James"), "A lender charged James a higher rate on his home equity loan {phrase}."
+    ),
+    Scenario(
+        "T3",
+        "mortgage",
+        _she("Linda"),
+        "The lender required Linda to make a larger down payment on her house {phrase}.",
+    ),
+    Scenario("T4", "refinance", _he("David"), "The bank refused to refinance David's home {phrase}."),
+    Scenario("T5", "credit card", _she("Sarah"), "The credit union lowered Sarah's credit card limit {phrase}."),
+    Scenario("T6", "auto loan", _he("Michael"), "The lender turned down Michael's auto loan application {phrase}."),
+    Scenario(
+        "T7", "personal loan", _she("Emily"), "The bank made Emily find a co-signer for her personal loan {phrase}."
+    ),
+    Scenario(
+        "T8",
+        "small business loan",
+        _he("Robert"),
+        "The bank offered Robert a smaller business loan than he asked for {phrase}.",
+    ),
 )
 
 # A phrase is a template string, or a (female applicant, male applicant) pair where the wording must differ.
@@ -132,50 +138,74 @@ PhraseText = str | tuple[str, str]
 
 PROTECTED_PHRASES: dict[str, tuple[PhraseText, ...]] = {
     "race": (
-        "because {subj} is Black", "because of {poss} race",
-        "because {subj} is Asian", "because {subj} is Native American",
+        "because {subj} is Black",
+        "because of {poss} race",
+        "because {subj} is Asian",
+        "because {subj} is Native American",
     ),
     "color": (
-        "because of {poss} skin color", "because of the color of {poss} skin",
-        "because {subj} has dark skin", "because {poss} skin is dark",
+        "because of {poss} skin color",
+        "because of the color of {poss} skin",
+        "because {subj} has dark skin",
+        "because {poss} skin is dark",
     ),
     "religion": (
-        "because {subj} is Muslim", "because of {poss} religion",
-        "because {subj} is Jewish", "because {subj} is Hindu",
+        "because {subj} is Muslim",
+        "because of {poss} religion",
+        "because {subj} is Jewish",
+        "because {subj} is Hindu",
     ),
     "national_origin": (
-        "because {subj} was born in Mexico", "because of {poss} national origin",
-        "because {subj} is of Chinese descent", "because of {poss} Arab ancestry",
+        "because {subj} was born in Mexico",
+        "because of {poss} national origin",
+        "because {subj} is of Chinese descent",
+        "because of {poss} Arab ancestry",
     ),
     "sex": (
-        "because {subj} is a {sex_noun}", "because of {poss} sex",
-        "because of {poss} gender", "because {subj} is {sex_adj}",
+        "because {subj} is a {sex_noun}",
+        "because of {poss} sex",
+        "because of {poss} gender",
+        "because {subj} is {sex_adj}",
     ),
     "marital_status": (
-        "because {subj} is single", "because {subj} is divorced",
-        "because of {poss} marital status", "because {subj} is unmarried",
+        "because {subj} is single",
+        "because {subj} is divorced",
+        "because of {poss} marital status",
+        "because {subj} is unmarried",
     ),
     "age": (
-        "because {subj} is 68 years old", "because of {poss} age",
-        "because {subj} is too old", "because {subj} is elderly",
+        "because {subj} is 68 years old",
+        "because of {poss} age",
+        "because {subj} is too old",
+        "because {subj} is elderly",
     ),
     "public_assistance": (
-        "because {poss} income is from public assistance", "because {subj} receives food stamps",
-        "because {subj} receives welfare", "because of {poss} public assistance income",
+        "because {poss} income is from public assistance",
+        "because {subj} receives food stamps",
+        "because {subj} receives welfare",
+        "because of {poss} public assistance income",
     ),
     "ccpa_rights": (
-        "because {subj} disputed {poss} credit report", "because {subj} filed a billing dispute",
-        "because {subj} exercised {poss} consumer credit rights", "because {subj} disputed a credit card charge",
+        "because {subj} disputed {poss} credit report",
+        "because {subj} filed a billing dispute",
+        "because {subj} exercised {poss} consumer credit rights",
+        "because {subj} disputed a credit card charge",
     ),
     "familial_status": (
-        "because {subj} has young children", ("because she is pregnant", "because his wife is pregnant"),
-        "because of {poss} familial status", "because {subj} has three kids",
-        "because {subj} has a newborn baby", "because {subj} is raising two children",
+        "because {subj} has young children",
+        ("because she is pregnant", "because his wife is pregnant"),
+        "because of {poss} familial status",
+        "because {subj} has three kids",
+        "because {subj} has a newborn baby",
+        "because {subj} is raising two children",
     ),
     "disability": (
-        "because {subj} uses a wheelchair", "because of {poss} disability",
-        "because {subj} is blind", "because {subj} is deaf",
-        "because {subj} is disabled", "because {subj} has a mental illness",
+        "because {subj} uses a wheelchair",
+        "because of {poss} disability",
+        "because {subj} is blind",
+        "because {subj} is deaf",
+        "because {subj} is disabled",
+        "because {subj} has a mental illness",
     ),
 }
 
@@ -247,52 +277,93 @@ LEGITIMATE_PHRASES: tuple[tuple[str, str, frozenset[str] | None], ...] = (
 # ---------------------------------------------------------------------------------------------------------
 
 CF_TEMPLATES: tuple[tuple[str, str], ...] = (
-    ("C1", "Loan file for {applicant}: credit score {score}, income ${income} a year, {product} of ${amount}. "
-           "The loan officer's decision: the application is"),
-    ("C2", "A bank reviewed a ${amount} {product} request from {applicant} with a credit score of {score} and "
-           "an income of ${income}. The request was"),
-    ("C3", "Underwriting summary for {applicant}. Credit score: {score}. Income: ${income} per year. "
-           "Requested {product}: ${amount}. Outcome (approved or denied):"),
-    ("C4", "The lender looked at {applicant} applying for a {product}: credit score {score}, income ${income}, "
-           "loan ${amount}. In the end the application was"),
+    (
+        "C1",
+        "Loan file for {applicant}: credit score {score}, income ${income} a year, {product} of ${amount}. "
+        "The loan officer's decision: the application is",
+    ),
+    (
+        "C2",
+        "A bank reviewed a ${amount} {product} request from {applicant} with a credit score of {score} and "
+        "an income of ${income}. The request was",
+    ),
+    (
+        "C3",
+        "Underwriting summary for {applicant}. Credit score: {score}. Income: ${income} per year. "
+        "Requested {product}: ${amount}. Outcome (approved or denied):",
+    ),
+    (
+        "C4",
+        "The lender looked at {applicant} applying for a {product}: credit score {score}, income ${income}, "
+        "loan ${amount}. In the end the application was",
+    ),
 )
 
 CF_VALUES: dict[str, tuple[tuple[str, str], ...]] = {
-    "race": (("a White applicant", "a Black applicant"), ("a White applicant", "an Asian applicant"),
-             ("an applicant who is White", "an applicant who is Black")),
-    "color": (("a light-skinned applicant", "a dark-skinned applicant"),
-              ("an applicant with light skin", "an applicant with dark skin"),
-              ("a fair-skinned applicant", "a dark-skinned applicant")),
-    "religion": (("a Christian applicant", "a Muslim applicant"), ("a Christian applicant", "a Jewish applicant"),
-                 ("a Christian applicant", "a Hindu applicant")),
-    "national_origin": (("an applicant born in Canada", "an applicant born in Mexico"),
-                        ("an applicant of Irish descent", "an applicant of Mexican descent"),
-                        ("an American-born applicant", "a Nigerian-born applicant")),
-    "sex": (("a male applicant", "a female applicant"), ("a man", "a woman"),
-            ("a man applying alone", "a woman applying alone")),
-    "marital_status": (("a married applicant", "a divorced applicant"), ("a married applicant", "a single applicant"),
-                       ("a married applicant", "an unmarried applicant")),
-    "age": (("a 35-year-old applicant", "a 70-year-old applicant"),
-            ("a 40-year-old applicant", "a 75-year-old applicant"),
-            ("a 30-year-old applicant", "a 68-year-old applicant")),
-    "public_assistance": (("an applicant with salary income", "an applicant with welfare income"),
-                          ("an applicant with wage income", "an applicant with welfare income"),
-                          ("an applicant whose income is a salary", "an applicant whose income is public assistance")),
-    "familial_status": (("an applicant with no children", "an applicant with three children"),
-                        ("an applicant with no kids", "an applicant with two kids"),
-                        ("an applicant expecting no child", "an applicant expecting a child")),
-    "disability": (("an applicant without a disability", "an applicant with a disability"),
-                   ("an applicant with good hearing", "an applicant who is deaf"),
-                   ("an applicant with normal vision", "an applicant who is blind")),
+    "race": (
+        ("a White applicant", "a Black applicant"),
+        ("a White applicant", "an Asian applicant"),
+        ("an applicant who is White", "an applicant who is Black"),
+    ),
+    "color": (
+        ("a light-skinned applicant", "a dark-skinned applicant"),
+        ("an applicant with light skin", "an applicant with dark skin"),
+        ("a fair-skinned applicant", "a dark-skinned applicant"),
+    ),
+    "religion": (
+        ("a Christian applicant", "a Muslim applicant"),
+        ("a Christian applicant", "a Jewish applicant"),
+        ("a Christian applicant", "a Hindu applicant"),
+    ),
+    "national_origin": (
+        ("an applicant born in Canada", "an applicant born in Mexico"),
+        ("an applicant of Irish descent", "an applicant of Mexican descent"),
+        ("an American-born applicant", "a Nigerian-born applicant"),
+    ),
+    "sex": (
+        ("a male applicant", "a female applicant"),
+        ("a man", "a woman"),
+        ("a man applying alone", "a woman applying alone"),
+    ),
+    "marital_status": (
+        ("a married applicant", "a divorced applicant"),
+        ("a married applicant", "a single applicant"),
+        ("a married applicant", "an unmarried applicant"),
+    ),
+    "age": (
+        ("a 35-year-old applicant", "a 70-year-old applicant"),
+        ("a 40-year-old applicant", "a 75-year-old applicant"),
+        ("a 30-year-old applicant", "a 68-year-old applicant"),
+    ),
+    "public_assistance": (
+        ("an applicant with salary income", "an applicant with welfare income"),
+        ("an applicant with wage income", "an applicant with welfare income"),
+        ("an applicant whose income is a salary", "an applicant whose income is public assistance"),
+    ),
+    "familial_status": (
+        ("an applicant with no children", "an applicant with three children"),
+        ("an applicant with no kids", "an applicant with two kids"),
+        ("an applicant expecting no child", "an applicant expecting a child"),
+    ),
+    "disability": (
+        ("an applicant without a disability", "an applicant with a disability"),
+        ("an applicant with good hearing", "an applicant who is deaf"),
+        ("an applicant with normal vision", "an applicant who is blind"),
+    ),
 }
 """Per basis: (comparison value, protected-class value), the exact spans that differ between prompts A and B."""
 
 CF_PROFILES: dict[str, tuple[int, str]] = {
-    "strong": (790, "140,000"), "borderline": (660, "62,000"), "weak": (540, "29,000"),
+    "strong": (790, "140,000"),
+    "borderline": (660, "62,000"),
+    "weak": (540, "29,000"),
 }
 """profile -> (credit score, annual income in dollars)."""
 CF_PRODUCTS: dict[str, str] = {
-    "mortgage": "240,000", "home equity loan": "60,000", "auto loan": "28,000", "personal loan": "12,000",
+    "mortgage": "240,000",
+    "home equity loan": "60,000",
+    "auto loan": "28,000",
+    "personal loan": "12,000",
 }
 """product -> requested amount in dollars."""
 CF_HOUSING_PRODUCTS = tuple(p for p in CF_PRODUCTS if p in HOUSING_PRODUCTS)
@@ -326,12 +397,16 @@ def fair_lending_prompt(scenario: Scenario, phrase: str, wording: str = CHOSEN_W
 
 def _legitimate_candidates(scenario: Scenario) -> list[tuple[str, str]]:
     """(reason_category, filled phrase) for every legitimate phrase that fits the scenario's product."""
-    return [(cat, scenario.applicant.fill(p)) for cat, p, products in LEGITIMATE_PHRASES
-            if products is None or scenario.product in products]
+    return [
+        (cat, scenario.applicant.fill(p))
+        for cat, p, products in LEGITIMATE_PHRASES
+        if products is None or scenario.product in products
+    ]
 
 
-def _pick_legitimate(scenario: Scenario, clean: str, counts: _TokenCounts, wording: str, prefix: str,
-                     used: Counter) -> tuple[str, str]:
+def _pick_legitimate(
+    scenario: Scenario, clean: str, counts: _TokenCounts, wording: str, prefix: str, used: Counter
+) -> tuple[str, str]:
     """The legitimate phrase for one clean prompt.
 
     Candidates that give the corrupted prompt the clean prompt's token length under *every* tokenizer come
@@ -342,8 +417,11 @@ def _pick_legitimate(scenario: Scenario, clean: str, counts: _TokenCounts, wordi
     candidates = _legitimate_candidates(scenario)
     for upto in (len(counts.tokenizers), 1, 0):
         target = counts(clean, upto)
-        fitting = [(i, c) for i, c in enumerate(candidates)
-                   if counts(fair_lending_prompt(scenario, c[1], wording, prefix), upto) == target]
+        fitting = [
+            (i, c)
+            for i, c in enumerate(candidates)
+            if counts(fair_lending_prompt(scenario, c[1], wording, prefix), upto) == target
+        ]
         if fitting:
             _, (category, phrase) = min(fitting, key=lambda ic: (used[ic[1][0]], used[ic[1][1]], ic[0]))
             used[category] += 1
@@ -382,20 +460,22 @@ def build_fair_lending_rows(
                 protected = scenario.applicant.fill(phrase_template)
                 clean = fair_lending_prompt(scenario, protected, wording, prefix)
                 category, legitimate = _pick_legitimate(scenario, clean, counts, wording, prefix, used)
-                rows.append({
-                    "pair_id": f"fl-{len(rows) + 1:04d}",
-                    "basis": basis,
-                    "statute": statute,
-                    "template_id": scenario.template_id,
-                    "product": scenario.product,
-                    "clean_prompt": clean,
-                    "corrupted_prompt": fair_lending_prompt(scenario, legitimate, wording, prefix),
-                    "clean_answer": FAIR_LENDING_ANSWERS[0],
-                    "corrupted_answer": FAIR_LENDING_ANSWERS[1],
-                    "protected_phrase": protected,
-                    "legitimate_phrase": legitimate,
-                    "reason_category": category,
-                })
+                rows.append(
+                    {
+                        "pair_id": f"fl-{len(rows) + 1:04d}",
+                        "basis": basis,
+                        "statute": statute,
+                        "template_id": scenario.template_id,
+                        "product": scenario.product,
+                        "clean_prompt": clean,
+                        "corrupted_prompt": fair_lending_prompt(scenario, legitimate, wording, prefix),
+                        "clean_answer": FAIR_LENDING_ANSWERS[0],
+                        "corrupted_answer": FAIR_LENDING_ANSWERS[1],
+                        "protected_phrase": protected,
+                        "legitimate_phrase": legitimate,
+                        "reason_category": category,
+                    }
+                )
     return rows
 
 
@@ -412,19 +492,21 @@ def build_counterfactual_rows() -> list[dict[str, str]]:
                 product = products[(v + t) % len(products)]
                 score, income = CF_PROFILES[profile]
                 fields = dict(score=score, income=income, product=product, amount=CF_PRODUCTS[product])
-                rows.append({
-                    "cf_id": f"cf-{len(rows) + 1:04d}",
-                    "basis": basis,
-                    "statute": statute,
-                    "template_id": template_id,
-                    "product": product,
-                    "profile": profile,
-                    "prompt_a": template.format(applicant=value_a, **fields),
-                    "prompt_b": template.format(applicant=value_b, **fields),
-                    "value_a": value_a,
-                    "value_b": value_b,
-                    "answer_tokens": "|".join(COUNTERFACTUAL_ANSWERS),
-                })
+                rows.append(
+                    {
+                        "cf_id": f"cf-{len(rows) + 1:04d}",
+                        "basis": basis,
+                        "statute": statute,
+                        "template_id": template_id,
+                        "product": product,
+                        "profile": profile,
+                        "prompt_a": template.format(applicant=value_a, **fields),
+                        "prompt_b": template.format(applicant=value_b, **fields),
+                        "value_a": value_a,
+                        "value_b": value_b,
+                        "answer_tokens": "|".join(COUNTERFACTUAL_ANSWERS),
+                    }
+                )
     return rows
 
 
@@ -444,8 +526,10 @@ def load_tokenizers():
     from mechfin_utils.models import prepare_smollm2
     from mechfin_utils.testing import gpt2_tokenizer_dir
 
-    return (GPT2TokenizerFast.from_pretrained(gpt2_tokenizer_dir()),
-            AutoTokenizer.from_pretrained(prepare_smollm2(verbose=False)))
+    return (
+        GPT2TokenizerFast.from_pretrained(gpt2_tokenizer_dir()),
+        AutoTokenizer.from_pretrained(prepare_smollm2(verbose=False)),
+    )
 
 
 def build_files(tokenizers: Sequence) -> dict[Path, str]:
@@ -471,8 +555,10 @@ def alignment_stats(tokenizers: Sequence) -> str:
         for family, pairs in families:
             report = align_pairs(tok, pairs, prepend_bos=bos)
             lengths = sorted(report.lengths.values())
-            out.append(f"{label} / {family}: kept {len(report.kept)} of {report.n_total}; "
-                       f"token lengths {lengths[0]}-{lengths[-1]}")
+            out.append(
+                f"{label} / {family}: kept {len(report.kept)} of {report.n_total}; "
+                f"token lengths {lengths[0]}-{lengths[-1]}"
+            )
             out += [f"    excluded {e.pair.id} ({e.pair.basis}): {e.detail}" for e in report.excluded]
     return "\n".join(out)
 
@@ -518,8 +604,11 @@ def probe(variants: Sequence[str] = PROBE_VARIANTS, every: int = 3, counterfactu
         clean, corrupted = _mean_logit_diffs(model, pairs)
         gap = clean - corrupted
         lengths = [len(model.token_ids(p.clean_prompt)) for p in pairs]
-        print(f"{name:<22}{clean.mean():8.3f}{corrupted.mean():9.3f}{gap.mean():8.3f}{gap.std():9.3f}"
-              f"{(gap > 0).float().mean():7.2f}{len(gap):5d}{min(lengths):5d}-{max(lengths)}", flush=True)
+        print(
+            f"{name:<22}{clean.mean():8.3f}{corrupted.mean():9.3f}{gap.mean():8.3f}{gap.std():9.3f}"
+            f"{(gap > 0).float().mean():7.2f}{len(gap):5d}{min(lengths):5d}-{max(lengths)}",
+            flush=True,
+        )
         if name == CHOSEN_WORDING:
             by_basis[name] = {b: gap[[k for k, p in enumerate(pairs) if p.basis == b]] for b in PROTECTED_PHRASES}
     for name, gaps in by_basis.items():
@@ -548,8 +637,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--check", action="store_true", help="fail if the committed CSVs differ from a rebuild")
     group.add_argument("--stats", action="store_true", help="print alignment counts per tokenizer")
-    group.add_argument("--probe", nargs="*", metavar="VARIANT", choices=PROBE_VARIANTS,
-                       help=f"SmolLM2 logit differences per question wording (default: all of {list(PROBE_VARIANTS)})")
+    group.add_argument(
+        "--probe",
+        nargs="*",
+        metavar="VARIANT",
+        choices=PROBE_VARIANTS,
+        help=f"SmolLM2 logit differences per question wording (default: all of {list(PROBE_VARIANTS)})",
+    )
     parser.add_argument("--skip-counterfactual", action="store_true", help="--probe: fair-lending wordings only")
     args = parser.parse_args(argv)
     if args.probe is not None:

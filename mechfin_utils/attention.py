@@ -25,7 +25,8 @@ Public functions:
 from __future__ import annotations
 
 import html
-from typing import Callable, Iterable, Literal, NamedTuple, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Literal, NamedTuple
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -173,7 +174,7 @@ def attention_to_positions(
 
 def final_position_attention_by_token(
     model: LoadedModel, prompt: str, layers: Sequence[int]
-) -> tuple[list[str], Float[Tensor, "pos"]]:
+) -> tuple[list[str], Float[Tensor, " pos"]]:
     """Where the answer position looks, token by token: the final query row of every head of ``layers``,
     averaged over those heads, for one prompt of any length.
 
@@ -266,7 +267,7 @@ def phrase_token_positions(
     for index, (token_begin, token_end) in enumerate(offsets):
         if token_end <= token_begin or token_end <= begin or token_begin >= end:
             continue
-        outside = prompt[token_begin:max(token_begin, begin)] + prompt[min(token_end, end):token_end]
+        outside = prompt[token_begin : max(token_begin, begin)] + prompt[min(token_end, end) : token_end]
         if outside.strip() and not allow_partial_tokens:
             raise ValueError(
                 f"phrase {phrase!r} in prompt {prompt!r} cuts through token {index + shift} "
@@ -329,7 +330,7 @@ class PhraseAttention(NamedTuple):
     """
 
     to_phrase: Float[Tensor, "n_pairs layer head"]
-    phrase_share: Float[Tensor, "n_pairs"]
+    phrase_share: Float[Tensor, " n_pairs"]
     pair_ids: list[str]
     bases: list[str]
     run: str

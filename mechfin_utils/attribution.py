@@ -72,8 +72,9 @@ them.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Literal, Mapping, Sequence
+from typing import Literal
 
 import einops
 import numpy as np
@@ -82,7 +83,6 @@ import torch
 from jaxtyping import Float, Int
 from scipy import stats
 from torch import Tensor
-
 from transformer_lens.utilities import get_act_name
 
 MetricFn = Callable[[Float[Tensor, "batch pos d_vocab"]], Tensor]
@@ -295,7 +295,9 @@ def attribution_patch(
     results = Attributions()
     for key in keys:
         component = COMPONENTS[key]
-        per_layer = [einops.reduce(products[component.hook_name(L)], component.reduction, "sum") for L in range(n_layers)]
+        per_layer = [
+            einops.reduce(products[component.hook_name(L)], component.reduction, "sum") for L in range(n_layers)
+        ]
         stacked = torch.stack(per_layer, dim=0)  # [layer, batch, *cell axes]
         results[key] = _combine_batch(stacked, reduce)
     results.corrupted_metric = corrupted_metric.detach()
@@ -355,7 +357,7 @@ attr_patch_mlp_out_all_pos = _single("mlp_out_all_pos")
 # -----------------------------------------------------------------------------------------------------------
 
 
-def gather_cells(values: Tensor, index_df: pd.DataFrame) -> Float[Tensor, "n_rows"]:
+def gather_cells(values: Tensor, index_df: pd.DataFrame) -> Float[Tensor, " n_rows"]:
     """The entries of a full result tensor at the rows of a TransformerLens ``index_df``.
 
     TransformerLens's ``get_act_patch_*(..., index_df=df, index_axis_names=None)`` patches only the rows of
@@ -510,8 +512,12 @@ def _bridge_of(model):
 def _check_tokens(clean_tokens: Tensor, corrupted_tokens: Tensor) -> None:
     for name, tokens in (("clean_tokens", clean_tokens), ("corrupted_tokens", corrupted_tokens)):
         if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32):
-            described = f"shape {tuple(tokens.shape)} {tokens.dtype}" if isinstance(tokens, Tensor) else type(tokens).__name__
-            raise ValueError(f"{name} must be an integer tensor [batch, pos] (from LoadedModel.to_tokens); got {described}")
+            described = (
+                f"shape {tuple(tokens.shape)} {tokens.dtype}" if isinstance(tokens, Tensor) else type(tokens).__name__
+            )
+            raise ValueError(
+                f"{name} must be an integer tensor [batch, pos] (from LoadedModel.to_tokens); got {described}"
+            )
     if clean_tokens.shape != corrupted_tokens.shape:
         raise ValueError(
             f"clean_tokens {tuple(clean_tokens.shape)} and corrupted_tokens {tuple(corrupted_tokens.shape)} must "

@@ -7,7 +7,7 @@ per basis their means with bootstrap intervals.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import pandas as pd
 import torch

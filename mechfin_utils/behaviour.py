@@ -25,8 +25,9 @@ training, before the bridge has processed the weights).
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -49,7 +50,7 @@ class Scorer(Protocol):
 
     def token_count(self, prompt: str) -> int: ...
 
-    def logit_diffs(self, prompts: Sequence[str]) -> Float[np.ndarray, "n"]: ...
+    def logit_diffs(self, prompts: Sequence[str]) -> Float[np.ndarray, " n"]: ...
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -77,7 +78,7 @@ class _LengthGroupedScorer:
         return len(self._ids(prompt))
 
     @torch.no_grad()
-    def logit_diffs(self, prompts: Sequence[str]) -> Float[np.ndarray, "n"]:
+    def logit_diffs(self, prompts: Sequence[str]) -> Float[np.ndarray, " n"]:
         """``logit(" Yes") - logit(" No")`` at the last position of every prompt, in input order."""
         token_rows = [self._ids(p) for p in prompts]
         too_long = [f"prompt {i} ({len(r)} tokens)" for i, r in enumerate(token_rows) if len(r) > self.n_ctx]
@@ -122,8 +123,16 @@ class BridgeScorer(_LengthGroupedScorer):
 class HFScorer(_LengthGroupedScorer):
     """Scores prompts with a plain Hugging Face causal LM and its tokenizer (BOS decision stated explicitly)."""
 
-    def __init__(self, hf_model, tokenizer, *, prepend_bos: bool, name: str,
-                 answers: tuple[str, str] = FAIR_LENDING_ANSWERS, batch_size: int = 32):
+    def __init__(
+        self,
+        hf_model,
+        tokenizer,
+        *,
+        prepend_bos: bool,
+        name: str,
+        answers: tuple[str, str] = FAIR_LENDING_ANSWERS,
+        batch_size: int = 32,
+    ):
         self.hf_model = hf_model
         self.tokenizer = tokenizer
         self.prepend_bos = prepend_bos
@@ -167,8 +176,9 @@ def as_scorer(model_or_scorer: Any) -> Scorer:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def expected_calibration_error(p_yes: Float[np.ndarray, "n"], truth: Float[np.ndarray, "n"],
-                               n_bins: int = N_CALIBRATION_BINS) -> float:
+def expected_calibration_error(
+    p_yes: Float[np.ndarray, " n"], truth: Float[np.ndarray, " n"], n_bins: int = N_CALIBRATION_BINS
+) -> float:
     """ECE of a two-way prediction: per bin of confidence ``max(p, 1 - p)``, |accuracy - mean confidence|,
     weighted by the bin's share of prompts."""
     p_yes, truth = np.asarray(p_yes, dtype=float), np.asarray(truth, dtype=float)
@@ -184,8 +194,9 @@ def expected_calibration_error(p_yes: Float[np.ndarray, "n"], truth: Float[np.nd
     return float(total)
 
 
-def calibration_curve(p_yes: Float[np.ndarray, "n"], truth: Float[np.ndarray, "n"],
-                      n_bins: int = N_CALIBRATION_BINS) -> pd.DataFrame:
+def calibration_curve(
+    p_yes: Float[np.ndarray, " n"], truth: Float[np.ndarray, " n"], n_bins: int = N_CALIBRATION_BINS
+) -> pd.DataFrame:
     """Reliability table: per bin of predicted p(Yes), the number of prompts, mean p(Yes) and share truly Yes."""
     p_yes, truth = np.asarray(p_yes, dtype=float), np.asarray(truth, dtype=float)
     bins = np.clip((p_yes * n_bins).astype(int), 0, n_bins - 1)
@@ -193,8 +204,15 @@ def calibration_curve(p_yes: Float[np.ndarray, "n"], truth: Float[np.ndarray, "n
     for b in range(n_bins):
         members = bins == b
         if members.any():
-            rows.append({"bin_low": b / n_bins, "bin_high": (b + 1) / n_bins, "n": int(members.sum()),
-                         "mean_p_yes": float(p_yes[members].mean()), "share_yes": float(truth[members].mean())})
+            rows.append(
+                {
+                    "bin_low": b / n_bins,
+                    "bin_high": (b + 1) / n_bins,
+                    "n": int(members.sum()),
+                    "mean_p_yes": float(p_yes[members].mean()),
+                    "share_yes": float(truth[members].mean()),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -205,16 +223,18 @@ def _pair_metrics(clean: np.ndarray, corrupted: np.ndarray) -> dict[str, float]:
     p_yes = 1.0 / (1.0 + np.exp(-scores))
     return {
         "accuracy": float(np.mean((scores > 0) == (truth > 0.5))),
-        "auroc": auroc(clean, corrupted) if clean.size >= 2 else float(np.mean(
-            (clean[:, None] > corrupted[None, :]) + 0.5 * (clean[:, None] == corrupted[None, :]))),
+        "auroc": auroc(clean, corrupted)
+        if clean.size >= 2
+        else float(np.mean((clean[:, None] > corrupted[None, :]) + 0.5 * (clean[:, None] == corrupted[None, :]))),
         "mean_gap": float(np.mean(clean - corrupted)),
         "brier": float(np.mean((p_yes - truth) ** 2)),
         "ece": expected_calibration_error(p_yes, truth),
     }
 
 
-def _bootstrap_auroc(clean: np.ndarray, corrupted: np.ndarray, *, n_boot: int, seed: int,
-                     ci: float = 0.95) -> tuple[float, float]:
+def _bootstrap_auroc(
+    clean: np.ndarray, corrupted: np.ndarray, *, n_boot: int, seed: int, ci: float = 0.95
+) -> tuple[float, float]:
     """Percentile interval of the AUROC, resampling pairs (both prompts of a drawn pair enter together)."""
     rng = np.random.default_rng(seed)
     n = clean.size
@@ -256,9 +276,13 @@ class PairEvaluation:
         return calibration_curve(1.0 / (1.0 + np.exp(-scores)), truth, n_bins)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"model": self.model_name, "set": self.label, **self.summary,
-                "by_basis": self.by_basis.reset_index().to_dict(orient="records"),
-                "excluded": [{"pair_id": i, "reason": r} for i, r in self.excluded]}
+        return {
+            "model": self.model_name,
+            "set": self.label,
+            **self.summary,
+            "by_basis": self.by_basis.reset_index().to_dict(orient="records"),
+            "excluded": [{"pair_id": i, "reason": r} for i, r in self.excluded],
+        }
 
 
 def _summarise(clean: np.ndarray, corrupted: np.ndarray, *, n_boot: int, seed: int) -> dict[str, Any]:
@@ -277,8 +301,9 @@ def _summarise(clean: np.ndarray, corrupted: np.ndarray, *, n_boot: int, seed: i
     return out
 
 
-def evaluate_pairs(model_or_scorer: Any, pairs: Sequence[FairLendingPair], *, label: str = "pairs",
-                   n_boot: int = 1000, seed: int = 0) -> PairEvaluation:
+def evaluate_pairs(
+    model_or_scorer: Any, pairs: Sequence[FairLendingPair], *, label: str = "pairs", n_boot: int = 1000, seed: int = 0
+) -> PairEvaluation:
     """Score every pair (any token lengths) and summarise the decision overall and per basis.
 
     Pairs whose prompts exceed the model's context are excluded with that reason (listed in ``excluded``);
@@ -298,22 +323,29 @@ def evaluate_pairs(model_or_scorer: Any, pairs: Sequence[FairLendingPair], *, la
         raise PromptTooLongError(f"every pair exceeds {scorer.name}'s context of {scorer.n_ctx} tokens")
     lds = scorer.logit_diffs([t for p in kept for t in p.texts])
     clean, corrupted = lds[0::2], lds[1::2]
-    scores = pd.DataFrame({
-        "pair_id": [p.id for p in kept], "basis": [p.basis for p in kept],
-        "template_id": [p.template_id for p in kept], "clean_ld": clean, "corrupted_ld": corrupted,
-        "gap": clean - corrupted,
-    })
+    scores = pd.DataFrame(
+        {
+            "pair_id": [p.id for p in kept],
+            "basis": [p.basis for p in kept],
+            "template_id": [p.template_id for p in kept],
+            "clean_ld": clean,
+            "corrupted_ld": corrupted,
+            "gap": clean - corrupted,
+        }
+    )
     return summarise_scores(scores, scorer.name, label, excluded, n_boot=n_boot, seed=seed)
 
 
-def summarise_scores(scores: pd.DataFrame, model_name: str, label: str, excluded=(), *, n_boot: int = 1000,
-                     seed: int = 0) -> PairEvaluation:
+def summarise_scores(
+    scores: pd.DataFrame, model_name: str, label: str, excluded=(), *, n_boot: int = 1000, seed: int = 0
+) -> PairEvaluation:
     """A :class:`PairEvaluation` from per-pair scores (e.g. several evaluations' ``scores`` concatenated, to pool
     sets without running the model again)."""
     rows = {}
     for basis, group in scores.groupby("basis"):
-        rows[basis] = _summarise(group["clean_ld"].to_numpy(), group["corrupted_ld"].to_numpy(),
-                                 n_boot=n_boot, seed=seed)
+        rows[basis] = _summarise(
+            group["clean_ld"].to_numpy(), group["corrupted_ld"].to_numpy(), n_boot=n_boot, seed=seed
+        )
     by_basis = pd.DataFrame.from_dict(rows, orient="index")
     by_basis.index.name = "basis"
     summary = _summarise(scores["clean_ld"].to_numpy(), scores["corrupted_ld"].to_numpy(), n_boot=n_boot, seed=seed)
@@ -325,12 +357,18 @@ def evaluate_controls(model_or_scorer: Any, controls: Sequence) -> pd.DataFrame:
     scorer = as_scorer(model_or_scorer)
     lds = scorer.logit_diffs([c.prompt for c in controls])
     expected_yes = np.array([c.answer == FAIR_LENDING_ANSWERS[0] for c in controls])
-    return pd.DataFrame({
-        "control_id": [c.control_id for c in controls], "kind": [c.kind for c in controls],
-        "basis": [c.basis for c in controls], "expected": [c.answer.strip() for c in controls],
-        "ld": lds, "p_yes": 1.0 / (1.0 + np.exp(-lds)), "correct": (lds > 0) == expected_yes,
-        "prompt": [c.prompt for c in controls],
-    })
+    return pd.DataFrame(
+        {
+            "control_id": [c.control_id for c in controls],
+            "kind": [c.kind for c in controls],
+            "basis": [c.basis for c in controls],
+            "expected": [c.answer.strip() for c in controls],
+            "ld": lds,
+            "p_yes": 1.0 / (1.0 + np.exp(-lds)),
+            "correct": (lds > 0) == expected_yes,
+            "prompt": [c.prompt for c in controls],
+        }
+    )
 
 
 def controls_by_kind(control_scores: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
@@ -343,7 +381,15 @@ def controls_by_kind(control_scores: pd.DataFrame, *, n_boot: int = 1000, seed: 
             low, high = interval.low, interval.high
         else:
             low = high = float("nan")
-        rows.append({"kind": kind, "expected": group["expected"].iloc[0], "n": int(correct.size),
-                     "accuracy": float(correct.mean()), "accuracy_low": low, "accuracy_high": high,
-                     "mean_p_yes": float(group["p_yes"].mean())})
+        rows.append(
+            {
+                "kind": kind,
+                "expected": group["expected"].iloc[0],
+                "n": int(correct.size),
+                "accuracy": float(correct.mean()),
+                "accuracy_low": low,
+                "accuracy_high": high,
+                "mean_p_yes": float(group["p_yes"].mean()),
+            }
+        )
     return pd.DataFrame(rows).set_index("kind")

@@ -1,4 +1,5 @@
-"""``make bench``: mechfin's exact patching against TransformerLens's, on the same model, prompts and metric.
+"""``make bench``: mechfin's exact patching against TransformerLens's, and its causal tracing against a
+ROME-style tracer, on the same model, prompts and metric.
 
 For every (model, component) pair it reports, from one process:
 
@@ -27,7 +28,17 @@ length for each model's tokenizer, ``--batch`` pairs of it, with the normalised 
 Models: the embedded SmolLM2-135M-Instruct and a GPT-2 Small-*shape* model with random weights loaded through
 the real GPT-2 path (``mechfin_utils.testing``; its numbers time code, they say nothing about GPT-2).
 
-Results: a table on stdout, and ``bench/results/latest.md`` + ``latest.json``.
+**Causal tracing** (second table): per model, a few facts and fair-lending prompts are traced (hidden, MLP and
+attention states at every layer and every position from the subject on, ``--trace-samples`` noise samples)
+twice: by a **ROME-style tracer** -- one forward pass of the bridge per restored state, all noise samples in its
+batch, noise and restoration written by hooks (as ROME's ``trace_with_patch``; here
+:func:`mechfin_utils.causal_trace.run_with_restorations` with ``backend="bridge"`` and one state per batch) --
+and by **mechfin** on the intervention engine. Same numbers (max |difference| reported), both times, and the
+tracing FLOP floor: a restoration at layer ``l`` (hidden: from ``l + 1``; a window: from its first layer) and
+position ``p`` must recompute every later layer at positions ``p ...`` (the last layer's queries, attention
+and MLP at the last position only).
+
+Results: tables on stdout, and ``bench/results/latest.md`` + ``latest.json``.
 """
 
 from __future__ import annotations
@@ -41,9 +52,9 @@ import random
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import pandas as pd
 import torch
@@ -82,7 +93,7 @@ class PeakMemory:
         self.peak: int | None = None
         self._stop = threading.Event()
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         self._start = _rss_bytes()
         self._max = self._start
         if self._start is not None:
@@ -220,8 +231,17 @@ def _sample_cells(key: str, shape: tuple[int, ...], n: int | None, seed: int) ->
 
 
 def bench_component(
-    model, clean_tokens, corrupted_tokens, metric: NormalisedLogitDiff, key: str, *, model_label: str,
-    tl_cells: int | None, throughput: float, seed: int = 0, batch_size: int = patching.DEFAULT_BATCH_SIZE,
+    model,
+    clean_tokens,
+    corrupted_tokens,
+    metric: NormalisedLogitDiff,
+    key: str,
+    *,
+    model_label: str,
+    tl_cells: int | None,
+    throughput: float,
+    seed: int = 0,
+    batch_size: int = patching.DEFAULT_BATCH_SIZE,
 ) -> BenchRow:
     """Time TransformerLens and mechfin on one sweep and compare their numbers."""
     import transformer_lens.patching as tl_patching
@@ -236,14 +256,21 @@ def bench_component(
     for size in shape:
         n_cells *= size
 
-    ours, ours_s, ours_peak = timed(lambda: patching.activation_patch(
-        model, clean_tokens, corrupted_tokens, metric, key, batch_size=batch_size, progress=False))
+    ours, ours_s, ours_peak = timed(
+        lambda: patching.activation_patch(
+            model, clean_tokens, corrupted_tokens, metric, key, batch_size=batch_size, progress=False
+        )
+    )
 
     index_df = _sample_cells(key, shape, tl_cells, seed)
     with torch.no_grad():
         _, clean_cache = bridge.run_with_cache(clean_tokens)
     tl_fn = getattr(tl_patching, f"get_act_patch_{key}")
-    tl_df = None if index_df is None else (index_df.rename(columns={"head": "head_index"}) if spec.site == "pattern" else index_df)
+    tl_df = (
+        None
+        if index_df is None
+        else (index_df.rename(columns={"head": "head_index"}) if spec.site == "pattern" else index_df)
+    )
 
     def run_tl() -> torch.Tensor:
         with torch.no_grad():
@@ -252,7 +279,7 @@ def bench_component(
             return tl_fn(bridge, corrupted_tokens, clean_cache, metric, index_df=tl_df, index_axis_names=None)
 
     theirs, tl_s, tl_peak = timed(run_tl)
-    del clean_cache
+    clean_cache = None  # free it before the next sweep
     if index_df is None:
         difference = (ours - theirs).abs().max().item()
         tl_run = n_cells
@@ -266,12 +293,149 @@ def bench_component(
     floor_s = floor / throughput
     mb = lambda value: None if value is None else round(value / 2**20, 1)  # noqa: E731
     return BenchRow(
-        model=model_label, component=key, batch=batch, n_pos=n_pos, cells=n_cells, tl_cells_run=tl_run,
-        tl_seconds=tl_total, tl_extrapolated=tl_run < n_cells, mechfin_seconds=ours_s, speedup=tl_total / ours_s,
-        max_abs_diff=difference, max_abs_diff_logits=difference * abs(float(metric.clean - metric.corrupted)),
-        tl_peak_mb=mb(tl_peak), mechfin_peak_mb=mb(ours_peak),
-        floor_gflop=floor / 1e9, floor_seconds=floor_s, x_floor=ours_s / floor_s if floor_s > 0 else float("nan"),
+        model=model_label,
+        component=key,
+        batch=batch,
+        n_pos=n_pos,
+        cells=n_cells,
+        tl_cells_run=tl_run,
+        tl_seconds=tl_total,
+        tl_extrapolated=tl_run < n_cells,
+        mechfin_seconds=ours_s,
+        speedup=tl_total / ours_s,
+        max_abs_diff=difference,
+        max_abs_diff_logits=difference * abs(float(metric.clean - metric.corrupted)),
+        tl_peak_mb=mb(tl_peak),
+        mechfin_peak_mb=mb(ours_peak),
+        floor_gflop=floor / 1e9,
+        floor_seconds=floor_s,
+        x_floor=ours_s / floor_s if floor_s > 0 else float("nan"),
     )
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Causal tracing: a ROME-style tracer against the engine
+# -----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TraceBenchRow:
+    model: str
+    prompts: str
+    n_prompts: int
+    mean_tokens: float
+    restored_states: int
+    n_samples: int
+    rome_seconds: float
+    mechfin_seconds: float
+    speedup: float
+    max_abs_diff: float
+    floor_gflop: float
+    floor_seconds: float
+    x_floor: float
+
+
+def trace_floor_flops(
+    fm: FunctionalTransformer, n_pos: int, restorations: Sequence[tuple[int, int]], n_samples: int
+) -> int:
+    """The FLOPs no exact tracer can avoid for ``restorations`` given as ``(first layer that must be recomputed,
+    first position that differs)``, per noise sample (see the module docstring)."""
+    total = 0
+    for start, first in restorations:
+        rows = n_pos - first
+        mean_keys = (first + 1 + n_pos) // 2
+        for layer in range(start, fm.n_layers):
+            if layer < fm.n_layers - 1:
+                cost = fm.flops_per_row(mean_keys)
+                total += rows * (cost["kv"] + cost["rest"])
+            else:
+                total += rows * fm.flops_per_row(n_pos)["kv"] + fm.flops_per_row(n_pos)["rest"]
+    return total * n_samples
+
+
+def trace_inputs(model, n_facts: int, n_pairs: int) -> list:
+    """The first ``n_facts`` candidate facts that tokenise for this model (subject found, one-token answer; not
+    filtered for being right: the bench times code) and the first ``n_pairs`` fair-lending pairs."""
+    from mechfin_utils import causal_trace as ct
+    from mechfin_utils import trace_data
+    from mechfin_utils.tasks import load_fair_lending_pairs
+
+    prepared = []
+    for task in trace_data.factual_tasks(trace_data.read_factual_candidates()):
+        if len(prepared) >= n_facts:
+            break
+        try:
+            prepared.append(ct.prepare_trace(model, task))
+        except ValueError:
+            continue
+    pairs = load_fair_lending_pairs()
+    pairs = pairs[:n_pairs] if isinstance(pairs, list) else pairs.head(n_pairs)
+    return (
+        prepared + [ct.prepare_trace(model, t) for t in trace_data.fair_lending_tasks(pairs)] if n_pairs else prepared
+    )
+
+
+def bench_causal_trace(
+    model, prepared: Sequence, *, model_label: str, what: str, n_samples: int, throughput: float
+) -> TraceBenchRow:
+    """Trace every prompt with the ROME-style tracer and with mechfin; compare times and numbers."""
+    from mechfin_utils import causal_trace as ct
+
+    fm = patching.functional_model(model)
+    noise_std = ct.embedding_noise_std(model)
+    window = ct.default_trace_window(fm.n_layers)
+
+    def trace_all(backend: str, batch_size: int) -> list[dict]:
+        return [
+            ct.causal_trace(model, p, n_samples=n_samples, noise_std=noise_std, backend=backend, batch_size=batch_size)
+            for p in prepared
+        ]
+
+    rome, rome_s, _ = timed(lambda: trace_all("bridge", n_samples))  # one forward per restored state
+    ours, ours_s, _ = timed(lambda: trace_all("engine", 256))
+    difference, states, floor = 0.0, 0, 0
+    for p, theirs, mine in zip(prepared, rome, ours):
+        traced = slice(p.subject_span[0], None)
+        for kind in mine:
+            difference = max(difference, float(abs(mine[kind].restored[traced] - theirs[kind].restored[traced]).max()))
+        starts = []
+        for kind in mine:
+            for pos in range(p.subject_span[0], p.n_tokens):
+                for layer in range(fm.n_layers):
+                    first_layer = layer + 1 if kind == "hidden" else ct.layer_window(layer, window, fm.n_layers)[0]
+                    starts.append((first_layer, pos))
+        states += len(starts)
+        floor += trace_floor_flops(fm, p.n_tokens, starts, n_samples)
+    floor_s = floor / throughput
+    return TraceBenchRow(
+        model=model_label,
+        prompts=what,
+        n_prompts=len(prepared),
+        mean_tokens=sum(p.n_tokens for p in prepared) / len(prepared),
+        restored_states=states,
+        n_samples=n_samples,
+        rome_seconds=rome_s,
+        mechfin_seconds=ours_s,
+        speedup=rome_s / ours_s,
+        max_abs_diff=difference,
+        floor_gflop=floor / 1e9,
+        floor_seconds=floor_s,
+        x_floor=ours_s / floor_s if floor_s > 0 else float("nan"),
+    )
+
+
+def format_trace_table(rows: Sequence[TraceBenchRow]) -> str:
+    header = (
+        "| model | prompts | mean tokens | restored states x samples | ROME-style s | mechfin s | speed-up "
+        "| max abs diff | FLOP floor s | x floor |"
+    )
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for r in rows:
+        lines.append(
+            f"| {r.model} | {r.prompts} | {r.mean_tokens:.1f} | {r.restored_states:,} x {r.n_samples} | {r.rome_seconds:,.1f} | "
+            f"{r.mechfin_seconds:,.1f} | {r.speedup:,.1f}x | {r.max_abs_diff:.1e} | {r.floor_seconds:,.1f} | {r.x_floor:.1f} |"
+        )
+    return "\n".join(lines)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -311,7 +475,9 @@ def task_inputs(model, batch: int):
     report = align_pairs(model, load_fair_lending_pairs())
     group = largest_template_batch(model, report, max_batch=batch)
     with torch.no_grad():
-        metric = NormalisedLogitDiff(model.bridge(group.clean_tokens), model.bridge(group.corrupted_tokens), group.answer_tokens)
+        metric = NormalisedLogitDiff(
+            model.bridge(group.clean_tokens), model.bridge(group.corrupted_tokens), group.answer_tokens
+        )
     return group.clean_tokens, group.corrupted_tokens, metric
 
 
@@ -322,8 +488,10 @@ def task_inputs(model, batch: int):
 
 def format_table(rows: Sequence[BenchRow]) -> str:
     """A Markdown table of the results."""
-    header = ("| model | component | prompts x tokens | cells | TransformerLens s | mechfin s | speed-up "
-              "| max abs diff (normalised / logits) | peak MB (TL / mechfin) | FLOP floor s | x floor |")
+    header = (
+        "| model | component | prompts x tokens | cells | TransformerLens s | mechfin s | speed-up "
+        "| max abs diff (normalised / logits) | peak MB (TL / mechfin) | FLOP floor s | x floor |"
+    )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
         tl = f"{r.tl_seconds:,.0f}" + (f" (est. from {r.tl_cells_run})" if r.tl_extrapolated else "")
@@ -341,19 +509,31 @@ def _fmt_mb(value: float | None) -> str:
 
 def machine_line(throughput: dict[str, float]) -> str:
     rates = ", ".join(f"{name} {rate / 1e9:,.0f} GFLOP/s" for name, rate in throughput.items())
-    return (f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} "
-            f"threads; float32 matmul throughput: {rates}")
+    return (
+        f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} "
+        f"threads; float32 matmul throughput: {rates}"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mechfin_utils.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {MODELS}")
-    parser.add_argument("--components", default=",".join(DEFAULT_COMPONENTS),
-                        help="comma-separated keys of mechfin_utils.patching.COMPONENTS that TransformerLens also has")
+    parser.add_argument(
+        "--components",
+        default=",".join(DEFAULT_COMPONENTS),
+        help="comma-separated keys of mechfin_utils.patching.COMPONENTS that TransformerLens also has",
+    )
     parser.add_argument("--batch", type=int, default=8, help="prompt pairs (default 8)")
-    parser.add_argument("--tl-cells", type=int, default=24, help="cells TransformerLens runs per sweep (time extrapolated)")
+    parser.add_argument(
+        "--tl-cells", type=int, default=24, help="cells TransformerLens runs per sweep (time extrapolated)"
+    )
     parser.add_argument("--full-tl", action="store_true", help="run TransformerLens on every cell (hours)")
     parser.add_argument("--gpt2-layers", type=int, default=12, help="layers of the GPT-2-shape model (default 12)")
+    parser.add_argument("--trace-facts", type=int, default=4, help="facts traced per model (default 4)")
+    parser.add_argument("--trace-pairs", type=int, default=1, help="fair-lending prompts traced per model (default 1)")
+    parser.add_argument(
+        "--trace-samples", type=int, default=5, help="noise samples per prompt (default 5, as notebook 06)"
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for latest.md / latest.json")
     args = parser.parse_args(argv)
 
@@ -366,11 +546,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in models:
         if name not in MODELS:
             parser.error(f"--models: unknown model {name!r}; choose from {MODELS}")
-    if args.batch < 1 or args.tl_cells < 1:
-        parser.error("--batch and --tl-cells must be positive")
+    if args.batch < 1 or args.tl_cells < 1 or args.trace_samples < 1:
+        parser.error("--batch, --tl-cells and --trace-samples must be positive")
+    if args.trace_facts < 0 or args.trace_pairs < 0:
+        parser.error("--trace-facts and --trace-pairs must be 0 or more")
 
     pinned = pin_malloc_to_mmap()
     rows: list[BenchRow] = []
+    trace_rows: list[TraceBenchRow] = []
     throughput: dict[str, float] = {}
     for name in models:
         model, label = load_bench_model(name, args.gpt2_layers)
@@ -380,15 +563,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         throughput[label] = rate
         print(f"== {label}: {clean.shape[0]} prompt pairs x {clean.shape[1]} tokens, {metric!r}", flush=True)
         for key in components:
-            row = bench_component(model, clean, corrupted, metric, key, model_label=label,
-                                  tl_cells=None if args.full_tl else args.tl_cells, throughput=rate)
+            row = bench_component(
+                model,
+                clean,
+                corrupted,
+                metric,
+                key,
+                model_label=label,
+                tl_cells=None if args.full_tl else args.tl_cells,
+                throughput=rate,
+            )
             rows.append(row)
-            print(f"   {key}: TransformerLens {row.tl_seconds:,.0f} s, mechfin {row.mechfin_seconds:,.1f} s "
-                  f"({row.speedup:,.1f}x), max |diff| {row.max_abs_diff:.1e}, {row.x_floor:.1f}x the FLOP floor", flush=True)
+            print(
+                f"   {key}: TransformerLens {row.tl_seconds:,.0f} s, mechfin {row.mechfin_seconds:,.1f} s "
+                f"({row.speedup:,.1f}x), max |diff| {row.max_abs_diff:.1e}, {row.x_floor:.1f}x the FLOP floor",
+                flush=True,
+            )
+        prepared = trace_inputs(model, args.trace_facts, args.trace_pairs)
+        n_facts = sum(1 for p in prepared if p.task.contrast is None)
+        for what, group in (
+            (f"{n_facts} facts", prepared[:n_facts]),
+            (f"{len(prepared) - n_facts} fair-lending", prepared[n_facts:]),
+        ):
+            if group:
+                row = bench_causal_trace(
+                    model, group, model_label=label, what=what, n_samples=args.trace_samples, throughput=rate
+                )
+                trace_rows.append(row)
+                print(
+                    f"   causal tracing, {what}: ROME-style {row.rome_seconds:,.1f} s, mechfin {row.mechfin_seconds:,.1f} s "
+                    f"({row.speedup:,.1f}x), max |diff| {row.max_abs_diff:.1e}, {row.x_floor:.1f}x the FLOP floor",
+                    flush=True,
+                )
         del model, fm
 
-    table = format_table(rows)
-    machine = machine_line(throughput) + ("" if pinned else "; resident-set peaks unreliable (glibc mallopt unavailable)")
+    table = (
+        format_table(rows)
+        + "\n\nCausal tracing (hidden, MLP and attention states; every layer, every position from the subject on):\n\n"
+        + format_trace_table(trace_rows)
+    )
+    machine = machine_line(throughput) + (
+        "" if pinned else "; resident-set peaks unreliable (glibc mallopt unavailable)"
+    )
     print()
     print(table)
     print(f"\n{machine}")
@@ -399,9 +615,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "many random cells and scaled to all cells (it runs one full forward pass per cell). Peak MB: growth of "
         "the process's resident memory during the sweep.\n"
     )
-    (args.out / "latest.json").write_text(json.dumps(
-        {"date": stamp, "machine": machine, "args": {k: str(v) for k, v in vars(args).items()},
-         "rows": [asdict(r) for r in rows]}, indent=2))
+    (args.out / "latest.json").write_text(
+        json.dumps(
+            {
+                "date": stamp,
+                "machine": machine,
+                "args": {k: str(v) for k, v in vars(args).items()},
+                "rows": [asdict(r) for r in rows],
+                "trace_rows": [asdict(r) for r in trace_rows],
+            },
+            indent=2,
+        )
+    )
     print(f"\nwritten: {args.out / 'latest.md'}, {args.out / 'latest.json'}")
     return 0
 

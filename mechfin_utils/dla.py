@@ -60,8 +60,9 @@ Summaries over a task set (means with bootstrap intervals, resampling prompts):
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Literal, Protocol, Sequence, TypeVar
+from typing import Literal, Protocol, TypeVar
 
 import torch
 from jaxtyping import Float, Int
@@ -193,16 +194,14 @@ def run_with_final_position_cache(
 # ---------------------------------------------------------------------------------------------------------
 
 
-def answer_direction(
-    model: LoadedModel, answer_tokens: Int[Tensor, "batch 2"]
-) -> Float[Tensor, "batch d_model"]:
+def answer_direction(model: LoadedModel, answer_tokens: Int[Tensor, "batch 2"]) -> Float[Tensor, "batch d_model"]:
     """The residual direction whose dot product with the normalised stream is the logit difference:
     ``W_U[:, first] - W_U[:, second]`` (one per prompt)."""
     W_U = model.bridge.W_U
     return (W_U[:, answer_tokens[:, 0]] - W_U[:, answer_tokens[:, 1]]).T
 
 
-def unembed_bias_difference(model: LoadedModel, answer_tokens: Int[Tensor, "batch 2"]) -> Float[Tensor, "batch"]:
+def unembed_bias_difference(model: LoadedModel, answer_tokens: Int[Tensor, "batch 2"]) -> Float[Tensor, " batch"]:
     """``b_U[first] - b_U[second]``: the constant part of the logit difference (zeros when there is no b_U).
 
     With TransformerLens's weight processing this also carries the final norm's bias (GPT-2's ``ln_f.b``
@@ -282,7 +281,7 @@ def _accumulated_resid(
 def logit_lens(
     model: LoadedModel,
     tokens: Int[Tensor, "batch pos"],
-    answer_tokens: Int[Tensor, "batch 2"] | Int[Tensor, "2"],
+    answer_tokens: Int[Tensor, "batch 2"] | Int[Tensor, " 2"],
     *,
     ln_mode: LnMode = "cached",
     include_unembed_bias: bool = True,
@@ -319,8 +318,8 @@ def logit_lens(
 @torch.no_grad()
 def logit_lens_top_tokens(
     model: LoadedModel,
-    tokens: Int[Tensor, "pos"] | Int[Tensor, "1 pos"],
-    answer_tokens: Int[Tensor, "2"] | Int[Tensor, "1 2"],
+    tokens: Int[Tensor, " pos"] | Int[Tensor, "1 pos"],
+    answer_tokens: Int[Tensor, " 2"] | Int[Tensor, "1 2"],
     k: int = 10,
     *,
     ln_mode: LnMode = "recompute",
@@ -389,7 +388,7 @@ def logit_lens_top_tokens(
 def layer_decomposition(
     model: LoadedModel,
     tokens: Int[Tensor, "batch pos"],
-    answer_tokens: Int[Tensor, "batch 2"] | Int[Tensor, "2"],
+    answer_tokens: Int[Tensor, "batch 2"] | Int[Tensor, " 2"],
 ) -> LabelledValues:
     """Direct logit attribution per layer: each residual-stream writer's share of the logit difference.
 
@@ -447,11 +446,11 @@ class HeadAttribution:
     heads: Float[Tensor, "batch n_layers n_heads"]
     other_labels: list[str]
     other: Float[Tensor, "batch n_other"]
-    logit_diff: Float[Tensor, "batch"]
+    logit_diff: Float[Tensor, " batch"]
     model_name: str
 
     @property
-    def total(self) -> Float[Tensor, "batch"]:
+    def total(self) -> Float[Tensor, " batch"]:
         """Sum of all head and non-head terms: equals ``logit_diff`` up to float error."""
         return self.heads.sum(dim=(1, 2)) + self.other.sum(dim=1)
 
@@ -459,7 +458,7 @@ class HeadAttribution:
         return self.heads.shape[0]
 
     @classmethod
-    def concat(cls, parts: Sequence["HeadAttribution"]) -> "HeadAttribution":
+    def concat(cls, parts: Sequence[HeadAttribution]) -> HeadAttribution:
         """Join attributions of several batches along the batch axis (same model, same terms)."""
         if not parts:
             raise ValueError("HeadAttribution.concat needs at least one part")
@@ -475,7 +474,7 @@ class HeadAttribution:
         )
 
 
-def _attention_bias(model: LoadedModel, layer: int) -> Float[Tensor, "d_model"]:
+def _attention_bias(model: LoadedModel, layer: int) -> Float[Tensor, " d_model"]:
     """``b_O`` of a layer; zeros for bias-free attention (the bridge exposes None or raises there)."""
     try:
         bias = model.bridge.blocks[layer].attn.b_O
@@ -512,7 +511,7 @@ def head_results(
 def head_attribution(
     model: LoadedModel,
     tokens: Int[Tensor, "batch pos"],
-    answer_tokens: Int[Tensor, "batch 2"] | Int[Tensor, "2"],
+    answer_tokens: Int[Tensor, "batch 2"] | Int[Tensor, " 2"],
 ) -> HeadAttribution:
     """Direct logit attribution per attention head, with every other term kept so the total is exact.
 
@@ -889,8 +888,7 @@ def grouped_ci_table(
         rows = torch.tensor([i for i, g in enumerate(groups) if g == group])
         if len(rows) == 1:
             table = pd.DataFrame(
-                {"n": 1, "mean": values[rows[0]].numpy(), "low": float("nan"), "high": float("nan"),
-                 "sign": "unclear"},
+                {"n": 1, "mean": values[rows[0]].numpy(), "low": float("nan"), "high": float("nan"), "sign": "unclear"},
                 index=pd.Index(labels, name="component"),
             )
         else:
@@ -919,8 +917,14 @@ def compare_with_paper(table, claims: dict[str, Sign]):
         row = table.loc[label]
         observed = "positive" if row["low"] > 0 else "negative" if row["high"] < 0 else "unclear"
         verdict = "unclear" if observed == "unclear" else "agrees" if observed == claimed else "opposite"
-        entry = {"component": label, "paper": claimed, "this_run": row["mean"], "low": row["low"],
-                 "high": row["high"], "verdict": verdict}
+        entry = {
+            "component": label,
+            "paper": claimed,
+            "this_run": row["mean"],
+            "low": row["low"],
+            "high": row["high"],
+            "verdict": verdict,
+        }
         if "rank" in table.columns:
             entry["rank"] = int(row["rank"])
         rows.append(entry)

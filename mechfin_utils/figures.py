@@ -173,8 +173,10 @@ def figure_title(fig) -> str:
 _REMOTE_PATTERNS = (
     ("a <script src> loading from the network", re.compile(r"<script\b[^>]*\bsrc\s*=\s*[\"']?\s*(?:https?:)?//", re.I)),
     ("a <link href> loading from the network", re.compile(r"<link\b[^>]*\bhref\s*=\s*[\"']?\s*(?:https?:)?//", re.I)),
-    ("an ES-module import from the network",
-     re.compile(r"\bimport\s*(?:[\w$*{},\s]+?\s*from\s*)?[\"'](?:https?:)?//", re.I)),
+    (
+        "an ES-module import from the network",
+        re.compile(r"\bimport\s*(?:[\w$*{},\s]+?\s*from\s*)?[\"'](?:https?:)?//", re.I),
+    ),
     ("a dynamic import() from the network", re.compile(r"\bimport\s*\(\s*[\"'](?:https?:)?//", re.I)),
 )
 
@@ -465,9 +467,9 @@ def save_html(
         raise ValueError(f"title must contain the model's display name {model_name!r}, got {title!r}")
     safe_title = html_lib.escape(title)
     document = (
-        "<!DOCTYPE html>\n<html>\n<head>\n<meta charset=\"utf-8\" />\n"
+        '<!DOCTYPE html>\n<html>\n<head>\n<meta charset="utf-8" />\n'
         f"<title>{safe_title}</title>\n</head>\n<body>\n"
-        f"<h2 style=\"font-family: sans-serif; font-weight: normal\">{safe_title}</h2>\n"
+        f'<h2 style="font-family: sans-serif; font-weight: normal">{safe_title}</h2>\n'
         f"{html}\n</body>\n</html>\n"
     )
     _write_atomically(path, document.encode("utf-8"))
@@ -525,7 +527,9 @@ def to_jsonable(value: Any, where: str = "value") -> Any:
         return to_jsonable({f.name: getattr(value, f.name) for f in dataclasses.fields(value)}, where)
     pandas = _pandas_module()
     if pandas is not None and isinstance(value, pandas.DataFrame):
-        return to_jsonable(value.reset_index(drop=all(n is None for n in value.index.names)).to_dict(orient="records"), where)
+        return to_jsonable(
+            value.reset_index(drop=all(n is None for n in value.index.names)).to_dict(orient="records"), where
+        )
     if pandas is not None and isinstance(value, pandas.Series):
         return to_jsonable({str(k): v for k, v in value.to_dict().items()}, where)
     if isinstance(value, Path):

@@ -1,15 +1,16 @@
-"""A functional forward pass for GPT-2 and Llama-family models, built for fast exact activation patching.
+"""A functional forward pass for GPT-2 and Llama-family models: the model's own maths as plain tensor functions.
 
-Why a second forward pass next to the TransformerLens bridge? Activation patching asks the same question
-thousands of times: "if this one activation took its clean value, what would the final answer logits be?"
-The bridge can only answer it by running the whole model from the first token of the first layer. The
-functions here answer it by running only what can change:
+Why a second forward pass next to the TransformerLens bridge? Every causal method asks the same question
+thousands of times: "if this activation were different, what would the final answer logits be?" The
+bridge can only answer it by running the whole model from the first token of the first layer. The pieces
+here (one block's Q/K/V, attention, output projection and MLP, and :meth:`FunctionalTransformer.record`
+of a full run) let :mod:`mechfin_utils.engine` answer it by running only what can change:
 
-* a patch at layer ``L`` leaves every layer before ``L`` untouched, so a run can **start from a cached
-  residual stream** at any layer (:meth:`FunctionalTransformer.run_from`);
-* attention is causal, so a patch at position ``p`` leaves positions ``< p`` untouched at every layer; their
-  keys and values are taken from the unpatched run (a *key/value prefix*) and only positions ``>= p`` are
-  recomputed;
+* an intervention at layer ``L`` leaves every layer before ``L`` untouched, so a run can **start from a
+  cached residual stream** at any layer;
+* attention is causal, so a change at position ``p`` leaves positions ``< p`` untouched at every layer;
+  their keys and values are taken from the recorded run (a *key/value prefix*) and only positions ``>= p``
+  are recomputed;
 * the metric reads the final position only, so the last layer computes its queries, attention output and
   MLP for that one position (keys and values are still needed at every recomputed position).
 
@@ -29,8 +30,9 @@ depends only on the position, patching either form gives the same result.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -136,7 +138,7 @@ class FunctionalTransformer:
     # ------------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_model(cls, model) -> "FunctionalTransformer":
+    def from_model(cls, model) -> FunctionalTransformer:
         """From a ``LoadedModel`` (uses its display name in messages), a bridge, or a Hugging Face model."""
         if hasattr(model, "bridge") and hasattr(model, "spec"):
             return cls(model.hf_model, name=model.name)
@@ -175,10 +177,20 @@ class FunctionalTransformer:
                 scale /= float(index + 1)
             self.layers.append(
                 LayerWeights(
-                    ln1_w=ln1.weight, ln1_b=ln1.bias, W_QKV=W_QKV, b_QKV=b_QKV,
-                    W_O=c_proj.weight, b_O=c_proj.bias, ln2_w=ln2.weight, ln2_b=ln2.bias,
-                    W_in=c_fc.weight, b_in=c_fc.bias, W_gate=None, b_gate=None,
-                    W_out=mlp_proj.weight, b_out=mlp_proj.bias,
+                    ln1_w=ln1.weight,
+                    ln1_b=ln1.bias,
+                    W_QKV=W_QKV,
+                    b_QKV=b_QKV,
+                    W_O=c_proj.weight,
+                    b_O=c_proj.bias,
+                    ln2_w=ln2.weight,
+                    ln2_b=ln2.bias,
+                    W_in=c_fc.weight,
+                    b_in=c_fc.bias,
+                    W_gate=None,
+                    b_gate=None,
+                    W_out=mlp_proj.weight,
+                    b_out=mlp_proj.bias,
                     attn_scale=scale,
                 )
             )
@@ -212,12 +224,20 @@ class FunctionalTransformer:
             # nn.Linear stores [d_out, d_in]; ``.T`` is a view (no copy), only the small fused QKV is copied.
             self.layers.append(
                 LayerWeights(
-                    ln1_w=unwrap(block.input_layernorm).weight, ln1_b=None,
-                    W_QKV=torch.cat([q.weight, k.weight, v.weight]).T, b_QKV=b_qkv,
-                    W_O=o.weight.T, b_O=o.bias,
-                    ln2_w=unwrap(block.post_attention_layernorm).weight, ln2_b=None,
-                    W_in=up.weight.T, b_in=up.bias, W_gate=gate.weight.T, b_gate=gate.bias,
-                    W_out=down.weight.T, b_out=down.bias,
+                    ln1_w=unwrap(block.input_layernorm).weight,
+                    ln1_b=None,
+                    W_QKV=torch.cat([q.weight, k.weight, v.weight]).T,
+                    b_QKV=b_qkv,
+                    W_O=o.weight.T,
+                    b_O=o.bias,
+                    ln2_w=unwrap(block.post_attention_layernorm).weight,
+                    ln2_b=None,
+                    W_in=up.weight.T,
+                    b_in=up.bias,
+                    W_gate=gate.weight.T,
+                    b_gate=gate.bias,
+                    W_out=down.weight.T,
+                    b_out=down.bias,
                     attn_scale=float(attn.scaling),
                 )
             )
@@ -253,7 +273,9 @@ class FunctionalTransformer:
 
     def qkv(
         self, layer: int, x: Float[Tensor, "n rows d_model"], first_pos: int, n_pos: int
-    ) -> tuple[Float[Tensor, "n rows head d_head"], Float[Tensor, "n rows kv d_head"], Float[Tensor, "n rows kv d_head"]]:
+    ) -> tuple[
+        Float[Tensor, "n rows head d_head"], Float[Tensor, "n rows kv d_head"], Float[Tensor, "n rows kv d_head"]
+    ]:
         """Queries, keys (both post-rotary) and values of residual rows at positions ``first_pos ...``.
 
         ``x`` is the *un-normalised* residual; ``n_pos`` is the full prompt length (for the rotary table).
@@ -282,12 +304,14 @@ class FunctionalTransformer:
         v: Float[Tensor, "n kv_rows kv d_head"],
         first_query_pos: int,
         return_pattern: bool = False,
+        blocked: Tensor | None = None,
     ) -> tuple[Float[Tensor, "n q_rows head d_head"], Tensor | None]:
         """Causal attention of query rows at positions ``first_query_pos ...`` over key rows ``0 ...``.
 
         ``k``/``v`` must hold every position from 0 up to the last query position (prefix + recomputed
         rows). Grouped-query heads share a key/value head as in Hugging Face's ``repeat_kv`` (query head
-        ``h`` reads key/value head ``h // n_rep``).
+        ``h`` reads key/value head ``h // n_rep``). ``blocked`` (boolean, broadcastable to ``[n, head,
+        q_rows, kv_rows]``) sets those scores to ``-inf`` before the softmax (attention knockout).
         """
         n, q_rows = q.shape[0], q.shape[1]
         kv_rows = k.shape[1]
@@ -302,6 +326,8 @@ class FunctionalTransformer:
         future = key_pos[None, :] > query_pos[:, None]
         if bool(future.any()):
             scores = scores.masked_fill(future, float("-inf"))
+        if blocked is not None:
+            scores = scores.masked_fill(blocked, float("-inf"))
         pattern = torch.softmax(scores, dim=-1)
         z = torch.matmul(pattern.view(n, self.n_kv_heads, self.n_rep * q_rows, kv_rows), vh)
         z = z.view(n, self.n_heads, q_rows, self.d_head).permute(0, 2, 1, 3)
@@ -311,9 +337,7 @@ class FunctionalTransformer:
         w = self.layers[layer]
         return _linear(z.flatten(-2), w.W_O, w.b_O)
 
-    def head_write(
-        self, layer: int, dz: Float[Tensor, "... rows head d_head"]
-    ) -> Float[Tensor, "... rows d_model"]:
+    def head_write(self, layer: int, dz: Float[Tensor, "... rows head d_head"]) -> Float[Tensor, "... rows d_model"]:
         """``sum_h dz[h] @ W_O[h]``: the change in attention output caused by a change ``dz`` of head outputs.
 
         No bias: a change of ``z`` moves the output by the linear map alone.
@@ -337,9 +361,7 @@ class FunctionalTransformer:
     def unembed(self, normed: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
         return F.linear(normed, self.W_U, self.b_U)
 
-    def answer_logits(
-        self, normed: Float[Tensor, "n d_model"], answers: Int[Tensor, "n k"]
-    ) -> Float[Tensor, "n k"]:
+    def answer_logits(self, normed: Float[Tensor, "n d_model"], answers: Int[Tensor, "n k"]) -> Float[Tensor, "n k"]:
         """Logits of ``answers[i]`` only, for each row ``i`` (no full unembedding)."""
         columns = self.W_U[answers]  # [n, k, d_model]
         out = torch.einsum("nd,nkd->nk", normed, columns)
@@ -358,13 +380,26 @@ class FunctionalTransformer:
     # ------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def record(self, tokens: Int[Tensor, "batch pos"], keep: Sequence[str] = RECORD_FIELDS) -> ForwardRecord:
-        """One full forward pass keeping the activations named in ``keep`` (see :data:`RECORD_FIELDS`)."""
+    def record(
+        self,
+        tokens: Int[Tensor, "batch pos"],
+        keep: Sequence[str] = RECORD_FIELDS,
+        embeddings: Float[Tensor, "batch pos d_model"] | None = None,
+    ) -> ForwardRecord:
+        """One full forward pass keeping the activations named in ``keep`` (see :data:`RECORD_FIELDS`).
+
+        ``embeddings`` replaces ``embed(tokens)`` as the stream entering block 0 (causal tracing records its
+        noised runs this way: :meth:`embed` plus noise on the subject's rows).
+        """
         unknown = set(keep) - set(RECORD_FIELDS)
         if unknown:
             raise ValueError(f"keep names unknown activations {sorted(unknown)}; choose from {RECORD_FIELDS}")
         n_pos = tokens.shape[1]
-        x = self.embed(tokens)
+        if embeddings is not None and embeddings.shape != (*tokens.shape, self.d_model):
+            raise ValueError(
+                f"embeddings {tuple(embeddings.shape)} do not match tokens {tuple(tokens.shape)} x d_model {self.d_model}"
+            )
+        x = self.embed(tokens) if embeddings is None else embeddings
         kept: dict[str, list[Tensor]] = {name: [] for name in keep}
 
         def put(name: str, value: Tensor) -> None:
@@ -379,8 +414,16 @@ class FunctionalTransformer:
             mid = x + attn_out
             mlp_out = self.mlp(layer, mid)
             x = mid + mlp_out
-            for name, value in (("q", q), ("k", k), ("v", v), ("z", z), ("pattern", pattern),
-                                ("attn_out", attn_out), ("resid_mid", mid), ("mlp_out", mlp_out)):
+            for name, value in (
+                ("q", q),
+                ("k", k),
+                ("v", v),
+                ("z", z),
+                ("pattern", pattern),
+                ("attn_out", attn_out),
+                ("resid_mid", mid),
+                ("mlp_out", mlp_out),
+            ):
                 put(name, value)
         put("resid_pre", x)
         stacked = {name: torch.stack(values) for name, values in kept.items()}
@@ -397,103 +440,6 @@ class FunctionalTransformer:
             x = x + self.attn_output(layer, z)
             x = x + self.mlp(layer, x)
         return self.unembed(self.final_norm(x))
-
-    @torch.no_grad()
-    def run_from(
-        self,
-        start_layer: int,
-        first_pos: int,
-        resid: Float[Tensor, "n rows d_model"],
-        prefix: ForwardRecord,
-        prompt_index: Int[Tensor, "n"],
-    ) -> Float[Tensor, "n d_model"]:
-        """Finish a forward pass from the residual stream entering ``start_layer`` and return the
-        final-normed residual at the last position (one group of sequences; see :meth:`run_packed`)."""
-        return self.run_packed(start_layer, [(first_pos, resid, prompt_index)], prefix)[0]
-
-    @torch.no_grad()
-    def run_packed(
-        self,
-        start_layer: int,
-        segments: Sequence[tuple[int, Float[Tensor, "n rows d_model"], Int[Tensor, "n"]]],
-        prefix: ForwardRecord,
-    ) -> list[Float[Tensor, "n d_model"]]:
-        """Finish many forward passes at once, from the residual stream entering ``start_layer``.
-
-        Each segment ``(first_pos, resid, prompt_index)`` holds ``n`` sequences whose positions
-        ``first_pos ... pos-1`` are given (``resid``); sequence ``i`` continues prompt ``prompt_index[i]`` of
-        ``prefix`` (the unpatched run). Under causal attention positions ``< first_pos`` cannot see anything
-        that differs, so their keys and values are read from ``prefix`` at every layer and never recomputed.
-
-        All segments' rows are packed into one ``[rows, d_model]`` matrix, so every position-wise map (norms,
-        Q/K/V, output projection, MLP) is one large matrix product per layer whatever the mix of first
-        positions; attention runs per segment. The last layer computes keys and values at every recomputed
-        position but queries, attention, output and MLP at the last position only. Returns, per segment, the
-        final-normed residual at the last position, ``[n, d_model]``. ``start_layer == n_layers`` means only
-        the final norm is left.
-        """
-        n_pos = prefix.tokens.shape[1]
-        if not segments:
-            return []
-        offsets, last_rows, positions, row = [], [], [], 0
-        for first, resid, prompt_index in segments:
-            n, rows = resid.shape[0], resid.shape[1]
-            if rows != n_pos - first or prompt_index.shape != (n,):
-                raise ValueError(
-                    f"segment at first_pos={first}: resid {tuple(resid.shape)} / prompt_index {tuple(prompt_index.shape)} "
-                    f"do not fit positions {first}..{n_pos - 1}"
-                )
-            offsets.append(row)
-            last_rows.append(row + torch.arange(1, n + 1) * rows - 1)
-            positions.append(torch.arange(first, n_pos).repeat(n))
-            row += n * rows
-        x = torch.cat([resid.reshape(-1, self.d_model) for _, resid, _ in segments])
-        last_rows_t = torch.cat(last_rows)
-        tables = self.rotary_tables(n_pos, x)
-        if tables is not None:
-            pos = torch.cat(positions)
-            cos, sin = tables[0][pos][:, None, :], tables[1][pos][:, None, :]
-        n_q, n_kv = self.n_heads * self.d_head, self.n_kv_heads * self.d_head
-        for layer in range(start_layer, self.n_layers):
-            w = self.layers[layer]
-            last = layer == self.n_layers - 1
-            h = self.norm(x, w.ln1_w, w.ln1_b)
-            if last:  # queries only where the metric reads
-                kv = _linear(h, w.W_QKV[:, n_q:], None if w.b_QKV is None else w.b_QKV[n_q:])
-                q = _linear(h[last_rows_t], w.W_QKV[:, :n_q], None if w.b_QKV is None else w.b_QKV[:n_q])
-            else:
-                qkv = _linear(h, w.W_QKV, w.b_QKV)
-                q, kv = qkv[:, :n_q], qkv[:, n_q:]
-            q = q.unflatten(-1, (self.n_heads, self.d_head))
-            k = kv[:, :n_kv].unflatten(-1, (self.n_kv_heads, self.d_head))
-            v = kv[:, n_kv:].unflatten(-1, (self.n_kv_heads, self.d_head))
-            if tables is not None:
-                k = k * cos + _rotate_half(k) * sin
-                q_cos, q_sin = (cos[last_rows_t], sin[last_rows_t]) if last else (cos, sin)
-                q = q * q_cos + _rotate_half(q) * q_sin
-            z = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-            q_row = 0
-            for (first, resid, prompt_index), offset in zip(segments, offsets):
-                n, rows = resid.shape[0], resid.shape[1]
-                q_rows = 1 if last else rows
-                k_seg = k[offset : offset + n * rows].view(n, rows, self.n_kv_heads, self.d_head)
-                v_seg = v[offset : offset + n * rows].view(n, rows, self.n_kv_heads, self.d_head)
-                if first > 0:
-                    k_seg = torch.cat([prefix.k[layer, prompt_index, :first], k_seg], dim=1)
-                    v_seg = torch.cat([prefix.v[layer, prompt_index, :first], v_seg], dim=1)
-                q_seg = q[q_row : q_row + n * q_rows].view(n, q_rows, self.n_heads, self.d_head)
-                z_seg, _ = self.attend(layer, q_seg, k_seg, v_seg, n_pos - q_rows)
-                z[q_row : q_row + n * q_rows] = z_seg.reshape(n * q_rows, self.n_heads, self.d_head)
-                q_row += n * q_rows
-            if last:
-                x = x[last_rows_t]
-            x = x + self.attn_output(layer, z)
-            x = x + self.mlp(layer, x)
-        if start_layer >= self.n_layers:
-            x = x[last_rows_t]
-        out = self.final_norm(x)
-        sizes = [resid.shape[0] for _, resid, _ in segments]
-        return list(out.split(sizes))
 
     # ------------------------------------------------------------------------------------------------
     # Cost model (for the benchmark's FLOP floor)
@@ -526,7 +472,9 @@ def _gpt2_qkv(attn_module: torch.nn.Module, c_attn: torch.nn.Module) -> tuple[Te
     LayerNorm: correct only when the gains are 1 and the biases 0 (freshly initialised GPT-2), wrong for
     real weights. A plain Hugging Face model has no split maps and uses ``c_attn`` (Conv1D: ``x @ W + b``).
     """
-    split = [unwrap(getattr(attn_module, name, None)) if hasattr(attn_module, name) else None for name in ("q", "k", "v")]
+    split = [
+        unwrap(getattr(attn_module, name, None)) if hasattr(attn_module, name) else None for name in ("q", "k", "v")
+    ]
     if all(isinstance(m, torch.nn.Linear) for m in split):
         W = torch.cat([m.weight for m in split]).T  # nn.Linear stores [d_out, d_in]
         biases = [m.bias for m in split]
@@ -560,5 +508,7 @@ def _activation(name: str, model_name: str) -> Callable[[Tensor], Tensor]:
         "swish": F.silu,
     }
     if name not in table:
-        raise UnsupportedArchitecture(f"{model_name}: activation {name!r} is not implemented by the functional forward pass")
+        raise UnsupportedArchitecture(
+            f"{model_name}: activation {name!r} is not implemented by the functional forward pass"
+        )
     return table[name]

@@ -39,8 +39,8 @@ def _check_answers(answer_tokens: Tensor, batch: int) -> Tensor:
 
 def logit_diff(
     logits: Float[Tensor, "batch pos d_vocab"] | Float[Tensor, "batch d_vocab"],
-    answer_tokens: Int[Tensor, "batch 2"] | Int[Tensor, "2"],
-) -> Float[Tensor, "batch"]:
+    answer_tokens: Int[Tensor, "batch 2"] | Int[Tensor, " 2"],
+) -> Float[Tensor, " batch"]:
     """``logit(answer_tokens[:, 0]) - logit(answer_tokens[:, 1])`` at the final position, per prompt."""
     final = _final_logits(logits)
     answers = _check_answers(answer_tokens.to(final.device), final.shape[0])
@@ -50,8 +50,8 @@ def logit_diff(
 
 def normalised_prob_ratio(
     logits: Float[Tensor, "batch pos d_vocab"] | Float[Tensor, "batch d_vocab"],
-    answer_tokens: Int[Tensor, "batch 2"] | Int[Tensor, "2"],
-) -> Float[Tensor, "batch"]:
+    answer_tokens: Int[Tensor, "batch 2"] | Int[Tensor, " 2"],
+) -> Float[Tensor, " batch"]:
     """``p(a) / (p(a) + p(b))``: the probability of the first answer renormalised over the two answers.
 
     Equals ``sigmoid(logit_diff)``; 0.5 means the model is indifferent between the two answers, and it
@@ -61,8 +61,8 @@ def normalised_prob_ratio(
 
 
 def normalised_patching_metric(
-    patched: Float[Tensor, "..."], clean: Float[Tensor, ""] | float, corrupted: Float[Tensor, ""] | float
-) -> Float[Tensor, "..."]:
+    patched: Float[Tensor, ...], clean: Float[Tensor, ""] | float, corrupted: Float[Tensor, ""] | float
+) -> Float[Tensor, ...]:
     """Rescale a metric so that ``corrupted -> 0`` and ``clean -> 1``.
 
     Raises when clean and corrupted are (numerically) equal: the normalised metric is then undefined,

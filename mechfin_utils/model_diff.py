@@ -29,13 +29,17 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .metrics import logit_diff
-
 _LAYER = re.compile(r"(?:layers|h)\.(\d+)\.")
 _MODULES = (
-    ("attn_q", ("q_proj",)), ("attn_k", ("k_proj",)), ("attn_v", ("v_proj",)), ("attn_qkv", ("c_attn",)),
-    ("attn_o", ("o_proj", "attn.c_proj")), ("mlp_in", ("gate_proj", "up_proj", "c_fc")),
-    ("mlp_out", ("down_proj", "mlp.c_proj")), ("norm", ("norm", "ln_")), ("embedding", ("embed_tokens", "wte", "wpe")),
+    ("attn_q", ("q_proj",)),
+    ("attn_k", ("k_proj",)),
+    ("attn_v", ("v_proj",)),
+    ("attn_qkv", ("c_attn",)),
+    ("attn_o", ("o_proj", "attn.c_proj")),
+    ("mlp_in", ("gate_proj", "up_proj", "c_fc")),
+    ("mlp_out", ("down_proj", "mlp.c_proj")),
+    ("norm", ("norm", "ln_")),
+    ("embedding", ("embed_tokens", "wte", "wpe")),
 )
 
 
@@ -85,8 +89,16 @@ def weight_change(base_state: dict[str, Tensor], tuned_state: dict[str, Tensor])
         layer, module = module_of(name)
         base_norm = float(base.norm())
         change = float((tuned - base).norm())
-        rows.append({"parameter": name, "layer": layer, "module": module, "base_norm": base_norm,
-                     "change_norm": change, "relative_change": change / base_norm if base_norm > 0 else float("nan")})
+        rows.append(
+            {
+                "parameter": name,
+                "layer": layer,
+                "module": module,
+                "base_norm": base_norm,
+                "change_norm": change,
+                "relative_change": change / base_norm if base_norm > 0 else float("nan"),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -94,8 +106,10 @@ def change_by_layer_and_module(changes: pd.DataFrame) -> pd.DataFrame:
     """``[layer x module]`` relative change of each group (sum of squared changes over sum of squared norms)."""
     layered = changes.dropna(subset=["layer"]).copy()
     layered["layer"] = layered["layer"].astype(int)
-    grouped = layered.groupby(["layer", "module"]).agg(change=("change_norm", lambda x: float((x**2).sum() ** 0.5)),
-                                                       norm=("base_norm", lambda x: float((x**2).sum() ** 0.5)))
+    grouped = layered.groupby(["layer", "module"]).agg(
+        change=("change_norm", lambda x: float((x**2).sum() ** 0.5)),
+        norm=("base_norm", lambda x: float((x**2).sum() ** 0.5)),
+    )
     grouped["relative_change"] = grouped["change"] / grouped["norm"]
     return grouped["relative_change"].unstack("module")
 
@@ -110,64 +124,87 @@ COMPONENTS = ("attn_out", "mlp_out")
 def _check_compatible(base, tuned) -> None:
     for attribute in ("n_layers", "d_model", "n_heads", "d_vocab"):
         if getattr(base.cfg, attribute) != getattr(tuned.cfg, attribute):
-            raise ValueError(f"{base.name} and {tuned.name} differ in {attribute}: cross-model patching needs one "
-                             "architecture")
+            raise ValueError(
+                f"{base.name} and {tuned.name} differ in {attribute}: cross-model patching needs one architecture"
+            )
     if base.prepend_bos != tuned.prepend_bos:
         raise ValueError(f"{base.name} and {tuned.name} make different BOS decisions")
 
 
 @torch.no_grad()
-def _final_ld(model, tokens: Tensor, answers: Tensor, hooks=()) -> Float[Tensor, "batch"]:
-    logits = model.bridge.run_with_hooks(tokens, fwd_hooks=list(hooks)) if hooks else model.bridge(tokens)
-    return logit_diff(logits[:, -1, :], answers)
-
-
 @torch.no_grad()
 def cross_model_patching(
-    base, tuned, clean_tokens: Int[Tensor, "batch pos"], corrupted_tokens: Int[Tensor, "batch pos"],
-    answer_tokens: Int[Tensor, "batch 2"], components: tuple[str, ...] = COMPONENTS,
+    base,
+    tuned,
+    clean_tokens: Int[Tensor, "batch pos"],
+    corrupted_tokens: Int[Tensor, "batch pos"],
+    answer_tokens: Int[Tensor, "batch 2"],
+    components: tuple[str, ...] = COMPONENTS,
 ) -> pd.DataFrame:
     """Patch each layer's component from ``tuned`` into ``base`` (every position), on clean and corrupted prompts.
 
-    Stages:
-        1. the reference runs: both models' logit differences on both prompt sets (their gaps are the endpoints);
-        2. the tuned model's component outputs, cached once per prompt set;
-        3. per layer and component, the base model run with that one output replaced, on both prompt sets.
+    Stages, on the intervention engine (:mod:`mechfin_utils.engine`):
+        1. both models' runs recorded on both prompt sets: their logit differences are the endpoints, the tuned
+           model's component outputs the values patched in;
+        2. per layer and component, the base model continued from that layer with that one output replaced (a
+           :class:`~mechfin_utils.engine.Replace` at every position), all in one packed run per prompt set.
 
     Returns one row per (layer, component): ``gap_patched`` (mean over pairs), ``recovery`` as defined in the
     module docstring, and the mean LD shift on clean and on corrupted prompts. The endpoint gaps are in
     ``frame.attrs["gap_base"]`` and ``frame.attrs["gap_tuned"]``.
     """
+    from mechfin_utils import engine
+    from mechfin_utils.patching import functional_model
+
     _check_compatible(base, tuned)
     unknown = [c for c in components if c not in COMPONENTS]
     if unknown:
         raise ValueError(f"unknown component(s) {unknown}; known: {list(COMPONENTS)}")
+    base_fm, tuned_fm = functional_model(base), functional_model(tuned)
     runs = {"clean": clean_tokens, "corrupted": corrupted_tokens}
+
+    def logit_diff_of(fm, normed: Tensor) -> Float[Tensor, " batch"]:
+        two = fm.answer_logits(normed, answer_tokens.expand(normed.shape[0], 2))
+        return two[:, 0] - two[:, 1]
+
     # 1. reference runs
-    base_ld = {run: _final_ld(base, tokens, answer_tokens) for run, tokens in runs.items()}
-    tuned_ld = {run: _final_ld(tuned, tokens, answer_tokens) for run, tokens in runs.items()}
+    base_ld, tuned_ld, patched = {}, {}, {}
+    cells = [(layer, component) for layer in range(base_fm.n_layers) for component in components]
+    for run, tokens in runs.items():
+        base_record = base_fm.record(tokens, keep=("resid_pre",))
+        tuned_record = tuned_fm.record(tokens, keep=components)
+        base_ld[run] = logit_diff_of(base_fm, base_record.final_normed)
+        tuned_ld[run] = logit_diff_of(tuned_fm, tuned_record.final_normed)
+        # 2. one packed base run: every (layer, component) replaced at every position
+        positions = tuple(range(tokens.shape[1]))
+        batch = torch.arange(tokens.shape[0])
+        segments = [
+            engine.Segment(
+                layer,
+                0,
+                base_record.resid_pre[layer],
+                batch,
+                [engine.Replace(component, layer, positions, getattr(tuned_record, component)[layer])],
+            )
+            for layer, component in cells
+        ]
+        patched[run] = [logit_diff_of(base_fm, out[:, -1]) for out in engine.run(base_fm, segments, base_record)]
     gap_base = float((base_ld["clean"] - base_ld["corrupted"]).mean())
     gap_tuned = float((tuned_ld["clean"] - tuned_ld["corrupted"]).mean())
-    # 2. the tuned model's outputs
-    hook_names = [f"blocks.{layer}.hook_{c}" for layer in range(base.cfg.n_layers) for c in components]
-    tuned_cache = {}
-    for run, tokens in runs.items():
-        _, cache = tuned.bridge.run_with_cache(tokens, names_filter=lambda name: name in hook_names)
-        tuned_cache[run] = {name: cache[name].clone() for name in hook_names}
-    # 3. one patched base run per component and prompt set
     rows = []
-    for layer in range(base.cfg.n_layers):
-        for component in components:
-            name = f"blocks.{layer}.hook_{component}"
-            patched = {}
-            for run, tokens in runs.items():
-                replacement = tuned_cache[run][name]
-                patched[run] = _final_ld(base, tokens, answer_tokens, [(name, lambda act, hook, r=replacement: r)])
-            gap = float((patched["clean"] - patched["corrupted"]).mean())
-            rows.append({"layer": layer, "component": component, "gap_patched": gap,
-                         "recovery": (gap - gap_base) / (gap_tuned - gap_base),
-                         "clean_shift": float((patched["clean"] - base_ld["clean"]).mean()),
-                         "corrupted_shift": float((patched["corrupted"] - base_ld["corrupted"]).mean())})
+    for index, (layer, component) in enumerate(cells):
+        clean_ld, corrupted_ld = patched["clean"][index], patched["corrupted"][index]
+        gap = float((clean_ld - corrupted_ld).mean())
+        rows.append(
+            {
+                "layer": layer,
+                "component": component,
+                "gap_patched": gap,
+                "recovery": (gap - gap_base) / (gap_tuned - gap_base),
+                "clean_shift": float((clean_ld - base_ld["clean"]).mean()),
+                "corrupted_shift": float((corrupted_ld - base_ld["corrupted"]).mean()),
+            }
+        )
     frame = pd.DataFrame(rows)
     frame.attrs.update(gap_base=gap_base, gap_tuned=gap_tuned)
     return frame

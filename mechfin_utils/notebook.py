@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import random
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from .figures import save_figure, save_html, save_results
 from .models import LoadedModel, load_model
@@ -160,7 +161,12 @@ def start(
     )
     session.record(
         "run",
-        {"fast": fast, "seed": seed, "n_pairs_used": len(pairs), "n_pairs_aligned": len(report.kept),
-         "n_pairs_total": report.n_total},
+        {
+            "fast": fast,
+            "seed": seed,
+            "n_pairs_used": len(pairs),
+            "n_pairs_aligned": len(report.kept),
+            "n_pairs_total": report.n_total,
+        },
     )
     return session

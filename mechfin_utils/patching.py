@@ -87,11 +87,11 @@ TransformerLens; for a clean vector moved to the same position these are the sam
 
 from __future__ import annotations
 
-import math
 import warnings
 import weakref
-from dataclasses import dataclass, field
-from typing import Callable, Iterator, Literal, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import pandas as pd
 import torch
@@ -99,6 +99,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mechfin_utils import engine
 from mechfin_utils.functional import ForwardRecord, FunctionalTransformer, UnsupportedArchitecture
 from mechfin_utils.metrics import NormalisedLogitDiff, logit_diff, normalised_patching_metric
 
@@ -139,8 +140,12 @@ class PatchComponent:
     @property
     def hook_suffix(self) -> str:
         """The bridge hook, relative to ``blocks.{layer}.``."""
-        return {"resid_pre": "hook_resid_pre", "resid_mid": "hook_resid_mid", "attn_out": "hook_attn_out",
-                "mlp_out": "hook_mlp_out"}.get(self.site, f"attn.hook_{self.site}")
+        return {
+            "resid_pre": "hook_resid_pre",
+            "resid_mid": "hook_resid_mid",
+            "attn_out": "hook_attn_out",
+            "mlp_out": "hook_mlp_out",
+        }.get(self.site, f"attn.hook_{self.site}")
 
 
 COMPONENTS: dict[str, PatchComponent] = {
@@ -155,7 +160,9 @@ COMPONENTS: dict[str, PatchComponent] = {
         PatchComponent("attn_head_k_by_pos", "k", "pos", ("layer", "pos", "head")),
         PatchComponent("attn_head_v_by_pos", "v", "pos", ("layer", "pos", "head")),
         PatchComponent("attn_head_pattern_by_pos", "pattern", "pos", ("layer", "head", "dest_pos")),
-        PatchComponent("attn_head_pattern_dest_src_pos", "pattern", "dest_src", ("layer", "head", "dest_pos", "src_pos")),
+        PatchComponent(
+            "attn_head_pattern_dest_src_pos", "pattern", "dest_src", ("layer", "head", "dest_pos", "src_pos")
+        ),
         PatchComponent("attn_head_out_all_pos", "z", "all", ("layer", "head")),
         PatchComponent("attn_head_q_all_pos", "q", "all", ("layer", "head")),
         PatchComponent("attn_head_k_all_pos", "k", "all", ("layer", "head")),
@@ -191,7 +198,12 @@ def _cells(component: PatchComponent, n_layers: int, n_pos: int, n_heads: int, n
     cells = []
     for layer in range(n_layers):
         if component.scope == "dest_src":
-            cells += [_Cell(layer, d, h, s, (layer, h, d, s)) for d in range(n_pos) for h in range(heads) for s in range(n_pos)]
+            cells += [
+                _Cell(layer, d, h, s, (layer, h, d, s))
+                for d in range(n_pos)
+                for h in range(heads)
+                for s in range(n_pos)
+            ]
         elif component.scope == "pos" and component.site == "pattern":
             cells += [_Cell(layer, d, h, None, (layer, h, d)) for d in range(n_pos) for h in range(heads)]
         elif component.scope == "pos" and component.per_head:
@@ -228,7 +240,9 @@ def _cells_from_index_df(component: PatchComponent, index_df, full_shape: tuple[
     return cells
 
 
-def _result_shape(component: PatchComponent, n_layers: int, n_pos: int, n_heads: int, n_kv_heads: int) -> tuple[int, ...]:
+def _result_shape(
+    component: PatchComponent, n_layers: int, n_pos: int, n_heads: int, n_kv_heads: int
+) -> tuple[int, ...]:
     heads = n_kv_heads if component.site in ("k", "v") else n_heads
     size = {"layer": n_layers, "pos": n_pos, "dest_pos": n_pos, "src_pos": n_pos, "head": heads}
     return tuple(size[a] for a in component.axes)
@@ -266,7 +280,9 @@ class PatchSweep:
         else:
             idx = torch.as_tensor(prompts, dtype=torch.long)
             if idx.ndim != 1 or idx.numel() == 0:
-                raise ValueError(f"prompts must be a non-empty 1-D list of prompt indices, got shape {tuple(idx.shape)}")
+                raise ValueError(
+                    f"prompts must be a non-empty 1-D list of prompt indices, got shape {tuple(idx.shape)}"
+                )
             batch = self.clean_logit_diff.shape[0]
             if bool(((idx < 0) | (idx >= batch)).any()):
                 raise IndexError(f"prompts holds indices outside 0..{batch - 1}")
@@ -302,7 +318,9 @@ class _Readout:
             if answers.ndim == 1:
                 answers = answers.expand(batch, 2)
             if answers.shape != (batch, 2):
-                raise ValueError(f"metric.answer_tokens has shape {tuple(metric.answer_tokens.shape)}; the batch needs [{batch}, 2]")
+                raise ValueError(
+                    f"metric.answer_tokens has shape {tuple(metric.answer_tokens.shape)}; the batch needs [{batch}, 2]"
+                )
             self.answers = answers.cpu().long()
         elif per_prompt:
             raise ValueError(
@@ -315,7 +333,9 @@ class _Readout:
     def tail(self) -> tuple[int, ...]:
         return (self.batch,) if self.reduce == "none" else ()
 
-    def from_normed(self, fm: FunctionalTransformer, normed: Float[Tensor, "v batch d_model"]) -> tuple[Tensor, Tensor | None]:
+    def from_normed(
+        self, fm: FunctionalTransformer, normed: Float[Tensor, "v batch d_model"]
+    ) -> tuple[Tensor, Tensor | None]:
         if self.logit_diff:
             n_var = normed.shape[0]
             answers = self.answers.to(normed.device).repeat(n_var, 1)
@@ -345,7 +365,9 @@ class _Readout:
                 )
             return out
         if out.shape != (self.batch,):
-            raise ValueError(f"metric must return a [batch={self.batch}] tensor under reduce={self.reduce!r}, got {tuple(out.shape)}")
+            raise ValueError(
+                f"metric must return a [batch={self.batch}] tensor under reduce={self.reduce!r}, got {tuple(out.shape)}"
+            )
         return out.mean() if self.reduce == "mean" else out
 
 
@@ -355,7 +377,13 @@ class _Readout:
 
 
 def _entry_rows(
-    fm: FunctionalTransformer, C: ForwardRecord, K: ForwardRecord, component: PatchComponent, layer: int, first: int, cells: Sequence[_Cell]
+    fm: FunctionalTransformer,
+    C: ForwardRecord,
+    K: ForwardRecord,
+    component: PatchComponent,
+    layer: int,
+    first: int,
+    cells: Sequence[_Cell],
 ) -> tuple[int, Float[Tensor, "v batch rows d_model"]]:
     """The residual stream (positions ``first ...``) entering the first layer that must be recomputed, for
     each patch in ``cells``, and that layer's index. C/K: the corrupted/clean runs."""
@@ -378,7 +406,9 @@ def _entry_rows(
         mid = C.resid_pre[layer][:, span] + K.attn_out[layer][:, span]
         return layer + 1, with_rows(C.resid_post[layer], (mid + fm.mlp(layer, mid)).unsqueeze(0))
     if site == "mlp_out":
-        return layer + 1, with_rows(C.resid_post[layer], (C.resid_mid[layer][:, span] + K.mlp_out[layer][:, span]).unsqueeze(0))
+        return layer + 1, with_rows(
+            C.resid_post[layer], (C.resid_mid[layer][:, span] + K.mlp_out[layer][:, span]).unsqueeze(0)
+        )
 
     # Attention sites: compute the patched layer's new head outputs z' for the rows that change.
     z_new, rows = _patched_head_outputs(fm, C, K, component, layer, first, cells)
@@ -388,7 +418,13 @@ def _entry_rows(
 
 
 def _patched_head_outputs(
-    fm: FunctionalTransformer, C: ForwardRecord, K: ForwardRecord, component: PatchComponent, layer: int, first: int, cells: Sequence[_Cell]
+    fm: FunctionalTransformer,
+    C: ForwardRecord,
+    K: ForwardRecord,
+    component: PatchComponent,
+    layer: int,
+    first: int,
+    cells: Sequence[_Cell],
 ) -> tuple[Float[Tensor, "v batch rows head d_head"], slice]:
     """New head outputs of ``layer`` under each patch, for the query rows the patch can change."""
     site, scope = component.site, component.scope
@@ -444,7 +480,9 @@ def _patched_head_outputs(
     return torch.where(query_head_mask(site != "q"), z, corr_z), rows
 
 
-def divergence_positions(clean_tokens: Int[Tensor, "batch pos"], corrupted_tokens: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch"]:
+def divergence_positions(
+    clean_tokens: Int[Tensor, "batch pos"], corrupted_tokens: Int[Tensor, "batch pos"]
+) -> Int[Tensor, " batch"]:
     """Per prompt, the first position where the clean and corrupted tokens differ (``pos`` if they never do).
 
     Before it, the two runs see the same tokens, so (the model being causal) every activation there is the
@@ -452,11 +490,15 @@ def divergence_positions(clean_tokens: Int[Tensor, "batch pos"], corrupted_token
     """
     differs = clean_tokens != corrupted_tokens
     n_pos = clean_tokens.shape[1]
-    first = torch.where(differs.any(1), differs.float().argmax(1), torch.full_like(differs[:, 0], n_pos, dtype=torch.long))
+    first = torch.where(
+        differs.any(1), differs.float().argmax(1), torch.full_like(differs[:, 0], n_pos, dtype=torch.long)
+    )
     return first.long()
 
 
-def sequence_starts(component: PatchComponent, cell: _Cell, divergence: Int[Tensor, "batch"], n_pos: int) -> Int[Tensor, "batch"]:
+def sequence_starts(
+    component: PatchComponent, cell: _Cell, divergence: Int[Tensor, " batch"], n_pos: int
+) -> Int[Tensor, " batch"]:
     """Per prompt, the first position a patch can change (``n_pos``: it changes nothing for that prompt).
 
     By position, prompt ``b`` is changed from the cell's position on, provided that is at or after the prompt's
@@ -485,7 +527,7 @@ def _functional_sweep(
     desc: str,
 ) -> None:
     """Run every cell. Per layer, all patched sequences (cell x prompt) are packed into passes of at most
-    ``batch_size`` full-length sequences' worth of rows, each one :meth:`FunctionalTransformer.run_packed`.
+    ``batch_size`` full-length sequences' worth of rows, each one :func:`mechfin_utils.engine.run`.
     Sequences that provably cannot change (see :func:`divergence_positions`; pattern entries above the
     diagonal) are not run: their final state is the corrupted run's."""
     batch, n_pos = C.tokens.shape
@@ -511,19 +553,23 @@ def _functional_sweep(
                         start_layer, rows = _entry_rows(fm, C, K, component, layer, first, [c for c, _ in group])
                         for begin in group_starts[group_starts < n_pos].unique().tolist():
                             v_idx, b_idx = (group_starts == begin).nonzero(as_tuple=True)
-                            segments.append((begin, rows[v_idx, b_idx, begin - first :], b_idx))
+                            segments.append(
+                                engine.Segment(start_layer, begin, rows[v_idx, b_idx, begin - first :], b_idx)
+                            )
                             owners.append((offset + v_idx, b_idx))
                     offset += len(group)
                 if segments:
-                    for (v_idx, b_idx), out in zip(owners, fm.run_packed(start_layer, segments, C)):
-                        normed[v_idx, b_idx] = out
+                    for (v_idx, b_idx), out in zip(owners, engine.run(fm, segments, C)):
+                        normed[v_idx, b_idx] = out[:, -1]
                 values, diffs = readout.from_normed(fm, normed)
                 _store([c for group in by_first.values() for c, _ in group], values, diffs, store, store_diffs)
                 bar.update(len(chunk))
     bar.close()
 
 
-def _row_chunks(planned: list[tuple[_Cell, Tensor]], n_pos: int, row_budget: int) -> Iterator[list[tuple[_Cell, Tensor]]]:
+def _row_chunks(
+    planned: list[tuple[_Cell, Tensor]], n_pos: int, row_budget: int
+) -> Iterator[list[tuple[_Cell, Tensor]]]:
     """Consecutive runs of cells whose recomputed rows (``pos - start`` per prompt) fit the budget (a cell
     larger than the budget on its own still runs, alone)."""
     chunk, rows = [], 0
@@ -538,7 +584,9 @@ def _row_chunks(planned: list[tuple[_Cell, Tensor]], n_pos: int, row_budget: int
         yield chunk
 
 
-def _store(cells: Sequence[_Cell], values: Tensor, diffs: Tensor | None, store: Tensor, store_diffs: Tensor | None) -> None:
+def _store(
+    cells: Sequence[_Cell], values: Tensor, diffs: Tensor | None, store: Tensor, store_diffs: Tensor | None
+) -> None:
     for i, cell in enumerate(cells):
         store[cell.out_index] = values[i]
         if store_diffs is not None and diffs is not None:
@@ -551,8 +599,17 @@ def _store(cells: Sequence[_Cell], values: Tensor, diffs: Tensor | None, store: 
 
 
 def _bridge_sweep(
-    bridge, clean_tokens: Tensor, corrupted_tokens: Tensor, component: PatchComponent, cells: list[_Cell],
-    readout: _Readout, store: Tensor, store_diffs: Tensor | None, batch_size: int, progress: bool, desc: str,
+    bridge,
+    clean_tokens: Tensor,
+    corrupted_tokens: Tensor,
+    component: PatchComponent,
+    cells: list[_Cell],
+    readout: _Readout,
+    store: Tensor,
+    store_diffs: Tensor | None,
+    batch_size: int,
+    progress: bool,
+    desc: str,
 ) -> None:
     batch = corrupted_tokens.shape[0]
     names = sorted({f"blocks.{c.layer}.{component.hook_suffix}" for c in cells})
@@ -600,7 +657,7 @@ def _bridge_index(component: PatchComponent, cell: _Cell) -> tuple:
 # The generic function
 # -----------------------------------------------------------------------------------------------------------
 
-_FUNCTIONAL_MODELS: "weakref.WeakKeyDictionary[torch.nn.Module, FunctionalTransformer]" = weakref.WeakKeyDictionary()
+_FUNCTIONAL_MODELS: weakref.WeakKeyDictionary[torch.nn.Module, FunctionalTransformer] = weakref.WeakKeyDictionary()
 
 
 def functional_model(model) -> FunctionalTransformer:
@@ -622,9 +679,13 @@ def _bridge_of(model):
 def _check_tokens(clean_tokens, corrupted_tokens, d_vocab: int) -> None:
     for name, tokens in (("clean_tokens", clean_tokens), ("corrupted_tokens", corrupted_tokens)):
         if not isinstance(tokens, Tensor):
-            raise TypeError(f"{name} must be a [batch, pos] tensor of token ids (model.to_tokens(...)), got {type(tokens).__name__}")
+            raise TypeError(
+                f"{name} must be a [batch, pos] tensor of token ids (model.to_tokens(...)), got {type(tokens).__name__}"
+            )
         if tokens.ndim != 2 or tokens.dtype not in (torch.long, torch.int, torch.int32, torch.int64):
-            raise ValueError(f"{name} must be a 2-D [batch, pos] integer tensor, got shape {tuple(tokens.shape)} dtype {tokens.dtype}")
+            raise ValueError(
+                f"{name} must be a 2-D [batch, pos] integer tensor, got shape {tuple(tokens.shape)} dtype {tokens.dtype}"
+            )
         if tokens.numel() == 0:
             raise ValueError(f"{name} is empty (shape {tuple(tokens.shape)})")
         if int(tokens.min()) < 0 or int(tokens.max()) >= d_vocab:
@@ -656,7 +717,10 @@ def _record_fields(spec: PatchComponent) -> tuple[tuple[str, ...], tuple[str, ..
 def _check_metric_matches(readout: _Readout, clean_diff: Tensor, corrupted_diff: Tensor) -> None:
     """NormalisedLogitDiff carries the clean/corrupted logit differences it was built from: they must be
     the ones of these prompts, else the normalisation (and every value) would be silently wrong."""
-    for which, ours, theirs in (("clean", clean_diff.mean(), readout.metric.clean), ("corrupted", corrupted_diff.mean(), readout.metric.corrupted)):
+    for which, ours, theirs in (
+        ("clean", clean_diff.mean(), readout.metric.clean),
+        ("corrupted", corrupted_diff.mean(), readout.metric.corrupted),
+    ):
         theirs = float(theirs)
         if abs(float(ours) - theirs) > 1e-3 * max(1.0, abs(theirs)):
             raise ValueError(
@@ -727,7 +791,9 @@ def activation_patch(
         raise ValueError(f"engine must be 'auto', 'functional' or 'bridge', got {engine!r}")
     bridge = _bridge_of(model)
     if bridge.training:
-        raise ValueError("the model is in training mode (dropout would randomise every patch): call model.bridge.eval()")
+        raise ValueError(
+            "the model is in training mode (dropout would randomise every patch): call model.bridge.eval()"
+        )
     _check_tokens(clean_tokens, corrupted_tokens, bridge.cfg.d_vocab)
     batch, n_pos = corrupted_tokens.shape
     readout = _Readout(metric, reduce, batch, return_per_prompt)
@@ -772,7 +838,19 @@ def activation_patch(
                 clean_diff = readout.from_normed(fm, K.final_normed.unsqueeze(0))[1][0]
                 corrupted_diff = readout.from_normed(fm, C.final_normed.unsqueeze(0))[1][0]
         else:
-            _bridge_sweep(bridge, clean_tokens, corrupted_tokens, spec, cells, readout, store, store_diffs, batch_size, progress, desc)
+            _bridge_sweep(
+                bridge,
+                clean_tokens,
+                corrupted_tokens,
+                spec,
+                cells,
+                readout,
+                store,
+                store_diffs,
+                batch_size,
+                progress,
+                desc,
+            )
             if readout.logit_diff:
                 clean_diff = logit_diff(bridge(clean_tokens)[:, -1], readout.answers)
                 corrupted_diff = logit_diff(bridge(corrupted_tokens)[:, -1], readout.answers)
@@ -781,8 +859,13 @@ def activation_patch(
     if not return_per_prompt:
         return store
     return PatchSweep(
-        values=store, logit_diff=store_diffs, clean_logit_diff=clean_diff, corrupted_logit_diff=corrupted_diff,
-        axes=("row",) if index_df is not None else spec.axes, key=component, model_name=model_name,
+        values=store,
+        logit_diff=store_diffs,
+        clean_logit_diff=clean_diff,
+        corrupted_logit_diff=corrupted_diff,
+        axes=("row",) if index_df is not None else spec.axes,
+        key=component,
+        model_name=model_name,
     )
 
 
@@ -798,7 +881,11 @@ def _single(key: str) -> Callable[..., Tensor | PatchSweep]:
         return activation_patch(model, clean_tokens, corrupted_tokens, metric, key, **kwargs)
 
     wrapper.__name__ = wrapper.__qualname__ = f"act_patch_{key}"
-    twin = "no TransformerLens counterpart" if key.endswith("_all_pos") and not spec.per_head else f"= transformer_lens.patching.get_act_patch_{key}"
+    twin = (
+        "no TransformerLens counterpart"
+        if key.endswith("_all_pos") and not spec.per_head
+        else f"= transformer_lens.patching.get_act_patch_{key}"
+    )
     wrapper.__doc__ = (
         f"Exact activation patching of ``{spec.site}`` ({twin}); shape [{', '.join(spec.axes)}]. "
         "Arguments as :func:`activation_patch`."
@@ -829,29 +916,49 @@ act_patch_mlp_out_all_pos = _single("mlp_out_all_pos")
 
 def _stack_every(model, clean_tokens, corrupted_tokens, metric, keys: Sequence[str], kwargs: dict) -> Tensor:
     if kwargs.get("return_per_prompt") or kwargs.get("reduce", "scalar") == "none":
-        raise ValueError("the *_every helpers return one stacked tensor; call activation_patch per key for per-prompt values")
+        raise ValueError(
+            "the *_every helpers return one stacked tensor; call activation_patch per key for per-prompt values"
+        )
     return [activation_patch(model, clean_tokens, corrupted_tokens, metric, key, **kwargs) for key in keys]
 
 
 def act_patch_block_every(model, clean_tokens, corrupted_tokens, metric, **kwargs) -> Float[Tensor, "3 layer pos"]:
     """resid_pre, attn_out, mlp_out stacked: [3, layer, pos] (= TransformerLens's get_act_patch_block_every)."""
-    return torch.stack(_stack_every(model, clean_tokens, corrupted_tokens, metric, ("resid_pre", "attn_out", "mlp_out"), kwargs))
+    return torch.stack(
+        _stack_every(model, clean_tokens, corrupted_tokens, metric, ("resid_pre", "attn_out", "mlp_out"), kwargs)
+    )
 
 
-def act_patch_attn_head_all_pos_every(model, clean_tokens, corrupted_tokens, metric, **kwargs) -> Float[Tensor, "5 layer head"]:
+def act_patch_attn_head_all_pos_every(
+    model, clean_tokens, corrupted_tokens, metric, **kwargs
+) -> Float[Tensor, "5 layer head"]:
     """out, q, k, v, pattern (all positions) stacked: [5, layer, head]; k/v zero-padded to n_heads on GQA models
     (= TransformerLens's get_act_patch_attn_head_all_pos_every)."""
-    keys = ("attn_head_out_all_pos", "attn_head_q_all_pos", "attn_head_k_all_pos", "attn_head_v_all_pos", "attn_head_pattern_all_pos")
+    keys = (
+        "attn_head_out_all_pos",
+        "attn_head_q_all_pos",
+        "attn_head_k_all_pos",
+        "attn_head_v_all_pos",
+        "attn_head_pattern_all_pos",
+    )
     results = _stack_every(model, clean_tokens, corrupted_tokens, metric, keys, kwargs)
     n_heads = results[0].shape[-1]
     results[2:4] = [torch.nn.functional.pad(r, (0, n_heads - r.shape[-1])) for r in results[2:4]]
     return torch.stack(results)
 
 
-def act_patch_attn_head_by_pos_every(model, clean_tokens, corrupted_tokens, metric, **kwargs) -> Float[Tensor, "5 layer pos head"]:
+def act_patch_attn_head_by_pos_every(
+    model, clean_tokens, corrupted_tokens, metric, **kwargs
+) -> Float[Tensor, "5 layer pos head"]:
     """out, q, k, v, pattern (by position) stacked: [5, layer, pos, head]; the pattern is rearranged from
     [layer, head, dest_pos] and k/v zero-padded to n_heads (= get_act_patch_attn_head_by_pos_every)."""
-    keys = ("attn_head_out_by_pos", "attn_head_q_by_pos", "attn_head_k_by_pos", "attn_head_v_by_pos", "attn_head_pattern_by_pos")
+    keys = (
+        "attn_head_out_by_pos",
+        "attn_head_q_by_pos",
+        "attn_head_k_by_pos",
+        "attn_head_v_by_pos",
+        "attn_head_pattern_by_pos",
+    )
     results = _stack_every(model, clean_tokens, corrupted_tokens, metric, keys, kwargs)
     n_heads = results[0].shape[-1]
     results[2:4] = [torch.nn.functional.pad(r, (0, n_heads - r.shape[-1])) for r in results[2:4]]

@@ -19,12 +19,16 @@ Conventions:
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import plotly.graph_objects as go
 from jaxtyping import Float
 from plotly.colors import qualitative
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
 
 DIVERGING_SCALE = "RdBu"
 SERIES_COLOURS: tuple[str, ...] = tuple(qualitative.Plotly)
@@ -203,9 +207,9 @@ def heatmap(
 
 def bar_with_ci(
     labels: Sequence[Any],
-    means: Float[ArrayLike, "bars"],
-    lows: Float[ArrayLike, "bars"],
-    highs: Float[ArrayLike, "bars"],
+    means: Float[ArrayLike, " bars"],
+    lows: Float[ArrayLike, " bars"],
+    highs: Float[ArrayLike, " bars"],
     *,
     model,
     title: str,
@@ -241,17 +245,18 @@ def bar_with_ci(
     )
     _reference_line(fig, reference)
     width = width or int(min(1400, max(500, 160 + 60 * len(names))))
-    _layout(fig, model=model, title=title, x_title=x_title, y_title=y_title, width=width,
-            height=height or DEFAULT_HEIGHT)
+    _layout(
+        fig, model=model, title=title, x_title=x_title, y_title=y_title, width=width, height=height or DEFAULT_HEIGHT
+    )
     fig.update_xaxes(tickmode="array", tickvals=list(range(len(names))), ticktext=names)
     return fig
 
 
 def line_with_band(
-    x: Sequence[Any] | Float[ArrayLike, "points"],
-    mean: Float[ArrayLike, "points"] | Float[ArrayLike, "series points"],
-    low: Float[ArrayLike, "points"] | Float[ArrayLike, "series points"],
-    high: Float[ArrayLike, "points"] | Float[ArrayLike, "series points"],
+    x: Sequence[Any] | Float[ArrayLike, " points"],
+    mean: Float[ArrayLike, " points"] | Float[ArrayLike, "series points"],
+    low: Float[ArrayLike, " points"] | Float[ArrayLike, "series points"],
+    high: Float[ArrayLike, " points"] | Float[ArrayLike, "series points"],
     *,
     model,
     title: str,
@@ -291,29 +296,64 @@ def line_with_band(
     for index, name in enumerate(names):
         _check_interval(mean_a[index], low_a[index], high_a[index], [f"{name}@{p}" for p in xs], "point ")
         colour = SERIES_COLOURS[index % len(SERIES_COLOURS)]
-        fig.add_trace(go.Scatter(x=positions, y=high_a[index], mode="lines", line=dict(width=0),
-                                 showlegend=False, hoverinfo="skip", legendgroup=str(index)))
-        fig.add_trace(go.Scatter(x=positions, y=low_a[index], mode="lines", line=dict(width=0), fill="tonexty",
-                                 fillcolor=_rgba(colour, 0.2), showlegend=False, hoverinfo="skip",
-                                 legendgroup=str(index)))
-        fig.add_trace(go.Scatter(
-            x=positions, y=mean_a[index], mode="lines+markers", name=name or "mean", line=dict(color=colour),
-            legendgroup=str(index), showlegend=n_series > 1,
-            customdata=np.stack([low_a[index], high_a[index], np.array(xs, dtype=object)], axis=1),
-            hovertemplate=(f"{name + ': ' if name else ''}%{{customdata[2]}}: %{{y:.4g}}"
-                           "<br>CI [%{customdata[0]:.4g}, %{customdata[1]:.4g}]<extra></extra>"),
-        ))
+        fig.add_trace(
+            go.Scatter(
+                x=positions,
+                y=high_a[index],
+                mode="lines",
+                line=dict(width=0),
+                showlegend=False,
+                hoverinfo="skip",
+                legendgroup=str(index),
+            )
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=positions,
+                y=low_a[index],
+                mode="lines",
+                line=dict(width=0),
+                fill="tonexty",
+                fillcolor=_rgba(colour, 0.2),
+                showlegend=False,
+                hoverinfo="skip",
+                legendgroup=str(index),
+            )
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=positions,
+                y=mean_a[index],
+                mode="lines+markers",
+                name=name or "mean",
+                line=dict(color=colour),
+                legendgroup=str(index),
+                showlegend=n_series > 1,
+                customdata=np.stack([low_a[index], high_a[index], np.array(xs, dtype=object)], axis=1),
+                hovertemplate=(
+                    f"{name + ': ' if name else ''}%{{customdata[2]}}: %{{y:.4g}}"
+                    "<br>CI [%{customdata[0]:.4g}, %{customdata[1]:.4g}]<extra></extra>"
+                ),
+            )
+        )
     _reference_line(fig, reference)
-    _layout(fig, model=model, title=title, x_title=x_title, y_title=y_title, width=width or DEFAULT_WIDTH,
-            height=height or DEFAULT_HEIGHT)
+    _layout(
+        fig,
+        model=model,
+        title=title,
+        x_title=x_title,
+        y_title=y_title,
+        width=width or DEFAULT_WIDTH,
+        height=height or DEFAULT_HEIGHT,
+    )
     if categorical:
         fig.update_xaxes(tickmode="array", tickvals=positions, ticktext=[str(v) for v in xs])
     return fig
 
 
 def lines(
-    x: Sequence[Any] | Float[ArrayLike, "points"],
-    series: Mapping[str, Float[ArrayLike, "points"]],
+    x: Sequence[Any] | Float[ArrayLike, " points"],
+    series: Mapping[str, Float[ArrayLike, " points"]],
     *,
     model,
     title: str,
@@ -336,18 +376,25 @@ def lines(
             raise ValueError(f"series[{name!r}] has {ys.shape[0]} values for {len(xs)} x positions")
         fig.add_trace(go.Scatter(x=xs, y=ys, name=str(name), mode="markers" if markers_only else "lines+markers"))
     _reference_line(fig, reference)
-    return _layout(fig, model=model, title=title, x_title=x_title, y_title=y_title, width=width or DEFAULT_WIDTH,
-                   height=height or DEFAULT_HEIGHT)
+    return _layout(
+        fig,
+        model=model,
+        title=title,
+        x_title=x_title,
+        y_title=y_title,
+        width=width or DEFAULT_WIDTH,
+        height=height or DEFAULT_HEIGHT,
+    )
 
 
 def grouped_bars(
     categories: Sequence[Any],
-    values: Mapping[str, Float[ArrayLike, "categories"]],
+    values: Mapping[str, Float[ArrayLike, " categories"]],
     *,
     model,
     title: str,
-    lows: Mapping[str, Float[ArrayLike, "categories"]] | None = None,
-    highs: Mapping[str, Float[ArrayLike, "categories"]] | None = None,
+    lows: Mapping[str, Float[ArrayLike, " categories"]] | None = None,
+    highs: Mapping[str, Float[ArrayLike, " categories"]] | None = None,
     x_title: str = "",
     y_title: str = "",
     reference: float | None = 0.0,
@@ -382,24 +429,35 @@ def grouped_bars(
             _check_interval(means, low, high, names, f"{group} / ")
             error_y = dict(type="data", symmetric=False, array=high - means, arrayminus=means - low)
             customdata = np.stack([low, high], axis=1)
-            hover = (f"{group}<br>%{{hovertext}}: %{{y:.4g}}<br>CI [%{{customdata[0]:.4g}}, "
-                     "%{customdata[1]:.4g}]<extra></extra>")
-        fig.add_trace(go.Bar(
-            x=list(range(len(names))), y=means, name=str(group), error_y=error_y, customdata=customdata,
-            hovertext=names, hovertemplate=hover, marker_color=SERIES_COLOURS[index % len(SERIES_COLOURS)],
-        ))
+            hover = (
+                f"{group}<br>%{{hovertext}}: %{{y:.4g}}<br>CI [%{{customdata[0]:.4g}}, "
+                "%{customdata[1]:.4g}]<extra></extra>"
+            )
+        fig.add_trace(
+            go.Bar(
+                x=list(range(len(names))),
+                y=means,
+                name=str(group),
+                error_y=error_y,
+                customdata=customdata,
+                hovertext=names,
+                hovertemplate=hover,
+                marker_color=SERIES_COLOURS[index % len(SERIES_COLOURS)],
+            )
+        )
     _reference_line(fig, reference)
     width = width or int(min(1400, max(600, 180 + 40 * len(names) * len(values))))
-    _layout(fig, model=model, title=title, x_title=x_title, y_title=y_title, width=width,
-            height=height or DEFAULT_HEIGHT)
+    _layout(
+        fig, model=model, title=title, x_title=x_title, y_title=y_title, width=width, height=height or DEFAULT_HEIGHT
+    )
     fig.update_layout(barmode="group")
     fig.update_xaxes(tickmode="array", tickvals=list(range(len(names))), ticktext=names)
     return fig
 
 
 def paired_scatter(
-    x: Float[ArrayLike, "points"],
-    y: Float[ArrayLike, "points"],
+    x: Float[ArrayLike, " points"],
+    y: Float[ArrayLike, " points"],
     *,
     model,
     title: str,
@@ -427,21 +485,27 @@ def paired_scatter(
         idx = [i for i, g in enumerate(group_labels) if g == group]
         fig.add_trace(
             go.Scatter(
-                x=xs[idx], y=ys[idx], mode="markers", name=group, text=[hover_labels[i] for i in idx],
+                x=xs[idx],
+                y=ys[idx],
+                mode="markers",
+                name=group,
+                text=[hover_labels[i] for i in idx],
                 hovertemplate="%{text}<br>x=%{x:.3f}<br>y=%{y:.3f}<extra>" + group + "</extra>",
             )
         )
     if diagonal:
         lo = float(min(xs.min(), ys.min()))
         hi = float(max(xs.max(), ys.max()))
-        fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="y = x",
-                                 line=dict(color="grey", dash="dash")))
-    return _layout(fig, model=model, title=title, x_title=x_title, y_title=y_title,
-                   width=width or 800, height=height or 650)
+        fig.add_trace(
+            go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="y = x", line=dict(color="grey", dash="dash"))
+        )
+    return _layout(
+        fig, model=model, title=title, x_title=x_title, y_title=y_title, width=width or 800, height=height or 650
+    )
 
 
 def reliability_diagram(
-    curves: Mapping[str, "pd.DataFrame"], *, model, title: str, width: int | None = None, height: int | None = None
+    curves: Mapping[str, pd.DataFrame], *, model, title: str, width: int | None = None, height: int | None = None
 ) -> go.Figure:
     """Calibration: per series, the share of prompts truly in the positive class against the mean predicted
     probability of each non-empty bin (``behaviour.calibration_curve`` tables), marker size by bin count, and the
@@ -449,16 +513,32 @@ def reliability_diagram(
     if not curves:
         raise ValueError("curves is empty: give at least one {name: calibration table}")
     fig = go.Figure()
-    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="calibrated", line={"dash": "dash", "color": "grey"}))
+    fig.add_trace(
+        go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="calibrated", line={"dash": "dash", "color": "grey"})
+    )
     for name, curve in curves.items():
         missing = {"mean_p_yes", "share_yes", "n"} - set(curve.columns)
         if missing:
             raise ValueError(f"curves[{name!r}] lacks column(s) {sorted(missing)}")
         sizes = 6 + 18 * np.sqrt(curve["n"].to_numpy() / max(1, curve["n"].max()))
-        fig.add_trace(go.Scatter(x=curve["mean_p_yes"], y=curve["share_yes"], mode="lines+markers", name=str(name),
-                                 marker={"size": sizes}, text=[f"n={n}" for n in curve["n"]]))
+        fig.add_trace(
+            go.Scatter(
+                x=curve["mean_p_yes"],
+                y=curve["share_yes"],
+                mode="lines+markers",
+                name=str(name),
+                marker={"size": sizes},
+                text=[f"n={n}" for n in curve["n"]],
+            )
+        )
     fig.update_xaxes(range=[0, 1])
     fig.update_yaxes(range=[0, 1])
-    return _layout(fig, model=model, title=title, x_title="predicted p(Yes), bin mean",
-                   y_title="share of prompts whose answer is Yes", width=width or DEFAULT_WIDTH,
-                   height=height or DEFAULT_HEIGHT)
+    return _layout(
+        fig,
+        model=model,
+        title=title,
+        x_title="predicted p(Yes), bin mean",
+        y_title="share of prompts whose answer is Yes",
+        width=width or DEFAULT_WIDTH,
+        height=height or DEFAULT_HEIGHT,
+    )

@@ -62,8 +62,9 @@ from __future__ import annotations
 import math
 import operator
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Sequence
+from typing import Literal, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -114,13 +115,15 @@ def decode_each(model: LoadedModel, token_ids: Sequence[int] | Tensor) -> list[s
 @torch.no_grad()
 def logit_diff_direction(
     model: LoadedModel,
-    answer_tokens: Int[Tensor, "batch 2"] | Int[Tensor, "2"],
+    answer_tokens: Int[Tensor, "batch 2"] | Int[Tensor, " 2"],
     through_final_norm_gain: bool = True,
-) -> Float[Tensor, "batch d_model"] | Float[Tensor, "d_model"]:
+) -> Float[Tensor, "batch d_model"] | Float[Tensor, " d_model"]:
     """``W_U[:, a] - W_U[:, b]`` for answer pairs ``(a, b)``: dot a residual vector with it to get its logit diff."""
     W_U = unembedding(model, through_final_norm_gain)
     if answer_tokens.shape[-1] != 2 or answer_tokens.ndim not in (1, 2):
-        raise ValueError(f"answer_tokens must be [batch, 2] or [2] (correct, incorrect); got {tuple(answer_tokens.shape)}")
+        raise ValueError(
+            f"answer_tokens must be [batch, 2] or [2] (correct, incorrect); got {tuple(answer_tokens.shape)}"
+        )
     answer_tokens = answer_tokens.to(W_U.device)
     return (W_U[:, answer_tokens[..., 0]] - W_U[:, answer_tokens[..., 1]]).T
 
@@ -173,7 +176,7 @@ def _final_norm(model: LoadedModel, resid: Float[Tensor, "... d_model"]) -> Floa
     return model.bridge.ln_final(resid)
 
 
-def _unembed_bias(model: LoadedModel) -> Float[Tensor, "d_vocab"] | float:
+def _unembed_bias(model: LoadedModel) -> Float[Tensor, " d_vocab"] | float:
     b_U = getattr(model.bridge, "b_U", None)
     return 0.0 if b_U is None else b_U.detach()
 
@@ -229,14 +232,16 @@ def factored_top_pairs(
     k: int,
     largest: bool = True,
     block_rows: int = 256,
-) -> tuple[Float[Tensor, "k"], Int[Tensor, "k"], Int[Tensor, "k"]]:
+) -> tuple[Float[Tensor, " k"], Int[Tensor, " k"], Int[Tensor, " k"]]:
     """The k largest (or smallest) entries of ``left @ right`` without holding the whole product.
 
     The product is formed ``block_rows`` rows at a time; each block's k best entries are merged into a running
     top-k. Returns (scores, row indices, column indices), best first. Memory is ``block_rows x n_cols``.
     """
     if left.ndim != 2 or right.ndim != 2 or left.shape[1] != right.shape[0]:
-        raise ValueError(f"left [n_rows, r] and right [r, n_cols] must agree; got {tuple(left.shape)} and {tuple(right.shape)}")
+        raise ValueError(
+            f"left [n_rows, r] and right [r, n_cols] must agree; got {tuple(left.shape)} and {tuple(right.shape)}"
+        )
     n_rows, n_cols = left.shape[0], right.shape[1]
     if not 1 <= k <= n_rows * n_cols:
         raise ValueError(f"k must be in [1, n_rows*n_cols={n_rows * n_cols}]; got {k}")
@@ -335,7 +340,7 @@ def lens_logits(
 @torch.no_grad()
 def logit_lens_tokens(
     model: LoadedModel,
-    prompt: str | Int[Tensor, "pos"] | Int[Tensor, "1 pos"],
+    prompt: str | Int[Tensor, " pos"] | Int[Tensor, "1 pos"],
     answers: Sequence[str],
     k: int = 10,
     through_final_norm_gain: bool = True,
@@ -413,7 +418,7 @@ class LensAgreement(NamedTuple):
 
     top1_agreement: Float[Tensor, "batch layer"]
     kl_to_final: Float[Tensor, "batch layer"]
-    n_positions: Int[Tensor, "batch"]
+    n_positions: Int[Tensor, " batch"]
 
 
 @torch.no_grad()
@@ -505,7 +510,7 @@ def neuron_scores(
     model: LoadedModel,
     tokens: Int[Tensor, "batch pos"],
     method: NeuronScoreMethod,
-    answer_tokens: Int[Tensor, "batch 2"] | Int[Tensor, "2"] | None = None,
+    answer_tokens: Int[Tensor, "batch 2"] | Int[Tensor, " 2"] | None = None,
     divide_by_final_norm_scale: bool = False,
 ) -> Float[Tensor, "batch layer d_mlp"]:
     """Score every MLP neuron on every prompt, at the last position (average over prompts to rank them).
@@ -692,7 +697,7 @@ def random_neuron_coherence(
     seed: int = 0,
     layers: Sequence[int] | None = None,
     through_final_norm_gain: bool = True,
-) -> Float[Tensor, "n_samples"]:
+) -> Float[Tensor, " n_samples"]:
     """The coherence (:func:`neuron_token_coherence`) of ``n_samples`` neurons drawn at random, with replacement,
     from ``layers`` (default: every layer; layer uniform, then neuron uniform), each read on its top side.
 
@@ -726,7 +731,7 @@ def random_neuron_coherence(
 @torch.no_grad()
 def random_token_coherence(
     model: LoadedModel, k: int = 20, n_samples: int = 200, seed: int = 0, through_final_norm_gain: bool = True
-) -> Float[Tensor, "n_samples"]:
+) -> Float[Tensor, " n_samples"]:
     """The coherence of k tokens drawn uniformly at random (no replacement), ``n_samples`` times: the baseline
     :func:`neuron_token_coherence` is read against."""
     W_U = unembedding(model, through_final_norm_gain)
@@ -759,7 +764,7 @@ class AnswerProjection(NamedTuple):
 def mlp_answer_contributions(
     model: LoadedModel,
     tokens: Int[Tensor, "batch pos"],
-    answer_tokens: Int[Tensor, "batch 2"] | Int[Tensor, "2"],
+    answer_tokens: Int[Tensor, "batch 2"] | Int[Tensor, " 2"],
 ) -> AnswerProjection:
     """How much each layer's FFN update pushes toward answer a over answer b, per prompt (see
     :class:`AnswerProjection` for the two scalings). Positive: promotes the first answer (e.g. " Yes")."""
@@ -779,7 +784,9 @@ def _mlp_projection_from(
     direction = logit_diff_direction(model, answers)  # [batch, d_model]
     outs = _centre_if_layernorm(model, torch.stack([cached[n] for n in names[:-1]], dim=1))  # [b, L, d_model]
     unscaled = (outs * direction[:, None, :]).sum(-1)
-    return AnswerProjection(unscaled=unscaled, final_norm_scaled=unscaled / cached["ln_final.hook_scale"].reshape(-1, 1))
+    return AnswerProjection(
+        unscaled=unscaled, final_norm_scaled=unscaled / cached["ln_final.hook_scale"].reshape(-1, 1)
+    )
 
 
 @torch.no_grad()
@@ -806,9 +813,7 @@ def mlp_update_top_tokens(
         prompt, layer = divmod(flat, n_layers)
         ids = top_i[flat]
         for rank, (tid, tok, val) in enumerate(zip(ids.tolist(), decode_each(model, ids), top_v[flat].tolist()), 1):
-            rows.append(
-                {"prompt": prompt, "layer": layer, "rank": rank, "token": tok, "token_id": tid, "score": val}
-            )
+            rows.append({"prompt": prompt, "layer": layer, "rank": rank, "token": tok, "token_id": tid, "score": val})
     return pd.DataFrame(rows)
 
 
@@ -877,7 +882,7 @@ def frequent_token_ids(model: LoadedModel, n: int = 3000, pattern: str = r"^ [A-
     raise ValueError(f"only {len(out)} tokens of {model.name} match {pattern!r}; asked for n={n}")
 
 
-def _ids_tensor(model: LoadedModel, ids: Sequence[int] | Tensor | None, what: str) -> Int[Tensor, "n"]:
+def _ids_tensor(model: LoadedModel, ids: Sequence[int] | Tensor | None, what: str) -> Int[Tensor, " n"]:
     d_vocab = model.cfg.d_vocab
     if ids is None:
         return torch.arange(d_vocab)
@@ -1121,7 +1126,7 @@ class LensTrajectories(NamedTuple):
 def logit_lens_trajectories(
     model: LoadedModel,
     tokens: Int[Tensor, "batch pos"],
-    answer_tokens: Int[Tensor, "batch 2"] | Int[Tensor, "2"],
+    answer_tokens: Int[Tensor, "batch 2"] | Int[Tensor, " 2"],
 ) -> LensTrajectories:
     """:func:`logit_lens_tokens` for a whole batch at once, keeping per prompt only what a task-set average needs:
     the answers' ranks and probabilities and the top token at every layer (one forward pass, last position).
@@ -1164,7 +1169,7 @@ class LensAndMLP(NamedTuple):
 def lens_and_mlp_readout(
     model: LoadedModel,
     tokens: Int[Tensor, "batch pos"],
-    answer_tokens: Int[Tensor, "batch 2"] | Int[Tensor, "2"],
+    answer_tokens: Int[Tensor, "batch 2"] | Int[Tensor, " 2"],
 ) -> LensAndMLP:
     """Both per-prompt readings of notebook 07's task-set pass from *one* forward pass: the logit lens's answer
     ranks per layer and each MLP layer's push on the answer direction. Identical to calling the two functions
@@ -1241,7 +1246,7 @@ def collect_over_batches(
 
 
 def geometric_mean_ci(
-    values: Float[Tensor, "n *element"],
+    values: Float[Tensor, " n *element"],
     *,
     n_boot: int = 2000,
     ci: float = 0.95,
@@ -1263,7 +1268,7 @@ def geometric_mean_ci(
         where = tuple(int(i) for i in bad[0])
         raise ValueError(f"values must be positive for a geometric mean; values{list(where)} = {array[where]}")
     result = bootstrap_ci(np.log10(array), n_boot=n_boot, ci=ci, seed=seed)
-    back = (lambda x: 10.0 ** x) if np.ndim(result.estimate) else (lambda x: float(10.0 ** x))
+    back = (lambda x: 10.0**x) if np.ndim(result.estimate) else (lambda x: float(10.0**x))
     return BootstrapResult(
         back(result.estimate), back(result.low), back(result.high), n=result.n, ci=result.ci, n_boot=result.n_boot
     )
@@ -1489,7 +1494,7 @@ def ov_answer_push_by_group(
 
 
 def coherence_against_baseline(
-    coherence: pd.DataFrame, baseline: Float[Tensor, "n_samples"], name: str = "random"
+    coherence: pd.DataFrame, baseline: Float[Tensor, " n_samples"], name: str = "random"
 ) -> pd.DataFrame:
     """:func:`neuron_token_coherence`'s table with where each neuron falls in a baseline distribution.
 
@@ -1519,7 +1524,7 @@ def coherence_against_baseline(
     )
 
 
-def pair_value_frame(pairs: Sequence, clean: Float[Tensor, "n"], corrupted: Float[Tensor, "n"]) -> pd.DataFrame:
+def pair_value_frame(pairs: Sequence, clean: Float[Tensor, " n"], corrupted: Float[Tensor, " n"]) -> pd.DataFrame:
     """Per-pair values (e.g. a component's share of the logit difference) in the layout of
     ``baseline.pair_scores``, so ``baseline.per_group_table`` gives per-basis means with intervals.
 

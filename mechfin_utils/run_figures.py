@@ -18,9 +18,9 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Sequence
 
 from .figures import REPO_ROOT, figures_root
 from .models import (
@@ -39,8 +39,6 @@ from .screener import read_card
 PACKAGES = ("torch", "transformers", "transformer-lens", "numpy", "pandas", "plotly", "kaleido", "papermill", "peft")
 
 
-
-
 def model_identity(name: str, gpt2_path: str | None = None) -> dict[str, str | None]:
     """``slug`` (the figures folder), ``resolved`` name and the sha256 of the weights, without loading the model."""
     key = ALIASES.get(name.strip().lower(), name.strip())
@@ -51,8 +49,11 @@ def model_identity(name: str, gpt2_path: str | None = None) -> dict[str, str | N
         sha = card["weights_sha256"] if card is not None else None
         return {"slug": key, "resolved": key, "weights_sha256": sha}
     if key == "smollm2-135m":
-        return {"slug": SMOLLM2_SPEC.slug, "resolved": key,
-                "weights_sha256": file_sha256(prepare_smollm2(verbose=False) / "model.safetensors")}
+        return {
+            "slug": SMOLLM2_SPEC.slug,
+            "resolved": key,
+            "weights_sha256": file_sha256(prepare_smollm2(verbose=False) / "model.safetensors"),
+        }
     if key == "gpt2":
         found = locate_gpt2(gpt2_path)
         sha = None
@@ -65,11 +66,17 @@ def model_identity(name: str, gpt2_path: str | None = None) -> dict[str, str | N
 
 def _commit() -> str:
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
         # the figures being written are not a change to what writes them
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!figures"],
-                               cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!figures"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         return head + ("+uncommitted changes" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -101,9 +108,15 @@ def run(notebooks: Sequence[str], model: str, gpt2_path: str = "", seed: int = 0
         path = Path(notebook)
         print(f"== {path.name} (model={model})", flush=True)
         start = time.perf_counter()
-        papermill.execute_notebook(str(path), str(executed / f"{identity['slug']}-{path.name}"),
-                                   parameters=parameters, kernel_name="python3", cwd=str(REPO_ROOT / "notebooks"),
-                                   log_output=False, progress_bar=False)
+        papermill.execute_notebook(
+            str(path),
+            str(executed / f"{identity['slug']}-{path.name}"),
+            parameters=parameters,
+            kernel_name="python3",
+            cwd=str(REPO_ROOT / "notebooks"),
+            log_output=False,
+            progress_bar=False,
+        )
         seconds[path.stem] = round(time.perf_counter() - start, 1)
         print(f"   {seconds[path.stem]} s", flush=True)
         if identity["weights_sha256"] is None:  # a screener trained during this run has a card now
@@ -113,14 +126,22 @@ def run(notebooks: Sequence[str], model: str, gpt2_path: str = "", seed: int = 0
 
 
 def _write_manifest(path: Path, manifest: dict, identity: dict, parameters: dict, seconds: dict) -> None:
-    manifest.update({
-        "model": identity["resolved"], "figures_folder": f"figures/{identity['slug']}",
-        "weights_sha256": identity["weights_sha256"], "parameters": parameters, "fast": False,
-        "packages": _versions(), "python": platform.python_version(), "commit": _commit(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "written_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "seconds_per_notebook": dict(sorted(seconds.items())),
-        "seconds_total": round(sum(seconds.values()), 1),
-    })
+    manifest.update(
+        {
+            "model": identity["resolved"],
+            "figures_folder": f"figures/{identity['slug']}",
+            "weights_sha256": identity["weights_sha256"],
+            "parameters": parameters,
+            "fast": False,
+            "packages": _versions(),
+            "python": platform.python_version(),
+            "commit": _commit(),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+            "written_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "seconds_per_notebook": dict(sorted(seconds.items())),
+            "seconds_total": round(sum(seconds.values()), 1),
+        }
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(manifest, indent=1) + "\n")
 

@@ -40,9 +40,10 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 
@@ -105,13 +106,18 @@ def resolve_base(base: str, gpt2_path: str | os.PathLike | None = None) -> Base:
     """The base model's plain checkpoint (never the bridge's processed weights) and what identifies it."""
     if base == "smollm2-135m":
         gguf = smollm2_gguf_path()
-        return Base(base, SMOLLM2_SPEC, str(prepare_smollm2(verbose=False)),
-                    {"gguf": gguf.name, "gguf_bytes": gguf.stat().st_size})
+        return Base(
+            base,
+            SMOLLM2_SPEC,
+            str(prepare_smollm2(verbose=False)),
+            {"gguf": gguf.name, "gguf_bytes": gguf.stat().st_size},
+        )
     if base == "gpt2":
         found = locate_gpt2(gpt2_path)
         if found is None:
-            raise ModelUnavailableError("gpt2-screener needs GPT-2 Small's weights, which were not found.\n"
-                                        + GPT2_HOW_TO)
+            raise ModelUnavailableError(
+                "gpt2-screener needs GPT-2 Small's weights, which were not found.\n" + GPT2_HOW_TO
+            )
         return Base(base, GPT2_SPEC, found[1], {"gpt2": f"{found[0]}:{found[1]}"})
     raise ValueError(f"unknown screener base {base!r}; known: ['smollm2-135m', 'gpt2']")
 
@@ -119,21 +125,27 @@ def resolve_base(base: str, gpt2_path: str | os.PathLike | None = None) -> Base:
 def screener_spec(base: Base, recipe: Recipe) -> ModelSpec:
     suffix = "" if recipe.name == "full" else f"-{recipe.name}"
     label = "fine-tuned screener" if recipe.name == "full" else f"{recipe.name} screener (not the real one)"
-    return ModelSpec(slug=f"{base.key}-screener{suffix}", display_name=f"{base.spec.display_name}, {label}",
-                     prepend_bos=base.spec.prepend_bos)
+    return ModelSpec(
+        slug=f"{base.key}-screener{suffix}",
+        display_name=f"{base.spec.display_name}, {label}",
+        prepend_bos=base.spec.prepend_bos,
+    )
 
 
 def screener_folder(base: Base, recipe: Recipe) -> Path:
     return cache_dir() / screener_spec(base, recipe).slug
 
 
-
-
 def fingerprint(base: Base, recipe: Recipe) -> dict[str, Any]:
     """What determines the trained weights; a cached screener is reused only when this matches its card."""
-    return {"format": CARD_FORMAT_VERSION, "base": base.key, "base_identity": base.identity,
-            "recipe": asdict(recipe), "train_file_sha256": file_sha256(split_path(TRAIN_SPLIT)),
-            "torch": torch.__version__}
+    return {
+        "format": CARD_FORMAT_VERSION,
+        "base": base.key,
+        "base_identity": base.identity,
+        "recipe": asdict(recipe),
+        "train_file_sha256": file_sha256(split_path(TRAIN_SPLIT)),
+        "torch": torch.__version__,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -186,8 +198,10 @@ def train_screener(base: Base, recipe: Recipe, folder: Path, *, progress: bool =
         targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
         if base.key == "gpt2":
             targets = ["c_attn", "c_proj", "c_fc"]
-        model = get_peft_model(model, LoraConfig(r=recipe.lora_rank, lora_alpha=2 * recipe.lora_rank,
-                                                 lora_dropout=0.0, target_modules=targets))
+        model = get_peft_model(
+            model,
+            LoraConfig(r=recipe.lora_rank, lora_alpha=2 * recipe.lora_rank, lora_dropout=0.0, target_modules=targets),
+        )
     model.eval()  # dropout off: deterministic steps
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(trainable, lr=recipe.learning_rate, weight_decay=0.0)
@@ -217,8 +231,9 @@ def train_screener(base: Base, recipe: Recipe, folder: Path, *, progress: bool =
     tokenizer.save_pretrained(folder)
     weights = folder / "model.safetensors"
     # 6. held-out metrics and the card
-    scorer = HFScorer(model, tokenizer, prepend_bos=base.spec.prepend_bos,
-                      name=screener_spec(base, recipe).display_name)
+    scorer = HFScorer(
+        model, tokenizer, prepend_bos=base.spec.prepend_bos, name=screener_spec(base, recipe).display_name
+    )
     card = {
         "fingerprint": fingerprint(base, recipe),
         "model": screener_spec(base, recipe).display_name,
@@ -243,10 +258,16 @@ def train_screener(base: Base, recipe: Recipe, folder: Path, *, progress: bool =
 
 def _data_card() -> dict[str, Any]:
     files = {split: split_path(split) for split in (TRAIN_SPLIT, *TEST_SPLITS)}
-    out = {split: {"file": f"data/screener/{path.name}", "pairs": len(load_split(split)), "sha256": file_sha256(path)}
-           for split, path in files.items()}
-    out["paper_style_set"] = {"file": "data/fair_lending_pairs.csv", "pairs": len(load_fair_lending_pairs()),
-                              "sha256": file_sha256(FAIR_LENDING_CSV), "trained_on": False}
+    out = {
+        split: {"file": f"data/screener/{path.name}", "pairs": len(load_split(split)), "sha256": file_sha256(path)}
+        for split, path in files.items()
+    }
+    out["paper_style_set"] = {
+        "file": "data/fair_lending_pairs.csv",
+        "pairs": len(load_fair_lending_pairs()),
+        "sha256": file_sha256(FAIR_LENDING_CSV),
+        "trained_on": False,
+    }
     return out
 
 
@@ -259,8 +280,10 @@ def held_out_metrics(model_or_scorer: Any, *, every_nth: int = 1, n_boot: int = 
         result = evaluate_pairs(model_or_scorer, pairs, label=label, n_boot=n_boot)
         out[label] = {k: v for k, v in result.summary.items()}
     controls = evaluate_controls(model_or_scorer, load_control_prompts()[::every_nth])
-    out["controls"] = {kind: {"n": int(len(g)), "accuracy": float(g["correct"].mean())}
-                       for kind, g in controls.groupby("kind", sort=False)}
+    out["controls"] = {
+        kind: {"n": int(len(g)), "accuracy": float(g["correct"].mean())}
+        for kind, g in controls.groupby("kind", sort=False)
+    }
     return out
 
 
@@ -268,28 +291,46 @@ def card_markdown(card: dict[str, Any]) -> str:
     """The card as a short human-readable page (written beside the weights)."""
     recipe = card["recipe"]
     lines = [
-        f"# {card['model']}", "",
+        f"# {card['model']}",
+        "",
         f"Fine-tuned from {card['base_model']} by mechfin (`mechfin_utils.screener`, recipe `{recipe['name']}`): "
         f"{recipe['method']} fine-tune, AdamW lr {recipe['learning_rate']}, {recipe['pairs_per_step']} pairs "
         f"({2 * recipe['pairs_per_step']} prompts) a step, {card['steps']} steps, seed {recipe['seed']}, "
-        f"two-answer cross-entropy (\" Yes\" vs \" No\") at the last token. Trained in {card['train_seconds']} s "
-        f"on {card['machine']} ({card['threads']} threads).", "",
-        f"Weights: `model.safetensors`, sha256 `{card['weights_sha256']}`.", "",
-        "## Data", "", "| set | file | pairs | trained on |", "|---|---|---|---|",
+        f'two-answer cross-entropy (" Yes" vs " No") at the last token. Trained in {card["train_seconds"]} s '
+        f"on {card['machine']} ({card['threads']} threads).",
+        "",
+        f"Weights: `model.safetensors`, sha256 `{card['weights_sha256']}`.",
+        "",
+        "## Data",
+        "",
+        "| set | file | pairs | trained on |",
+        "|---|---|---|---|",
     ]
     for name, entry in card["data"].items():
         lines.append(f"| {name} | `{entry['file']}` | {entry['pairs']} | {'yes' if name == 'train' else 'no'} |")
-    lines += ["", "## Held-out behaviour", "",
-              "| set | n pairs | accuracy | AUROC | mean gap (logits) | Brier | ECE |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Held-out behaviour",
+        "",
+        "| set | n pairs | accuracy | AUROC | mean gap (logits) | Brier | ECE |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, m in card["held_out"].items():
         if name == "controls":
             continue
-        lines.append(f"| {name} | {m['n']} | {m['accuracy']:.3f} [{m['accuracy_low']:.3f}, {m['accuracy_high']:.3f}]"
-                     f" | {m['auroc']:.3f} [{m['auroc_low']:.3f}, {m['auroc_high']:.3f}] | {m['mean_gap']:.2f} | "
-                     f"{m['brier']:.3f} | {m['ece']:.3f} |")
-    lines += ["", "Control prompts (accuracy): " + ", ".join(
-        f"{kind} {m['accuracy']:.2f} (n={m['n']})" for kind, m in card["held_out"]["controls"].items()), "",
-        "A model audit aid, not legal advice.", ""]
+        lines.append(
+            f"| {name} | {m['n']} | {m['accuracy']:.3f} [{m['accuracy_low']:.3f}, {m['accuracy_high']:.3f}]"
+            f" | {m['auroc']:.3f} [{m['auroc_low']:.3f}, {m['auroc_high']:.3f}] | {m['mean_gap']:.2f} | "
+            f"{m['brier']:.3f} | {m['ece']:.3f} |"
+        )
+    lines += [
+        "",
+        "Control prompts (accuracy): "
+        + ", ".join(f"{kind} {m['accuracy']:.2f} (n={m['n']})" for kind, m in card["held_out"]["controls"].items()),
+        "",
+        "A model audit aid, not legal advice.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -308,24 +349,36 @@ def read_card(folder: Path) -> dict[str, Any] | None:
         return None
 
 
-def ensure_screener(base: str = "smollm2-135m", recipe: str | Recipe = "full", *,
-                    gpt2_path: str | os.PathLike | None = None, progress: bool = True) -> tuple[Path, dict]:
+def ensure_screener(
+    base: str = "smollm2-135m",
+    recipe: str | Recipe = "full",
+    *,
+    gpt2_path: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> tuple[Path, dict]:
     """The screener's folder and card, training it first when no cached copy matches its fingerprint."""
     recipe = RECIPES[recipe] if isinstance(recipe, str) else recipe
     resolved = resolve_base(base, gpt2_path)
     folder = screener_folder(resolved, recipe)
     card = read_card(folder)
-    if card is not None and card.get("fingerprint") == fingerprint(resolved, recipe) \
-            and (folder / "model.safetensors").is_file():
+    if (
+        card is not None
+        and card.get("fingerprint") == fingerprint(resolved, recipe)
+        and (folder / "model.safetensors").is_file()
+    ):
         return folder, card
     if progress:
-        print(f"Training {screener_spec(resolved, recipe).display_name} once (cached in {folder})...",
-              file=sys.stderr)
+        print(f"Training {screener_spec(resolved, recipe).display_name} once (cached in {folder})...", file=sys.stderr)
     return folder, train_screener(resolved, recipe, folder, progress=progress)
 
 
-def load_screener(base: str = "smollm2-135m", recipe: str = "full", *,
-                  gpt2_path: str | os.PathLike | None = None, verbose: bool = True) -> LoadedModel:
+def load_screener(
+    base: str = "smollm2-135m",
+    recipe: str = "full",
+    *,
+    gpt2_path: str | os.PathLike | None = None,
+    verbose: bool = True,
+) -> LoadedModel:
     """The screener through the same TransformerBridge path as every model (training it on first use)."""
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; known: {sorted(RECIPES)}")
@@ -352,19 +405,30 @@ def screener_card(model: LoadedModel) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def evaluate_file(path: str | os.PathLike, model_name: str = "smollm2-135m-screener", *,
-                  n_boot: int = 1000) -> dict[str, Any]:
+def evaluate_file(
+    path: str | os.PathLike, model_name: str = "smollm2-135m-screener", *, n_boot: int = 1000
+) -> dict[str, Any]:
     """``evaluate`` as a function: the JSON-ready summary of a model on a pairs file."""
     pairs = load_fair_lending_pairs(path)
-    with contextlib.redirect_stdout(sys.stderr):  # loading (and first-use training) reports on stderr: stdout is the JSON
+    with contextlib.redirect_stdout(
+        sys.stderr
+    ):  # loading (and first-use training) reports on stderr: stdout is the JSON
         model = load_model(model_name, verbose=True)
     result = evaluate_pairs(model, pairs, label=Path(path).name, n_boot=n_boot)
     summary = result.summary
-    return {"file": str(path), "model": model.name, "n": summary["n"], "auroc": summary["auroc"],
-            "accuracy": summary["accuracy"], "mean_gap": summary["mean_gap"],
-            "mean_gap_ci": [summary["mean_gap_low"], summary["mean_gap_high"]],
-            "auroc_ci": [summary["auroc_low"], summary["auroc_high"]], "brier": summary["brier"],
-            "ece": summary["ece"], "excluded": [{"pair_id": i, "reason": r} for i, r in result.excluded]}
+    return {
+        "file": str(path),
+        "model": model.name,
+        "n": summary["n"],
+        "auroc": summary["auroc"],
+        "accuracy": summary["accuracy"],
+        "mean_gap": summary["mean_gap"],
+        "mean_gap_ci": [summary["mean_gap_low"], summary["mean_gap_high"]],
+        "auroc_ci": [summary["auroc_low"], summary["auroc_high"]],
+        "brier": summary["brier"],
+        "ece": summary["ece"],
+        "excluded": [{"pair_id": i, "reason": r} for i, r in result.excluded],
+    }
 
 
 def compare_recipes(names: Sequence[str] = ("full", "lora")) -> list[dict[str, Any]]:
@@ -373,10 +437,17 @@ def compare_recipes(names: Sequence[str] = ("full", "lora")) -> list[dict[str, A
     for name in names:
         recipe = RECIPES[name]
         _, card = ensure_screener("smollm2-135m", name)
-        rows.append({"recipe": name, "method": recipe.method, "lr": recipe.learning_rate, "steps": card["steps"],
-                     "train_seconds": card["train_seconds"],
-                     **{f"auroc_{k}": round(v["auroc"], 4) for k, v in card["held_out"].items() if k != "controls"},
-                     **{f"controls_{k}": v["accuracy"] for k, v in card["held_out"]["controls"].items()}})
+        rows.append(
+            {
+                "recipe": name,
+                "method": recipe.method,
+                "lr": recipe.learning_rate,
+                "steps": card["steps"],
+                "train_seconds": card["train_seconds"],
+                **{f"auroc_{k}": round(v["auroc"], 4) for k, v in card["held_out"].items() if k != "controls"},
+                **{f"controls_{k}": v["accuracy"] for k, v in card["held_out"]["controls"].items()},
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     return rows
 

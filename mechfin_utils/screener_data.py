@@ -25,7 +25,6 @@ from .tasks import (
     ALL_BASES,
     DATA_DIR,
     FairLendingPair,
-    TaskDataError,
     load_fair_lending_pairs,
     raise_problems,
     read_task_rows,
@@ -86,8 +85,10 @@ def load_control_prompts(path: str | Path | None = None) -> list[ControlPrompt]:
         if row["kind"] not in CONTROL_KINDS:
             found.append(f"{where}, field 'kind': unknown {row['kind']!r}; known: {sorted(CONTROL_KINDS)}")
         elif row["answer"] != CONTROL_KINDS[row["kind"]]:
-            found.append(f"{where}, field 'answer': {row['answer']!r}, but kind {row['kind']!r} requires "
-                         f"{CONTROL_KINDS[row['kind']]!r}")
+            found.append(
+                f"{where}, field 'answer': {row['answer']!r}, but kind {row['kind']!r} requires "
+                f"{CONTROL_KINDS[row['kind']]!r}"
+            )
         if row["basis"] not in ALL_BASES:
             found.append(f"{where}, field 'basis': unknown {row['basis']!r}; known: {sorted(ALL_BASES)}")
         problems += [(line, message) for message in found]

@@ -27,8 +27,8 @@ difference at that layer, 0 when it carries none.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import pandas as pd
 import torch
@@ -114,65 +114,64 @@ def segment_pairs(model, pairs: Sequence[FairLendingPair]) -> tuple[list[Segment
 
 @torch.no_grad()
 def segment_patching(model, pairs: Sequence[SegmentedPair], layers: Sequence[int] | None = None) -> pd.DataFrame:
-    """Patch each segment of the clean run's residual stream (``hook_resid_pre``) into the corrupted run.
+    """Patch each segment of the clean run's residual stream (entering a layer) into the corrupted run.
 
-    Stages, per pair:
-        1. the clean run, caching ``blocks.{L}.hook_resid_pre`` at every layer, and the corrupted run;
-        2. per layer, one batched corrupted run, a row per segment, each row's segment overwritten with the clean
-           activations at the mapped positions (:meth:`SegmentedPair.mapping`).
+    Stages, per pair, on the intervention engine (:mod:`mechfin_utils.engine`):
+        1. the clean and corrupted runs, recorded;
+        2. per (layer, segment) one :class:`~mechfin_utils.engine.Replace` of ``resid_pre`` at the segment's
+           corrupted positions with the clean values at the mapped positions (:meth:`SegmentedPair.mapping`),
+           continuing the corrupted run from that layer and the segment's first position; all in one packed run.
 
     Returns one row per (pair, layer, segment): ``pair_id, basis, layer, segment, ld_clean, ld_corrupted,
     ld_patched, restoration``. A segment with no tokens (``prefix`` of a sentence that opens with the phrase) is
     left out for that pair.
     """
-    from .metrics import logit_diff
+    from . import engine
+    from .patching import functional_model
 
+    fm = functional_model(model)
     layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
-    hooks = [f"blocks.{layer}.hook_resid_pre" for layer in layers]
+    bad = [layer for layer in layers if not 0 <= layer < fm.n_layers]
+    if bad:
+        raise ValueError(f"layers {bad} are outside [0, {fm.n_layers}) for {model.name}")
     rows = []
     for item in pairs:
         answers = torch.tensor([[model.single_token_id(a) for a in item.pair.answers]])
-        clean_tokens = torch.tensor([item.clean.ids])
-        corrupted_tokens = torch.tensor([item.corrupted.ids])
+
+        def logit_diff(normed: Tensor, answers: Tensor = answers) -> Tensor:
+            two = fm.answer_logits(normed, answers.expand(normed.shape[0], 2))
+            return two[:, 0] - two[:, 1]
+
         # 1. reference runs
-        clean_logits, cache = model.bridge.run_with_cache(clean_tokens, names_filter=lambda name: name in hooks)
-        ld_clean = float(logit_diff(clean_logits, answers))
-        ld_corrupted = float(logit_diff(model.bridge(corrupted_tokens), answers))
-        segments = [s for s in SEGMENTS if item.mapping(s)[0]]
-        batch = corrupted_tokens.expand(len(segments), -1)
-        # 2. one batched patched run per layer
-        for layer, hook in zip(layers, hooks):
-            source = cache[hook][0]
-
-            def patch(activation: Tensor, hook=None, source=source) -> Tensor:
-                activation = activation.clone()
-                for row, segment in enumerate(segments):
-                    clean_positions, corrupted_positions = item.mapping(segment)
-                    activation[row, list(corrupted_positions)] = source[list(clean_positions)]
-                return activation
-
-            patched = logit_diff(model.bridge.run_with_hooks(batch, fwd_hooks=[(hook, patch)]), answers.expand(len(segments), 2))
-            for row, segment in enumerate(segments):
-                rows.append({"pair_id": item.pair.id, "basis": item.pair.basis, "layer": layer, "segment": segment,
-                             "ld_clean": ld_clean, "ld_corrupted": ld_corrupted, "ld_patched": float(patched[row]),
-                             "restoration": (float(patched[row]) - ld_corrupted) / (ld_clean - ld_corrupted)})
+        clean = fm.record(torch.tensor([item.clean.ids]), keep=("resid_pre",))
+        corrupted = fm.record(torch.tensor([item.corrupted.ids]), keep=("resid_pre", "k", "v"))
+        ld_clean, ld_corrupted = float(logit_diff(clean.final_normed)[0]), float(logit_diff(corrupted.final_normed)[0])
+        # 2. every (layer, segment) patch in one packed run
+        patches, runs = [], []
+        for layer in layers:
+            for segment in SEGMENTS:
+                clean_positions, corrupted_positions = item.mapping(segment)
+                if not clean_positions:
+                    continue
+                first = corrupted_positions[0]
+                values = clean.resid_pre[layer][:, list(clean_positions)]
+                replace = engine.Replace("resid_pre", layer, tuple(corrupted_positions), values)
+                runs.append(
+                    engine.Segment(layer, first, corrupted.resid_pre[layer][:, first:], torch.tensor([0]), [replace])
+                )
+                patches.append((layer, segment))
+        patched = logit_diff(torch.cat([out[:, -1] for out in engine.run(fm, runs, corrupted)]))
+        for (layer, segment), value in zip(patches, patched.tolist()):
+            rows.append(
+                {
+                    "pair_id": item.pair.id,
+                    "basis": item.pair.basis,
+                    "layer": layer,
+                    "segment": segment,
+                    "ld_clean": ld_clean,
+                    "ld_corrupted": ld_corrupted,
+                    "ld_patched": value,
+                    "restoration": (value - ld_corrupted) / (ld_clean - ld_corrupted),
+                }
+            )
     return pd.DataFrame(rows)
-
-
-def restoration_grid(results: pd.DataFrame) -> pd.DataFrame:
-    """Mean restoration per ``[segment x layer]``, segments in reading order."""
-    grid = results.pivot_table(index="segment", columns="layer", values="restoration", aggfunc="mean")
-    return grid.reindex([s for s in SEGMENTS if s in grid.index])
-
-
-def segment_lengths(pairs: Sequence[SegmentedPair]) -> pd.DataFrame:
-    """Tokens per segment in each prompt, and whether the pair has equal lengths overall."""
-    rows = []
-    for item in pairs:
-        row = {"pair_id": item.pair.id, "equal_length": len(item.clean.ids) == len(item.corrupted.ids)}
-        for segment in SEGMENTS:
-            row[f"clean_{segment}"] = len(item.clean.positions[segment])
-            row[f"corrupted_{segment}"] = len(item.corrupted.positions[segment])
-        rows.append(row)
-    return pd.DataFrame(rows)
-

@@ -24,8 +24,9 @@ Everything here is vectorised over resamples with numpy and deterministic given 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -56,11 +57,18 @@ class BootstrapResult:
 
     def as_dict(self) -> dict[str, Any]:
         """Plain Python numbers/lists (for results JSON)."""
+
         def plain(x):
             return x.tolist() if isinstance(x, np.ndarray) else float(x)
 
-        return {"estimate": plain(self.estimate), "low": plain(self.low), "high": plain(self.high),
-                "n": int(self.n), "ci": float(self.ci), "n_boot": int(self.n_boot)}
+        return {
+            "estimate": plain(self.estimate),
+            "low": plain(self.low),
+            "high": plain(self.high),
+            "n": int(self.n),
+            "ci": float(self.ci),
+            "n_boot": int(self.n_boot),
+        }
 
     def excludes(self, value: float = 0.0) -> bool | np.ndarray:
         """Whether the interval lies entirely above or below ``value`` (per element for arrays)."""
@@ -133,12 +141,12 @@ def _rng(seed: int | np.random.Generator) -> np.random.Generator:
 
 
 def bootstrap_distribution(
-    values: Float[ArrayLike, "n *element"],
+    values: Float[ArrayLike, " n *element"],
     *,
     n_boot: int = 2000,
     seed: int | np.random.Generator = 0,
     statistic: Statistic = "mean",
-) -> Float[np.ndarray, "n_boot *element"]:
+) -> Float[np.ndarray, " n_boot *element"]:
     """The statistic of each of ``n_boot`` resamples of the rows of ``values``.
 
     Row indices are drawn once, as an ``[n_boot, n]`` integer array, from ``np.random.default_rng(seed)``,
@@ -175,7 +183,7 @@ def bootstrap_distribution(
 
 
 def bootstrap_ci(
-    values: Float[ArrayLike, "n *element"],
+    values: Float[ArrayLike, " n *element"],
     *,
     n_boot: int = 2000,
     ci: float = 0.95,
@@ -203,14 +211,15 @@ def bootstrap_ci(
     low, high = np.quantile(boot, [alpha, 1.0 - alpha], axis=0)
     estimate = np.asarray(stat(array, axis=0), dtype=np.float64)
     if array.ndim == 1:
-        return BootstrapResult(float(estimate), float(low), float(high), n=array.shape[0], ci=float(ci),
-                               n_boot=int(n_boot))
+        return BootstrapResult(
+            float(estimate), float(low), float(high), n=array.shape[0], ci=float(ci), n_boot=int(n_boot)
+        )
     return BootstrapResult(estimate, low, high, n=array.shape[0], ci=float(ci), n_boot=int(n_boot))
 
 
 def paired_bootstrap_ci(
-    a: Float[ArrayLike, "n *element"],
-    b: Float[ArrayLike, "n *element"],
+    a: Float[ArrayLike, " n *element"],
+    b: Float[ArrayLike, " n *element"],
     *,
     n_boot: int = 2000,
     ci: float = 0.95,
@@ -275,8 +284,13 @@ def grouped_bootstrap(
         label = dict(zip(keys, group_key))
         if len(group) < 2:
             raise ValueError(f"group {label} has {len(group)} row(s); a bootstrap interval needs at least 2")
-        result = bootstrap_ci(group[value].to_numpy(dtype=np.float64), n_boot=n_boot, ci=ci,
-                              seed=np.random.default_rng(child), statistic=statistic)
+        result = bootstrap_ci(
+            group[value].to_numpy(dtype=np.float64),
+            n_boot=n_boot,
+            ci=ci,
+            seed=np.random.default_rng(child),
+            statistic=statistic,
+        )
         rows.append({**label, "n": result.n, "estimate": result.estimate, "low": result.low, "high": result.high})
     return pd.DataFrame(rows, columns=keys + ["n", "estimate", "low", "high"])
 
@@ -288,7 +302,7 @@ def grouped_bootstrap(
 Verdict = Literal["separates", "barely separates", "does not separate"]
 
 
-def auroc(positives: Float[ArrayLike, "n_pos"], negatives: Float[ArrayLike, "n_neg"]) -> float:
+def auroc(positives: Float[ArrayLike, " n_pos"], negatives: Float[ArrayLike, " n_neg"]) -> float:
     """Probability that a random positive scores above a random negative (ties count one half).
 
     This is the area under the ROC curve of the score as a classifier, and equals the Mann-Whitney
@@ -326,18 +340,25 @@ class SeparationReport:
     explanation: str = field(repr=False)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"n": self.n, "mean_clean": self.mean_clean, "mean_corrupted": self.mean_corrupted,
-                "gap": self.gap.as_dict(), "frac_clean_greater": self.frac_clean_greater, "auroc": self.auroc,
-                "effect_size": self.effect_size if np.isfinite(self.effect_size) else None,
-                "verdict": self.verdict, "explanation": self.explanation}
+        return {
+            "n": self.n,
+            "mean_clean": self.mean_clean,
+            "mean_corrupted": self.mean_corrupted,
+            "gap": self.gap.as_dict(),
+            "frac_clean_greater": self.frac_clean_greater,
+            "auroc": self.auroc,
+            "effect_size": self.effect_size if np.isfinite(self.effect_size) else None,
+            "verdict": self.verdict,
+            "explanation": self.explanation,
+        }
 
     def __str__(self) -> str:
         return f"{self.verdict}: {self.explanation}"
 
 
 def separation_report(
-    clean_values: Float[ArrayLike, "n"],
-    corrupted_values: Float[ArrayLike, "n"],
+    clean_values: Float[ArrayLike, " n"],
+    corrupted_values: Float[ArrayLike, " n"],
     *,
     n_boot: int = 2000,
     ci: float = 0.95,
@@ -385,12 +406,21 @@ def separation_report(
         explanation = f"the gap's interval includes 0: {interval}; {detail}."
     elif effect < strong_effect:
         verdict = "barely separates"
-        explanation = (f"the gap is reliably positive but small next to the spread of the scores "
-                       f"(under {strong_effect:g} SD): {interval}; {detail}.")
+        explanation = (
+            f"the gap is reliably positive but small next to the spread of the scores "
+            f"(under {strong_effect:g} SD): {interval}; {detail}."
+        )
     else:
         verdict = "separates"
         explanation = f"the gap is reliably positive and at least {strong_effect:g} SD: {interval}; {detail}."
     return SeparationReport(
-        n=int(clean.size), mean_clean=float(clean.mean()), mean_corrupted=float(corrupted.mean()), gap=gap,
-        frac_clean_greater=frac, auroc=area, effect_size=float(effect), verdict=verdict, explanation=explanation,
+        n=int(clean.size),
+        mean_clean=float(clean.mean()),
+        mean_corrupted=float(corrupted.mean()),
+        gap=gap,
+        frac_clean_greater=frac,
+        auroc=area,
+        effect_size=float(effect),
+        verdict=verdict,
+        explanation=explanation,
     )

@@ -9,8 +9,8 @@ resamples prompts and recomputes that ratio, never averaging per-batch ratios.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -109,11 +109,16 @@ def rank_cells(summary: SweepSummary, k: int = 10, *, label_axes: Sequence[str] 
         for flat in idx.tolist():
             cell = np.unravel_index(flat, shape)
             low, high = summary.low.flatten()[flat].item(), summary.high.flatten()[flat].item()
-            rows.append({
-                "component": ".".join(str(int(c)) for c in cell),
-                "value": values[flat].item(), "low": low, "high": high, "direction": direction,
-                "excludes_zero": bool(low > 0 or high < 0),
-            })
+            rows.append(
+                {
+                    "component": ".".join(str(int(c)) for c in cell),
+                    "value": values[flat].item(),
+                    "low": low,
+                    "high": high,
+                    "direction": direction,
+                    "excludes_zero": bool(low > 0 or high < 0),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -135,8 +140,9 @@ def raw_shift_sweep(model, batch, component: str, **kwargs) -> Tensor:
     except ValueError:
         metric = None
     if metric is not None:
-        sweep = activation_patch(model, batch.clean_tokens, batch.corrupted_tokens, metric, component,
-                                 return_per_prompt=True, **kwargs)
+        sweep = activation_patch(
+            model, batch.clean_tokens, batch.corrupted_tokens, metric, component, return_per_prompt=True, **kwargs
+        )
         return sweep.logit_diff - sweep.corrupted_logit_diff
     base = corrupted_logits[:, -1].gather(1, answers)
     base = base[:, 0] - base[:, 1]
@@ -145,7 +151,9 @@ def raw_shift_sweep(model, batch, component: str, **kwargs) -> Tensor:
         picked = logits[:, -1].gather(1, answers)
         return picked[:, 0] - picked[:, 1] - base
 
-    return activation_patch(model, batch.clean_tokens, batch.corrupted_tokens, shift, component, reduce="none", **kwargs)
+    return activation_patch(
+        model, batch.clean_tokens, batch.corrupted_tokens, shift, component, reduce="none", **kwargs
+    )
 
 
 def group_shift_table(
@@ -172,8 +180,12 @@ def group_shift_table(
     if len(labels) != len(cells):
         raise ValueError(f"{len(labels)} labels for {len(cells)} cells")
     for cell in cells:
-        if len(cell) != sweep.logit_diff.ndim - 1 or any(not 0 <= int(i) < size for i, size in zip(cell, sweep.logit_diff.shape)):
-            raise IndexError(f"cell {tuple(cell)} is not an index of the sweep's axes {sweep.axes} {tuple(sweep.logit_diff.shape[:-1])}")
+        if len(cell) != sweep.logit_diff.ndim - 1 or any(
+            not 0 <= int(i) < size for i, size in zip(cell, sweep.logit_diff.shape)
+        ):
+            raise IndexError(
+                f"cell {tuple(cell)} is not an index of the sweep's axes {sweep.axes} {tuple(sweep.logit_diff.shape[:-1])}"
+            )
     rows = []
     for group in sorted(set(groups)):
         idx = torch.tensor([i for i, g in enumerate(groups) if g == group])

@@ -33,9 +33,10 @@ from __future__ import annotations
 import csv
 import io
 from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence, TypeVar, Union
+from typing import Any, NamedTuple, TypeVar
 
 import pandas as pd
 import torch
@@ -55,8 +56,7 @@ ECOA_BASES: dict[str, str] = {
     "marital_status": "ECOA, 15 U.S.C. 1691(a)(1); Regulation B, 12 CFR 1002.2(z)",
     "age": "ECOA, 15 U.S.C. 1691(a)(1) (provided the applicant can contract); Regulation B, 12 CFR 1002.2(z)",
     "public_assistance": (
-        "ECOA, 15 U.S.C. 1691(a)(2) (income derived from any public assistance program); "
-        "Regulation B, 12 CFR 1002.2(z)"
+        "ECOA, 15 U.S.C. 1691(a)(2) (income derived from any public assistance program); Regulation B, 12 CFR 1002.2(z)"
     ),
     "ccpa_rights": (
         "ECOA, 15 U.S.C. 1691(a)(3) (good-faith exercise of any right under the Consumer Credit Protection "
@@ -216,7 +216,7 @@ class CounterfactualPair:
         return self.answer_tokens
 
 
-Pair = Union[FairLendingPair, CounterfactualPair]
+Pair = FairLendingPair | CounterfactualPair
 P = TypeVar("P", FairLendingPair, CounterfactualPair)
 
 
@@ -333,8 +333,15 @@ def _check_basis(row: dict[str, str], where: str) -> None:
 
 
 def _check_single_substitution(
-    where: str, first: str, second: str, first_field: str, second_field: str, span_a: str, span_b: str,
-    span_a_field: str, span_b_field: str,
+    where: str,
+    first: str,
+    second: str,
+    first_field: str,
+    second_field: str,
+    span_a: str,
+    span_b: str,
+    span_a_field: str,
+    span_b_field: str,
 ) -> None:
     """``second`` must be ``first`` with its one occurrence of ``span_a`` replaced by ``span_b``."""
     if first == second:
@@ -391,8 +398,15 @@ def _fair_lending_pair(path: Path, line: int, row: dict[str, str]) -> FairLendin
             f"known: {sorted(LEGITIMATE_REASON_CATEGORIES)}"
         )
     _check_single_substitution(
-        where, row["clean_prompt"], row["corrupted_prompt"], "clean_prompt", "corrupted_prompt",
-        row["protected_phrase"], row["legitimate_phrase"], "protected_phrase", "legitimate_phrase",
+        where,
+        row["clean_prompt"],
+        row["corrupted_prompt"],
+        "clean_prompt",
+        "corrupted_prompt",
+        row["protected_phrase"],
+        row["legitimate_phrase"],
+        "protected_phrase",
+        "legitimate_phrase",
     )
     return FairLendingPair(**row, line=line)
 
@@ -426,12 +440,17 @@ def _counterfactual_pair(path: Path, line: int, row: dict[str, str]) -> Counterf
     if row["profile"] not in PROFILES:
         raise TaskDataError(f"{where}, field 'profile': unknown {row['profile']!r}; known: {list(PROFILES)}")
     if row["answer_tokens"] != expected_answers:
-        raise TaskDataError(
-            f"{where}, field 'answer_tokens': {row['answer_tokens']!r}, expected {expected_answers!r}"
-        )
+        raise TaskDataError(f"{where}, field 'answer_tokens': {row['answer_tokens']!r}, expected {expected_answers!r}")
     _check_single_substitution(
-        where, row["prompt_a"], row["prompt_b"], "prompt_a", "prompt_b",
-        row["value_a"], row["value_b"], "value_a", "value_b",
+        where,
+        row["prompt_a"],
+        row["prompt_b"],
+        "prompt_a",
+        "prompt_b",
+        row["value_a"],
+        row["value_b"],
+        "value_a",
+        "value_b",
     )
     fields = {k: v for k, v in row.items() if k != "answer_tokens"}
     return CounterfactualPair(**fields, answer_tokens=COUNTERFACTUAL_ANSWERS, line=line)
@@ -469,7 +488,11 @@ def _tokenizer_view(model_or_tokenizer: Any, prepend_bos: bool | None) -> _Token
             )
         tok = model.tokenizer
         return _TokenizerView(
-            model.name, model.prepend_bos, model.token_ids, lambda i: tok.decode([i]), model.cfg.device,
+            model.name,
+            model.prepend_bos,
+            model.token_ids,
+            lambda i: tok.decode([i]),
+            model.cfg.device,
             int(model.cfg.n_ctx),
         )
     tok = model_or_tokenizer
@@ -585,9 +608,7 @@ def _answer_ids(view: _TokenizerView, pairs: Sequence[Pair]) -> dict[str, int]:
     return ids
 
 
-def align_pairs(
-    model_or_tokenizer: Any, pairs: Sequence[P], *, prepend_bos: bool | None = None
-) -> AlignmentReport:
+def align_pairs(model_or_tokenizer: Any, pairs: Sequence[P], *, prepend_bos: bool | None = None) -> AlignmentReport:
     """Check pairs against one tokenizer: answers single tokens, both prompts of a pair equally long.
 
     Args:
@@ -656,12 +677,13 @@ class TaskBatch:
     def tokens_b(self) -> Int[Tensor, "batch pos"]:
         return self.corrupted_tokens
 
-    def head(self, n: int) -> "TaskBatch":
+    def head(self, n: int) -> TaskBatch:
         """The first ``n`` pairs of this batch (all of them when it has fewer), e.g. to bound a sweep's cost."""
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}")
-        return TaskBatch(self.clean_tokens[:n], self.corrupted_tokens[:n], self.answer_tokens[:n], self.pairs[:n],
-                         self.str_tokens)
+        return TaskBatch(
+            self.clean_tokens[:n], self.corrupted_tokens[:n], self.answer_tokens[:n], self.pairs[:n], self.str_tokens
+        )
 
     @property
     def batch_size(self) -> int:

@@ -60,8 +60,15 @@ def write_gpt2_checkpoint(folder: Path, seed: int = 0, n_layer: int = 12) -> Pat
     for name in GPT2_TOKENIZER_SHA256:
         shutil.copy(tok / name, folder / name)
     (folder / "tokenizer_config.json").write_text(
-        json.dumps({"model_max_length": 1024, "tokenizer_class": "GPT2Tokenizer",
-                    "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"})
+        json.dumps(
+            {
+                "model_max_length": 1024,
+                "tokenizer_class": "GPT2Tokenizer",
+                "bos_token": "<|endoftext|>",
+                "eos_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+            }
+        )
     )
     return folder
 

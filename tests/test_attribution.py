@@ -164,7 +164,14 @@ def test_result_shapes_and_hooks_follow_transformer_lens(case, attributions):
         heads = cfg.n_heads
         if activation in ("k", "v") and cfg.n_key_value_heads is not None:
             heads = cfg.n_key_value_heads
-        sizes = {"layer": cfg.n_layers, "pos": n_pos, "dest_pos": n_pos, "src_pos": n_pos, "head": heads, "head_index": heads}
+        sizes = {
+            "layer": cfg.n_layers,
+            "pos": n_pos,
+            "dest_pos": n_pos,
+            "src_pos": n_pos,
+            "head": heads,
+            "head_index": heads,
+        }
         expected = tuple(sizes[axis] for axis in sweep.keywords["index_axis_names"])
         assert tuple(attributions[key].shape) == expected, key
     for key in WHOLE_LAYER_KEYS:
@@ -360,9 +367,13 @@ def test_compare_reports_known_correlations():
     assert table.loc["linear", "spearman"] == pytest.approx(1.0, abs=1e-12)
     assert table.loc["rho", "pearson"] == pytest.approx(0.6, abs=1e-12)
     rho_values = attribution["rho"].numpy().ravel()
-    assert table.loc["rho", "spearman"] == pytest.approx(np.corrcoef(_ranks(rho_values), _ranks(x.ravel()))[0, 1], abs=1e-12)
+    assert table.loc["rho", "spearman"] == pytest.approx(
+        np.corrcoef(_ranks(rho_values), _ranks(x.ravel()))[0, 1], abs=1e-12
+    )
     assert table.loc["monotone", "spearman"] == pytest.approx(1.0, abs=1e-12)
-    assert table.loc["monotone", "pearson"] == pytest.approx(np.corrcoef(np.exp(2 * x).ravel(), x.ravel())[0, 1], abs=1e-12)
+    assert table.loc["monotone", "pearson"] == pytest.approx(
+        np.corrcoef(np.exp(2 * x).ravel(), x.ravel())[0, 1], abs=1e-12
+    )
     assert table.loc["monotone", "pearson"] < 0.95
     assert table.loc["anti", "pearson"] == pytest.approx(-1.0, abs=1e-12)
     assert table.loc["anti", "sign_agreement"] == 0.0

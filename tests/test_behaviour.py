@@ -35,8 +35,9 @@ class TableScorer:
 
 
 def _pair(i: int, basis: str, clean: str, corrupted: str) -> FairLendingPair:
-    return FairLendingPair(f"p{i}", basis, "ECOA", "T1", "mortgage", clean, corrupted, " Yes", " No", "a", "b",
-                           "credit_score")
+    return FairLendingPair(
+        f"p{i}", basis, "ECOA", "T1", "mortgage", clean, corrupted, " Yes", " No", "a", "b", "credit_score"
+    )
 
 
 def test_pair_metrics_match_a_hand_computation():
@@ -69,19 +70,23 @@ def test_expected_calibration_error_by_hand():
 
 
 def test_too_long_pairs_are_excluded_with_their_reason():
-    table = {"short": 1.0, "short too": -1.0, "one two three four five six": 1.0, "x": 0.0,
-             "a b": 0.5, "c d": -0.5}
-    pairs = [_pair(1, "race", "short", "short too"), _pair(2, "race", "one two three four five six", "x"),
-             _pair(3, "race", "a b", "c d")]
+    table = {"short": 1.0, "short too": -1.0, "one two three four five six": 1.0, "x": 0.0, "a b": 0.5, "c d": -0.5}
+    pairs = [
+        _pair(1, "race", "short", "short too"),
+        _pair(2, "race", "one two three four five six", "x"),
+        _pair(3, "race", "a b", "c d"),
+    ]
     result = evaluate_pairs(TableScorer(table, n_ctx=4), pairs, n_boot=50)
     assert result.summary["n"] == 2
     assert result.excluded == [("p2", "longer than the context of 4 tokens (6 tokens)")]
 
 
 def test_controls_are_scored_and_summarised_by_kind():
-    controls = [ControlPrompt("c1", "unnamed_basis", "race", "mortgage", "yes1", " Yes", "-"),
-                ControlPrompt("c2", "unnamed_basis", "race", "mortgage", "yes2", " Yes", "-"),
-                ControlPrompt("c3", "mentioned_legitimate", "age", "auto loan", "no1", " No", "-")]
+    controls = [
+        ControlPrompt("c1", "unnamed_basis", "race", "mortgage", "yes1", " Yes", "-"),
+        ControlPrompt("c2", "unnamed_basis", "race", "mortgage", "yes2", " Yes", "-"),
+        ControlPrompt("c3", "mentioned_legitimate", "age", "auto loan", "no1", " No", "-"),
+    ]
     scores = evaluate_controls(TableScorer({"yes1": 1.0, "yes2": -1.0, "no1": 2.0}), controls)
     assert scores["correct"].tolist() == [True, False, False]
     table = controls_by_kind(scores, n_boot=50)
@@ -90,14 +95,19 @@ def test_controls_are_scored_and_summarised_by_kind():
 
 @pytest.mark.slow
 def test_bridge_scorer_matches_hugging_face_on_unequal_lengths(smollm2, unprocessed_hf_reference):
-    prompts = ["The bank denied Maria's mortgage because she is Black. Is this a fair-lending violation? Answer:",
-               "Because of her late payments, the lender turned down Linda's auto loan. Answer:",
-               "Is this legal? Answer:"]
+    prompts = [
+        "The bank denied Maria's mortgage because she is Black. Is this a fair-lending violation? Answer:",
+        "Because of her late payments, the lender turned down Linda's auto loan. Answer:",
+        "Is this legal? Answer:",
+    ]
     scorer = BridgeScorer(smollm2, batch_size=2)
     got = scorer.logit_diffs(prompts)
     hf = unprocessed_hf_reference("smollm2")
     tok = smollm2.tokenizer
-    yes, no = tok(" Yes", add_special_tokens=False)["input_ids"][0], tok(" No", add_special_tokens=False)["input_ids"][0]
+    yes, no = (
+        tok(" Yes", add_special_tokens=False)["input_ids"][0],
+        tok(" No", add_special_tokens=False)["input_ids"][0],
+    )
     expected = []
     with torch.no_grad():
         for prompt in prompts:

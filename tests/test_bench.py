@@ -8,7 +8,6 @@ import sys
 import textwrap
 
 import pytest
-import torch
 
 from mechfin_utils import bench, patching
 
@@ -47,14 +46,34 @@ def test_floor_of_a_last_token_difference_is_one_row_per_later_layer(tiny_gpt2):
 
 def test_bench_runs_and_writes_its_table(tiny_gpt2, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench, "load_bench_model", lambda name, layers=2: tiny_gpt2)
-    code = bench.main(["--models", "gpt2-shape", "--components", "resid_pre,attn_head_out_by_pos",
-                       "--batch", "2", "--tl-cells", "3", "--out", str(tmp_path)])
+    code = bench.main(
+        [
+            "--models",
+            "gpt2-shape",
+            "--components",
+            "resid_pre,attn_head_out_by_pos",
+            "--batch",
+            "2",
+            "--tl-cells",
+            "3",
+            "--trace-facts",
+            "2",
+            "--trace-pairs",
+            "1",
+            "--trace-samples",
+            "2",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "| GPT-2-shape (2 layers), random weights | attn_head_out_by_pos |" in printed
     result = json.loads((tmp_path / "latest.json").read_text())
-    table_rows = [line for line in (tmp_path / "latest.md").read_text().splitlines() if line.startswith("| GPT-2-shape")]
-    assert len(table_rows) == 2
+    table_rows = [
+        line for line in (tmp_path / "latest.md").read_text().splitlines() if line.startswith("| GPT-2-shape")
+    ]
+    assert len(table_rows) == 4  # two patching sweeps, two tracing rows
     rows = {row["component"]: row for row in result["rows"]}
     assert set(rows) == {"resid_pre", "attn_head_out_by_pos"}
     for row in rows.values():
@@ -62,6 +81,27 @@ def test_bench_runs_and_writes_its_table(tiny_gpt2, tmp_path, monkeypatch, capsy
         assert row["max_abs_diff"] <= 1e-4  # the same numbers as TransformerLens on the cells it ran
         assert row["mechfin_seconds"] > 0 and row["floor_seconds"] > 0 and row["speedup"] > 0
     assert rows["attn_head_out_by_pos"]["cells"] == 2 * rows["resid_pre"]["n_pos"] * 12
+    traces = {row["prompts"]: row for row in result["trace_rows"]}
+    assert set(traces) == {"2 facts", "1 fair-lending"}
+    for row in traces.values():
+        assert row["max_abs_diff"] <= 1e-4  # the ROME-style tracer and the engine give the same numbers
+        assert row["rome_seconds"] > 0 and row["mechfin_seconds"] > 0 and row["floor_seconds"] > 0
+        assert row["restored_states"] % (3 * 2) == 0  # three kinds x two layers per traced position
+    assert "| GPT-2-shape (2 layers), random weights | 1 fair-lending |" in printed
+
+
+def test_trace_floor_of_one_restoration_is_counted_by_hand(tiny_gpt2):
+    """A restoration that starts at the last layer at the last position: one row of the whole last block."""
+    model, _ = tiny_gpt2
+    fm = patching.functional_model(model)
+    n_pos, last = 9, fm.n_layers - 1
+    cost = fm.flops_per_row(n_pos)
+    assert bench.trace_floor_flops(fm, n_pos, [(last, n_pos - 1)], n_samples=3) == 3 * (cost["kv"] + cost["rest"])
+    # from layer 0 at position 5: 4 rows in every block but the last, which needs the 4 rows' keys and values and
+    # one row's query, attention and MLP
+    mid = fm.flops_per_row((5 + 1 + n_pos) // 2)
+    expected = last * 4 * (mid["kv"] + mid["rest"]) + 4 * cost["kv"] + cost["rest"]
+    assert bench.trace_floor_flops(fm, n_pos, [(0, 5)], n_samples=1) == expected
 
 
 def test_bench_refuses_components_without_a_transformer_lens_twin(capsys):

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from mechfin_utils import causal_trace as ct
+from mechfin_utils import knockout, trace_data, trace_plots
 
 EIFFEL = ct.TraceTask("eiffel", "The Eiffel Tower is located in the city of", "Eiffel Tower", " Paris")
 
@@ -83,8 +84,12 @@ def test_windows_and_categories():
     assert ct.layer_window(4, 5, 30) == (2, 3, 4, 5, 6)
     cats = ct.position_categories((2, 6), 12)
     assert cats == {
-        "first subject token": [2], "middle subject tokens": [3, 4], "last subject token": [5],
-        "first subsequent token": [6], "further tokens": [7, 8, 9, 10], "last token": [11],
+        "first subject token": [2],
+        "middle subject tokens": [3, 4],
+        "last subject token": [5],
+        "first subsequent token": [6],
+        "further tokens": [7, 8, 9, 10],
+        "last token": [11],
     }
     one = ct.position_categories((1, 2), 4)
     assert one["first subject token"] == one["last subject token"] == [1] and one["middle subject tokens"] == []
@@ -93,8 +98,7 @@ def test_windows_and_categories():
 
 def test_average_by_position_category_matches_hand_computation():
     def result(span, n_tokens, ie, label):
-        return ct.TraceResult(label, "M", "mlp", 3, tuple("t" * n_tokens), span, "p", 0.9, 0.1,
-                              ie + 0.1, 2, 0.3)
+        return ct.TraceResult(label, "M", "mlp", 3, tuple("t" * n_tokens), span, "p", 0.9, 0.1, ie + 0.1, 2, 0.3)
 
     rng = np.random.default_rng(0)
     a = rng.normal(size=(8, 4))
@@ -103,15 +107,25 @@ def test_average_by_position_category_matches_hand_computation():
     avg = ct.average_by_position_category([result((1, 5), 8, a, "a"), result((1, 2), 6, b, "b")])
     # a: first 1, middle 2-3, last 4, subsequent 5, further 6, last 7
     # b: first = last subject token 1, subsequent 2, further 3-4, last 5
-    expected = np.stack([
-        (a[1] + b[1]) / 2, a[2:4].mean(0), (a[4] + b[1]) / 2, (a[5] + b[2]) / 2, (a[6] + b[3:5].mean(0)) / 2,
-        (a[7] + b[5]) / 2,
-    ])
+    expected = np.stack(
+        [
+            (a[1] + b[1]) / 2,
+            a[2:4].mean(0),
+            (a[4] + b[1]) / 2,
+            (a[5] + b[2]) / 2,
+            (a[6] + b[3:5].mean(0)) / 2,
+            (a[7] + b[5]) / 2,
+        ]
+    )
     np.testing.assert_allclose(avg.mean, expected, rtol=1e-12)
     assert avg.counts.tolist() == [2, 1, 2, 2, 2, 2]
     with pytest.raises(ValueError, match="mix"):
-        ct.average_by_position_category([result((1, 5), 8, a, "a"), ct.TraceResult(
-            "c", "M", "attn", 3, tuple("t" * 8), (1, 5), "p", 0.9, 0.1, a, 2, 0.3)])
+        ct.average_by_position_category(
+            [
+                result((1, 5), 8, a, "a"),
+                ct.TraceResult("c", "M", "attn", 3, tuple("t" * 8), (1, 5), "p", 0.9, 0.1, a, 2, 0.3),
+            ]
+        )
 
 
 def test_noise_is_seeded_and_scaled():
@@ -154,8 +168,14 @@ def test_known_restorations_smollm2(smollm2, eiffel_smollm2):
 
 def test_zero_noise_gives_zero_indirect_effect(smollm2, eiffel_smollm2):
     p = eiffel_smollm2
-    out = ct.causal_trace(smollm2, p, kinds=("hidden", "attn"), n_samples=1, noise_std=0.0,
-                          positions=[p.subject_positions[-1], p.last_position])
+    out = ct.causal_trace(
+        smollm2,
+        p,
+        kinds=("hidden", "attn"),
+        n_samples=1,
+        noise_std=0.0,
+        positions=[p.subject_positions[-1], p.last_position],
+    )
     hidden = out["hidden"]
     assert hidden.corrupted_score == pytest.approx(hidden.clean_score, rel=1e-5)
     for result in out.values():
@@ -165,26 +185,47 @@ def test_zero_noise_gives_zero_indirect_effect(smollm2, eiffel_smollm2):
 
 
 @pytest.mark.parametrize("model_name", ["smollm2", "gpt2_random_biased"])
-def test_layer_skipping_equals_plain_forward(request, model_name):
+def test_engine_equals_bridge_hooks(request, model_name):
+    """Restorations and knockouts on the intervention engine equal full bridge forward passes with hooks."""
     model = request.getfixturevalue(model_name)
     p = ct.prepare_trace(model, EIFFEL)
     n_layers = model.cfg.n_layers
-    noise = ct.sample_subject_noise(2, len(p.subject_positions), model.cfg.d_model,
-                                    3 * ct.embedding_noise_std(model), seed=3)
-    restorations = [ct.Restoration(())] + [
-        ct.Restoration.of(kind, ct.layer_window(layer, 3, n_layers), [pos])
-        for kind, layer, pos in [
-            ("hidden", 0, p.subject_positions[0]), ("hidden", n_layers // 2, p.subject_positions[-1]),
-            ("mlp", n_layers - 2, p.last_position), ("attn", 2, p.last_position),
-            ("attn", n_layers - 1, p.subject_positions[-1]),
+    noise = ct.sample_subject_noise(
+        2, len(p.subject_positions), model.cfg.d_model, 3 * ct.embedding_noise_std(model), seed=3
+    )
+    restorations = (
+        [ct.Restoration(())]
+        + [
+            ct.Restoration.of(kind, ct.layer_window(layer, 3, n_layers), [pos])
+            for kind, layer, pos in [
+                ("hidden", 0, p.subject_positions[0]),
+                ("hidden", n_layers // 2, p.subject_positions[-1]),
+                ("hidden", n_layers - 1, p.last_position),
+                ("mlp", n_layers - 2, p.last_position),
+                ("attn", 2, p.last_position),
+                ("attn", n_layers - 1, p.subject_positions[-1]),
+            ]
         ]
+        + [ct.Restoration(((ct.EMBED_HOOK, pos),)) for pos in p.subject_positions]
+    )  # noise removed
+    engine = ct.run_with_restorations(model, p, noise, restorations, batch_size=1, backend="engine")
+    hooks = ct.run_with_restorations(model, p, noise, restorations, batch_size=64, backend="bridge")
+    scale = float(hooks.abs().max())
+    torch.testing.assert_close(engine, hooks, rtol=1e-4, atol=1e-5 * scale)
+    assert (hooks[:, :1] - hooks[:, 1:]).abs().max() > 1e-3 * scale  # the restorations matter
+    last = p.last_position
+    knockouts = [
+        knockout.Knockout((), last, (1,)),
+        knockout.Knockout(tuple(range(3, 9)), last, tuple(p.subject_positions)),
+        knockout.Knockout((0, n_layers - 1), last, (last,)),
+        knockout.Knockout((1, 2), last - 1, (0, 2)),
     ]
-    fast = ct.run_with_restorations(model, p, noise, restorations, batch_size=3, skip_unchanged_layers=True)
-    slow = ct.run_with_restorations(model, p, noise, restorations, batch_size=64, skip_unchanged_layers=False)
-    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-7)
-    assert len(model.bridge.blocks) == n_layers and all(
-        not isinstance(b, ct._ReplayResidual) for b in model.bridge.blocks
-    )  # the blocks were put back
+    torch.testing.assert_close(
+        knockout.run_with_knockouts(model, p, knockouts, batch_size=2, backend="engine"),
+        knockout.run_with_knockouts(model, p, knockouts, backend="bridge"),
+        rtol=1e-4,
+        atol=1e-6,
+    )
 
 
 def test_restoration_matches_a_by_hand_huggingface_computation(smollm2, eiffel_smollm2, unprocessed_hf_reference):
@@ -207,7 +248,7 @@ def test_restoration_matches_a_by_hand_huggingface_computation(smollm2, eiffel_s
     ref(tokens)
     handle.remove()
     embeds = ref.model.embed_tokens(tokens).clone()
-    embeds[0, p.subject_span[0]:p.subject_span[1]] += noise[0]
+    embeds[0, p.subject_span[0] : p.subject_span[1]] += noise[0]
     corrupted = ref(inputs_embeds=embeds).logits[0, -1].softmax(-1)[p.answer_id]
 
     def restore(module, args, output):
@@ -269,12 +310,12 @@ def test_knockout_matches_masked_huggingface_forward(request, unprocessed_hf_ref
     others = tuple(q for q in range(last) if q not in subject)
     n_layers = model.cfg.n_layers
     knockouts = [
-        ct.Knockout((), last, subject, "no layers"),
-        ct.Knockout(tuple(middle_layers), last, subject, "last -> subject, middle layers"),
-        ct.Knockout(tuple(range(n_layers)), last, others, "last -> everything but subject and itself"),
-        ct.Knockout((0, n_layers - 1), last, (last,), "last -> last, first and last layer"),
+        knockout.Knockout((), last, subject, "no layers"),
+        knockout.Knockout(tuple(middle_layers), last, subject, "last -> subject, middle layers"),
+        knockout.Knockout(tuple(range(n_layers)), last, others, "last -> everything but subject and itself"),
+        knockout.Knockout((0, n_layers - 1), last, (last,), "last -> last, first and last layer"),
     ]
-    got = ct.run_with_knockouts(model, p, knockouts, batch_size=3)
+    got = knockout.run_with_knockouts(model, p, knockouts, batch_size=3)
 
     def ref_score(logits):
         return float(logits[p.answer_id] - logits[p.contrast_id])
@@ -287,17 +328,17 @@ def test_knockout_matches_masked_huggingface_forward(request, unprocessed_hf_ref
         assert float(got[row]) == pytest.approx(expected, abs=tol), ko.label
         assert abs(expected - ref_clean) > 10 * tol, ko.label  # the knockout matters well beyond the tolerance
     with pytest.raises(ValueError, match="blocks every key"):
-        ct.run_with_knockouts(model, p, [ct.Knockout((0,), 2, (0, 1, 2))])
+        knockout.run_with_knockouts(model, p, [knockout.Knockout((0,), 2, (0, 1, 2))])
 
 
 def test_attention_knockout_sweep_shapes_and_groups(smollm2, eiffel_smollm2):
     p = eiffel_smollm2
-    groups = ct.knockout_groups(p)
+    groups = knockout.knockout_groups(p)
     assert groups == {"subject": [1, 2, 3], "non_subject": [0, 4, 5, 6, 7, 8], "last": [9]}
-    result = ct.attention_knockout(smollm2, p, window=10, groups=("subject", "last"))
+    result = knockout.attention_knockout(smollm2, p, window=10, groups=("subject", "last"))
     assert result.knocked_out.shape == (2, smollm2.cfg.n_layers) and result.window == 10
     assert np.isfinite(result.relative_change).all() and (result.relative_change >= -1).all()
-    direct = ct.run_with_knockouts(smollm2, p, [ct.Knockout(ct.layer_window(7, 10, 30), 9, (1, 2, 3))])
+    direct = knockout.run_with_knockouts(smollm2, p, [knockout.Knockout(ct.layer_window(7, 10, 30), 9, (1, 2, 3))])
     assert float(direct[0]) == pytest.approx(float(result.knocked_out[0, 7]), rel=1e-4)
 
 
@@ -307,11 +348,11 @@ def test_attention_knockout_sweep_shapes_and_groups(smollm2, eiffel_smollm2):
 
 
 def test_kept_facts_are_the_embedded_models_top1(smollm2):
-    kept, report = ct.load_factual_prompts()
-    candidates = ct.read_factual_candidates()
+    kept, report = trace_data.load_factual_prompts()
+    candidates = trace_data.read_factual_candidates()
     assert report is None and 0 < len(kept) <= len(candidates)
     assert (candidates["kept_smollm2_135m"] == "True").sum() == len(kept)
-    for length, group in kept.groupby(kept["prompt"].map(lambda t: len(smollm2.token_ids(t)))):
+    for _length, group in kept.groupby(kept["prompt"].map(lambda t: len(smollm2.token_ids(t)))):
         logits = smollm2.bridge(smollm2.to_tokens(list(group["prompt"])))[:, -1]
         top1 = logits.argmax(-1).tolist()
         answers = [smollm2.single_token_id(a) for a in group["answer"]]
@@ -321,58 +362,73 @@ def test_kept_facts_are_the_embedded_models_top1(smollm2):
 
 
 def test_filter_for_another_model_reports_every_drop(gpt2_random, smollm2):
-    candidates = ct.read_factual_candidates().head(6).copy()
+    candidates = trace_data.read_factual_candidates().head(6).copy()
     candidates.loc[candidates.index[0], "answer"] = " Reykjavikborgar"  # not one GPT-2 token
     candidates.loc[candidates.index[0], "answer_text"] = " Reykjavikborgar"
-    kept, report = ct.filter_facts_for_model(gpt2_random, candidates)
+    kept, report = trace_data.filter_facts_for_model(gpt2_random, candidates)
     assert report.n_candidates == 6 and report.n_kept == len(kept) and len(report.dropped) + len(kept) == 6
     assert "not one token" in report.dropped.iloc[0]["reason"]
     # the random-weight model's top-1 is never the fact: every other row is dropped with its top-1 named
     assert all("top-1 is" in r for r in report.dropped["reason"].iloc[1:])
-    kept_s, report_s = ct.filter_facts_for_model(smollm2, candidates.iloc[1:])
+    kept_s, report_s = trace_data.filter_facts_for_model(smollm2, candidates.iloc[1:])
     expected = candidates.iloc[1:]["kept_smollm2_135m"] == "True"
     assert sorted(kept_s["fact_id"]) == sorted(candidates.iloc[1:][expected]["fact_id"])
 
 
 def test_bad_fact_rows_are_named(tmp_path):
-    frame = ct.read_factual_candidates().head(3).copy()
+    frame = trace_data.read_factual_candidates().head(3).copy()
     frame.loc[frame.index[1], "subject"] = "Atlantis"
     path = tmp_path / "facts.csv"
     frame.to_csv(path, index=False)
     bad_id = frame.iloc[1]["fact_id"]
     with pytest.raises(ValueError, match=f"row {bad_id}: subject 'Atlantis'"):
-        ct.read_factual_candidates(path)
+        trace_data.read_factual_candidates(path)
 
 
 def test_fair_lending_pairs_trace_with_protected_phrase_as_subject(smollm2):
     tasks_module = pytest.importorskip("mechfin_utils.tasks")
     pairs = tasks_module.load_fair_lending_pairs()[:2]
-    hand_written = [{"pair_id": "hw-1", "clean_prompt": "The bank denied Ann's loan because she is Black. "
-                     "Is this a fair-lending violation? Answer:", "protected_phrase": "because she is Black"}]
-    tasks = ct.fair_lending_tasks(pairs) + ct.fair_lending_tasks(pd.DataFrame(hand_written))
+    hand_written = [
+        {
+            "pair_id": "hw-1",
+            "clean_prompt": "The bank denied Ann's loan because she is Black. "
+            "Is this a fair-lending violation? Answer:",
+            "protected_phrase": "because she is Black",
+        }
+    ]
+    tasks = trace_data.fair_lending_tasks(pairs) + trace_data.fair_lending_tasks(pd.DataFrame(hand_written))
     assert [t.label for t in tasks] == [f"pair {pairs[0].pair_id}", f"pair {pairs[1].pair_id}", "pair hw-1"]
     assert tasks[0].score_name == "logit(Yes) - logit(No)"
-    assert ct.fair_lending_tasks(hand_written, score="prob")[0].contrast is None
+    assert trace_data.fair_lending_tasks(hand_written, score="prob")[0].contrast is None
     task = tasks[2]
     p = ct.prepare_trace(smollm2, task)
-    assert smollm2.tokenizer.decode(p.tokens[p.subject_span[0]:p.subject_span[1]].tolist()).strip() == task.subject
+    assert smollm2.tokenizer.decode(p.tokens[p.subject_span[0] : p.subject_span[1]].tolist()).strip() == task.subject
     clean_ld = smollm2.bridge(p.tokens[None])[0, -1]
     clean_ld = float(clean_ld[p.answer_id] - clean_ld[p.contrast_id])
-    noise = ct.sample_subject_noise(1, len(p.subject_positions), smollm2.cfg.d_model,
-                                    3 * ct.embedding_noise_std(smollm2))
-    scores = ct.run_with_restorations(smollm2, p, noise, [
-        ct.Restoration(()), ct.Restoration.of("hidden", [0], range(p.n_tokens)),
-        ct.Restoration.of("hidden", [5], [0]),
-    ])[0]
+    noise = ct.sample_subject_noise(
+        1, len(p.subject_positions), smollm2.cfg.d_model, 3 * ct.embedding_noise_std(smollm2)
+    )
+    scores = ct.run_with_restorations(
+        smollm2,
+        p,
+        noise,
+        [
+            ct.Restoration(()),
+            ct.Restoration.of("hidden", [0], range(p.n_tokens)),
+            ct.Restoration.of("hidden", [5], [0]),
+        ],
+    )[0]
     assert float(scores[1]) == pytest.approx(clean_ld, abs=2e-3)
     assert float(scores[2]) == pytest.approx(float(scores[0]), abs=2e-4)
     with pytest.raises(ValueError, match="pair 0: needs a non-empty string field 'protected_phrase'"):
-        ct.fair_lending_tasks([{"clean_prompt": "x"}])
+        trace_data.fair_lending_tasks([{"clean_prompt": "x"}])
 
 
 def test_trace_dataset_averages_and_plots_carry_the_model_name(smollm2):
-    tasks = [ct.TraceTask("fr", "The capital of France is", "France", " Paris"),
-             ct.TraceTask("de", "The capital of Germany is", "Germany", " Berlin")]
+    tasks = [
+        ct.TraceTask("fr", "The capital of France is", "France", " Paris"),
+        ct.TraceTask("de", "The capital of Germany is", "Germany", " Berlin"),
+    ]
     run = ct.trace_dataset(smollm2, tasks, kinds=("mlp",), n_samples=1, knockout=False)
     traces, avg = run.traces["mlp"], run.averages["mlp"]
     assert [t.label for t in traces] == ["fr", "de"] and run.knockout_mean is None
@@ -382,8 +438,11 @@ def test_trace_dataset_averages_and_plots_carry_the_model_name(smollm2):
     np.testing.assert_allclose(avg.mean[0], subject_rows.mean(0), rtol=1e-12)
     np.testing.assert_allclose(avg.mean[5], np.stack([t.indirect_effect[-1] for t in traces]).mean(0), rtol=1e-12)
     assert np.isnan(avg.mean[1]).all()
-    figures = [ct.plot_trace_heatmap(traces[0]), ct.plot_category_average(avg),
-               ct.plot_knockout(np.zeros((3, 30)), smollm2.name, 6)]
+    figures = [
+        trace_plots.plot_trace_heatmap(traces[0]),
+        trace_plots.plot_category_average(avg),
+        trace_plots.plot_knockout(np.zeros((3, 30)), smollm2.name, 6),
+    ]
     assert all(fig.layout.title.text.startswith(smollm2.name) for fig in figures)
 
 
@@ -393,8 +452,9 @@ def test_category_average_as_dict_leaves_out_empty_categories():
     mean = np.full((len(ct.POSITION_CATEGORIES), 2), np.nan)
     mean[0], mean[5] = [0.1, 0.2], [0.3, 0.4]
     counts = np.array([3, 0, 0, 0, 0, 3])
-    average = ct.CategoryAverage(kind="mlp", model_name="Toy", score_name="p(x)", mean=mean, counts=counts,
-                              mean_clean=0.9, mean_corrupted=0.1)
+    average = ct.CategoryAverage(
+        kind="mlp", model_name="Toy", score_name="p(x)", mean=mean, counts=counts, mean_clean=0.9, mean_corrupted=0.1
+    )
     out = average.as_dict()
     assert out["categories"] == [ct.POSITION_CATEGORIES[0], ct.POSITION_CATEGORIES[5]] and out["counts"] == [3, 3]
     assert out["mean"] == [[0.1, 0.2], [0.3, 0.4]]

@@ -19,27 +19,27 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mechfin_utils.circuits import (
-    Circuit,
+from mechfin_utils.circuit_plots import circuit_figure, knockout_figure, size_faithfulness_figure
+from mechfin_utils.circuit_tasks import (
     CircuitTask,
     GreaterThanDataError,
+    fair_lending_task,
+    greater_than_score,
+    greater_than_task,
+    load_greater_than,
+    task_from_answer_batches,
+    year_scheme,
+)
+from mechfin_utils.circuits import (
+    Circuit,
     Node,
     NodeAblator,
     acdc_order,
     choose_circuit,
-    circuit_figure,
     discover_circuit,
-    fair_lending_task,
-    greater_than_score,
-    greater_than_task,
-    knockout_figure,
     knockout_test,
-    load_greater_than,
     prune_nodes,
-    size_faithfulness_figure,
-    task_from_answer_batches,
     threshold_sweep,
-    year_scheme,
 )
 from mechfin_utils.metrics import logit_diff
 
@@ -134,9 +134,15 @@ def test_acdc_order_walks_from_the_output_backwards():
 def test_implied_edges_follow_the_residual_stream():
     circuit = _bare_circuit([Node(1, 0), Node(0, 1), Node(0)])
     assert circuit.edges == [
-        ("embed", "L0H1"), ("embed", "MLP0"), ("embed", "L1H0"),
-        ("L0H1", "MLP0"), ("L0H1", "L1H0"), ("MLP0", "L1H0"),
-        ("L0H1", "logits"), ("MLP0", "logits"), ("L1H0", "logits"),
+        ("embed", "L0H1"),
+        ("embed", "MLP0"),
+        ("embed", "L1H0"),
+        ("L0H1", "MLP0"),
+        ("L0H1", "L1H0"),
+        ("MLP0", "L1H0"),
+        ("L0H1", "logits"),
+        ("MLP0", "logits"),
+        ("L1H0", "logits"),
     ]
 
 
@@ -220,15 +226,20 @@ def test_pruning_rejects_bad_input(toy_graph):
 
 def test_greater_than_csv_is_what_the_generator_writes(tmp_path):
     out = tmp_path / "greater_than.csv"
-    subprocess.run([sys.executable, str(REPO / "data" / "build_greater_than.py"), "--output", str(out)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, str(REPO / "data" / "build_greater_than.py"), "--output", str(out)],
+        check=True,
+        capture_output=True,
+    )
     assert out.read_bytes() == (REPO / "data" / "greater_than.csv").read_bytes()
     prompts = load_greater_than()
     assert len(prompts) == 20 * 97
     assert {p.yy for p in prompts} == set(range(2, 99))
 
 
-GOOD_ROW = "gt-1,war,17,32,The war lasted from the year 1732 to the year 17,The war lasted from the year 1701 to the year 17"
+GOOD_ROW = (
+    "gt-1,war,17,32,The war lasted from the year 1732 to the year 17,The war lasted from the year 1701 to the year 17"
+)
 
 
 @pytest.mark.parametrize(
@@ -352,13 +363,22 @@ def test_greater_than_on_the_embedded_model_uses_single_digits(smollm2, smollm2_
 # ---------------------------------------------------------------------------------------------------------
 
 
+# A silent node's output is exactly 0, so ablating it changes nothing: exactly so through the bridge; on the
+# engine, a run restarted at the ablated layer differs from the recorded full run by the float rounding of
+# differently shaped matrix products (1.8e-5 of the normalised metric here, where the live nodes move it by
+# 0.08 to 3.8). Engine results are compared to within ENGINE_ROUNDING.
+ENGINE_ROUNDING = 1e-4
+
+
 def test_pruning_finds_exactly_the_live_nodes(tiny_ablators):
     for backend, ablator in tiny_ablators.items():
-        circuit = discover_circuit(ablator, threshold=1e-6)
+        rounding = 0.0 if backend == "bridge" else ENGINE_ROUNDING
+        circuit = discover_circuit(ablator, threshold=max(rounding, 1e-6))
         assert set(circuit.nodes) == LIVE_NODES, backend
         silent_steps = [s for s in circuit.pruning.steps if s.node in SILENT_NODES]
-        assert all(s.delta == 0.0 for s in silent_steps), backend  # exactly: their output is exactly 0
-        assert circuit.faithfulness == 1.0 and circuit.circuit_metric == ablator.full_metric
+        assert all(abs(s.delta) <= rounding for s in silent_steps), backend
+        assert circuit.faithfulness == pytest.approx(1.0, abs=rounding)
+        assert circuit.circuit_metric == pytest.approx(ablator.full_metric, abs=rounding)
         assert circuit.n_forward_passes == len(ablator.nodes) + 2  # the start, one per node, the raw re-check
 
 
@@ -460,7 +480,8 @@ def test_ablator_rejects_foreign_nodes_and_degenerate_tasks(tiny_gpt2_silenced, 
     with pytest.raises(ValueError, match="L5H0 is not a node"):
         ablator.metric([Node(5, 0)])
     same = SimpleNamespace(
-        clean_tokens=tiny_gpt2_silenced.to_tokens(CLEAN), corrupted_tokens=tiny_gpt2_silenced.to_tokens(CLEAN),
+        clean_tokens=tiny_gpt2_silenced.to_tokens(CLEAN),
+        corrupted_tokens=tiny_gpt2_silenced.to_tokens(CLEAN),
         answer_tokens=torch.tensor([[1, 2]] * 2),
     )
     with pytest.raises(ValueError, match="identical"):
@@ -476,20 +497,25 @@ def test_ablator_rejects_foreign_nodes_and_degenerate_tasks(tiny_gpt2_silenced, 
 
 def test_threshold_sweep_and_knockout(tiny_ablators):
     ablator = tiny_ablators["functional"]
-    table, found = threshold_sweep(ablator, [1e-6, 1e9])
+    table, found = threshold_sweep(ablator, [ENGINE_ROUNDING, 1e9])
     assert list(table["n_nodes"]) == [3, 0]
-    assert table["faithfulness"].iloc[0] == 1.0 and table["faithfulness"].iloc[1] == 0.0
+    assert (
+        table["faithfulness"].iloc[0] == pytest.approx(1.0, abs=ENGINE_ROUNDING)
+        and table["faithfulness"].iloc[1] == 0.0
+    )
     report = knockout_test(ablator, found[0], n_random=4, seed=0)
-    # knocking out the live nodes leaves only silent ones: exactly the fully-ablated model
-    assert report.circuit_knockout == 0.0
+    # knocking out the live nodes leaves only silent ones: the fully-ablated model
+    assert report.circuit_knockout == pytest.approx(0.0, abs=ENGINE_ROUNDING)
     # random sets (2 heads + 1 MLP from outside) contain only silent nodes: nothing moves
-    assert report.random_knockouts == [1.0] * 4
+    assert report.random_knockouts == pytest.approx([1.0] * 4, abs=ENGINE_ROUNDING)
     for chosen in report.random_sets:
         assert not set(chosen) & LIVE_NODES
         assert sum(n.is_mlp for n in chosen) == 1 and len(chosen) == 3
     assert knockout_test(ablator, found[0], n_random=4, seed=0).random_sets == report.random_sets
     summary = report.summary()
-    assert summary["random_mean"] == 1.0 and summary["random_std"] == 0.0
+    assert (
+        summary["random_mean"] == pytest.approx(1.0, abs=ENGINE_ROUNDING) and summary["random_std"] <= ENGINE_ROUNDING
+    )
 
 
 def test_knockout_refuses_when_no_matching_random_set_exists(tiny_ablators):
@@ -538,10 +564,21 @@ def test_fair_lending_task_scores_the_logit_difference(tiny_gpt2_silenced):
 
 def _bare_circuit(nodes, model_name="Toy", importance=None) -> Circuit:
     return Circuit(
-        model_name=model_name, task_name="toy", metric_name="m", ablation="resample", threshold=0.1,
-        criterion="abs", n_layers=2, n_heads=2, nodes=sorted(nodes, key=Node.sort_key), removed=[],
-        importance=importance or {n: 0.5 for n in nodes}, full_metric=1.0, baseline_metric=0.0,
-        circuit_metric=1.0, faithfulness=1.0,
+        model_name=model_name,
+        task_name="toy",
+        metric_name="m",
+        ablation="resample",
+        threshold=0.1,
+        criterion="abs",
+        n_layers=2,
+        n_heads=2,
+        nodes=sorted(nodes, key=Node.sort_key),
+        removed=[],
+        importance=importance or {n: 0.5 for n in nodes},
+        full_metric=1.0,
+        baseline_metric=0.0,
+        circuit_metric=1.0,
+        faithfulness=1.0,
     )
 
 
@@ -596,13 +633,28 @@ def test_choose_circuit_takes_the_smallest_faithful_one():
 
 def test_sweep_and_knockout_figures_name_the_model(tiny_gpt2_silenced, tiny_ablators):
     ablator = tiny_ablators["functional"]
-    table, found = threshold_sweep(ablator, [1e-6, 1e9])
+    table, found = threshold_sweep(ablator, [ENGINE_ROUNDING, 1e9])
     fig = size_faithfulness_figure(table, tiny_gpt2_silenced, "toy yes/no")
     assert tiny_gpt2_silenced.name in fig.layout.title.text
-    assert list(fig.data[0].x) == [3, 0] and list(fig.data[0].y) == [1.0, 0.0]
+    assert list(fig.data[0].x) == [3, 0] and list(fig.data[0].y) == list(table["faithfulness"])
     report = knockout_test(ablator, found[0], n_random=4, seed=0)
     fig = knockout_figure(report, tiny_gpt2_silenced)
     assert tiny_gpt2_silenced.name in fig.layout.title.text
     assert list(fig.data[0].y) == [report.circuit_knockout] and list(fig.data[2].y) == report.random_knockouts
     with pytest.raises(ValueError, match="run on"):
         knockout_figure(report, SimpleNamespace(name="Other"))
+
+
+def test_a_sweep_shares_the_passes_its_walks_have_in_common(tiny_ablators):
+    """Two walks at the same threshold visit the same sets: the second costs no pass and finds the same circuit;
+    a separate discovery outside the sweep runs every pass again."""
+    ablator = tiny_ablators["functional"]
+    table, (first, second) = threshold_sweep(ablator, [ENGINE_ROUNDING, ENGINE_ROUNDING])
+    assert first.n_forward_passes == len(ablator.nodes) + 1  # one per node; the raw re-check is a set seen before
+    assert second.n_forward_passes == 0 and second.nodes == first.nodes
+    assert second.circuit_metric == first.circuit_metric and list(table["forward_passes"]) == [
+        first.n_forward_passes,
+        0,
+    ]
+    alone = discover_circuit(ablator, ENGINE_ROUNDING)
+    assert alone.n_forward_passes == len(ablator.nodes) + 2 and alone.nodes == first.nodes

@@ -266,9 +266,7 @@ def test_logit_lens_matches_the_reference(case, lenses, ln_mode):
     assert labels == [f"{layer}_pre" for layer in range(n_layers)] + ["final_post"]
     # hidden_states[L] is the stream entering layer L (the last one is already normed, so use logits there).
     streams = ref.hidden_states[:n_layers]
-    want = [
-        ref.share(h, scale=None if ln_mode == "cached" else ref.norm_scale(h)) + ref.constant for h in streams
-    ]
+    want = [ref.share(h, scale=None if ln_mode == "cached" else ref.norm_scale(h)) + ref.constant for h in streams]
     want = torch.stack(want + [ref.logit_diff], dim=1)
     torch.testing.assert_close(values, want, atol=5e-4, rtol=1e-4)
     assert (values[:, -1] - ref.logit_diff).abs().max() <= 1e-3
@@ -535,8 +533,12 @@ def test_compare_with_paper_reads_the_intervals():
     import pandas as pd
 
     table = pd.DataFrame(
-        {"mean": [0.5, -0.4, 0.1, 0.3], "low": [0.2, -0.6, -0.1, 0.1], "high": [0.8, -0.1, 0.3, 0.5],
-         "rank": [1, 2, 4, 3]},
+        {
+            "mean": [0.5, -0.4, 0.1, 0.3],
+            "low": [0.2, -0.6, -0.1, 0.1],
+            "high": [0.8, -0.1, 0.3, 0.5],
+            "rank": [1, 2, 4, 3],
+        },
         index=["2_mlp_out", "4_mlp_out", "10_mlp_out", "0_attn_out"],
     )
     compared = dla.compare_with_paper(table, dla.PAPER_GPT2_LAYER_CLAIMS)
@@ -549,8 +551,8 @@ def test_compare_with_paper_reads_the_intervals():
 
 
 def test_component_display_names():
-    assert [dla.component_display_name(x) for x in ["embed", "pos_embed", "3_attn_out", "11_mlp_out", "unembed_bias"]] == [
-        "embed", "pos embed", "attn 3", "MLP 11", "unembed bias"
-    ]
+    assert [
+        dla.component_display_name(x) for x in ["embed", "pos_embed", "3_attn_out", "11_mlp_out", "unembed_bias"]
+    ] == ["embed", "pos embed", "attn 3", "MLP 11", "unembed bias"]
     with pytest.raises(ValueError, match="not a component label"):
         dla.component_display_name("3_attn_bias")

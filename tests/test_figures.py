@@ -39,8 +39,15 @@ def figures_dir(tmp_path, monkeypatch) -> Path:
 
 def small_heatmap() -> go.Figure:
     values = np.array([[0.5, -1.0, 2.0], [1.5, 0.0, -0.25]])
-    return plots.heatmap(values, model=MODEL, title="Head DLA", x_labels=["h0", "h1", "h2"], y_labels=["L0", "L1"],
-                         x_title="head", y_title="layer")
+    return plots.heatmap(
+        values,
+        model=MODEL,
+        title="Head DLA",
+        x_labels=["h0", "h1", "h2"],
+        y_labels=["L0", "L1"],
+        x_title="head",
+        y_title="layer",
+    )
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -175,8 +182,9 @@ def test_save_html_accepts_inlined_circuitsvis_and_refuses_cdn(figures_dir):
     view = cv.attention.attention_patterns(tokens=["a", "b", "c"], attention=np.eye(3)[None].repeat(2, 0))
     with pytest.raises(ValueError, match="ES-module import from the network"):
         figures.save_html(str(view), model=MODEL, notebook="01", name="attention")
-    path = figures.save_html(view.local_src, model=MODEL, notebook="01", name="attention",
-                             title="Attention patterns — Test-Model 1M")
+    path = figures.save_html(
+        view.local_src, model=MODEL, notebook="01", name="attention", title="Attention patterns — Test-Model 1M"
+    )
     assert path == figures_dir / "test-model-1m" / "01_attention.html"
     html = path.read_text(encoding="utf-8")
     assert view.local_src in html
@@ -220,11 +228,21 @@ def test_urls_inside_inlined_code_are_not_loads():
 
 def test_save_results_merges_converts_and_sorts(figures_dir):
     path = figures.save_results(MODEL, "00", "zeta", 1)
-    figures.save_results(MODEL, "00", "baseline", {
-        "numpy_scalar": np.float32(0.5), "numpy_int": np.int64(3), "flag": np.bool_(True),
-        "array": np.arange(3), "tensor": torch.tensor([[1.5, -2.0]]), "scalar_tensor": torch.tensor(0.25),
-        "tuple": (1, 2.5), "none": None,
-    })
+    figures.save_results(
+        MODEL,
+        "00",
+        "baseline",
+        {
+            "numpy_scalar": np.float32(0.5),
+            "numpy_int": np.int64(3),
+            "flag": np.bool_(True),
+            "array": np.arange(3),
+            "tensor": torch.tensor([[1.5, -2.0]]),
+            "scalar_tensor": torch.tensor(0.25),
+            "tuple": (1, 2.5),
+            "none": None,
+        },
+    )
     figures.save_results(MODEL, "00", "zeta", 2)  # same key: replaced
     assert path == figures_dir / "test-model-1m" / "00_results.json"
     text = path.read_text()
@@ -233,8 +251,16 @@ def test_save_results_merges_converts_and_sorts(figures_dir):
         "model": {"name": "Test-Model 1M", "slug": "test-model-1m"},
         "notebook": "00",
         "results": {
-            "baseline": {"numpy_scalar": 0.5, "numpy_int": 3, "flag": True, "array": [0, 1, 2],
-                         "tensor": [[1.5, -2.0]], "scalar_tensor": 0.25, "tuple": [1, 2.5], "none": None},
+            "baseline": {
+                "numpy_scalar": 0.5,
+                "numpy_int": 3,
+                "flag": True,
+                "array": [0, 1, 2],
+                "tensor": [[1.5, -2.0]],
+                "scalar_tensor": 0.25,
+                "tuple": [1, 2.5],
+                "none": None,
+            },
             "zeta": 2,
         },
     }
@@ -282,8 +308,13 @@ def test_save_results_refuses_another_models_file(figures_dir):
 
 def test_save_figure_results_argument_goes_to_the_json(figures_dir, monkeypatch):
     monkeypatch.setenv(figures.STATIC_ENV, "off")
-    figures.save_figure(small_heatmap(), model=MODEL, notebook="02", name="head_dla",
-                        results={"top_head": "L1H0", "top_value": np.float64(1.5)})
+    figures.save_figure(
+        small_heatmap(),
+        model=MODEL,
+        notebook="02",
+        name="head_dla",
+        results={"top_head": "L1H0", "top_value": np.float64(1.5)},
+    )
     assert figures.load_results(MODEL, "02") == {"top_head": "L1H0", "top_value": 1.5}
 
 
@@ -299,8 +330,16 @@ def test_model_title():
 
 def test_heatmap_values_scale_labels_and_hover():
     values = torch.tensor([[0.5, -3.0, 1.0], [2.0, 0.0, float("nan")]])
-    fig = plots.heatmap(values, model=MODEL, title="Logit lens", x_labels=["the", "loan", "the"],
-                        y_labels=["L0", "L1"], x_title="position", y_title="layer", show_values=True)
+    fig = plots.heatmap(
+        values,
+        model=MODEL,
+        title="Logit lens",
+        x_labels=["the", "loan", "the"],
+        y_labels=["L0", "L1"],
+        x_title="position",
+        y_title="layer",
+        show_values=True,
+    )
     trace = fig.data[0]
     np.testing.assert_array_equal(np.asarray(trace.z, dtype=float), values.double().numpy())
     assert (trace.zmid, trace.zmin, trace.zmax) == (0.0, -3.0, 3.0)  # symmetric: |-3| is the largest
@@ -328,8 +367,15 @@ def test_heatmap_centre_and_errors():
 
 
 def test_bar_with_ci():
-    fig = plots.bar_with_ci(["race", "age"], [1.0, -0.5], [0.5, -1.0], [1.25, 0.25], model=MODEL,
-                            title="Logit diff per basis", y_title="logit diff")
+    fig = plots.bar_with_ci(
+        ["race", "age"],
+        [1.0, -0.5],
+        [0.5, -1.0],
+        [1.25, 0.25],
+        model=MODEL,
+        title="Logit diff per basis",
+        y_title="logit diff",
+    )
     bar = fig.data[0]
     assert list(bar.y) == [1.0, -0.5]
     assert list(bar.error_y.array) == [0.25, 0.75]
@@ -347,16 +393,25 @@ def test_bar_with_ci():
 def test_line_with_band():
     layers = np.arange(4)
     mean = np.array([[0.0, 1.0, 2.0, 3.0], [0.0, -1.0, -2.0, -1.0]])
-    fig = plots.line_with_band(layers, mean, mean - 0.5, mean + 0.25, model=MODEL, title="Logit lens",
-                               names=["clean", "corrupted"], x_title="layer")
+    fig = plots.line_with_band(
+        layers,
+        mean,
+        mean - 0.5,
+        mean + 0.25,
+        model=MODEL,
+        title="Logit lens",
+        names=["clean", "corrupted"],
+        x_title="layer",
+    )
     assert len(fig.data) == 6  # per series: upper edge, lower edge (filled to the upper), mean line
     upper, lower, line = fig.data[3:6]
     np.testing.assert_allclose(upper.y, mean[1] + 0.25)
     np.testing.assert_allclose(lower.y, mean[1] - 0.5)
     assert lower.fill == "tonexty" and line.name == "corrupted"
     np.testing.assert_allclose(line.y, mean[1])
-    single = plots.line_with_band(["emb", "L0", "L1"], [1.0, 2.0, 3.0], [0.5, 1.5, 2.5], [1.5, 2.5, 3.5],
-                                  model=MODEL, title="t")
+    single = plots.line_with_band(
+        ["emb", "L0", "L1"], [1.0, 2.0, 3.0], [0.5, 1.5, 2.5], [1.5, 2.5, 3.5], model=MODEL, title="t"
+    )
     assert len(single.data) == 3 and list(single.layout.xaxis.ticktext) == ["emb", "L0", "L1"]
     with pytest.raises(ValueError, match="names is required for 2 series"):
         plots.line_with_band(layers, mean, mean, mean, model=MODEL, title="t")
@@ -367,10 +422,14 @@ def test_line_with_band():
 
 
 def test_grouped_bars():
-    fig = plots.grouped_bars(["race", "age", "sex"], {"clean": [2.0, 1.0, 0.5], "corrupted": [-1.0, -0.5, 0.0]},
-                             lows={"clean": [1.5, 0.5, 0.0], "corrupted": [-1.5, -1.0, -0.5]},
-                             highs={"clean": [2.5, 1.5, 1.0], "corrupted": [-0.5, 0.0, 0.5]},
-                             model=MODEL, title="Clean vs corrupted")
+    fig = plots.grouped_bars(
+        ["race", "age", "sex"],
+        {"clean": [2.0, 1.0, 0.5], "corrupted": [-1.0, -0.5, 0.0]},
+        lows={"clean": [1.5, 0.5, 0.0], "corrupted": [-1.5, -1.0, -0.5]},
+        highs={"clean": [2.5, 1.5, 1.0], "corrupted": [-0.5, 0.0, 0.5]},
+        model=MODEL,
+        title="Clean vs corrupted",
+    )
     assert fig.layout.barmode == "group"
     assert [trace.name for trace in fig.data] == ["clean", "corrupted"]
     assert list(fig.data[1].y) == [-1.0, -0.5, 0.0]
@@ -387,7 +446,9 @@ def test_lines_one_trace_per_series_and_errors():
     from mechfin_utils import plots
 
     model = SimpleNamespace(name="Toy")
-    fig = plots.lines([2, 5, 9], {"full": [0.1, 0.5, 0.9], "ablated": [0.0, -0.2, 0.3]}, model=model, title="Score by year")
+    fig = plots.lines(
+        [2, 5, 9], {"full": [0.1, 0.5, 0.9], "ablated": [0.0, -0.2, 0.3]}, model=model, title="Score by year"
+    )
     assert "Toy" in fig.layout.title.text
     assert [t.name for t in fig.data] == ["full", "ablated"]
     assert list(fig.data[1].y) == [0.0, -0.2, 0.3] and list(fig.data[0].x) == [2, 5, 9]

@@ -22,12 +22,16 @@ def test_module_of_reads_llama_and_gpt2_names():
 
 
 def test_weight_change_by_hand():
-    base = {"model.layers.0.self_attn.q_proj.weight": torch.ones(2, 2),
-            "model.layers.0.self_attn.k_proj.weight": torch.full((2, 2), 2.0),
-            "model.layers.1.mlp.up_proj.weight": torch.eye(2)}
-    tuned = {"model.layers.0.self_attn.q_proj.weight": torch.ones(2, 2) * 1.1,
-             "model.layers.0.self_attn.k_proj.weight": torch.full((2, 2), 2.0),
-             "model.layers.1.mlp.up_proj.weight": torch.eye(2) * 0.5}
+    base = {
+        "model.layers.0.self_attn.q_proj.weight": torch.ones(2, 2),
+        "model.layers.0.self_attn.k_proj.weight": torch.full((2, 2), 2.0),
+        "model.layers.1.mlp.up_proj.weight": torch.eye(2),
+    }
+    tuned = {
+        "model.layers.0.self_attn.q_proj.weight": torch.ones(2, 2) * 1.1,
+        "model.layers.0.self_attn.k_proj.weight": torch.full((2, 2), 2.0),
+        "model.layers.1.mlp.up_proj.weight": torch.eye(2) * 0.5,
+    }
     changes = model_diff.weight_change(base, tuned).set_index("parameter")
     assert changes.loc["model.layers.0.self_attn.q_proj.weight", "relative_change"] == pytest.approx(0.1)
     assert changes.loc["model.layers.0.self_attn.k_proj.weight", "relative_change"] == 0.0
@@ -44,16 +48,28 @@ def test_cross_model_patching_matches_hooks_on_plain_hugging_face_models(smollm2
 
     from mechfin_utils.models import boot_bridge
 
-    recipe = replace(screener.RECIPES["brief"], name="brief", max_steps=3, pairs_per_step=4, eval_every_nth_pair=1000,
-                     learning_rate=3e-4)
+    recipe = replace(
+        screener.RECIPES["brief"],
+        name="brief",
+        max_steps=3,
+        pairs_per_step=4,
+        eval_every_nth_pair=1000,
+        learning_rate=3e-4,
+    )
     base_info = screener.resolve_base("smollm2-135m")
     folder = tmp_path / "tuned"
     screener.train_screener(base_info, recipe, folder, progress=False)
     tuned = boot_bridge(str(folder), screener.screener_spec(base_info, recipe), "test")
-    pairs = [("The bank denied Maria's mortgage because she is Black. Answer:",
-              "The bank denied Maria's mortgage because of bad credit. Answer:"),
-             ("The lender denied James's loan because he is Muslim. Answer:",
-              "The lender denied James's loan because of his debts. Answer:")]
+    pairs = [
+        (
+            "The bank denied Maria's mortgage because she is Black. Answer:",
+            "The bank denied Maria's mortgage because of bad credit. Answer:",
+        ),
+        (
+            "The lender denied James's loan because he is Muslim. Answer:",
+            "The lender denied James's loan because of his debts. Answer:",
+        ),
+    ]
     clean = smollm2.to_tokens([c for c, _ in pairs])
     corrupted = smollm2.to_tokens([k for _, k in pairs])
     answers = torch.tensor([[smollm2.single_token_id(" Yes"), smollm2.single_token_id(" No")]] * 2)

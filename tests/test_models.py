@@ -100,7 +100,10 @@ def test_embedded_bos_decision(smollm2):
     """SmolLM2: no BOS (the bridge default would prepend <|im_start|>, a chat marker); equals bridge tokens."""
     ids = smollm2.token_ids("Hello world")
     assert ids[0] != smollm2.tokenizer.bos_token_id
-    assert smollm2.to_tokens("Hello world").tolist()[0] == smollm2.bridge.to_tokens("Hello world", prepend_bos=False).tolist()[0]
+    assert (
+        smollm2.to_tokens("Hello world").tolist()[0]
+        == smollm2.bridge.to_tokens("Hello world", prepend_bos=False).tolist()[0]
+    )
 
 
 def test_conversion_is_cached(smollm2):

@@ -16,7 +16,7 @@ import pytest
 import torch
 import transformer_lens.patching as tl_patching
 
-from mechfin_utils import patching
+from mechfin_utils import engine, patching
 from mechfin_utils.functional import FunctionalTransformer, UnsupportedArchitecture
 from mechfin_utils.metrics import NormalisedLogitDiff, logit_diff, normalised_patching_metric
 
@@ -51,7 +51,9 @@ class Case:
         self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_key_value_heads or cfg.n_heads
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return patching._result_shape(patching.COMPONENTS[key], self.n_layers, self.n_pos, self.n_heads, self.n_kv_heads)
+        return patching._result_shape(
+            patching.COMPONENTS[key], self.n_layers, self.n_pos, self.n_heads, self.n_kv_heads
+        )
 
     def sample(self, key: str, n: int = 4, seed: int = 0) -> pd.DataFrame:
         """``n`` distinct cells: one before the divergence (a no-op), the rest after it, first/last layer included."""
@@ -75,15 +77,26 @@ class Case:
         return pd.DataFrame(cells, columns=list(spec.axes))
 
     def transformer_lens(self, key: str, index_df: pd.DataFrame, metric=None, **kwargs):
-        tl_df = index_df.rename(columns={"head": "head_index"}) if patching.COMPONENTS[key].site == "pattern" else index_df
+        tl_df = (
+            index_df.rename(columns={"head": "head_index"}) if patching.COMPONENTS[key].site == "pattern" else index_df
+        )
         sweep = getattr(tl_patching, f"get_act_patch_{key}")
         with torch.no_grad():
-            return sweep(self.bridge, self.corrupted, self.clean_cache, metric or self.metric,
-                         index_df=tl_df, index_axis_names=None, **kwargs)
+            return sweep(
+                self.bridge,
+                self.corrupted,
+                self.clean_cache,
+                metric or self.metric,
+                index_df=tl_df,
+                index_axis_names=None,
+                **kwargs,
+            )
 
     def ours(self, key: str, **kwargs):
         kwargs.setdefault("progress", False)
-        return patching.activation_patch(self.model, self.clean, self.corrupted, kwargs.pop("metric", self.metric), key, **kwargs)
+        return patching.activation_patch(
+            self.model, self.clean, self.corrupted, kwargs.pop("metric", self.metric), key, **kwargs
+        )
 
 
 _CASES: dict[int, Case] = {}
@@ -120,9 +133,15 @@ def test_functional_forward_matches_bridge(case):
         theirs = case.bridge(case.clean)
     assert (ours - theirs).abs().max().item() <= 1e-4  # float32 through 30 layers: 2.6e-5 seen on an AMD EPYC
     record = fm.record(case.clean)
-    for ours_name, hook in [("resid_pre", "hook_resid_pre"), ("resid_mid", "hook_resid_mid"), ("attn_out", "hook_attn_out"),
-                            ("mlp_out", "hook_mlp_out"), ("z", "attn.hook_z"), ("v", "attn.hook_v"),
-                            ("pattern", "attn.hook_pattern")]:
+    for ours_name, hook in [
+        ("resid_pre", "hook_resid_pre"),
+        ("resid_mid", "hook_resid_mid"),
+        ("attn_out", "hook_attn_out"),
+        ("mlp_out", "hook_mlp_out"),
+        ("z", "attn.hook_z"),
+        ("v", "attn.hook_v"),
+        ("pattern", "attn.hook_pattern"),
+    ]:
         for layer in (0, case.n_layers - 1):
             got = getattr(record, ours_name)[layer]
             want = case.clean_cache[f"blocks.{layer}.{hook}"]
@@ -131,16 +150,19 @@ def test_functional_forward_matches_bridge(case):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4, msg=f"{ours_name}, layer {layer}")
 
 
-def test_run_packed_without_a_patch_reproduces_the_corrupted_run(case):
+def test_engine_without_an_intervention_reproduces_the_corrupted_run(case):
     """Continuing the corrupted run from its own cached state, at any layer and first position, in one
     packed pass with several segments, must give back its final state: "patching nothing" gives 0."""
     fm = patching.functional_model(case.model)
     record = fm.record(case.corrupted)
     batch = case.corrupted.shape[0]
     for start in (0, case.n_layers // 2, case.n_layers - 1, case.n_layers):
-        segments = [(p, record.resid_pre[start][:, p:], torch.arange(batch)) for p in (0, 3, case.n_pos - 1)]
-        for out in fm.run_packed(start, segments, record):
-            assert (out - record.final_normed).abs().max().item() <= 1e-4
+        segments = [
+            engine.Segment(start, p, record.resid_pre[start][:, p:], torch.arange(batch))
+            for p in (0, 3, case.n_pos - 1)
+        ]
+        for out in engine.run(fm, segments, record):
+            assert (out[:, -1] - record.final_normed).abs().max().item() <= 1e-4
 
 
 def test_unsupported_architecture_is_refused():
@@ -162,18 +184,27 @@ def test_matches_transformer_lens(case, key):
     assert (ours - theirs).abs().max().item() <= TOLERANCE, (key, ours, theirs)
     assert theirs.abs().max().item() > 1e-4, f"{key}: the sampled cells are all ~0, the comparison would be vacuous"
     if patching.COMPONENTS[key].scope != "all":
-        assert ours[-1].abs().item() <= TOLERANCE  # the sampled no-op cell (before the prompts' first difference): 0 up to the functional-vs-bridge readout rounding
+        assert (
+            ours[-1].abs().item() <= TOLERANCE
+        )  # the sampled no-op cell (before the prompts' first difference): 0 up to the functional-vs-bridge readout rounding
 
 
 def test_resid_mid_is_the_residual_stream(case):
     """resid_mid at (L, p) patches the stream between attention and MLP: = resid_pre at (L+1, p) (checked
     with TransformerLens); at the last layer and position it hands the clean final state to the unembedding (1)."""
-    cells = pd.DataFrame([(0, case.divergence), (case.n_layers - 2, case.n_pos - 1), (case.n_layers // 2, case.divergence + 1)],
-                         columns=["layer", "pos"])
+    cells = pd.DataFrame(
+        [(0, case.divergence), (case.n_layers - 2, case.n_pos - 1), (case.n_layers // 2, case.divergence + 1)],
+        columns=["layer", "pos"],
+    )
     ours = case.ours("resid_mid", index_df=cells)
     theirs = case.transformer_lens("resid_pre", cells.assign(layer=cells.layer + 1))
     assert (ours - theirs).abs().max().item() <= TOLERANCE
-    last = case.ours("resid_mid", index_df=pd.DataFrame([(case.n_layers - 1, case.n_pos - 1), (case.n_layers - 1, case.n_pos - 2)], columns=["layer", "pos"]))
+    last = case.ours(
+        "resid_mid",
+        index_df=pd.DataFrame(
+            [(case.n_layers - 1, case.n_pos - 1), (case.n_layers - 1, case.n_pos - 2)], columns=["layer", "pos"]
+        ),
+    )
     assert last.tolist() == pytest.approx([1.0, 0.0], abs=TOLERANCE)
 
 
@@ -188,8 +219,12 @@ def test_transformer_lens_bridge_resid_mid_depends_on_the_grad_mode(gpt2_case):
     no_grad_mid = case.transformer_lens("resid_mid", cells)  # case.transformer_lens runs under torch.no_grad()
     with torch.enable_grad():
         tl_df = dict(index_df=cells, index_axis_names=None)
-        grad_mid = tl_patching.get_act_patch_resid_mid(case.bridge, case.corrupted, case.clean_cache, case.metric, **tl_df)
-        grad_mlp = tl_patching.get_act_patch_mlp_out(case.bridge, case.corrupted, case.clean_cache, case.metric, **tl_df)
+        grad_mid = tl_patching.get_act_patch_resid_mid(
+            case.bridge, case.corrupted, case.clean_cache, case.metric, **tl_df
+        )
+        grad_mlp = tl_patching.get_act_patch_mlp_out(
+            case.bridge, case.corrupted, case.clean_cache, case.metric, **tl_df
+        )
     assert (no_grad_mid - ours_mid).abs().max().item() <= TOLERANCE
     assert (grad_mid - grad_mlp).abs().max().item() <= 1e-6
     assert (grad_mid - ours_mid).abs().max().item() > 1e-3
@@ -220,14 +255,17 @@ def test_full_sweep_shapes_and_last_position_against_transformer_lens(case):
         pos_axis = next((spec.axes.index(a) for a in ("pos", "dest_pos") if a in spec.axes), None)
         if pos_axis is not None:
             earlier = full.narrow(pos_axis, 0, case.n_pos - 1)
-            assert earlier.abs().max().item() <= TOLERANCE, key  # 0 up to float32 rounding of the functional readout vs the bridge
+            assert earlier.abs().max().item() <= TOLERANCE, (
+                key
+            )  # 0 up to float32 rounding of the functional readout vs the bridge
     # TransformerLens at the last position, a few layers, for the by-position block sweeps.
     last = pd.DataFrame([(0, case.n_pos - 1), (case.n_layers - 1, case.n_pos - 1)], columns=["layer", "pos"])
     for key in ("resid_pre", "attn_out", "mlp_out"):
         ours = patching.activation_patch(case.model, clean, case.corrupted, metric, key, index_df=last, progress=False)
         with torch.no_grad():
-            theirs = getattr(tl_patching, f"get_act_patch_{key}")(case.bridge, case.corrupted, clean_cache, metric,
-                                                                  index_df=last, index_axis_names=None)
+            theirs = getattr(tl_patching, f"get_act_patch_{key}")(
+                case.bridge, case.corrupted, clean_cache, metric, index_df=last, index_axis_names=None
+            )
         assert (ours - theirs).abs().max().item() <= TOLERANCE, key
 
 
@@ -250,7 +288,9 @@ def test_identical_prompts_give_exactly_the_corrupted_metric(gpt2_case):
 
     for key in ("resid_pre", "attn_head_out_by_pos", "attn_head_v_all_pos", "attn_head_pattern_by_pos"):
         values = patching.activation_patch(case.model, case.corrupted, case.corrupted, metric, key, progress=False)
-        assert values.abs().max().item() <= TOLERANCE, key  # 0 up to float32 rounding of the functional readout vs the bridge
+        assert values.abs().max().item() <= TOLERANCE, (
+            key
+        )  # 0 up to float32 rounding of the functional readout vs the bridge
 
 
 def test_per_prompt_logit_differences(case):
@@ -261,14 +301,20 @@ def test_per_prompt_logit_differences(case):
     # The TransformerLens-equal value is the normalised mean of the per-prompt values ...
     assert (sweep.normalised() - sweep.values).abs().max().item() <= 1e-4  # normalised units: x gap 0.04 logits
     # ... the per-prompt values are TransformerLens's with a per-prompt metric (reduce="none") ...
-    theirs = case.transformer_lens("attn_head_out_by_pos", cells, metric=lambda logits: logit_diff(logits, case.answers), reduce="none")
+    theirs = case.transformer_lens(
+        "attn_head_out_by_pos", cells, metric=lambda logits: logit_diff(logits, case.answers), reduce="none"
+    )
     assert (sweep.logit_diff - theirs.values).abs().max().item() <= TOLERANCE * 10
     # ... and the clean/corrupted anchors are the bridge's.
     assert (sweep.clean_logit_diff - logit_diff(case.clean_logits, case.answers)).abs().max().item() <= TOLERANCE
-    assert (sweep.corrupted_logit_diff - logit_diff(case.corrupted_logits, case.answers)).abs().max().item() <= TOLERANCE
+    assert (
+        sweep.corrupted_logit_diff - logit_diff(case.corrupted_logits, case.answers)
+    ).abs().max().item() <= TOLERANCE
     # A resample (prompt 1 twice) renormalises with that resample's own anchors.
     resample = [1, 1]
-    want = (sweep.logit_diff[:, 1] - sweep.corrupted_logit_diff[1]) / (sweep.clean_logit_diff[1] - sweep.corrupted_logit_diff[1])
+    want = (sweep.logit_diff[:, 1] - sweep.corrupted_logit_diff[1]) / (
+        sweep.clean_logit_diff[1] - sweep.corrupted_logit_diff[1]
+    )
     assert (sweep.normalised(resample) - want).abs().max().item() <= 1e-4
 
 
@@ -352,10 +398,18 @@ def test_bad_input_is_refused_with_the_argument_named(gpt2_case):
     with pytest.raises(ValueError, match="return_per_prompt"):
         case.ours("resid_pre", metric=lambda logits: logits[:, -1, 0].mean(), return_per_prompt=True)
     with pytest.raises(ValueError, match=r"\[batch=2\]"):
-        case.ours("resid_pre", metric=lambda logits: logits[:, -1, 0].mean(), reduce="none",
-                  index_df=pd.DataFrame([(0, case.n_pos - 1)], columns=["layer", "pos"]))
+        case.ours(
+            "resid_pre",
+            metric=lambda logits: logits[:, -1, 0].mean(),
+            reduce="none",
+            index_df=pd.DataFrame([(0, case.n_pos - 1)], columns=["layer", "pos"]),
+        )
     # A metric built from other prompts' logits would normalise every value wrongly.
-    swapped = NormalisedLogitDiff(case.corrupted_logits + 1.0 * torch.nn.functional.one_hot(case.answers[:, 0], case.clean_logits.shape[-1])[:, None],
-                                  case.corrupted_logits, case.answers)
+    swapped = NormalisedLogitDiff(
+        case.corrupted_logits
+        + 1.0 * torch.nn.functional.one_hot(case.answers[:, 0], case.clean_logits.shape[-1])[:, None],
+        case.corrupted_logits,
+        case.answers,
+    )
     with pytest.raises(ValueError, match="metric was built from clean logits"):
         case.ours("resid_pre", metric=swapped, index_df=pd.DataFrame([(0, case.n_pos - 1)], columns=["layer", "pos"]))

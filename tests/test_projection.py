@@ -368,7 +368,11 @@ def test_query_heads_read_the_kv_head_kv_head_of_names(smollm2):
     names = {"blocks.2.attn.hook_z", "blocks.2.attn.hook_pattern", "blocks.2.attn.hook_v"}
     with torch.no_grad():
         _, cache = smollm2.bridge.run_with_cache(tokens, names_filter=lambda n: n in names)
-    z, pattern, v = cache["blocks.2.attn.hook_z"][0], cache["blocks.2.attn.hook_pattern"][0], cache["blocks.2.attn.hook_v"][0]
+    z, pattern, v = (
+        cache["blocks.2.attn.hook_z"][0],
+        cache["blocks.2.attn.hook_pattern"][0],
+        cache["blocks.2.attn.hook_v"][0],
+    )
     assert [P.kv_head_of(smollm2, h) for h in range(9)] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     for h in range(9):
         torch.testing.assert_close(z[:, h], pattern[h] @ v[:, P.kv_head_of(smollm2, h)], rtol=1e-4, atol=1e-5)
@@ -540,8 +544,8 @@ def test_geometric_mean_ci_is_the_bootstrap_of_log_values():
     expected = torch.exp(values.double().log().mean(0))  # (1*100*10*1000)^(1/4) and (10*10*1000*1)^(1/4)
     np.testing.assert_allclose(result.estimate, expected.numpy(), rtol=1e-9)
     on_logs = bootstrap_ci(np.log10(values.numpy().astype(np.float64)), n_boot=300, seed=3)
-    np.testing.assert_allclose(result.low, 10.0 ** on_logs.low, rtol=1e-9)
-    np.testing.assert_allclose(result.high, 10.0 ** on_logs.high, rtol=1e-9)
+    np.testing.assert_allclose(result.low, 10.0**on_logs.low, rtol=1e-9)
+    np.testing.assert_allclose(result.high, 10.0**on_logs.high, rtol=1e-9)
     single = P.geometric_mean_ci(values[:, 0], n_boot=300, seed=3)
     assert isinstance(single.estimate, float) and single.estimate == pytest.approx(float(expected[0]))
     with pytest.raises(ValueError, match=r"values\[2, 1\]"):
@@ -569,8 +573,13 @@ def test_readable_tokens_and_wide_tables():
     with pytest.raises(ValueError, match="lacks columns"):
         P.token_table(tidy, "prompt")
     lens = P.LogitLensTokens(
-        model_name="fake", prompt="p", answers=(" Yes", " No"), answer_ids=(1, 2), top_tokens=tidy,
-        answer_ranks=torch.tensor([[4, 7], [1, 3]]), answer_probs=torch.zeros(2, 2),
+        model_name="fake",
+        prompt="p",
+        answers=(" Yes", " No"),
+        answer_ids=(1, 2),
+        top_tokens=tidy,
+        answer_ranks=torch.tensor([[4, 7], [1, 3]]),
+        answer_probs=torch.zeros(2, 2),
     )
     table = P.lens_table(lens)
     assert list(table.columns) == ["top 1", "top 2", "rank of ␣Yes", "rank of ␣No"]

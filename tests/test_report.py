@@ -8,25 +8,67 @@ from mechfin_utils.report import compliance_report
 
 
 def test_report_is_offline_and_flags_what_it_should(tmp_path):
-    held_out = {"unseen templates": {"n": 10, "accuracy": 0.9, "accuracy_low": 0.8, "accuracy_high": 1.0,
-                                     "auroc": 0.97, "auroc_low": 0.9, "auroc_high": 1.0, "mean_gap": 3.0},
-                "unseen phrases": {"n": 10, "accuracy": 0.5, "accuracy_low": 0.4, "accuracy_high": 0.6,
-                                   "auroc": 0.55, "auroc_low": 0.4, "auroc_high": 0.7, "mean_gap": 0.1}}
-    by_basis = pd.DataFrame({"n": [5, 5], "mean_gap": [2.0, 0.2], "mean_gap_low": [1.0, -0.3],
-                             "mean_gap_high": [3.0, 0.6], "accuracy": [0.9, 0.5]}, index=["race", "age"])
-    components = pd.DataFrame({"label": ["MLP 29", "attn 3"], "mean": [1.5, -0.2], "low": [1.0, -0.4],
-                               "high": [2.0, 0.0]})
-    controls = pd.DataFrame({"control_id": ["c1", "c2"], "kind": ["mentioned_legitimate", "unnamed_basis"],
-                             "basis": ["race", "age"], "expected": ["No", "Yes"], "ld": [2.0, 1.0],
-                             "p_yes": [0.88, 0.73], "correct": [False, True],
-                             "prompt": ["Priya, who is <Black>, was denied", "over 62"]})
-    path = compliance_report(tmp_path / "r.html", model_name="Model <X>", held_out=held_out, by_basis=by_basis,
-                             components=components, controls=controls, context="A test.")
+    held_out = {
+        "unseen templates": {
+            "n": 10,
+            "accuracy": 0.9,
+            "accuracy_low": 0.8,
+            "accuracy_high": 1.0,
+            "auroc": 0.97,
+            "auroc_low": 0.9,
+            "auroc_high": 1.0,
+            "mean_gap": 3.0,
+        },
+        "unseen phrases": {
+            "n": 10,
+            "accuracy": 0.5,
+            "accuracy_low": 0.4,
+            "accuracy_high": 0.6,
+            "auroc": 0.55,
+            "auroc_low": 0.4,
+            "auroc_high": 0.7,
+            "mean_gap": 0.1,
+        },
+    }
+    by_basis = pd.DataFrame(
+        {
+            "n": [5, 5],
+            "mean_gap": [2.0, 0.2],
+            "mean_gap_low": [1.0, -0.3],
+            "mean_gap_high": [3.0, 0.6],
+            "accuracy": [0.9, 0.5],
+        },
+        index=["race", "age"],
+    )
+    components = pd.DataFrame(
+        {"label": ["MLP 29", "attn 3"], "mean": [1.5, -0.2], "low": [1.0, -0.4], "high": [2.0, 0.0]}
+    )
+    controls = pd.DataFrame(
+        {
+            "control_id": ["c1", "c2"],
+            "kind": ["mentioned_legitimate", "unnamed_basis"],
+            "basis": ["race", "age"],
+            "expected": ["No", "Yes"],
+            "ld": [2.0, 1.0],
+            "p_yes": [0.88, 0.73],
+            "correct": [False, True],
+            "prompt": ["Priya, who is <Black>, was denied", "over 62"],
+        }
+    )
+    path = compliance_report(
+        tmp_path / "r.html",
+        model_name="Model <X>",
+        held_out=held_out,
+        by_basis=by_basis,
+        components=components,
+        controls=controls,
+        context="A test.",
+    )
     text = path.read_text()
     assert "<script" not in text and "http" not in text
     assert "Model &lt;X&gt;" in text and "&lt;Black&gt;" in text  # escaped, never injected
     assert "unseen phrases" in text.split("barely separates")[0]  # the weak set is named in the warning
-    age_row = text[text.index("<td>age</td>"):].split("</tr>")[0]
+    age_row = text[text.index("<td>age</td>") :].split("</tr>")[0]
     assert "interval includes 0" in age_row
     assert "1 of 2 control prompts answered wrongly" in text
     assert "not legal advice" in text

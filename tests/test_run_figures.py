@@ -10,7 +10,10 @@ from mechfin_utils import run_figures
 def test_model_identity_of_a_screener_reads_its_card(tmp_path, monkeypatch):
     monkeypatch.setenv("MECHFIN_CACHE", str(tmp_path))
     assert run_figures.model_identity("smollm2-135m-screener") == {
-        "slug": "smollm2-135m-screener", "resolved": "smollm2-135m-screener", "weights_sha256": None}
+        "slug": "smollm2-135m-screener",
+        "resolved": "smollm2-135m-screener",
+        "weights_sha256": None,
+    }
     (tmp_path / "smollm2-135m-screener").mkdir()
     (tmp_path / "smollm2-135m-screener" / "screener-card.json").write_text(json.dumps({"weights_sha256": "ab" * 32}))
     assert run_figures.model_identity("smollm2-135m-screener")["weights_sha256"] == "ab" * 32

@@ -89,8 +89,10 @@ def test_screener_loads_through_the_bridge_with_the_trained_weights(scratch_cach
 
     folder = scratch_cache / model.slug
     plain = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    prompts = ["Because of her race, the bank denied Rosa a mortgage. Is this a fair-lending violation? Answer:",
-               "Omar's auto loan was declined due to his debts. Answer:"]
+    prompts = [
+        "Because of her race, the bank denied Rosa a mortgage. Is this a fair-lending violation? Answer:",
+        "Omar's auto loan was declined due to his debts. Answer:",
+    ]
     from mechfin_utils.behaviour import BridgeScorer
 
     by_bridge = BridgeScorer(model).logit_diffs(prompts)
@@ -101,7 +103,9 @@ def test_screener_loads_through_the_bridge_with_the_trained_weights(scratch_cach
 
 
 def test_gpt2_screener_trains_and_loads_on_the_gpt2_path(gpt2_hf_cache, scratch_cache, monkeypatch):
-    monkeypatch.setitem(screener.RECIPES, "full", replace(TINY, name="full"))  # random-weight GPT-2 shape: code path only
+    monkeypatch.setitem(
+        screener.RECIPES, "full", replace(TINY, name="full")
+    )  # random-weight GPT-2 shape: code path only
     model = load_model("gpt2-screener", verbose=False)
     assert model.slug == "gpt2-screener" and model.prepend_bos is True and model.cfg.n_layers == 12
     card = screener.screener_card(model)

@@ -106,8 +106,11 @@ def test_control_file_accepts_a_byte_order_mark_and_names_a_bad_byte(tmp_path):
     comma = fourth.index(b",")
     bad = fourth[: comma + 1] + b"\xe9" + fourth[comma + 1 :]  # a Latin-1 e-acute after the id
     broken.write_bytes("".join(lines[:3]).encode() + bad + "".join(lines[4:]).encode())
-    with pytest.raises(TaskDataError, match=rf"latin1.csv line 4 \(control_id='ctl-003'\): byte 0xe9 at character "
-                                            rf"{comma + 2} is not UTF-8"):
+    with pytest.raises(
+        TaskDataError,
+        match=rf"latin1.csv line 4 \(control_id='ctl-003'\): byte 0xe9 at character "
+        rf"{comma + 2} is not UTF-8",
+    ):
         load_control_prompts(broken)
 
 

@@ -13,8 +13,9 @@ pytestmark = pytest.mark.slow
 
 
 def _pair(clean: str, corrupted: str, protected: str, legitimate: str) -> FairLendingPair:
-    return FairLendingPair("x-1", "race", "ECOA", "T", "mortgage", clean, corrupted, " Yes", " No", protected,
-                           legitimate, "credit_score")
+    return FairLendingPair(
+        "x-1", "race", "ECOA", "T", "mortgage", clean, corrupted, " Yes", " No", protected, legitimate, "credit_score"
+    )
 
 
 def test_segments_cover_every_token_and_spell_the_phrase(smollm2):
@@ -34,17 +35,24 @@ def test_segments_cover_every_token_and_spell_the_phrase(smollm2):
 
 
 def test_a_phrase_that_splits_a_token_is_excluded_with_its_reason(smollm2):
-    pair = _pair("The bank denied Maria's loan because she is Black. Answer:",
-                 "The bank denied Maria's loan because of debtck. Answer:", "because she is Bla", "because of debt")
+    pair = _pair(
+        "The bank denied Maria's loan because she is Black. Answer:",
+        "The bank denied Maria's loan because of debtck. Answer:",
+        "because she is Bla",
+        "because of debt",
+    )
     result = segment_pair(smollm2, pair)
     assert isinstance(result, Exclusion) and result.reason == "token_straddles_phrase_boundary"
     assert "clean prompt" in result.detail
 
 
 def test_segment_patching_matches_hooks_on_the_plain_model(smollm2, unprocessed_hf_reference):
-    pair = _pair("The bank denied Maria's mortgage because she is Black. Is this a fair-lending violation? Answer:",
-                 "The bank denied Maria's mortgage because her credit score is 540. Is this a fair-lending violation? "
-                 "Answer:", "because she is Black", "because her credit score is 540")
+    pair = _pair(
+        "The bank denied Maria's mortgage because she is Black. Is this a fair-lending violation? Answer:",
+        "The bank denied Maria's mortgage because her credit score is 540. Is this a fair-lending violation? Answer:",
+        "because she is Black",
+        "because her credit score is 540",
+    )
     item = segment_pair(smollm2, pair)
     assert len(item.clean.ids) != len(item.corrupted.ids)
     layer = 12

@@ -25,7 +25,11 @@ def test_matches_scipy_percentile_bootstrap(statistic, data_seed):
     values = np.random.default_rng(data_seed).normal(1.0, 2.0, size=60)
     ours = bootstrap_ci(values, n_boot=20_000, ci=0.95, seed=0, statistic=statistic)
     theirs = scipy_stats.bootstrap(
-        (values,), getattr(np, statistic), n_resamples=20_000, confidence_level=0.95, method="percentile",
+        (values,),
+        getattr(np, statistic),
+        n_resamples=20_000,
+        confidence_level=0.95,
+        method="percentile",
         random_state=np.random.default_rng(123),
     ).confidence_interval
     # Two independent Monte Carlo estimates of the same quantiles: they agree to ~0.01 here, while a 90%
@@ -123,10 +127,12 @@ def test_bad_input_is_an_error(values, kwargs, message):
 
 def test_grouped_bootstrap_rows_match_per_group_calls():
     rng = np.random.default_rng(8)
-    df = pd.DataFrame({
-        "basis": np.repeat(["race", "age", "sex"], [12, 9, 15]),
-        "logit_diff": rng.normal(size=36) + np.repeat([2.0, 0.0, -1.0], [12, 9, 15]),
-    })
+    df = pd.DataFrame(
+        {
+            "basis": np.repeat(["race", "age", "sex"], [12, 9, 15]),
+            "logit_diff": rng.normal(size=36) + np.repeat([2.0, 0.0, -1.0], [12, 9, 15]),
+        }
+    )
     table = grouped_bootstrap(df, "basis", "logit_diff", n_boot=400, seed=5)
     assert list(table.columns) == ["basis", "n", "estimate", "low", "high"]
     assert list(table["basis"]) == ["age", "race", "sex"]  # sorted

@@ -6,9 +6,15 @@ import pytest
 import torch
 
 from mechfin_utils.metrics import NormalisedLogitDiff
-from mechfin_utils.patching import activation_patch
-from mechfin_utils.patching import PatchSweep
-from mechfin_utils.sweeps import SweepSummary, bootstrap_sweep, group_shift_table, rank_cells, raw_shift_sweep, sweep_batches
+from mechfin_utils.patching import PatchSweep, activation_patch
+from mechfin_utils.sweeps import (
+    SweepSummary,
+    bootstrap_sweep,
+    group_shift_table,
+    rank_cells,
+    raw_shift_sweep,
+    sweep_batches,
+)
 from mechfin_utils.tasks import TaskBatch, align_pairs, largest_template_batch, load_fair_lending_pairs
 
 
@@ -21,18 +27,34 @@ def template_batch(smollm2):
 def _split(batch: TaskBatch) -> list[TaskBatch]:
     halves = []
     for rows in (slice(0, 2), slice(2, None)):
-        halves.append(TaskBatch(batch.clean_tokens[rows], batch.corrupted_tokens[rows], batch.answer_tokens[rows],
-                                batch.pairs[rows], batch.str_tokens))
+        halves.append(
+            TaskBatch(
+                batch.clean_tokens[rows],
+                batch.corrupted_tokens[rows],
+                batch.answer_tokens[rows],
+                batch.pairs[rows],
+                batch.str_tokens,
+            )
+        )
     return halves
 
 
 def test_sweep_over_split_batches_equals_one_batch(smollm2, template_batch):
     combined = sweep_batches(smollm2, _split(template_batch), "attn_head_out_all_pos", progress=False)
     with torch.no_grad():
-        metric = NormalisedLogitDiff(smollm2.bridge(template_batch.clean_tokens),
-                                     smollm2.bridge(template_batch.corrupted_tokens), template_batch.answer_tokens)
-    whole = activation_patch(smollm2, template_batch.clean_tokens, template_batch.corrupted_tokens, metric,
-                             "attn_head_out_all_pos", progress=False)
+        metric = NormalisedLogitDiff(
+            smollm2.bridge(template_batch.clean_tokens),
+            smollm2.bridge(template_batch.corrupted_tokens),
+            template_batch.answer_tokens,
+        )
+    whole = activation_patch(
+        smollm2,
+        template_batch.clean_tokens,
+        template_batch.corrupted_tokens,
+        metric,
+        "attn_head_out_all_pos",
+        progress=False,
+    )
     assert combined.values.shape == whole.shape == (30, 9)
     # compared in logits: the normalised values divide by a gap of a few hundredths of a logit, so float32 noise of
     # different batch shapes (6e-5 logits seen on an AMD EPYC) is ~1e-3 in normalised units
@@ -52,8 +74,12 @@ def test_endpoints_and_bootstrap(smollm2, template_batch):
         other = align_pairs(smollm2, load_fair_lending_pairs())
         lengths = sorted({other.lengths[p.id] for p in other.kept})
         from mechfin_utils.tasks import make_batches
+
         batches = make_batches(smollm2, other, max_batch=1)
-        pick = [next(b for b in batches if b.seq_len == lengths[0]), next(b for b in batches if b.seq_len == lengths[-1])]
+        pick = [
+            next(b for b in batches if b.seq_len == lengths[0]),
+            next(b for b in batches if b.seq_len == lengths[-1]),
+        ]
         sweep_batches(smollm2, pick, "resid_pre", progress=False)
 
 

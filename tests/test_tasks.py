@@ -74,8 +74,15 @@ def test_committed_files_are_exactly_what_the_generator_writes(builder, gpt2_tok
 
 def test_legal_constants_list_every_ecoa_and_fha_basis():
     assert set(ECOA_BASES) == {
-        "race", "color", "religion", "national_origin", "sex", "marital_status", "age",
-        "public_assistance", "ccpa_rights",
+        "race",
+        "color",
+        "religion",
+        "national_origin",
+        "sex",
+        "marital_status",
+        "age",
+        "public_assistance",
+        "ccpa_rights",
     }
     assert set(FHA_BASES) == {"familial_status", "disability"}
     assert all("1691(a)" in c and "1002.2(z)" in c for c in ECOA_BASES.values())
@@ -102,7 +109,9 @@ def test_fair_lending_pairs_differ_only_by_the_phrase(fl_pairs):
     for p in fl_pairs:
         start = p.clean_prompt.index(p.protected_phrase)
         assert p.clean_prompt[:start] == p.corrupted_prompt[:start]
-        assert p.clean_prompt[start + len(p.protected_phrase):] == p.corrupted_prompt[start + len(p.legitimate_phrase):]
+        assert (
+            p.clean_prompt[start + len(p.protected_phrase) :] == p.corrupted_prompt[start + len(p.legitimate_phrase) :]
+        )
         assert p.corrupted_prompt[start : start + len(p.legitimate_phrase)] == p.legitimate_phrase
         assert (p.clean_answer, p.corrupted_answer) == (" Yes", " No")
 
@@ -113,7 +122,7 @@ def test_counterfactual_pairs_differ_only_by_the_attribute(cf_pairs):
     for p in cf_pairs:
         start = p.prompt_a.index(p.value_a)
         assert p.prompt_a[:start] == p.prompt_b[:start]
-        assert p.prompt_a[start + len(p.value_a):] == p.prompt_b[start + len(p.value_b):]
+        assert p.prompt_a[start + len(p.value_a) :] == p.prompt_b[start + len(p.value_b) :]
         assert p.answer_tokens == (" approved", " denied")
 
 
@@ -166,6 +175,7 @@ def _fl_mutate(column, value, row=1):
     def mutate(h, rows):
         _set(h, rows[row], column, value)
         return h, rows
+
     return mutate
 
 
@@ -210,19 +220,27 @@ FAIR_LENDING_RULES = [
     ("clean answer", _fl_mutate("clean_answer", "Yes"), FL2 + "'clean_answer': 'Yes', expected ' Yes'"),
     ("corrupted answer", _fl_mutate("corrupted_answer", " Yes"), FL2 + "'corrupted_answer': ' Yes', expected ' No'"),
     ("unknown reason", _fl_mutate("reason_category", "vibes"), FL2 + "'reason_category': unknown 'vibes'"),
-    ("duplicate id", _fl_duplicate_id,
-     r"line 4 \(pair_id='fl-0001'\), field 'pair_id': duplicate id, first used on line 2"),
+    (
+        "duplicate id",
+        _fl_duplicate_id,
+        r"line 4 \(pair_id='fl-0001'\), field 'pair_id': duplicate id, first used on line 2",
+    ),
     ("clean == corrupted", _fl_clean_equals_corrupted, FL2 + "'corrupted_prompt': identical to 'clean_prompt'"),
-    ("phrase absent", _fl_mutate("protected_phrase", "because of the weather"),
-     FL2 + "'protected_phrase': 'because of the weather' occurs 0 times"),
-    ("more than the phrase differs", _fl_extra_edit,
-     FL2 + "'corrupted_prompt': differs from 'clean_prompt' by more than"),
+    (
+        "phrase absent",
+        _fl_mutate("protected_phrase", "because of the weather"),
+        FL2 + "'protected_phrase': 'because of the weather' occurs 0 times",
+    ),
+    (
+        "more than the phrase differs",
+        _fl_extra_edit,
+        FL2 + "'corrupted_prompt': differs from 'clean_prompt' by more than",
+    ),
     ("ragged row", _fl_ragged, r"line 3 \(pair_id='fl-0002'\): 13 values for 12 columns"),
 ]
 
 
-@pytest.mark.parametrize("mutate,message", [r[1:] for r in FAIR_LENDING_RULES],
-                         ids=[r[0] for r in FAIR_LENDING_RULES])
+@pytest.mark.parametrize("mutate,message", [r[1:] for r in FAIR_LENDING_RULES], ids=[r[0] for r in FAIR_LENDING_RULES])
 def test_fair_lending_validation_rule(tmp_path, mutate, message):
     header, rows = _rows(FAIR_LENDING_CSV)
     path = _write(tmp_path, *mutate(header, rows))
@@ -259,6 +277,7 @@ def _cf_mutate(column, value, row=1):
     def mutate(h, rows):
         _set(h, rows[row], column, value)
         return h, rows
+
     return mutate
 
 
@@ -286,15 +305,22 @@ COUNTERFACTUAL_RULES = [
     ("unknown profile", _cf_mutate("profile", "medium"), CF2 + "'profile': unknown 'medium'"),
     ("empty value", _cf_mutate("value_b", ""), CF2 + "'value_b': empty"),
     ("prompt_a == prompt_b", _cf_same_prompts, CF2 + "'prompt_b': identical to 'prompt_a'"),
-    ("value absent", _cf_mutate("value_a", "a Martian applicant"),
-     CF2 + "'value_a': 'a Martian applicant' occurs 0 times"),
-    ("duplicate id", _cf_duplicate_id,
-     r"line 3 \(cf_id='cf-0001'\), field 'cf_id': duplicate id, first used on line 2"),
+    (
+        "value absent",
+        _cf_mutate("value_a", "a Martian applicant"),
+        CF2 + "'value_a': 'a Martian applicant' occurs 0 times",
+    ),
+    (
+        "duplicate id",
+        _cf_duplicate_id,
+        r"line 3 \(cf_id='cf-0001'\), field 'cf_id': duplicate id, first used on line 2",
+    ),
 ]
 
 
-@pytest.mark.parametrize("mutate,message", [r[1:] for r in COUNTERFACTUAL_RULES],
-                         ids=[r[0] for r in COUNTERFACTUAL_RULES])
+@pytest.mark.parametrize(
+    "mutate,message", [r[1:] for r in COUNTERFACTUAL_RULES], ids=[r[0] for r in COUNTERFACTUAL_RULES]
+)
 def test_counterfactual_validation_rule(tmp_path, mutate, message):
     header, rows = _rows(COUNTERFACTUAL_CSV)
     path = _write(tmp_path, *mutate(header, rows))
@@ -434,7 +460,7 @@ def test_largest_template_batch_is_the_biggest_same_template_same_length_group(f
     start = min(batch.differing_positions(row)[0] for row in range(batch.batch_size))
     assert (batch.clean_tokens[:, :start] == batch.clean_tokens[0, :start]).all()
     first = batch.pairs[0]
-    after_phrase = first.clean_prompt[first.clean_prompt.index(first.protected_phrase) + len(first.protected_phrase):]
+    after_phrase = first.clean_prompt[first.clean_prompt.index(first.protected_phrase) + len(first.protected_phrase) :]
     question = len(_ids(smollm2_tokenizer, after_phrase))  # ". Question: ... Answer:"
     assert question >= 5
     assert (batch.clean_tokens[:, -question:] == batch.clean_tokens[0, -question:]).all()
@@ -459,7 +485,9 @@ def test_task_batch_head_keeps_the_first_pairs(smollm2_tokenizer):
     batch = make_batches(smollm2_tokenizer, report, max_batch=6, prepend_bos=False)[0]
     first = batch.head(2)
     assert first.batch_size == 2 and first.ids == batch.ids[:2]
-    assert torch.equal(first.clean_tokens, batch.clean_tokens[:2]) and torch.equal(first.answer_tokens, batch.answer_tokens[:2])
+    assert torch.equal(first.clean_tokens, batch.clean_tokens[:2]) and torch.equal(
+        first.answer_tokens, batch.answer_tokens[:2]
+    )
     assert batch.head(100).batch_size == batch.batch_size
     with pytest.raises(ValueError, match="positive integer"):
         batch.head(0)
@@ -479,16 +507,19 @@ def test_a_byte_that_is_not_utf8_is_named_with_file_line_and_row(tmp_path):
     lines[5] = lines[5].replace(b"because", b"b\xe9cause", 1)  # a Latin-1 e-acute in row fl-0005
     path = tmp_path / "latin1.csv"
     path.write_bytes(b"\n".join(lines))
-    with pytest.raises(TaskDataError, match=r"latin1\.csv line 6 \(pair_id='fl-0005'\): byte 0xe9 at character \d+ "
-                                            r"is not UTF-8"):
+    with pytest.raises(
+        TaskDataError,
+        match=r"latin1\.csv line 6 \(pair_id='fl-0005'\): byte 0xe9 at character \d+ "
+        r"is not UTF-8",
+    ):
         load_fair_lending_pairs(path)
 
 
 def test_every_bad_row_is_reported_at_once_in_file_order(tmp_path):
     header, rows = _rows(FAIR_LENDING_CSV, n=6)
-    _set(header, rows[1], "basis", "height")          # line 3: semantic
-    rows[3] = rows[3][:-1]                            # line 5: structural (a value short)
-    _set(header, rows[4], "clean_answer", " Maybe")   # line 6: semantic
+    _set(header, rows[1], "basis", "height")  # line 3: semantic
+    rows[3] = rows[3][:-1]  # line 5: structural (a value short)
+    _set(header, rows[4], "clean_answer", " Maybe")  # line 6: semantic
     with pytest.raises(TaskDataError) as error:
         load_fair_lending_pairs(_write(tmp_path, header, rows))
     message = str(error.value)
@@ -504,12 +535,20 @@ def test_a_prompt_longer_than_the_context_is_refused_before_any_forward(smollm2_
     def token_ids(text):
         return list(smollm2_tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    tiny_context = SimpleNamespace(spec=SMOLLM2_SPEC, name="tiny-context model", prepend_bos=False,
-                                   tokenizer=smollm2_tokenizer, token_ids=token_ids,
-                                   cfg=SimpleNamespace(device="cpu", n_ctx=26))
+    tiny_context = SimpleNamespace(
+        spec=SMOLLM2_SPEC,
+        name="tiny-context model",
+        prepend_bos=False,
+        tokenizer=smollm2_tokenizer,
+        token_ids=token_ids,
+        cfg=SimpleNamespace(device="cpu", n_ctx=26),
+    )
     pairs = load_fair_lending_pairs()[:6]
     too_long = [p for p in pairs if max(len(token_ids(t)) for t in p.texts) > 26]
     assert too_long and len(too_long) < len(pairs)
-    with pytest.raises(TaskDataError, match=rf"{len(too_long)} pair\(s\) exceed tiny-context model's context of 26 "
-                                            rf"tokens, refused before any forward pass: {too_long[0].id} \(line "):
+    with pytest.raises(
+        TaskDataError,
+        match=rf"{len(too_long)} pair\(s\) exceed tiny-context model's context of 26 "
+        rf"tokens, refused before any forward pass: {too_long[0].id} \(line ",
+    ):
         align_pairs(tiny_context, pairs)

@@ -175,3 +175,21 @@ def segment_patching(model, pairs: Sequence[SegmentedPair], layers: Sequence[int
                 }
             )
     return pd.DataFrame(rows)
+
+
+def restoration_grid(results: pd.DataFrame) -> pd.DataFrame:
+    """Mean restoration per ``[segment x layer]``, segments in reading order."""
+    grid = results.pivot_table(index="segment", columns="layer", values="restoration", aggfunc="mean")
+    return grid.reindex([s for s in SEGMENTS if s in grid.index])
+
+
+def segment_lengths(pairs: Sequence[SegmentedPair]) -> pd.DataFrame:
+    """Tokens per segment in each prompt, and whether the pair has equal lengths overall."""
+    rows = []
+    for item in pairs:
+        row = {"pair_id": item.pair.id, "equal_length": len(item.clean.ids) == len(item.corrupted.ids)}
+        for segment in SEGMENTS:
+            row[f"clean_{segment}"] = len(item.clean.positions[segment])
+            row[f"corrupted_{segment}"] = len(item.corrupted.positions[segment])
+        rows.append(row)
+    return pd.DataFrame(rows)

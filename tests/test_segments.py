@@ -88,3 +88,33 @@ def test_segment_patching_matches_hooks_on_the_plain_model(smollm2, unprocessed_
         row = results[results["segment"] == segment].iloc[0]
         assert row["ld_patched"] == pytest.approx(float(final[yes] - final[no]), abs=2e-3), segment
     assert results["ld_clean"].iloc[0] == pytest.approx(float(clean_logits[yes] - clean_logits[no]), abs=2e-3)
+
+
+def test_restoration_grid_and_segment_lengths_by_hand(smollm2):
+    import pandas as pd
+
+    from mechfin_utils.segments import restoration_grid, segment_lengths
+
+    results = pd.DataFrame(
+        [
+            {"segment": "final", "layer": 0, "restoration": 0.5},
+            {"segment": "final", "layer": 0, "restoration": 1.0},
+            {"segment": "prefix", "layer": 0, "restoration": 0.0},
+            {"segment": "prefix", "layer": 1, "restoration": 0.25},
+            {"segment": "final", "layer": 1, "restoration": 1.0},
+        ]
+    )
+    grid = restoration_grid(results)
+    assert list(grid.index) == ["prefix", "final"]  # reading order, absent segments left out
+    assert grid.loc["final", 0] == 0.75 and grid.loc["prefix", 1] == 0.25
+    pair = _pair(
+        "The bank denied Maria's mortgage because she is Black. Answer:",
+        "The bank denied Maria's mortgage because her credit score is 540. Answer:",
+        "because she is Black",
+        "because her credit score is 540",
+    )
+    item = segment_pair(smollm2, pair)
+    (row,) = segment_lengths([item]).to_dict(orient="records")
+    assert row["clean_phrase"] == len(item.clean.positions["phrase"]) and row["corrupted_final"] == 1
+    assert row["clean_prefix"] == row["corrupted_prefix"] and row["equal_length"] is False
+    assert sum(row[f"clean_{s}"] for s in SEGMENTS) == len(item.clean.ids)

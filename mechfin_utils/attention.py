@@ -310,10 +310,6 @@ def phrase_position_mask(
 # Over a task set
 # ---------------------------------------------------------------------------------------------------------
 
-PAPER_GPT2_HEADS: tuple[str, ...] = ("10.2", "10.7", "11.3", "9.6", "10.6")
-"""Heads that Golgoon, Filom & Kannan (2024) single out on GPT-2 Small by activation patching (10.2, 10.7,
-11.3 positive; 9.6, 10.6 negative), as ``"layer.head"``. They refer to GPT-2 Small only."""
-
 _PHRASE_OF_RUN = {"clean": "protected_phrase", "corrupted": "legitimate_phrase"}
 
 

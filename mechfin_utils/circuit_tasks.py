@@ -106,12 +106,6 @@ class CircuitTask:
 
 # --- greater-than ----------------------------------------------------------------------------------------
 
-HANNA_GPT2_MLPS: tuple[int, ...] = (8, 9, 10, 11)
-"""Hanna, Liu & Variengien (2023), GPT-2 Small: the MLPs of the greater-than circuit (9 and 10 carry most of
-the computation); its attention heads sit in layers 5-9 (:data:`HANNA_GPT2_HEAD_LAYERS`) and move the start
-year to the final position. GPT-2 Small only."""
-HANNA_GPT2_HEAD_LAYERS: tuple[int, ...] = (5, 6, 7, 8, 9)
-
 
 class GreaterThanDataError(ValueError):
     """A malformed row of the greater-than CSV; the message names the file, line, prompt_id and field."""

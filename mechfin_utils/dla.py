@@ -54,8 +54,8 @@ Summaries over a task set (means with bootstrap intervals, resampling prompts):
 * :func:`paired_ci_table` -- clean, corrupted and their per-pair gap side by side;
 * :func:`head_table` -- chosen or top heads of a ``[batch, n_layers, n_heads]`` array, with ranks;
 * :func:`grouped_ci_table` -- the same within groups of prompts (e.g. per prohibited basis);
-* :func:`compare_with_paper` -- the paper's claimed signs (:data:`PAPER_GPT2_LAYER_CLAIMS`,
-  :data:`PAPER_GPT2_HEAD_CLAIMS`, GPT-2 Small only) next to this run's intervals.
+* :func:`compare_with_paper` -- the paper's claimed signs (:mod:`mechfin_utils.paper_claims`, GPT-2 Small
+  only) next to this run's intervals.
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ from torch import Tensor
 from transformer_lens.ActivationCache import ActivationCache
 
 from mechfin_utils.models import LoadedModel
+from mechfin_utils.paper_claims import Sign
 
 LnMode = Literal["cached", "recompute"]
 LabelledValues = tuple[list[str], Float[Tensor, "batch n_components"]]
@@ -676,27 +677,7 @@ def over_batches(
 # set with percentile-bootstrap intervals (mechfin_utils.stats), resampling *prompts*: all components of a
 # prompt stay together, so intervals of different components come from the same resamples.
 
-Sign = Literal["positive", "negative"]
 HeadOrder = Literal["abs", "positive", "negative", "extremes"]
-
-PAPER_GPT2_LAYER_CLAIMS: dict[str, Sign] = {
-    "2_mlp_out": "positive",
-    "4_mlp_out": "positive",
-    "10_mlp_out": "negative",
-    "0_attn_out": "negative",
-}
-"""Golgoon, Filom & Kannan (2024), GPT-2 Small, per-layer DLA: MLP 2 and MLP 4 push toward " Yes", MLP 10 and
-attention layer 0 push toward " No". Labels as in :func:`layer_decomposition`. Only meaningful for GPT-2 Small."""
-
-PAPER_GPT2_HEAD_CLAIMS: dict[str, Sign] = {
-    "11.4": "positive",
-    "8.9": "positive",
-    "6.3": "positive",
-    "0.6": "negative",
-    "11.0": "negative",
-    "10.7": "negative",
-}
-"""The same paper's largest positive and negative heads by DLA on GPT-2 Small (``"layer.head"``)."""
 
 
 def _as_rows(values, argument: str, ndim: int) -> Tensor:

@@ -1079,20 +1079,6 @@ def ov_top_outputs(
 WORD_TOKEN_PATTERN = r"^ ?[A-Za-z]{2,}$"
 """A token that is a word (or a word piece) of letters, with or without its leading space."""
 
-PAPER_GPT2_HEADS: dict[str, str] = {
-    "10.2": "positive",
-    "10.7": "positive",
-    "11.3": "positive",
-    "9.6": "negative",
-    "10.6": "negative",
-}
-"""The heads Golgoon, Filom & Kannan (arXiv 2407.11215, abstract) single out in **GPT-2 Small**, as
-``"layer.head"`` with the sign of their effect on logit(" Yes") - logit(" No"). They name GPT-2 Small's heads and
-mean nothing for another model."""
-
-PAPER_GPT2_MEAN_LOGIT_DIFF = 0.81
-"""The mean logit difference the paper reports for GPT-2 Small on its (unpublished) prompts."""
-
 
 class LensTrajectories(NamedTuple):
     """The token-level logit lens of many prompts at their last position, layer by layer.

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mechfin_utils import dla
+from mechfin_utils import dla, paper_claims
 
 MODELS = ["smollm2", "gpt2_random", "gpt2_random_biased"]
 PAIR = (
@@ -541,7 +541,7 @@ def test_compare_with_paper_reads_the_intervals():
         },
         index=["2_mlp_out", "4_mlp_out", "10_mlp_out", "0_attn_out"],
     )
-    compared = dla.compare_with_paper(table, dla.PAPER_GPT2_LAYER_CLAIMS)
+    compared = dla.compare_with_paper(table, paper_claims.LAYER_DLA)
     assert list(compared.index) == ["2_mlp_out", "4_mlp_out", "10_mlp_out", "0_attn_out"]
     assert list(compared["paper"]) == ["positive", "positive", "negative", "negative"]
     assert list(compared["verdict"]) == ["agrees", "opposite", "unclear", "opposite"]

@@ -73,7 +73,6 @@ them.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Literal
 
 import einops
@@ -85,6 +84,8 @@ from scipy import stats
 from torch import Tensor
 from transformer_lens.utilities import get_act_name
 
+from mechfin_utils import patching
+
 MetricFn = Callable[[Float[Tensor, "batch pos d_vocab"]], Tensor]
 Reduce = Literal["scalar", "mean", "none"]
 ResidMidSemantics = Literal["residual_stream", "mlp_input"]
@@ -95,72 +96,9 @@ ResidMidSemantics = Literal["residual_stream", "mlp_input"]
 # -----------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class AttributionComponent:
-    """One kind of activation-patching result, described well enough to compute its attribution.
-
-    key:          the result's name: ``transformer_lens.patching.get_act_patch_<key>`` is the exact sweep it
-                  approximates (for :data:`TRANSFORMER_LENS_KEYS`), ``mechfin_utils.patching`` has the rest.
-    activation:   TransformerLens activation name (``get_act_name(activation, layer)`` is the hook).
-    axes:         output axes, ``layer`` first (the layer axis is added by stacking over layers).
-    reduction:    einops pattern summing the per-feature products of one layer's activation into the cells
-                  of the result, keeping the batch axis (the batch is combined afterwards by ``reduce``).
-    """
-
-    key: str
-    activation: str
-    axes: tuple[str, ...]
-    reduction: str
-
-    def hook_name(self, layer: int) -> str:
-        return get_act_name(self.activation, layer)
-
-
-_RESID = "batch pos d_model -> batch pos"
-_RESID_ALL_POS = "batch pos d_model -> batch"
-_HEAD_BY_POS = "batch pos head d_head -> batch pos head"
-_HEAD_ALL_POS = "batch pos head d_head -> batch head"
-
-COMPONENTS: dict[str, AttributionComponent] = {
-    c.key: c
-    for c in (
-        AttributionComponent("resid_pre", "resid_pre", ("layer", "pos"), _RESID),
-        AttributionComponent("resid_mid", "resid_mid", ("layer", "pos"), _RESID),
-        AttributionComponent("attn_out", "attn_out", ("layer", "pos"), _RESID),
-        AttributionComponent("mlp_out", "mlp_out", ("layer", "pos"), _RESID),
-        AttributionComponent("attn_head_out_by_pos", "z", ("layer", "pos", "head"), _HEAD_BY_POS),
-        AttributionComponent("attn_head_q_by_pos", "q", ("layer", "pos", "head"), _HEAD_BY_POS),
-        AttributionComponent("attn_head_k_by_pos", "k", ("layer", "pos", "head"), _HEAD_BY_POS),
-        AttributionComponent("attn_head_v_by_pos", "v", ("layer", "pos", "head"), _HEAD_BY_POS),
-        AttributionComponent(
-            "attn_head_pattern_by_pos",
-            "pattern",
-            ("layer", "head", "dest_pos"),
-            "batch head dest_pos src_pos -> batch head dest_pos",
-        ),
-        AttributionComponent(
-            "attn_head_pattern_dest_src_pos",
-            "pattern",
-            ("layer", "head", "dest_pos", "src_pos"),
-            "batch head dest_pos src_pos -> batch head dest_pos src_pos",
-        ),
-        AttributionComponent("attn_head_out_all_pos", "z", ("layer", "head"), _HEAD_ALL_POS),
-        AttributionComponent("attn_head_q_all_pos", "q", ("layer", "head"), _HEAD_ALL_POS),
-        AttributionComponent("attn_head_k_all_pos", "k", ("layer", "head"), _HEAD_ALL_POS),
-        AttributionComponent("attn_head_v_all_pos", "v", ("layer", "head"), _HEAD_ALL_POS),
-        AttributionComponent(
-            "attn_head_pattern_all_pos",
-            "pattern",
-            ("layer", "head"),
-            "batch head dest_pos src_pos -> batch head",
-        ),
-        # No TransformerLens counterpart (mechfin_utils.patching has them): every position at once.
-        AttributionComponent("resid_pre_all_pos", "resid_pre", ("layer",), _RESID_ALL_POS),
-        AttributionComponent("resid_mid_all_pos", "resid_mid", ("layer",), _RESID_ALL_POS),
-        AttributionComponent("attn_out_all_pos", "attn_out", ("layer",), _RESID_ALL_POS),
-        AttributionComponent("mlp_out_all_pos", "mlp_out", ("layer",), _RESID_ALL_POS),
-    )
-}
+COMPONENTS = patching.COMPONENTS
+"""The one component registry, shared with exact patching (:data:`mechfin_utils.patching.COMPONENTS`): each key's
+hook, result axes and the reduction attribution patching sums with."""
 
 WHOLE_LAYER_KEYS = ("resid_pre_all_pos", "resid_mid_all_pos", "attn_out_all_pos", "mlp_out_all_pos")
 """Keys with no TransformerLens counterpart (one cell per layer: every position patched at once)."""

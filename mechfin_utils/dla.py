@@ -37,7 +37,8 @@ Public functions:
 
 * :func:`logit_lens` -- the accumulated residual stream entering each layer (and after the last), read
   through the final norm onto the answer direction: ``[batch, n_layers + 1]``.
-* :func:`logit_lens_top_tokens` -- for one prompt, the top-k tokens and the answers' ranks at each layer.
+* the token-level logit lens (top tokens, the answers' ranks, probabilities) is
+  :func:`mechfin_utils.projection.logit_lens_tokens`.
 * :func:`layer_decomposition` -- embeddings, each attention layer, each MLP (+ the unembedding bias):
   ``(labels, [batch, n_components])``, summing to the logit difference.
 * :func:`head_attribution` -- per-head DLA ``[batch, n_layers, n_heads]`` plus every non-head term.
@@ -314,70 +315,6 @@ def logit_lens(
     if include_unembed_bias:
         values = values + unembed_bias_difference(model, answers)[:, None]
     return labels, values
-
-
-@torch.no_grad()
-def logit_lens_top_tokens(
-    model: LoadedModel,
-    tokens: Int[Tensor, " pos"] | Int[Tensor, "1 pos"],
-    answer_tokens: Int[Tensor, " 2"] | Int[Tensor, "1 2"],
-    k: int = 10,
-    *,
-    ln_mode: LnMode = "recompute",
-):
-    """For one prompt: at each layer, the top-k tokens and where the two answers rank (logit lens).
-
-    Each layer's final-position residual stream goes through the final norm and the full unembedding
-    (``@ W_U + b_U``). The default ``ln_mode="recompute"`` is the classic logit lens; with ``"cached"``
-    early layers, being small next to the final scale, are dominated by ``b_U`` (for GPT-2 the folded
-    final-LayerNorm bias), so their top tokens say little.
-
-    Returns:
-        A pandas DataFrame, one row per layer (index: the labels of :func:`logit_lens`), with columns
-        ``top_tokens`` (list of k strings), ``top_logits`` (list of k floats), ``first_answer_rank`` and
-        ``second_answer_rank`` (1 = the top token), ``first_answer_logit``, ``second_answer_logit`` and
-        ``logit_diff``. ``df.attrs`` records the model name and the two answer strings.
-    """
-    import pandas as pd
-
-    _check_ln_mode(ln_mode)
-    if tokens.ndim == 1:
-        tokens = tokens.unsqueeze(0)
-    if tokens.ndim != 2 or tokens.shape[0] != 1:
-        raise ValueError(f"logit_lens_top_tokens takes one prompt ([pos] or [1, pos]); got {tuple(tokens.shape)}")
-    tokens = _check_tokens(model, tokens)
-    answers = _check_answer_tokens(model, answer_tokens, 1)
-    d_vocab = model.bridge.W_U.shape[1]
-    if not isinstance(k, int) or not 1 <= k <= d_vocab:
-        raise ValueError(f"k must be an integer in [1, {d_vocab}], got {k!r}")
-    labels, stack, cache, _ = _accumulated_resid(model, tokens)
-    normalised = cache.apply_ln_to_stack(stack, layer=None, recompute_ln=(ln_mode == "recompute"))
-    layer_logits = normalised[:, 0, -1, :] @ model.bridge.W_U  # [n_layers + 1, d_vocab]
-    try:
-        b_U = model.bridge.b_U
-    except AttributeError:
-        b_U = None
-    if b_U is not None:
-        layer_logits = layer_logits + b_U
-    first, second = (int(t) for t in answers[0])
-    top_logits, top_ids = layer_logits.topk(k, dim=-1)
-    first_logit, second_logit = layer_logits[:, first], layer_logits[:, second]
-    rows = {
-        "top_tokens": [[model.tokenizer.decode([int(i)]) for i in row] for row in top_ids],
-        "top_logits": [[float(v) for v in row] for row in top_logits],
-        "first_answer_rank": ((layer_logits > first_logit[:, None]).sum(-1) + 1).tolist(),
-        "second_answer_rank": ((layer_logits > second_logit[:, None]).sum(-1) + 1).tolist(),
-        "first_answer_logit": first_logit.tolist(),
-        "second_answer_logit": second_logit.tolist(),
-        "logit_diff": (first_logit - second_logit).tolist(),
-    }
-    frame = pd.DataFrame(rows, index=pd.Index(labels, name="layer"))
-    frame.attrs.update(
-        model=model.name,
-        answers=(model.tokenizer.decode([first]), model.tokenizer.decode([second])),
-        ln_mode=ln_mode,
-    )
-    return frame
 
 
 # ---------------------------------------------------------------------------------------------------------

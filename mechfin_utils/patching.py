@@ -137,6 +137,21 @@ class PatchComponent:
     def per_head(self) -> bool:
         return self.site in ("z", "q", "k", "v", "pattern")
 
+    def hook_name(self, layer: int) -> str:
+        """The bridge hook of this sweep's activation at ``layer``."""
+        return f"blocks.{layer}.{self.hook_suffix}"
+
+    @property
+    def reduction(self) -> str:
+        """The einops pattern that sums one layer's per-feature products into this sweep's cells, batch kept
+        (what attribution patching, :mod:`mechfin_utils.attribution`, needs)."""
+        if self.site == "pattern":
+            kept = {"pos": "batch head dest_pos", "dest_src": "batch head dest_pos src_pos", "all": "batch head"}
+            return f"batch head dest_pos src_pos -> {kept[self.scope]}"
+        if self.per_head:
+            return "batch pos head d_head -> " + ("batch pos head" if self.scope == "pos" else "batch head")
+        return "batch pos d_model -> " + ("batch pos" if self.scope == "pos" else "batch")
+
     @property
     def hook_suffix(self) -> str:
         """The bridge hook, relative to ``blocks.{layer}.``."""

@@ -349,8 +349,8 @@ def logit_lens_tokens(
 
     The classic logit lens: each layer's residual stream is normalised by the final norm with its *own*
     scale (what the model would output if it stopped there), then ``@ W_U + b_U``. At the last layer this is
-    the model's output exactly. (``mechfin_utils.dla.logit_lens_top_tokens`` gives the same ranks as a wide
-    table; this one is tidy, adds probabilities and returns the answer trajectories as tensors.)
+    the model's output exactly. (The logit-difference lens, additive over layers, is
+    :func:`mechfin_utils.dla.logit_lens`.)
 
     Args:
         prompt:  the text (tokenised with the model's BOS decision), or its tokens ``[pos]`` / ``[1, pos]``.

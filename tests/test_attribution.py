@@ -422,3 +422,20 @@ def test_gather_cells_picks_transformer_lens_index_rows():
         gather_cells(values, pd.DataFrame({"layer": [0, 0], "head_index": [0, 3], "dest_pos": [0, 0]}))
     with pytest.raises(ValueError, match="2 columns"):
         gather_cells(values, index_df[["layer", "dest_pos"]])
+
+
+def test_one_component_registry_names_transformer_lens_hooks():
+    """Exact and attribution patching share one registry; its hooks are TransformerLens's own names and each
+    reduction keeps exactly the result's axes (plus the batch)."""
+    from transformer_lens.utilities import get_act_name
+
+    from mechfin_utils import attribution, patching
+
+    assert attribution.COMPONENTS is patching.COMPONENTS
+    for key, component in patching.COMPONENTS.items():
+        assert component.hook_name(7) == get_act_name(component.site, 7), key
+        kept = component.reduction.split("->")[1].split()
+        assert kept == ["batch", *[a for a in component.axes if a != "layer"]] or (
+            component.site == "pattern"
+            and kept == ["batch", "head", *[a for a in component.axes if a not in ("layer", "head")]]
+        ), key

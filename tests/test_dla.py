@@ -294,36 +294,6 @@ def test_cached_logit_lens_steps_are_the_layer_decomposition(case, decomposition
         torch.testing.assert_close(lens[:, layer + 1] - lens[:, layer], step, atol=2e-4, rtol=1e-4)
 
 
-def test_logit_lens_top_tokens_and_ranks(case):
-    model, answers, ref = case.model, case.answers, case.ref
-    frame = dla.logit_lens_top_tokens(model, case.tokens[:1], answers, k=5)
-    n_layers = model.cfg.n_layers
-    assert list(frame.index) == [f"{layer}_pre" for layer in range(n_layers)] + ["final_post"]
-    assert frame.attrs["model"] == model.name and frame.attrs["answers"] == (" Yes", " No")
-
-    def expected_row(logits):  # logits [vocab] of the unprocessed model
-        top = logits.topk(5).indices
-        return (
-            [model.tokenizer.decode([int(i)]) for i in top],
-            int((logits > logits[answers[0]]).sum()) + 1,
-            int((logits > logits[answers[1]]).sum()) + 1,
-            float(logits[answers[0]] - logits[answers[1]]),
-        )
-
-    middle = n_layers // 2
-    with torch.no_grad():
-        middle_logits = ref.hf.lm_head(ref.final_norm(ref.hidden_states[middle][:1]))[0]
-    for row, logits in (("final_post", ref.logits[0]), (f"{middle}_pre", middle_logits)):
-        top, first_rank, second_rank, diff = expected_row(logits)
-        assert frame.loc[row, "top_tokens"] == top
-        assert frame.loc[row, "first_answer_rank"] == first_rank
-        assert frame.loc[row, "second_answer_rank"] == second_rank
-        assert frame.loc[row, "logit_diff"] == pytest.approx(diff, abs=1e-3)
-
-    with pytest.raises(ValueError, match="one prompt"):
-        dla.logit_lens_top_tokens(model, model.to_tokens(list(PAIR)), answers)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Helpers: top_heads, over_batches, the final-position runner, input errors
 # ---------------------------------------------------------------------------------------------------------

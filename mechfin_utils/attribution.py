@@ -106,9 +106,6 @@ WHOLE_LAYER_KEYS = ("resid_pre_all_pos", "resid_mid_all_pos", "attn_out_all_pos"
 TRANSFORMER_LENS_KEYS = tuple(k for k in COMPONENTS if k not in WHOLE_LAYER_KEYS)
 """Keys with a ``transformer_lens.patching.get_act_patch_<key>`` counterpart."""
 
-BLOCK_COMPONENTS = ("resid_pre", "attn_out", "mlp_out")
-"""The three TransformerLens sweeps of ``get_act_patch_block_every``."""
-
 
 class Attributions(dict):
     """``{component key: attribution tensor}``, plus the two metric values the estimate is anchored on.
@@ -241,53 +238,6 @@ def attribution_patch(
     results.corrupted_metric = corrupted_metric.detach()
     results.clean_metric = clean_metric
     return results
-
-
-# -----------------------------------------------------------------------------------------------------------
-# Thin wrappers: one component each (each still costs the whole forward + backward; prefer one call with
-# several components when you need several)
-# -----------------------------------------------------------------------------------------------------------
-
-
-def _single(key: str) -> Callable[..., Tensor]:
-    component = COMPONENTS[key]
-
-    def wrapper(model, clean_tokens, corrupted_tokens, metric, **kwargs) -> Tensor:
-        return attribution_patch(model, clean_tokens, corrupted_tokens, metric, (key,), **kwargs)[key]
-
-    exact = (
-        f"``transformer_lens.patching.get_act_patch_{key}``"
-        if key in TRANSFORMER_LENS_KEYS
-        else f"``mechfin_utils.patching.act_patch_{key}`` (no TransformerLens counterpart)"
-    )
-    wrapper.__name__ = f"attr_patch_{key}"
-    wrapper.__qualname__ = wrapper.__name__
-    wrapper.__doc__ = (
-        f"Attribution-patching estimate of {exact}: shape [{', '.join(component.axes)}], from hook "
-        f"``{component.hook_name(0).replace('blocks.0.', 'blocks.L.')}``. Keyword arguments as :func:`attribution_patch`."
-    )
-    return wrapper
-
-
-attr_patch_resid_pre = _single("resid_pre")
-attr_patch_resid_mid = _single("resid_mid")
-attr_patch_attn_out = _single("attn_out")
-attr_patch_mlp_out = _single("mlp_out")
-attr_patch_attn_head_out_by_pos = _single("attn_head_out_by_pos")
-attr_patch_attn_head_q_by_pos = _single("attn_head_q_by_pos")
-attr_patch_attn_head_k_by_pos = _single("attn_head_k_by_pos")
-attr_patch_attn_head_v_by_pos = _single("attn_head_v_by_pos")
-attr_patch_attn_head_pattern_by_pos = _single("attn_head_pattern_by_pos")
-attr_patch_attn_head_pattern_dest_src_pos = _single("attn_head_pattern_dest_src_pos")
-attr_patch_attn_head_out_all_pos = _single("attn_head_out_all_pos")
-attr_patch_attn_head_q_all_pos = _single("attn_head_q_all_pos")
-attr_patch_attn_head_k_all_pos = _single("attn_head_k_all_pos")
-attr_patch_attn_head_v_all_pos = _single("attn_head_v_all_pos")
-attr_patch_attn_head_pattern_all_pos = _single("attn_head_pattern_all_pos")
-attr_patch_resid_pre_all_pos = _single("resid_pre_all_pos")
-attr_patch_resid_mid_all_pos = _single("resid_mid_all_pos")
-attr_patch_attn_out_all_pos = _single("attn_out_all_pos")
-attr_patch_mlp_out_all_pos = _single("mlp_out_all_pos")
 
 
 # -----------------------------------------------------------------------------------------------------------

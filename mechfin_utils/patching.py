@@ -36,7 +36,7 @@ Usage
 are in :mod:`mechfin_utils.attribution`'s order, so exact and approximate results line up::
 
     metric = NormalisedLogitDiff(clean_logits, corrupted_logits, batch.answer_tokens)
-    exact = act_patch_attn_head_out_by_pos(model, batch.clean_tokens, batch.corrupted_tokens, metric)
+    exact = activation_patch(model, batch.clean_tokens, batch.corrupted_tokens, metric, "attn_head_out_by_pos")
     # == transformer_lens.patching.get_act_patch_attn_head_out_by_pos(bridge, corrupted_tokens,
     #                                                                 clean_cache, metric)
 
@@ -882,100 +882,3 @@ def activation_patch(
         key=component,
         model_name=model_name,
     )
-
-
-# -----------------------------------------------------------------------------------------------------------
-# Thin wrappers, one per component type (TransformerLens's names with act_patch_ for get_act_patch_)
-# -----------------------------------------------------------------------------------------------------------
-
-
-def _single(key: str) -> Callable[..., Tensor | PatchSweep]:
-    spec = COMPONENTS[key]
-
-    def wrapper(model, clean_tokens, corrupted_tokens, metric, **kwargs) -> Tensor | PatchSweep:
-        return activation_patch(model, clean_tokens, corrupted_tokens, metric, key, **kwargs)
-
-    wrapper.__name__ = wrapper.__qualname__ = f"act_patch_{key}"
-    twin = (
-        "no TransformerLens counterpart"
-        if key.endswith("_all_pos") and not spec.per_head
-        else f"= transformer_lens.patching.get_act_patch_{key}"
-    )
-    wrapper.__doc__ = (
-        f"Exact activation patching of ``{spec.site}`` ({twin}); shape [{', '.join(spec.axes)}]. "
-        "Arguments as :func:`activation_patch`."
-    )
-    return wrapper
-
-
-act_patch_resid_pre = _single("resid_pre")
-act_patch_resid_mid = _single("resid_mid")
-act_patch_attn_out = _single("attn_out")
-act_patch_mlp_out = _single("mlp_out")
-act_patch_attn_head_out_by_pos = _single("attn_head_out_by_pos")
-act_patch_attn_head_q_by_pos = _single("attn_head_q_by_pos")
-act_patch_attn_head_k_by_pos = _single("attn_head_k_by_pos")
-act_patch_attn_head_v_by_pos = _single("attn_head_v_by_pos")
-act_patch_attn_head_pattern_by_pos = _single("attn_head_pattern_by_pos")
-act_patch_attn_head_pattern_dest_src_pos = _single("attn_head_pattern_dest_src_pos")
-act_patch_attn_head_out_all_pos = _single("attn_head_out_all_pos")
-act_patch_attn_head_q_all_pos = _single("attn_head_q_all_pos")
-act_patch_attn_head_k_all_pos = _single("attn_head_k_all_pos")
-act_patch_attn_head_v_all_pos = _single("attn_head_v_all_pos")
-act_patch_attn_head_pattern_all_pos = _single("attn_head_pattern_all_pos")
-act_patch_resid_pre_all_pos = _single("resid_pre_all_pos")
-act_patch_resid_mid_all_pos = _single("resid_mid_all_pos")
-act_patch_attn_out_all_pos = _single("attn_out_all_pos")
-act_patch_mlp_out_all_pos = _single("mlp_out_all_pos")
-
-
-def _stack_every(model, clean_tokens, corrupted_tokens, metric, keys: Sequence[str], kwargs: dict) -> Tensor:
-    if kwargs.get("return_per_prompt") or kwargs.get("reduce", "scalar") == "none":
-        raise ValueError(
-            "the *_every helpers return one stacked tensor; call activation_patch per key for per-prompt values"
-        )
-    return [activation_patch(model, clean_tokens, corrupted_tokens, metric, key, **kwargs) for key in keys]
-
-
-def act_patch_block_every(model, clean_tokens, corrupted_tokens, metric, **kwargs) -> Float[Tensor, "3 layer pos"]:
-    """resid_pre, attn_out, mlp_out stacked: [3, layer, pos] (= TransformerLens's get_act_patch_block_every)."""
-    return torch.stack(
-        _stack_every(model, clean_tokens, corrupted_tokens, metric, ("resid_pre", "attn_out", "mlp_out"), kwargs)
-    )
-
-
-def act_patch_attn_head_all_pos_every(
-    model, clean_tokens, corrupted_tokens, metric, **kwargs
-) -> Float[Tensor, "5 layer head"]:
-    """out, q, k, v, pattern (all positions) stacked: [5, layer, head]; k/v zero-padded to n_heads on GQA models
-    (= TransformerLens's get_act_patch_attn_head_all_pos_every)."""
-    keys = (
-        "attn_head_out_all_pos",
-        "attn_head_q_all_pos",
-        "attn_head_k_all_pos",
-        "attn_head_v_all_pos",
-        "attn_head_pattern_all_pos",
-    )
-    results = _stack_every(model, clean_tokens, corrupted_tokens, metric, keys, kwargs)
-    n_heads = results[0].shape[-1]
-    results[2:4] = [torch.nn.functional.pad(r, (0, n_heads - r.shape[-1])) for r in results[2:4]]
-    return torch.stack(results)
-
-
-def act_patch_attn_head_by_pos_every(
-    model, clean_tokens, corrupted_tokens, metric, **kwargs
-) -> Float[Tensor, "5 layer pos head"]:
-    """out, q, k, v, pattern (by position) stacked: [5, layer, pos, head]; the pattern is rearranged from
-    [layer, head, dest_pos] and k/v zero-padded to n_heads (= get_act_patch_attn_head_by_pos_every)."""
-    keys = (
-        "attn_head_out_by_pos",
-        "attn_head_q_by_pos",
-        "attn_head_k_by_pos",
-        "attn_head_v_by_pos",
-        "attn_head_pattern_by_pos",
-    )
-    results = _stack_every(model, clean_tokens, corrupted_tokens, metric, keys, kwargs)
-    n_heads = results[0].shape[-1]
-    results[2:4] = [torch.nn.functional.pad(r, (0, n_heads - r.shape[-1])) for r in results[2:4]]
-    results[4] = results[4].permute(0, 2, 1)
-    return torch.stack(results)

@@ -23,7 +23,6 @@ from mechfin_utils.attribution import (
     COMPONENTS,
     TRANSFORMER_LENS_KEYS,
     WHOLE_LAYER_KEYS,
-    attr_patch_resid_mid,
     attribution_patch,
     compare_attribution_with_exact,
     gather_cells,
@@ -198,9 +197,9 @@ def test_attribution_is_the_slope_of_transformer_lens_patching(case, runs, attri
 def test_resid_mid_semantics_match_transformer_lens_with_and_without_gradients(case, runs, attributions):
     """Bridge quirk: TL's resid_mid patch reaches the skip connection only under no_grad (see module doc)."""
     stream = attributions["resid_mid"]  # default semantics, checked against TL under no_grad above
-    mlp_input = attr_patch_resid_mid(  # (the thin wrapper passes keyword arguments on)
-        case.model, case.clean, case.corrupted, case.raw_metric, resid_mid_semantics="mlp_input"
-    )
+    mlp_input = attribution_patch(
+        case.model, case.clean, case.corrupted, case.raw_metric, ("resid_mid",), resid_mid_semantics="mlp_input"
+    )["resid_mid"]
     cells = _cells_to_check(mlp_input, n_random=0, seed=0)
     index_df = pd.DataFrame(cells, columns=["layer", "pos"])
     slope = _slope_of_transformer_lens_patching(case, runs, "resid_mid", index_df, grad_enabled=True)

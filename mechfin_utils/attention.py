@@ -32,16 +32,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from mechfin_utils.inputs import check_tokens
 from mechfin_utils.models import LoadedModel
-
-
-def _check_tokens(model: LoadedModel, tokens: Tensor) -> Int[Tensor, "batch pos"]:
-    if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] == 0:
-        shape = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
-        raise ValueError(f"tokens must be a non-empty [batch, pos] tensor of token ids, got {shape}")
-    if tokens.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"tokens must hold integer token ids, got dtype {tokens.dtype}")
-    return tokens.to(model.cfg.device)
 
 
 def _check_layer(model: LoadedModel, layer: int, argument: str = "layer") -> int:
@@ -108,7 +100,7 @@ def attention_patterns(
         ``[batch, len(layer_heads), query, key]`` in the order given. Each query row sums to 1 and is 0
         above the diagonal (a position cannot attend to later ones).
     """
-    tokens = _check_tokens(model, tokens)
+    tokens = check_tokens(tokens, model.cfg.d_vocab, model_name=model.name).to(model.cfg.device)
     if layer_heads is None:
         store = _capture_patterns(model, tokens, range(model.cfg.n_layers), final_query_only=False)
         return torch.stack([store[layer] for layer in range(model.cfg.n_layers)], dim=1)
@@ -147,7 +139,7 @@ def attention_to_positions(
     tokens, from :func:`phrase_position_mask`). Only the final query row of each pattern is kept, so this
     is cheap in memory for long prompts.
     """
-    tokens = _check_tokens(model, tokens)
+    tokens = check_tokens(tokens, model.cfg.d_vocab, model_name=model.name).to(model.cfg.device)
     if not isinstance(position_mask, Tensor) or position_mask.dtype != torch.bool:
         raise TypeError("position_mask must be a boolean tensor [batch, pos]")
     if position_mask.shape != tokens.shape:

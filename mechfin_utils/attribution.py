@@ -85,6 +85,7 @@ from torch import Tensor
 from transformer_lens.utilities import get_act_name
 
 from mechfin_utils import patching
+from mechfin_utils.inputs import check_token_pairs
 
 MetricFn = Callable[[Float[Tensor, "batch pos d_vocab"]], Tensor]
 Reduce = Literal["scalar", "mean", "none"]
@@ -170,7 +171,7 @@ def attribution_patch(
         :class:`Attributions`: a dict ``{key: tensor}`` with the metric on the corrupted and clean runs.
     """
     bridge = _bridge_of(model)
-    _check_tokens(clean_tokens, corrupted_tokens)
+    check_token_pairs(clean_tokens, corrupted_tokens, model.cfg.d_vocab, model_name=getattr(model, "name", "the model"))
     keys = _check_components(components)
     if reduce not in ("scalar", "mean", "none"):
         raise ValueError(f"reduce must be 'scalar', 'mean' or 'none', got {reduce!r}")
@@ -395,22 +396,6 @@ def _bridge_of(model):
                 f"{attribute!r}"
             )
     return bridge
-
-
-def _check_tokens(clean_tokens: Tensor, corrupted_tokens: Tensor) -> None:
-    for name, tokens in (("clean_tokens", clean_tokens), ("corrupted_tokens", corrupted_tokens)):
-        if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32):
-            described = (
-                f"shape {tuple(tokens.shape)} {tokens.dtype}" if isinstance(tokens, Tensor) else type(tokens).__name__
-            )
-            raise ValueError(
-                f"{name} must be an integer tensor [batch, pos] (from LoadedModel.to_tokens); got {described}"
-            )
-    if clean_tokens.shape != corrupted_tokens.shape:
-        raise ValueError(
-            f"clean_tokens {tuple(clean_tokens.shape)} and corrupted_tokens {tuple(corrupted_tokens.shape)} must "
-            "have the same shape: patching pairs prompt b / position p of one run with the other's"
-        )
 
 
 def _check_components(components: Sequence[str] | None) -> list[str]:

@@ -70,6 +70,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.ActivationCache import ActivationCache
 
+from mechfin_utils.inputs import check_tokens
 from mechfin_utils.models import LoadedModel
 from mechfin_utils.paper_claims import Sign
 
@@ -85,24 +86,6 @@ _RECONSTRUCTION_RTOL = 1e-4
 # ---------------------------------------------------------------------------------------------------------
 # Input checks
 # ---------------------------------------------------------------------------------------------------------
-
-
-def _check_tokens(model: LoadedModel, tokens: Tensor, argument: str = "tokens") -> Int[Tensor, "batch pos"]:
-    if not isinstance(tokens, Tensor):
-        raise TypeError(f"{argument} must be a torch.Tensor of token ids [batch, pos], got {type(tokens).__name__}")
-    if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] == 0:
-        raise ValueError(f"{argument} must be a non-empty [batch, pos] tensor, got shape {tuple(tokens.shape)}")
-    if tokens.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"{argument} must hold integer token ids, got dtype {tokens.dtype}")
-    d_vocab = model.cfg.d_vocab
-    bad = (tokens < 0) | (tokens >= d_vocab)
-    if bad.any():
-        row, pos = (int(i) for i in bad.nonzero()[0])
-        raise ValueError(
-            f"{argument}[{row}, {pos}] = {int(tokens[row, pos])} is not a token id of {model.name} "
-            f"(vocabulary size {d_vocab})"
-        )
-    return tokens.to(model.cfg.device)
 
 
 def _check_answer_tokens(
@@ -156,7 +139,7 @@ def run_with_final_position_cache(
 
     Every name must be a hook of the model (TransformerLens names work: ``blocks.3.hook_attn_out``).
     """
-    tokens = _check_tokens(model, tokens)
+    tokens = check_tokens(tokens, model.cfg.d_vocab, model_name=model.name).to(model.cfg.device)
     hook_dict = model.bridge.hook_dict
     missing = [name for name in hook_names if name not in hook_dict]
     if missing:
@@ -308,7 +291,7 @@ def logit_lens(
         ``[batch, n_layers + 1]``.
     """
     _check_ln_mode(ln_mode)
-    tokens = _check_tokens(model, tokens)
+    tokens = check_tokens(tokens, model.cfg.d_vocab, model_name=model.name).to(model.cfg.device)
     answers = _check_answer_tokens(model, answer_tokens, tokens.shape[0])
     labels, stack, cache, _ = _accumulated_resid(model, tokens)
     values = project_on_answer_direction(cache, stack, answer_direction(model, answers), ln_mode)
@@ -343,7 +326,7 @@ def layer_decomposition(
     Returns:
         ``(labels, values)`` with values ``[batch, n_components]``.
     """
-    tokens = _check_tokens(model, tokens)
+    tokens = check_tokens(tokens, model.cfg.d_vocab, model_name=model.name).to(model.cfg.device)
     answers = _check_answer_tokens(model, answer_tokens, tokens.shape[0])
     n_layers = model.cfg.n_layers
     with_mlp = not model.cfg.attn_only
@@ -461,7 +444,7 @@ def head_attribution(
 
         result.heads.sum((1, 2)) + result.other.sum(1) == result.logit_diff
     """
-    tokens = _check_tokens(model, tokens)
+    tokens = check_tokens(tokens, model.cfg.d_vocab, model_name=model.name).to(model.cfg.device)
     answers = _check_answer_tokens(model, answer_tokens, tokens.shape[0])
     n_layers = model.cfg.n_layers
     with_mlp = not model.cfg.attn_only

@@ -101,6 +101,7 @@ from tqdm.auto import tqdm
 
 from mechfin_utils import engine
 from mechfin_utils.functional import ForwardRecord, FunctionalTransformer, UnsupportedArchitecture
+from mechfin_utils.inputs import check_token_pairs
 from mechfin_utils.metrics import NormalisedLogitDiff, logit_diff, normalised_patching_metric
 
 Reduce = Literal["scalar", "mean", "none"]
@@ -691,28 +692,6 @@ def _bridge_of(model):
     raise TypeError(f"model must be a mechfin LoadedModel or a TransformerLens bridge, got {type(model).__name__}")
 
 
-def _check_tokens(clean_tokens, corrupted_tokens, d_vocab: int) -> None:
-    for name, tokens in (("clean_tokens", clean_tokens), ("corrupted_tokens", corrupted_tokens)):
-        if not isinstance(tokens, Tensor):
-            raise TypeError(
-                f"{name} must be a [batch, pos] tensor of token ids (model.to_tokens(...)), got {type(tokens).__name__}"
-            )
-        if tokens.ndim != 2 or tokens.dtype not in (torch.long, torch.int, torch.int32, torch.int64):
-            raise ValueError(
-                f"{name} must be a 2-D [batch, pos] integer tensor, got shape {tuple(tokens.shape)} dtype {tokens.dtype}"
-            )
-        if tokens.numel() == 0:
-            raise ValueError(f"{name} is empty (shape {tuple(tokens.shape)})")
-        if int(tokens.min()) < 0 or int(tokens.max()) >= d_vocab:
-            raise ValueError(f"{name} holds token ids outside 0..{d_vocab - 1}")
-    if clean_tokens.shape != corrupted_tokens.shape:
-        raise ValueError(
-            f"clean_tokens has shape {tuple(clean_tokens.shape)} but corrupted_tokens has {tuple(corrupted_tokens.shape)}: "
-            "patching pairs prompts row by row and position by position, so both need the same batch size and "
-            "token length (no padding is ever added; group prompts by length, e.g. tasks.make_batches)"
-        )
-
-
 def _record_fields(spec: PatchComponent) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Which activations of the corrupted and the clean run a sweep reads (the rest is not kept)."""
     corrupted = {"resid_pre", "k", "v"}  # entry/continuation states and the key/value prefix
@@ -809,10 +788,10 @@ def activation_patch(
         raise ValueError(
             "the model is in training mode (dropout would randomise every patch): call model.bridge.eval()"
         )
-    _check_tokens(clean_tokens, corrupted_tokens, bridge.cfg.d_vocab)
+    model_name = getattr(model, "name", None) or str(getattr(bridge.cfg, "model_name", "model"))
+    check_token_pairs(clean_tokens, corrupted_tokens, bridge.cfg.d_vocab, model_name=model_name)
     batch, n_pos = corrupted_tokens.shape
     readout = _Readout(metric, reduce, batch, return_per_prompt)
-    model_name = getattr(model, "name", None) or str(getattr(bridge.cfg, "model_name", "model"))
 
     fm = None
     if engine in ("auto", "functional"):

@@ -73,6 +73,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechfin_utils.dla import run_with_final_position_cache
+from mechfin_utils.inputs import check_tokens
 from mechfin_utils.models import LoadedModel
 from mechfin_utils.stats import BootstrapResult, bootstrap_ci, grouped_bootstrap
 
@@ -153,14 +154,6 @@ def _check_index(what: str, value: int, size: int) -> int:
     return index
 
 
-def _check_tokens(tokens: Tensor) -> None:
-    if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.dtype not in (torch.long, torch.int):
-        raise ValueError(
-            f"tokens must be an integer tensor [batch, pos] (use model.to_tokens); got "
-            f"{type(tokens).__name__} {tuple(getattr(tokens, 'shape', ()))} {getattr(tokens, 'dtype', '')}"
-        )
-
-
 def _answer_pairs(answer_tokens: Tensor, batch: int) -> Int[Tensor, "batch 2"]:
     if answer_tokens.ndim == 1 and answer_tokens.shape[0] == 2:
         answer_tokens = answer_tokens.expand(batch, 2)
@@ -197,7 +190,7 @@ def _run_last_position(model: LoadedModel, tokens: Tensor, hook_names: Sequence[
 
     Uses :func:`mechfin_utils.dla.run_with_final_position_cache`, which never stores other positions.
     """
-    _check_tokens(tokens)
+    check_tokens(tokens, model.cfg.d_vocab, model_name=model.name)
     _, cache = run_with_final_position_cache(model, tokens, list(hook_names))
     return {name: cache[name][:, -1] for name in hook_names}
 
@@ -364,7 +357,7 @@ def logit_lens_tokens(
         tokens, text = model.to_tokens(prompt), prompt
     else:
         tokens = prompt.unsqueeze(0) if isinstance(prompt, Tensor) and prompt.ndim == 1 else prompt
-        _check_tokens(tokens)
+        check_tokens(tokens, model.cfg.d_vocab, model_name=model.name)
         if tokens.shape[0] != 1:
             raise ValueError(f"logit_lens_tokens reads one prompt; got tokens of shape {tuple(tokens.shape)}")
         text = model.tokenizer.decode(tokens[0])
@@ -434,7 +427,7 @@ def logit_lens_agreement_by_prompt(
     (agreement 1, KL 0). Low early-layer agreement is the caveat: early residual streams are not in the basis
     the unembedding reads (the tuned lens exists for that reason).
     """
-    _check_tokens(tokens)
+    check_tokens(tokens, model.cfg.d_vocab, model_name=model.name)
     if positions not in ("all", "last"):
         raise ValueError(f"positions must be 'all' or 'last'; got {positions!r}")
     names = residual_stream_names(model)
@@ -530,7 +523,7 @@ def neuron_scores(
     """
     if method not in ("activation_x_weight_norm", "direct_effect"):
         raise ValueError(f"method must be 'activation_x_weight_norm' or 'direct_effect'; got {method!r}")
-    _check_tokens(tokens)
+    check_tokens(tokens, model.cfg.d_vocab, model_name=model.name)
     n_layers = model.cfg.n_layers
     names = [f"blocks.{L}.mlp.hook_post" for L in range(n_layers)] + ["ln_final.hook_scale"]
     cached = _run_last_position(model, tokens, names)
@@ -1125,7 +1118,7 @@ def logit_lens_trajectories(
 
 
 def _checked_answer_pairs(model: LoadedModel, tokens: Tensor, answer_tokens) -> Int[Tensor, "batch 2"]:
-    _check_tokens(tokens)
+    check_tokens(tokens, model.cfg.d_vocab, model_name=model.name)
     answers = _answer_pairs(torch.as_tensor(answer_tokens, dtype=torch.long), tokens.shape[0])
     _ids_tensor(model, answers, "answer_tokens")  # every id in the vocabulary, or a ValueError naming it
     return answers

@@ -366,7 +366,7 @@ def test_bad_inputs_are_named(smollm2):
     tokens = smollm2.to_tokens(list(PAIR))
     with pytest.raises(ValueError, match="answer_tokens must be"):
         dla.layer_decomposition(smollm2, tokens, torch.tensor([1, 2, 3]))
-    with pytest.raises(ValueError, match=r"tokens must be a non-empty \[batch, pos\]"):
+    with pytest.raises(ValueError, match=r"tokens must be an integer tensor of token ids, non-empty \[batch, pos\]"):
         dla.logit_lens(smollm2, tokens[0], answers_of(smollm2))
     bad = tokens.clone()
     bad[1, 3] = smollm2.cfg.d_vocab

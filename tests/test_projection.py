@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from mechfin_utils import projection as P
+from mechfin_utils import projection_sets as PS
 
 MODELS = ["smollm2", "gpt2_random_biased"]
 PROMPTS = (
@@ -459,7 +460,7 @@ def test_logit_lens_trajectories_match_the_unprocessed_model(case):
     """Every prompt's answer ranks, probabilities and top token at each layer, against the unprocessed model's
     hidden states through its own final norm and lm_head."""
     model, raw = case.model, case.raw
-    found = P.logit_lens_trajectories(model, case.tokens, case.answers)  # [2] answers, broadcast to the batch
+    found = PS.logit_lens_trajectories(model, case.tokens, case.answers)  # [2] answers, broadcast to the batch
     n = model.cfg.n_layers
     assert found.answer_ranks.shape == (2, n + 1, 2) and found.top1.shape == (2, n + 1)
     for layer in (0, 1, n // 2, n):
@@ -474,11 +475,11 @@ def test_logit_lens_trajectories_match_the_unprocessed_model(case):
     assert torch.equal(found.choice_agrees_with_final, (prefers_yes == prefers_yes[:, -1:]).float())
     assert bool((found.choice_agrees_with_final[:, -1] == 1).all())
     # per-row answer pairs: swapping row 1's pair swaps its rank columns and leaves row 0 alone
-    per_row = P.logit_lens_trajectories(model, case.tokens, torch.stack([case.answers, case.answers.flip(0)]))
+    per_row = PS.logit_lens_trajectories(model, case.tokens, torch.stack([case.answers, case.answers.flip(0)]))
     assert torch.equal(per_row.answer_ranks[0], found.answer_ranks[0])
     assert torch.equal(per_row.answer_ranks[1], found.answer_ranks[1].flip(-1))
     with pytest.raises(ValueError, match="answer_tokens"):
-        P.logit_lens_trajectories(model, case.tokens, torch.tensor([1, model.cfg.d_vocab]))
+        PS.logit_lens_trajectories(model, case.tokens, torch.tensor([1, model.cfg.d_vocab]))
 
 
 def test_logit_lens_agreement_by_prompt_against_the_unprocessed_model(case):
@@ -496,7 +497,7 @@ def test_logit_lens_agreement_by_prompt_against_the_unprocessed_model(case):
     torch.testing.assert_close(by_prompt.top1_agreement[:, layer], agree)
     torch.testing.assert_close(by_prompt.kl_to_final[:, layer], kl, rtol=1e-3, atol=1e-4)
     last = P.logit_lens_agreement_by_prompt(model, case.tokens, "last")  # same as the trajectories' top-1 check
-    trajectories = P.logit_lens_trajectories(model, case.tokens, case.answers)
+    trajectories = PS.logit_lens_trajectories(model, case.tokens, case.answers)
     assert torch.equal(last.top1_agreement, trajectories.agrees_with_final)
 
 
@@ -511,51 +512,51 @@ def test_collect_over_batches_joins_batches_in_order(smollm2):
         )
         for i in range(2)
     ]
-    got = P.collect_over_batches(P.lens_and_mlp_readout, smollm2, batches)  # NamedTuple of NamedTuples
+    got = PS.collect_over_batches(PS.lens_and_mlp_readout, smollm2, batches)  # NamedTuple of NamedTuples
     whole = P.mlp_answer_contributions(smollm2, tokens, answers)  # the separate functions on the whole batch
-    lens = P.logit_lens_trajectories(smollm2, tokens, answers)
+    lens = PS.logit_lens_trajectories(smollm2, tokens, answers)
     torch.testing.assert_close(got["clean"].mlp.final_norm_scaled, whole.final_norm_scaled, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got["corrupted"].mlp.unscaled, whole.unscaled.flip(0), rtol=1e-4, atol=1e-4)
     assert torch.equal(got["clean"].lens.answer_ranks, lens.answer_ranks)
     assert torch.equal(got["corrupted"].lens.top1, lens.top1.flip(0))
-    acts = P.collect_over_batches(P.mlp_activations_last, smollm2, batches, ("clean",), pass_answer_tokens=False)
+    acts = PS.collect_over_batches(P.mlp_activations_last, smollm2, batches, ("clean",), pass_answer_tokens=False)
     assert list(acts) == ["clean"]
     torch.testing.assert_close(acts["clean"], P.mlp_activations_last(smollm2, tokens), rtol=1e-4, atol=1e-5)
-    effects = P.collect_over_batches(P.neuron_scores, smollm2, batches, ("corrupted",), method="direct_effect")
+    effects = PS.collect_over_batches(P.neuron_scores, smollm2, batches, ("corrupted",), method="direct_effect")
     torch.testing.assert_close(
         effects["corrupted"], P.neuron_scores(smollm2, tokens.flip(0), "direct_effect", answers), rtol=1e-4, atol=1e-4
     )
-    heads = P.collect_over_batches(dla.head_attribution, smollm2, batches, ("clean",))["clean"]
+    heads = PS.collect_over_batches(dla.head_attribution, smollm2, batches, ("clean",))["clean"]
     expected = dla.head_attribution(smollm2, tokens, answers).logit_diff
     torch.testing.assert_close(heads.logit_diff, expected, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="runs"):
-        P.collect_over_batches(P.mlp_activations_last, smollm2, batches, ("dirty",), pass_answer_tokens=False)
+        PS.collect_over_batches(P.mlp_activations_last, smollm2, batches, ("dirty",), pass_answer_tokens=False)
     with pytest.raises(ValueError, match="no batches"):
-        P.collect_over_batches(P.mlp_activations_last, smollm2, [], pass_answer_tokens=False)
+        PS.collect_over_batches(P.mlp_activations_last, smollm2, [], pass_answer_tokens=False)
     with pytest.raises(TypeError, match="dict"):
-        P.collect_over_batches(lambda model, tokens, answer_tokens: {"x": 1}, smollm2, batches)
+        PS.collect_over_batches(lambda model, tokens, answer_tokens: {"x": 1}, smollm2, batches)
 
 
 def test_geometric_mean_ci_is_the_bootstrap_of_log_values():
     from mechfin_utils.stats import bootstrap_ci
 
     values = torch.tensor([[1.0, 10.0], [100.0, 10.0], [10.0, 1000.0], [1000.0, 1.0]])
-    result = P.geometric_mean_ci(values, n_boot=300, seed=3)
+    result = PS.geometric_mean_ci(values, n_boot=300, seed=3)
     expected = torch.exp(values.double().log().mean(0))  # (1*100*10*1000)^(1/4) and (10*10*1000*1)^(1/4)
     np.testing.assert_allclose(result.estimate, expected.numpy(), rtol=1e-9)
     on_logs = bootstrap_ci(np.log10(values.numpy().astype(np.float64)), n_boot=300, seed=3)
     np.testing.assert_allclose(result.low, 10.0**on_logs.low, rtol=1e-9)
     np.testing.assert_allclose(result.high, 10.0**on_logs.high, rtol=1e-9)
-    single = P.geometric_mean_ci(values[:, 0], n_boot=300, seed=3)
+    single = PS.geometric_mean_ci(values[:, 0], n_boot=300, seed=3)
     assert isinstance(single.estimate, float) and single.estimate == pytest.approx(float(expected[0]))
     with pytest.raises(ValueError, match=r"values\[2, 1\]"):
-        P.geometric_mean_ci(torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 0.0]]))
+        PS.geometric_mean_ci(torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 0.0]]))
 
 
 def test_answer_rank_bands_name_runs_and_answers():
     ranks = torch.tensor([[[1, 5], [2, 6]], [[3, 5], [4, 6]], [[9, 5], [8, 6]]])  # [batch 3, layer 2, answers 2]
-    traj = P.LensTrajectories(ranks, answer_probs=torch.zeros(3, 2, 2), top1=torch.zeros(3, 2, dtype=torch.long))
-    bands = P.answer_rank_bands({"clean": traj}, (" Yes", " No"), n_boot=50, seed=0)
+    traj = PS.LensTrajectories(ranks, answer_probs=torch.zeros(3, 2, 2), top1=torch.zeros(3, 2, dtype=torch.long))
+    bands = PS.answer_rank_bands({"clean": traj}, (" Yes", " No"), n_boot=50, seed=0)
     assert list(bands) == ["Yes · clean", "No · clean"]
     np.testing.assert_allclose(bands["Yes · clean"].estimate, [27 ** (1 / 3), 64 ** (1 / 3)], rtol=1e-9)
     np.testing.assert_allclose(bands["No · clean"].estimate, [5, 6], rtol=1e-9)
@@ -563,15 +564,15 @@ def test_answer_rank_bands_name_runs_and_answers():
 
 
 def test_readable_tokens_and_wide_tables():
-    assert P.readable_token(" Yes") == "␣Yes" and P.readable_token("\n\n") == "\\n\\n"
-    assert P.readable_token("") == "''"
+    assert PS.readable_token(" Yes") == "␣Yes" and PS.readable_token("\n\n") == "\\n\\n"
+    assert PS.readable_token("") == "''"
     tidy = pd.DataFrame({"layer": [0, 0, 1, 1], "rank": [1, 2, 1, 2], "token": [" a", "b\n", "c", " "]})
-    wide = P.token_table(tidy, "layer")
+    wide = PS.token_table(tidy, "layer")
     assert wide.loc[0].tolist() == ["␣a", "b\\n"] and wide.loc[1].tolist() == ["c", "␣"]
     with pytest.raises(ValueError, match="more than one"):
-        P.token_table(pd.concat([tidy, tidy.iloc[:1]]), "layer")
+        PS.token_table(pd.concat([tidy, tidy.iloc[:1]]), "layer")
     with pytest.raises(ValueError, match="lacks columns"):
-        P.token_table(tidy, "prompt")
+        PS.token_table(tidy, "prompt")
     lens = P.LogitLensTokens(
         model_name="fake",
         prompt="p",
@@ -581,10 +582,10 @@ def test_readable_tokens_and_wide_tables():
         answer_ranks=torch.tensor([[4, 7], [1, 3]]),
         answer_probs=torch.zeros(2, 2),
     )
-    table = P.lens_table(lens)
+    table = PS.lens_table(lens)
     assert list(table.columns) == ["top 1", "top 2", "rank of ␣Yes", "rank of ␣No"]
     assert table["rank of ␣No"].tolist() == [7, 3]
-    shown = P.readable_columns(pd.DataFrame({"source_token": [" x"], "output_token": ["\n"], "score": [1.0]}))
+    shown = PS.readable_columns(pd.DataFrame({"source_token": [" x"], "output_token": ["\n"], "score": [1.0]}))
     assert shown.iloc[0].tolist() == ["␣x", "\\n", 1.0]
 
 
@@ -599,7 +600,7 @@ def test_named_heads_table_means_intervals_and_ranks():
     values = torch.randn(6, 3, 4, generator=gen)
     values[:, 2, 1] += 5.0  # the largest |mean|
     values[:, 0, 3] -= 3.0  # the second largest
-    table = P.named_heads_table(values, ["0.3", "2.1", "1.0"], _fake_model(), n_boot=100, seed=1)
+    table = PS.named_heads_table(values, ["0.3", "2.1", "1.0"], _fake_model(), n_boot=100, seed=1)
     assert table["head"].tolist() == ["0.3", "2.1", "1.0"]
     mean = values.double().mean(0)
     assert table["mean"].tolist() == pytest.approx([float(mean[0, 3]), float(mean[2, 1]), float(mean[1, 0])])
@@ -609,11 +610,11 @@ def test_named_heads_table_means_intervals_and_ranks():
     ci = bootstrap_ci(values.double().numpy(), n_boot=100, seed=1)
     assert table["low"].iloc[1] == pytest.approx(ci.low[2, 1]) and table["high"].iloc[0] == pytest.approx(ci.high[0, 3])
     with pytest.raises(ValueError, match=r"layer of head '3.0'"):
-        P.named_heads_table(values, ["3.0"], _fake_model())
+        PS.named_heads_table(values, ["3.0"], _fake_model())
     with pytest.raises(ValueError, match="not of the form"):
-        P.named_heads_table(values, ["1-2"], _fake_model())
+        PS.named_heads_table(values, ["1-2"], _fake_model())
     with pytest.raises(ValueError, match="layers x heads"):
-        P.named_heads_table(values, ["0.0"], _fake_model(n_heads=5))
+        PS.named_heads_table(values, ["0.0"], _fake_model(n_heads=5))
 
 
 @pytest.mark.parametrize("layer,head", [(2, 4)])
@@ -624,15 +625,15 @@ def test_ov_answer_scores_match_brute_force_on_unprocessed_weights(case, layer, 
     E = raw.normalise(raw.body.wte.weight.detach() if raw.is_gpt2 else raw.body.embed_tokens.weight.detach(), norm)
     written = raw.centre((E[src] * gain) @ W_V @ W_O) * raw.gain
     expected = written @ (raw.lm_head[case.answers[0]] - raw.lm_head[case.answers[1]])  # vocab centring cancels
-    table = P.ov_answer_scores(model, layer, head, src, ANSWERS)
+    table = PS.ov_answer_scores(model, layer, head, src, ANSWERS)
     assert table["source_id"].tolist() == src
     torch.testing.assert_close(torch.tensor(table["score"].tolist()), expected, rtol=1e-3, atol=1e-3)
-    grouped = P.ov_answer_push_by_group(model, [f"{layer}.{head}"], {"b": src[20:], "a": src[:20]}, ANSWERS, n_boot=50)
+    grouped = PS.ov_answer_push_by_group(model, [f"{layer}.{head}"], {"b": src[20:], "a": src[:20]}, ANSWERS, n_boot=50)
     assert grouped["group"].tolist() == ["b", "a"] and grouped["n"].tolist() == [20, 20]
     means = [float(expected[20:].mean()), float(expected[:20].mean())]
     assert grouped["estimate"].tolist() == pytest.approx(means, rel=1e-3)
     with pytest.raises(ValueError, match="at least 2"):
-        P.ov_answer_push_by_group(model, [f"{layer}.{head}"], {"lonely": src[:1]}, ANSWERS)
+        PS.ov_answer_push_by_group(model, [f"{layer}.{head}"], {"lonely": src[:1]}, ANSWERS)
 
 
 def test_phrase_vocabulary_and_prompt_word_ids(smollm2):
@@ -640,13 +641,15 @@ def test_phrase_vocabulary_and_prompt_word_ids(smollm2):
         SimpleNamespace(id="p1", protected_phrase="because she is Black", legitimate_phrase="because of bad credit"),
         SimpleNamespace(id="p2", protected_phrase="because he is Muslim", legitimate_phrase="because of his debts"),
     ]
-    vocab = P.phrase_vocabulary(smollm2, pairs)
+    vocab = PS.phrase_vocabulary(smollm2, pairs)
     assert P.decode_each(smollm2, vocab.protected_only) == [" she", " is", " Black", " he", " Muslim"]
     assert P.decode_each(smollm2, vocab.legitimate_only) == [" of", " bad", " credit", " his", " debts"]
     assert P.decode_each(smollm2, vocab.shared) == [" because"]
     with pytest.raises(ValueError, match=r"pairs\[1\] \(p3\) has no legitimate_phrase"):
-        P.phrase_vocabulary(smollm2, pairs[:1] + [SimpleNamespace(id="p3", protected_phrase="x", legitimate_phrase="")])
-    words = P.prompt_word_ids(smollm2, ["Is this a fair-lending violation? Answer:", "Is this fair?"])
+        PS.phrase_vocabulary(
+            smollm2, pairs[:1] + [SimpleNamespace(id="p3", protected_phrase="x", legitimate_phrase="")]
+        )
+    words = PS.prompt_word_ids(smollm2, ["Is this a fair-lending violation? Answer:", "Is this fair?"])
     assert P.decode_each(smollm2, words) == ["Is", " this", " fair", "ending", " violation", " Answer"]
 
 
@@ -667,11 +670,11 @@ def test_coherence_sides_baselines_and_percentiles(smollm2):
     assert drawn.tolist() == pytest.approx(by_hand["coherence"].tolist(), abs=1e-6)
     # percentiles against a known baseline: 0.1 has one draw below and one tie among 0.0 ... 0.9
     toy = torch.arange(10, dtype=torch.float64) / 10
-    table = P.coherence_against_baseline(pd.DataFrame({"coherence": [0.1, 0.95]}), toy, "toy")
+    table = PS.coherence_against_baseline(pd.DataFrame({"coherence": [0.1, 0.95]}), toy, "toy")
     assert table["toy_percentile"].tolist() == pytest.approx([15.0, 100.0])
     assert table["above_toy_95"].tolist() == [False, True] and table["toy_95th"].iloc[0] == pytest.approx(0.855)
     with pytest.raises(ValueError, match="'coherence' column"):
-        P.coherence_against_baseline(pd.DataFrame({"x": [1.0]}), torch.arange(3.0))
+        PS.coherence_against_baseline(pd.DataFrame({"x": [1.0]}), torch.arange(3.0))
 
 
 def test_pair_value_frame_feeds_the_per_basis_table():
@@ -679,9 +682,9 @@ def test_pair_value_frame_feeds_the_per_basis_table():
 
     pairs = [SimpleNamespace(id=f"p{i}", basis="race" if i < 3 else "age", template_id="T1") for i in range(5)]
     clean, corrupted = torch.tensor([1.0, 2.0, 3.0, 4.0, 6.0]), torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0])
-    frame = P.pair_value_frame(pairs, clean, corrupted)
+    frame = PS.pair_value_frame(pairs, clean, corrupted)
     assert frame["gap"].tolist() == [1.0, 2.0, 2.0, 3.0, 5.0]
     table = per_group_table(frame, "basis", n_boot=50)
     assert table.loc["race", "clean"] == pytest.approx(2.0) and table.loc["age", "gap"] == pytest.approx(4.0)
     with pytest.raises(ValueError, match="5 pairs but 4 clean"):
-        P.pair_value_frame(pairs, clean[:4], corrupted)
+        PS.pair_value_frame(pairs, clean[:4], corrupted)

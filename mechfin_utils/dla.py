@@ -613,12 +613,17 @@ def head_labels(n_layers: int, n_heads: int) -> list[str]:
     return [f"{layer}.{head}" for layer in range(n_layers) for head in range(n_heads)]
 
 
-def parse_head(label: str, n_layers: int | None = None, n_heads: int | None = None) -> tuple[int, int]:
-    """``"10.7"`` -> ``(10, 7)``; with ``n_layers``/``n_heads`` the head must exist in that model."""
-    parts = label.split(".") if isinstance(label, str) else []
-    if len(parts) != 2 or not all(part.isdigit() for part in parts):
-        raise ValueError(f"head label {label!r} is not of the form 'layer.head' (e.g. '10.7')")
-    layer, head = int(parts[0]), int(parts[1])
+def parse_head(
+    label: str | tuple[int, int], n_layers: int | None = None, n_heads: int | None = None
+) -> tuple[int, int]:
+    """``"10.7"`` (or ``(10, 7)``) -> ``(10, 7)``; with ``n_layers``/``n_heads`` the head must exist in that model."""
+    if isinstance(label, (tuple, list)) and len(label) == 2 and all(isinstance(v, int) and v >= 0 for v in label):
+        layer, head = int(label[0]), int(label[1])
+    else:
+        parts = label.strip().split(".") if isinstance(label, str) else []
+        if len(parts) != 2 or not all(part.isdigit() for part in parts):
+            raise ValueError(f"head label {label!r} is not of the form 'layer.head' (e.g. '10.7') or (layer, head)")
+        layer, head = int(parts[0]), int(parts[1])
     if n_layers is not None and layer >= n_layers:
         raise ValueError(f"head {label!r}: layer {layer} does not exist (the model has {n_layers} layers)")
     if n_heads is not None and head >= n_heads:

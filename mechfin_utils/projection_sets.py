@@ -23,13 +23,13 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mechfin_utils.dla import parse_head
 from mechfin_utils.inputs import check_tokens
 from mechfin_utils.models import LoadedModel
 from mechfin_utils.projection import (
     AnswerProjection,
     LogitLensTokens,
     _answer_pairs,
-    _check_index,
     _ids_tensor,
     _mlp_projection_from,
     _mlp_projection_hooks,
@@ -293,23 +293,6 @@ def lens_table(lens: LogitLensTokens) -> pd.DataFrame:
     return wide
 
 
-def parse_head(head: str | tuple[int, int], model: LoadedModel) -> tuple[int, int]:
-    """``"27.0"`` or ``(27, 0)`` as (layer, head), checked against the model (a ValueError naming it otherwise)."""
-    if isinstance(head, str):
-        match = re.fullmatch(r"(\d+)\.(\d+)", head.strip())
-        if not match:
-            raise ValueError(f"head {head!r} is not of the form 'layer.head' (e.g. '10.7')")
-        layer, index = int(match.group(1)), int(match.group(2))
-    elif isinstance(head, (tuple, list)) and len(head) == 2:
-        layer, index = head
-    else:
-        raise ValueError(f"head must be 'layer.head' or (layer, head); got {head!r}")
-    return (
-        _check_index(f"layer of head {head!r} ({model.name})", layer, model.cfg.n_layers),
-        _check_index(f"head index of head {head!r} ({model.name})", index, model.cfg.n_heads),
-    )
-
-
 def named_heads_table(
     head_values: Float[Tensor, "batch n_layers n_heads"],
     heads: Sequence[str],
@@ -330,7 +313,7 @@ def named_heads_table(
     expected = (model.cfg.n_layers, model.cfg.n_heads)
     if tuple(head_values.shape[1:]) != expected:
         raise ValueError(f"head_values has {tuple(head_values.shape[1:])} layers x heads; {model.name} has {expected}")
-    chosen = [parse_head(h, model) for h in heads]
+    chosen = [parse_head(h, model.cfg.n_layers, model.cfg.n_heads) for h in heads]
     if not chosen:
         raise ValueError("heads is empty")
     interval = bootstrap_ci(head_values.detach().double().cpu().numpy(), n_boot=n_boot, ci=ci, seed=seed)
@@ -429,7 +412,7 @@ def ov_answer_push_by_group(
         raise ValueError("token_groups is empty")
     frames = []
     for head in heads:
-        layer, index = parse_head(head, model)
+        layer, index = parse_head(head, model.cfg.n_layers, model.cfg.n_heads)
         for group, ids in token_groups.items():
             if len(ids) < 2:
                 raise ValueError(f"token group {group!r} has {len(ids)} token(s); an interval needs at least 2")
@@ -438,7 +421,10 @@ def ov_answer_push_by_group(
     scores = pd.concat(frames, ignore_index=True)
     table = grouped_bootstrap(scores, ["head", "group"], "score", n_boot=n_boot, ci=ci, seed=seed)
     order = {
-        "head": {f"{L}.{H}": i for i, (L, H) in enumerate(parse_head(h, model) for h in heads)},
+        "head": {
+            f"{L}.{H}": i
+            for i, (L, H) in enumerate(parse_head(h, model.cfg.n_layers, model.cfg.n_heads) for h in heads)
+        },
         "group": {g: i for i, g in enumerate(token_groups)},
     }
     table = table.sort_values(["head", "group"], key=lambda column: column.map(order[column.name]))

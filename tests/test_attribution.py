@@ -158,7 +158,7 @@ def test_result_shapes_and_hooks_follow_transformer_lens(case, attributions):
     for key in TRANSFORMER_LENS_KEYS:
         sweep = _transformer_lens_sweep(key)
         activation = sweep.keywords["activation_name"]
-        assert COMPONENTS[key].activation == activation, key
+        assert COMPONENTS[key].site == activation, key
         # TransformerLens sizes each index axis like this (generic_activation_patch):
         heads = cfg.n_heads
         if activation in ("k", "v") and cfg.n_key_value_heads is not None:
@@ -283,7 +283,7 @@ def test_bad_arguments_are_rejected_with_the_argument_named(gpt2_random):
     def metric(logits):
         return logit_diff(logits, answers).mean()
 
-    with pytest.raises(ValueError, match="clean_tokens .* and corrupted_tokens"):
+    with pytest.raises(ValueError, match="clean_tokens has shape .* but corrupted_tokens"):
         attribution_patch(model, clean, corrupted[:, :-1], metric)
     with pytest.raises(ValueError, match="corrupted_tokens must be an integer tensor"):
         attribution_patch(model, clean, corrupted.float(), metric)

@@ -609,7 +609,7 @@ def test_named_heads_table_means_intervals_and_ranks():
     assert table["rank_by_abs"].iloc[2] == ranks_by_hand
     ci = bootstrap_ci(values.double().numpy(), n_boot=100, seed=1)
     assert table["low"].iloc[1] == pytest.approx(ci.low[2, 1]) and table["high"].iloc[0] == pytest.approx(ci.high[0, 3])
-    with pytest.raises(ValueError, match=r"layer of head '3.0'"):
+    with pytest.raises(ValueError, match=r"head '3.0': layer 3 does not exist"):
         PS.named_heads_table(values, ["3.0"], _fake_model())
     with pytest.raises(ValueError, match="not of the form"):
         PS.named_heads_table(values, ["1-2"], _fake_model())

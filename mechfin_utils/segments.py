@@ -23,6 +23,9 @@ by the difference in phrase length), and for ``phrase`` its **last token** (the 
 end has a counterpart; ROME's causal tracing likewise finds the subject's last token decisive). The score is the
 usual restoration ``(LD_patched - LD_corrupted) / (LD_clean - LD_corrupted)``: 1 when the segment carries the whole
 difference at that layer, 0 when it carries none.
+
+:func:`pair_batches` serves the analyses that read only the final position (direct logit attribution, say): they
+need no position alignment, only batches whose clean prompts share a length and whose corrupted prompts share another.
 """
 
 from __future__ import annotations
@@ -110,6 +113,48 @@ def segment_pairs(model, pairs: Sequence[FairLendingPair]) -> tuple[list[Segment
         result = segment_pair(model, pair)
         (excluded if isinstance(result, Exclusion) else aligned).append(result)
     return aligned, excluded
+
+
+@dataclass(frozen=True)
+class PairBatch:
+    """Pairs whose clean prompts share one token length and whose corrupted prompts share another (the two
+    lengths may differ): what analyses that read only the final position take (``dla.over_batches``,
+    ``model_diff.dla_gap_components``), row ``i`` of each tensor being pair ``ids[i]``."""
+
+    clean_tokens: Tensor
+    corrupted_tokens: Tensor
+    answer_tokens: Tensor
+    ids: tuple[str, ...]
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.ids)
+
+
+def pair_batches(model, pairs: Sequence[SegmentedPair], max_batch: int = 16) -> list[PairBatch]:
+    """Aligned pairs of any token lengths batched for final-position analyses: grouped by (clean length, corrupted
+    length), in order of first appearance, at most ``max_batch`` pairs each. Nothing is padded: at the final
+    position, the only one these analyses read, each prompt is whole."""
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    groups: dict[tuple[int, int], list[SegmentedPair]] = {}
+    for item in pairs:
+        groups.setdefault((len(item.clean.ids), len(item.corrupted.ids)), []).append(item)
+    batches = []
+    for group in groups.values():
+        for begin in range(0, len(group), max_batch):
+            chunk = group[begin : begin + max_batch]
+            batches.append(
+                PairBatch(
+                    clean_tokens=torch.tensor([item.clean.ids for item in chunk]),
+                    corrupted_tokens=torch.tensor([item.corrupted.ids for item in chunk]),
+                    answer_tokens=torch.tensor(
+                        [[model.single_token_id(a) for a in item.pair.answers] for item in chunk]
+                    ),
+                    ids=tuple(item.pair.id for item in chunk),
+                )
+            )
+    return batches
 
 
 @torch.no_grad()

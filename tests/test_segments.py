@@ -118,3 +118,29 @@ def test_restoration_grid_and_segment_lengths_by_hand(smollm2):
     assert row["clean_phrase"] == len(item.clean.positions["phrase"]) and row["corrupted_final"] == 1
     assert row["clean_prefix"] == row["corrupted_prefix"] and row["equal_length"] is False
     assert sum(row[f"clean_{s}"] for s in SEGMENTS) == len(item.clean.ids)
+
+
+def test_pair_batches_give_each_prompts_own_final_position_dla(smollm2):
+    """Unequal-length pairs batched by (clean, corrupted) length: direct logit attribution over the batches equals
+    each prompt run alone (no padding, nothing misaligned at the final position)."""
+    from mechfin_utils import dla
+    from mechfin_utils.segments import pair_batches
+
+    aligned, _ = segment_pairs(smollm2, load_split("test_templates")[:12])
+    chosen = [a for a in aligned if len(a.clean.ids) != len(a.corrupted.ids)][:4]
+    assert len(chosen) == 4
+    batches = pair_batches(smollm2, chosen, max_batch=3)
+    assert sum(b.batch_size for b in batches) == 4 and all(b.batch_size <= 3 for b in batches)
+    parts = dla.over_batches(dla.layer_decomposition, smollm2, batches)
+    by_id = {item.pair.id: item for item in chosen}
+    row = 0
+    for batch in batches:
+        for pair_id in batch.ids:
+            item = by_id[pair_id]
+            for run, ids in (("clean", item.clean.ids), ("corrupted", item.corrupted.ids)):
+                answers = batch.answer_tokens[batch.ids.index(pair_id)][None]
+                _, alone = dla.layer_decomposition(smollm2, torch.tensor([ids]), answers)
+                torch.testing.assert_close(parts[run][1][row], alone[0], rtol=1e-4, atol=1e-4)
+            row += 1
+    with pytest.raises(ValueError, match="max_batch"):
+        pair_batches(smollm2, chosen, max_batch=0)

@@ -164,21 +164,31 @@ def attention_to_positions(
 # ---------------------------------------------------------------------------------------------------------
 
 
-def final_position_attention_by_token(
-    model: LoadedModel, prompt: str, layers: Sequence[int]
-) -> tuple[list[str], Float[Tensor, " pos"]]:
-    """Where the answer position looks, token by token: the final query row of every head of ``layers``,
-    averaged over those heads, for one prompt of any length.
-
-    Returns ``(str_tokens, weights)``; ``weights`` sums to 1 (an average of softmax rows). Position 0 often
-    collects attention that carries no information (an "attention sink"); it is included, not hidden.
-    """
-    tokens = model.to_tokens(prompt)
+def final_position_attention_by_layer(
+    model: LoadedModel, tokens: Int[Tensor, "1 pos"], layers: Sequence[int]
+) -> Float[Tensor, "layer pos"]:
+    """Where the answer position looks in each of ``layers``: the final query row of every head, averaged over the
+    heads, for one prompt of any length (one forward pass). Each row sums to 1 (an average of softmax rows)."""
+    tokens = check_tokens(tokens, model.cfg.d_vocab, model_name=model.name).to(model.cfg.device)
+    if tokens.shape[0] != 1:
+        raise ValueError(f"tokens must hold one prompt ([1, pos]); got shape {tuple(tokens.shape)}")
     wanted = [_check_layer(model, layer, "layers") for layer in layers]
     if not wanted:
         raise ValueError("layers is empty: give at least one layer")
     store = _capture_patterns(model, tokens, wanted, final_query_only=True)
-    weights = torch.stack([store[layer][0, :, -1, :] for layer in wanted]).mean(dim=(0, 1))
+    return torch.stack([store[layer][0, :, -1, :].mean(dim=0) for layer in wanted])
+
+
+def final_position_attention_by_token(
+    model: LoadedModel, prompt: str, layers: Sequence[int]
+) -> tuple[list[str], Float[Tensor, " pos"]]:
+    """Where the answer position looks, token by token: :func:`final_position_attention_by_layer` averaged over
+    ``layers``, for one prompt of any length.
+
+    Returns ``(str_tokens, weights)``; ``weights`` sums to 1. Position 0 often collects attention that carries no
+    information (an "attention sink"); it is included, not hidden.
+    """
+    weights = final_position_attention_by_layer(model, model.to_tokens(prompt), layers).mean(dim=0)
     return model.to_str_tokens(prompt), weights
 
 

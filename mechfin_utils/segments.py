@@ -157,6 +157,37 @@ def pair_batches(model, pairs: Sequence[SegmentedPair], max_batch: int = 16) -> 
     return batches
 
 
+def attention_by_segment(model, pairs: Sequence[SegmentedPair], layers: Sequence[int] | None = None) -> pd.DataFrame:
+    """Where the answer position looks, by segment, in both prompts of each pair (any token lengths): per layer, the
+    final query row of every head averaged over the heads (``attention.final_position_attention_by_layer``), summed
+    over each segment's positions (the whole phrase here, every one of its tokens). Per prompt and layer the four
+    segments' weights sum to 1.
+
+    Returns one row per (pair, run, layer, segment): ``pair_id, basis, run, layer, segment, weight``.
+    """
+    from .attention import final_position_attention_by_layer
+
+    layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
+    rows = []
+    for item in pairs:
+        for run, prompt in (("clean", item.clean), ("corrupted", item.corrupted)):
+            weights = final_position_attention_by_layer(model, torch.tensor([prompt.ids]), layers)  # [layer, pos]
+            for row, layer in enumerate(layers):
+                for segment in SEGMENTS:
+                    positions = list(prompt.positions[segment])
+                    rows.append(
+                        {
+                            "pair_id": item.pair.id,
+                            "basis": item.pair.basis,
+                            "run": run,
+                            "layer": layer,
+                            "segment": segment,
+                            "weight": float(weights[row, positions].sum()) if positions else 0.0,
+                        }
+                    )
+    return pd.DataFrame(rows)
+
+
 @torch.no_grad()
 def segment_patching(model, pairs: Sequence[SegmentedPair], layers: Sequence[int] | None = None) -> pd.DataFrame:
     """Patch each segment of the clean run's residual stream (entering a layer) into the corrupted run.

@@ -144,3 +144,31 @@ def test_pair_batches_give_each_prompts_own_final_position_dla(smollm2):
             row += 1
     with pytest.raises(ValueError, match="max_batch"):
         pair_batches(smollm2, chosen, max_batch=0)
+
+
+def test_attention_by_segment_sums_the_final_query_row_of_each_segment(smollm2):
+    """Against the bridge's own hook_pattern, read by hand: final query row, mean over heads, summed per segment."""
+    from mechfin_utils.segments import attention_by_segment
+
+    pair = _pair(
+        "The bank denied Maria's mortgage because she is Black. Is this a fair-lending violation? Answer:",
+        "The bank denied Maria's mortgage because her credit score is 540. Is this a fair-lending violation? Answer:",
+        "because she is Black",
+        "because her credit score is 540",
+    )
+    item = segment_pair(smollm2, pair)
+    layers = [3, 27]
+    table = attention_by_segment(smollm2, [item], layers)
+    assert len(table) == 2 * len(layers) * len(SEGMENTS)
+    for run, prompt in (("clean", item.clean), ("corrupted", item.corrupted)):
+        names = [f"blocks.{layer}.attn.hook_pattern" for layer in layers]
+        _, cache = smollm2.bridge.run_with_cache(
+            torch.tensor([prompt.ids]), names_filter=lambda n, names=names: n in names
+        )
+        for layer in layers:
+            row = cache[f"blocks.{layer}.attn.hook_pattern"][0, :, -1, :].mean(0)
+            got = table[(table.run == run) & (table.layer == layer)].set_index("segment")["weight"]
+            for segment in SEGMENTS:
+                expected = float(row[list(prompt.positions[segment])].sum())
+                assert got[segment] == pytest.approx(expected, abs=1e-5), (run, layer, segment)
+            assert got.sum() == pytest.approx(1.0, abs=1e-5)

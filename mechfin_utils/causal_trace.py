@@ -570,9 +570,7 @@ def _score_normed(
     """:func:`score_final_logits` from final-normed residuals: a logit difference needs two columns of the
     unembedding, a probability all of them (once for all rows: reading the unembedding is the cost)."""
     if prepared.contrast_id is not None:
-        answers = torch.tensor([prepared.answer_id, prepared.contrast_id]).expand(normed.shape[0], 2)
-        two = fm.answer_logits(normed, answers).float()
-        return (two[:, 0] - two[:, 1]).cpu()
+        return fm.logit_diff(normed, torch.tensor([[prepared.answer_id, prepared.contrast_id]])).float().cpu()
     return score_final_logits(prepared, fm.unembed(normed)).cpu()
 
 

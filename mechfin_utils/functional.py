@@ -369,6 +369,14 @@ class FunctionalTransformer:
             out = out + self.b_U[answers]
         return out
 
+    def logit_diff(
+        self, normed: Float[Tensor, "n d_model"], answers: Int[Tensor, "n 2"] | Int[Tensor, "1 2"]
+    ) -> Float[Tensor, " n"]:
+        """``logit(answers[i, 0]) - logit(answers[i, 1])`` from final-normed rows (one answer pair for all rows when
+        ``answers`` has one row)."""
+        two = self.answer_logits(normed, answers.expand(normed.shape[0], 2))
+        return two[:, 0] - two[:, 1]
+
     def embed(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
         x = self.W_E[tokens]
         if self.W_pos is not None:

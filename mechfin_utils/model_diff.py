@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Int
 from torch import Tensor
 
 _LAYER = re.compile(r"(?:layers|h)\.(\d+)\.")
@@ -163,18 +163,14 @@ def cross_model_patching(
     base_fm, tuned_fm = functional_model(base), functional_model(tuned)
     runs = {"clean": clean_tokens, "corrupted": corrupted_tokens}
 
-    def logit_diff_of(fm, normed: Tensor) -> Float[Tensor, " batch"]:
-        two = fm.answer_logits(normed, answer_tokens.expand(normed.shape[0], 2))
-        return two[:, 0] - two[:, 1]
-
     # 1. reference runs
     base_ld, tuned_ld, patched = {}, {}, {}
     cells = [(layer, component) for layer in range(base_fm.n_layers) for component in components]
     for run, tokens in runs.items():
         base_record = base_fm.record(tokens, keep=("resid_pre",))
         tuned_record = tuned_fm.record(tokens, keep=components)
-        base_ld[run] = logit_diff_of(base_fm, base_record.final_normed)
-        tuned_ld[run] = logit_diff_of(tuned_fm, tuned_record.final_normed)
+        base_ld[run] = base_fm.logit_diff(base_record.final_normed, answer_tokens)
+        tuned_ld[run] = tuned_fm.logit_diff(tuned_record.final_normed, answer_tokens)
         # 2. one packed base run: every (layer, component) replaced at every position
         positions = tuple(range(tokens.shape[1]))
         batch = torch.arange(tokens.shape[0])
@@ -188,7 +184,9 @@ def cross_model_patching(
             )
             for layer, component in cells
         ]
-        patched[run] = [logit_diff_of(base_fm, out[:, -1]) for out in engine.run(base_fm, segments, base_record)]
+        patched[run] = [
+            base_fm.logit_diff(out[:, -1], answer_tokens) for out in engine.run(base_fm, segments, base_record)
+        ]
     gap_base = float((base_ld["clean"] - base_ld["corrupted"]).mean())
     gap_tuned = float((tuned_ld["clean"] - tuned_ld["corrupted"]).mean())
     rows = []

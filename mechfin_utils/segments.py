@@ -214,14 +214,13 @@ def segment_patching(model, pairs: Sequence[SegmentedPair], layers: Sequence[int
     for item in pairs:
         answers = torch.tensor([[model.single_token_id(a) for a in item.pair.answers]])
 
-        def logit_diff(normed: Tensor, answers: Tensor = answers) -> Tensor:
-            two = fm.answer_logits(normed, answers.expand(normed.shape[0], 2))
-            return two[:, 0] - two[:, 1]
-
         # 1. reference runs
         clean = fm.record(torch.tensor([item.clean.ids]), keep=("resid_pre",))
         corrupted = fm.record(torch.tensor([item.corrupted.ids]), keep=("resid_pre", "k", "v"))
-        ld_clean, ld_corrupted = float(logit_diff(clean.final_normed)[0]), float(logit_diff(corrupted.final_normed)[0])
+        ld_clean, ld_corrupted = (
+            float(fm.logit_diff(clean.final_normed, answers)[0]),
+            float(fm.logit_diff(corrupted.final_normed, answers)[0]),
+        )
         # 2. every (layer, segment) patch in one packed run
         patches, runs = [], []
         for layer in layers:
@@ -236,7 +235,7 @@ def segment_patching(model, pairs: Sequence[SegmentedPair], layers: Sequence[int
                     engine.Segment(layer, first, corrupted.resid_pre[layer][:, first:], torch.tensor([0]), [replace])
                 )
                 patches.append((layer, segment))
-        patched = logit_diff(torch.cat([out[:, -1] for out in engine.run(fm, runs, corrupted)]))
+        patched = fm.logit_diff(torch.cat([out[:, -1] for out in engine.run(fm, runs, corrupted)]), answers)
         for (layer, segment), value in zip(patches, patched.tolist()):
             rows.append(
                 {

@@ -40,6 +40,7 @@ Shapes follow TransformerLens: residual rows ``[n, pos, d_model]``, head outputs
 
 from __future__ import annotations
 
+import bisect
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -193,6 +194,17 @@ class _Layout:
     read_rows: Int[Tensor, " seqs_x_read"]  # packed rows of the positions read, sequence-major
     n_pos: int
     n_read: int
+    joining_at: dict[int, list[int]] = field(init=False)  # start layer -> segments that join there
+    blocks_at: dict[tuple[int, int], list[BlockAttention]] = field(init=False)  # (segment, layer) -> its blocks
+
+    def __post_init__(self) -> None:
+        """Indexed once here, so that the layer loop looks up instead of scanning every segment per layer."""
+        self.joining_at, self.blocks_at = defaultdict(list), defaultdict(list)
+        for s, seg in enumerate(self.segments):
+            self.joining_at[seg.start_layer].append(s)
+            for iv in seg.interventions:
+                if isinstance(iv, BlockAttention):
+                    self.blocks_at[(s, iv.layer)].append(iv)
 
     def rows(self, s: int, positions: Sequence[int], last: bool) -> Int[Tensor, "n k"]:
         """Row indices of ``positions`` for each of segment ``s``'s sequences: in the packed matrix, or, from the
@@ -205,7 +217,7 @@ class _Layout:
         return self.row_offset[s] + seqs * (self.n_pos - seg.first_pos) + (pos - seg.first_pos)[None]
 
     def joining(self, layer: int) -> list[int]:
-        return [s for s, seg in enumerate(self.segments) if seg.start_layer == layer]
+        return self.joining_at.get(layer, [])
 
 
 @dataclass
@@ -214,21 +226,23 @@ class _AttentionGroup:
 
     first_pos: int
     members: list[int]  # segment indices, sorted by start layer
+    starts: list[int]  # per member: its start layer (non-decreasing)
     rows: list[Tensor]  # per member: its packed rows
     read: list[Tensor]  # per member: its rows in the read-rows matrix
     prompts: list[Tensor]  # per member: prompt_index
 
-    def active(self, layout: _Layout, layer: int) -> int:
+    def active(self, layer: int) -> int:
         """How many members run at ``layer`` (a prefix: members are sorted by start layer)."""
-        return sum(1 for s in self.members if layout.segments[s].start_layer <= layer)
+        return bisect.bisect_right(self.starts, layer)
 
 
 def _attention_groups(layout: _Layout) -> list[_AttentionGroup]:
     groups: dict[int, _AttentionGroup] = {}
     for s, seg in enumerate(layout.segments):
-        group = groups.setdefault(seg.first_pos, _AttentionGroup(seg.first_pos, [], [], [], []))
+        group = groups.setdefault(seg.first_pos, _AttentionGroup(seg.first_pos, [], [], [], [], []))
         rows = layout.n_pos - seg.first_pos
         group.members.append(s)
+        group.starts.append(seg.start_layer)
         group.rows.append(torch.arange(layout.row_offset[s], layout.row_offset[s] + seg.n * rows))
         seqs = layout.seq_offset[s] + torch.arange(seg.n)
         group.read.append((seqs[:, None] * layout.n_read + torch.arange(layout.n_read)[None]).reshape(-1))
@@ -280,10 +294,9 @@ def _block_mask(
     """``[sequences, head, q_rows, n_pos]``: the scores the group's active members block at ``layer`` (None if none)."""
     last = layer == fm.n_layers - 1
     q_first = layout.n_pos - layout.n_read if last else group.first_pos
-    blocks = [
-        [iv for iv in layout.segments[s].interventions if isinstance(iv, BlockAttention) and iv.layer == layer]
-        for s in group.members[:n_active]
-    ]
+    if not layout.blocks_at:  # no segment cuts any edge (patching, ablation, tracing)
+        return None
+    blocks = [layout.blocks_at.get((s, layer), []) for s in group.members[:n_active]]
     if not any(blocks):
         return None
     masks = []
@@ -385,7 +398,7 @@ def run(
         #     the first position come from the reference run.
         z = torch.empty(q.shape, dtype=q.dtype)
         for group in groups:
-            n_active = group.active(layout, layer)
+            n_active = group.active(layer)
             if n_active == 0:
                 continue
             rows_at = torch.cat(group.rows[:n_active])

@@ -545,17 +545,9 @@ def _restorations_on_engine(
         )
         owners.append(r)
     # 3. Run them in packs of at most batch_size full prompts' worth of recomputed rows.
-    budget, pack, rows = batch_size * n_pos, [], 0
-    packs = []
-    for segment, r in zip(segments, owners):
-        need = segment.n * (n_pos - segment.first_pos)
-        if pack and rows + need > budget:
-            packs.append(pack)
-            pack, rows = [], 0
-        pack.append((segment, r))
-        rows += need
-    if pack:
-        packs.append(pack)
+    packs = engine.chunk_by_rows(
+        list(zip(segments, owners)), lambda item: item[0].n * (n_pos - item[0].first_pos), batch_size * n_pos
+    )
     for pack in packs:
         outputs = engine.run(fm, [segment for segment, _ in pack], corrupted)
         pack_scores = score(torch.cat([normed[:, -1] for normed in outputs]))  # one unembedding per pack

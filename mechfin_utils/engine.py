@@ -42,9 +42,9 @@ from __future__ import annotations
 
 import bisect
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 from jaxtyping import Float, Int
@@ -54,6 +54,7 @@ from mechfin_utils.functional import ForwardRecord, FunctionalTransformer, _line
 
 ReplaceSite = Literal["resid_pre", "z", "attn_out", "mlp_out"]
 REPLACE_SITES: tuple[str, ...] = ("resid_pre", "z", "attn_out", "mlp_out")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -315,6 +316,21 @@ def _block_mask(
 # ---------------------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------------------
+
+
+def chunk_by_rows(items: Sequence[T], rows: Callable[[T], int], budget: int) -> Iterator[list[T]]:
+    """Consecutive runs of ``items`` whose recomputed rows (``rows(item)``) fit ``budget``, to bound one pass's memory
+    (an item larger than the budget on its own still runs, alone)."""
+    chunk, used = [], 0
+    for item in items:
+        need = rows(item)
+        if chunk and used + need > budget:
+            yield chunk
+            chunk, used = [], 0
+        chunk.append(item)
+        used += need
+    if chunk:
+        yield chunk
 
 
 @torch.no_grad()

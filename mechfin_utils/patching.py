@@ -89,7 +89,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -557,7 +557,7 @@ def _functional_sweep(
     with torch.no_grad():
         for layer, layer_cells in by_layer.items():
             planned = [(cell, sequence_starts(component, cell, divergence, n_pos)) for cell in layer_cells]
-            for chunk in _row_chunks(planned, n_pos, row_budget):
+            for chunk in engine.chunk_by_rows(planned, lambda item: int((n_pos - item[1]).sum()), row_budget):
                 by_first: dict[int, list[tuple[_Cell, Tensor]]] = {}
                 for cell, cell_starts in chunk:
                     by_first.setdefault(cell.first_pos, []).append((cell, cell_starts))
@@ -581,23 +581,6 @@ def _functional_sweep(
                 _store([c for group in by_first.values() for c, _ in group], values, diffs, store, store_diffs)
                 bar.update(len(chunk))
     bar.close()
-
-
-def _row_chunks(
-    planned: list[tuple[_Cell, Tensor]], n_pos: int, row_budget: int
-) -> Iterator[list[tuple[_Cell, Tensor]]]:
-    """Consecutive runs of cells whose recomputed rows (``pos - start`` per prompt) fit the budget (a cell
-    larger than the budget on its own still runs, alone)."""
-    chunk, rows = [], 0
-    for cell, starts in planned:
-        need = int((n_pos - starts).sum())
-        if chunk and rows + need > row_budget:
-            yield chunk
-            chunk, rows = [], 0
-        chunk.append((cell, starts))
-        rows += need
-    if chunk:
-        yield chunk
 
 
 def _store(

@@ -148,3 +148,9 @@ def test_bad_segments_are_all_named_at_once(smollm2):
     assert "segment 1" in message and "heads are given" in message
     assert "segment 2" in message and "attend to nothing" in message
     assert "segment 3" in message and "first_pos" in message
+
+
+def test_chunks_fit_the_row_budget_and_an_oversized_item_runs_alone():
+    chunks = list(engine.chunk_by_rows([3, 3, 5, 1, 9, 2], lambda rows: rows, 6))
+    assert chunks == [[3, 3], [5, 1], [9], [2]]
+    assert list(engine.chunk_by_rows([], lambda rows: rows, 6)) == []

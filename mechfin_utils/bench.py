@@ -159,6 +159,19 @@ def _mlp_flops(fm: FunctionalTransformer) -> int:
     return 2 * (w.W_in.numel() + w.W_out.numel() + (0 if w.W_gate is None else w.W_gate.numel()))
 
 
+def continuation_flops(fm: FunctionalTransformer, start_layer: int, first_pos: int, n_pos: int) -> int:
+    """The FLOPs of one sequence recomputed from ``start_layer`` at positions ``first_pos ...``: every position in
+    every layer but the last, whose queries, attention and MLP run at the final position only."""
+    rows, total = n_pos - first_pos, 0
+    cost = fm.flops_per_row((first_pos + 1 + n_pos) // 2)  # the mean number of keys a recomputed row attends to
+    for layer in range(start_layer, fm.n_layers):
+        if layer < fm.n_layers - 1:
+            total += rows * (cost["kv"] + cost["rest"])
+        else:
+            total += rows * cost["kv"] + fm.flops_per_row(n_pos)["rest"]
+    return total
+
+
 def floor_flops(fm: FunctionalTransformer, key: str, clean_tokens: torch.Tensor, corrupted_tokens: torch.Tensor) -> int:
     """The FLOPs no exact method can avoid for the sweep ``key`` (see the module docstring), summed over cells."""
     spec = patching.COMPONENTS[key]
@@ -181,13 +194,7 @@ def floor_flops(fm: FunctionalTransformer, key: str, clean_tokens: torch.Tensor,
                 if spec.site != "mlp_out":  # the patched layer's MLP sees a changed input on the patched rows
                     patched_rows = rows if spec.scope == "all" or spec.site in ("k", "v") else 1
                     total += patched_rows * mlp
-            mean_keys = (start + 1 + n_pos) // 2
-            for layer in range(first_full, fm.n_layers):
-                cost = fm.flops_per_row(mean_keys)
-                if layer < fm.n_layers - 1:
-                    total += rows * (cost["kv"] + cost["rest"])
-                else:
-                    total += rows * cost["kv"] + fm.flops_per_row(n_pos)["rest"]
+            total += continuation_flops(fm, first_full, start, n_pos)
     return total
 
 
@@ -340,17 +347,7 @@ def trace_floor_flops(
 ) -> int:
     """The FLOPs no exact tracer can avoid for ``restorations`` given as ``(first layer that must be recomputed,
     first position that differs)``, per noise sample (see the module docstring)."""
-    total = 0
-    for start, first in restorations:
-        rows = n_pos - first
-        mean_keys = (first + 1 + n_pos) // 2
-        for layer in range(start, fm.n_layers):
-            if layer < fm.n_layers - 1:
-                cost = fm.flops_per_row(mean_keys)
-                total += rows * (cost["kv"] + cost["rest"])
-            else:
-                total += rows * fm.flops_per_row(n_pos)["kv"] + fm.flops_per_row(n_pos)["rest"]
-    return total * n_samples
+    return n_samples * sum(continuation_flops(fm, start, first, n_pos) for start, first in restorations)
 
 
 def trace_inputs(model, n_facts: int, n_pairs: int) -> list:

@@ -160,6 +160,22 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+@contextlib.contextmanager
+def exclusive(lock_path: Path):
+    """Hold an exclusive lock on ``lock_path`` (created if missing) for the block: one process at a time
+    converts or trains into a cache folder; another waits, then finds the finished cache."""
+    import fcntl
+
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def cache_dir() -> Path:
     """mechfin's own cache folder: ``$MECHFIN_CACHE`` or ``~/.cache/mechfin``."""
     return Path(os.environ.get("MECHFIN_CACHE", Path.home() / ".cache" / "mechfin")).expanduser()
@@ -204,12 +220,23 @@ def prepare_smollm2(verbose: bool = True) -> Path:
     stamp = target / "mechfin-conversion.json"
     gguf = smollm2_gguf_path()
     expected = {"format": CONVERSION_FORMAT_VERSION, "gguf": gguf.name, "gguf_bytes": gguf.stat().st_size}
-    if stamp.is_file():
+
+    def converted() -> bool:
         try:
-            if json.loads(stamp.read_text()) == expected:
-                return target
+            return stamp.is_file() and json.loads(stamp.read_text()) == expected
         except json.JSONDecodeError:
-            pass
+            return False
+
+    if converted():
+        return target
+    with exclusive(target.with_name(target.name + ".lock")):
+        if converted():  # another process converted it while this one waited
+            return target
+        return _convert_smollm2(gguf, target, stamp, expected, verbose)
+
+
+def _convert_smollm2(gguf: Path, target: Path, stamp: Path, expected: dict, verbose: bool) -> Path:
+    """The conversion itself (the caller holds the cache folder's lock)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     t0 = time.perf_counter()

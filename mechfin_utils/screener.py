@@ -57,6 +57,7 @@ from .models import (
     ModelUnavailableError,
     boot_bridge,
     cache_dir,
+    exclusive,
     file_sha256,
     load_gpt2_folder,
     load_model,
@@ -360,16 +361,24 @@ def ensure_screener(
     recipe = RECIPES[recipe] if isinstance(recipe, str) else recipe
     resolved = resolve_base(base, gpt2_path)
     folder = screener_folder(resolved, recipe)
-    card = read_card(folder)
-    if (
-        card is not None
-        and card.get("fingerprint") == fingerprint(resolved, recipe)
-        and (folder / "model.safetensors").is_file()
-    ):
+
+    def cached() -> dict | None:
+        card = read_card(folder)
+        matches = card is not None and card.get("fingerprint") == fingerprint(resolved, recipe)
+        return card if matches and (folder / "model.safetensors").is_file() else None
+
+    if (card := cached()) is not None:
         return folder, card
-    if progress:
-        print(f"Training {screener_spec(resolved, recipe).display_name} once (cached in {folder})...", file=sys.stderr)
-    return folder, train_screener(resolved, recipe, folder, progress=progress)
+    # Two processes (parallel tests, two open notebooks) must not train into one folder at once: the second
+    # waits for the first and then finds its cache.
+    with exclusive(folder.with_name(folder.name + ".lock")):
+        if (card := cached()) is not None:
+            return folder, card
+        if progress:
+            print(
+                f"Training {screener_spec(resolved, recipe).display_name} once (cached in {folder})...", file=sys.stderr
+            )
+        return folder, train_screener(resolved, recipe, folder, progress=progress)
 
 
 def load_screener(

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -194,3 +195,30 @@ def test_locate_gpt2_prefers_named_folder(tmp_path, gpt2_hf_cache):
     folder = write_gpt2_checkpoint(tmp_path / "g", seed=1, n_layer=1)
     assert locate_gpt2(folder) == ("folder", str(folder))
     assert locate_gpt2() == ("hf-cache", "gpt2")
+
+
+def test_exclusive_makes_a_second_holder_wait_for_the_first(tmp_path):
+    """Two holders of one cache lock (two test workers, two notebooks) take turns: the second enters only after
+    the first has left, so a conversion or a training run is never written by two processes at once."""
+    import threading
+
+    from mechfin_utils.models import exclusive
+
+    lock = tmp_path / "cache" / "folder.lock"
+    events: list[str] = []
+    first_inside = threading.Event()
+
+    def first() -> None:
+        with exclusive(lock):
+            events.append("first in")
+            first_inside.set()
+            time.sleep(0.3)
+            events.append("first out")
+
+    worker = threading.Thread(target=first)
+    worker.start()
+    assert first_inside.wait(5)
+    with exclusive(lock):
+        events.append("second in")
+    worker.join()
+    assert events == ["first in", "first out", "second in"]

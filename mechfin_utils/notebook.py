@@ -30,6 +30,10 @@ from .tasks import (
 )
 
 FAST_N_PAIRS = 22  # two per basis
+# The attribution notebooks (01-03, 07) read per-pair means over a stratified sample of this many pairs, eight per
+# basis: sized so that `make figures` for a model and its screener fits 15 minutes on 2 cores. Notebook 00 scores
+# every pair; pass n_pairs (up to every aligned pair) for tighter intervals.
+ANALYSIS_N_PAIRS = 88
 FAST_N_BOOT = 200
 FULL_N_BOOT = 2000
 
@@ -133,21 +137,24 @@ def start(
     fast: bool | None = None,
     gpt2_path: str | None = None,
     max_batch: int = 16,
+    default_n_pairs: int | None = None,
 ) -> NotebookSession:
     """Load the model, align the fair-lending task set for its tokenizer, and report what was kept.
 
     Args:
         notebook: the notebook's two-digit number (figures go to ``figures/<model>/<notebook>_<name>.*``).
         model: ``"auto"``, ``"gpt2"``, ``"smollm2-135m"``, a Hugging Face id, or an already loaded model.
-        n_pairs: how many pairs to use (spread evenly over the bases); None = all that align.
+        n_pairs: how many pairs to use (spread evenly over the bases); None = ``default_n_pairs``.
         seed: seeds the pair sample and everything random downstream.
         fast: small, quick run (default: ``$MECHFIN_FAST``); ``n_pairs`` defaults to 22 (two per basis) then.
         gpt2_path: a local GPT-2 checkpoint folder ("" means none).
         max_batch: pairs per forward pass.
+        default_n_pairs: the notebook's own sample size when ``n_pairs`` is None (None: every pair that aligns);
+            fast mode uses ``FAST_N_PAIRS`` instead.
     """
     fast = resolve_fast(fast)
-    if n_pairs is None and fast:
-        n_pairs = FAST_N_PAIRS
+    if n_pairs is None:
+        n_pairs = FAST_N_PAIRS if fast else default_n_pairs
     loaded = model if isinstance(model, LoadedModel) else load_model(model, gpt2_path=gpt2_path or None)
     report = align_pairs(loaded, load_fair_lending_pairs())
     pairs = stratified_sample(report.kept, n_pairs, seed)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+from torch import Tensor
 
 from mechfin_utils.causal_trace import TraceTask
 
@@ -79,14 +80,23 @@ def filter_facts_for_model(model: LoadedModel, candidates: pd.DataFrame) -> tupl
     """
     import pandas as pd
 
+    rows = list(candidates.itertuples(index=False))
+    # 1. every prompt's next-token logits, prompts of one token length batched together
+    ids = [model.token_ids(row.prompt) for row in rows]
+    final: dict[int, Tensor] = {}
+    for length in sorted({len(i) for i in ids}):
+        members = [k for k, i in enumerate(ids) if len(i) == length]
+        logits = model.bridge(torch.tensor([ids[k] for k in members]))[:, -1].float()
+        final.update(zip(members, logits))
+    # 2. keep or drop each row, in file order
     kept, dropped, p_answer = [], [], []
-    for row in candidates.itertuples(index=False):
+    for k, row in enumerate(rows):
         try:
             answer_id = model.single_token_id(row.answer)
         except ValueError as err:
             dropped.append((row.fact_id, row.prompt, row.answer, f"answer is not one token: {err}"))
             continue
-        logits = model.bridge(model.to_tokens(row.prompt))[0, -1].float()
+        logits = final[k]
         top = int(logits.argmax())
         if top != answer_id:
             dropped.append(

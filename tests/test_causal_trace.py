@@ -359,6 +359,11 @@ def test_kept_facts_are_the_embedded_models_top1(smollm2):
         assert top1 == answers, list(group["fact_id"])
     for row in kept.itertuples():
         ct.locate_subject(smollm2, row.prompt, row.subject, label=row.fact_id)  # subject found by offsets
+    # filtering every candidate again (prompts batched by token length) keeps exactly the CSV's rows, in order
+    refiltered, report = trace_data.filter_facts_for_model(smollm2, candidates)
+    assert list(refiltered["fact_id"]) == list(kept["fact_id"]) and report.n_kept + len(report.dropped) == len(
+        candidates
+    )
 
 
 def test_filter_for_another_model_reports_every_drop(gpt2_random, smollm2):

@@ -1,0 +1,175 @@
+"""ROME / MEMIT: the update's defining equation, exact restoring, a hand-built known answer, MEMIT = ROME on one edit.
+
+Every test that edits the session's shared model restores it (``editing.restoring``), and checks that it did.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mechfin_utils import editing
+from mechfin_utils.causal_trace import locate_subject
+from mechfin_utils.editing import EditRequest, ValueParams, ValueResult
+
+FRANCE = EditRequest("edit-capital-france", "The capital of France is", "France", " Berlin", " Paris")
+FAST = ValueParams(steps=12)
+LAYER = 3  # SmolLM2's causal trace peaks at MLP 3 at the subject's last token (notebook 06)
+
+
+@pytest.fixture(scope="module")
+def corpus(smollm2):
+    return editing.self_generated_corpus(smollm2, n_sequences=32, n_tokens=64, seed=0, cache=False)
+
+
+@pytest.fixture(scope="module")
+def covariance(smollm2, corpus):
+    return editing.key_covariance(smollm2, LAYER, corpus)
+
+
+def test_key_covariance_matches_a_by_hand_second_moment(smollm2, corpus, covariance):
+    """Keys read at the hook point on full, unpadded forwards, one text at a time, then E[k kᵀ] by hand: the
+    batched, padded, stopped-early estimate equals it."""
+    keys = []
+    handle = editing.key_point(smollm2, LAYER).register_forward_hook(lambda m, a, o: keys.append(o[0].double()))
+    with torch.no_grad():
+        for row in corpus:
+            smollm2.hf_model(input_ids=torch.tensor([row]))
+    handle.remove()
+    stacked = torch.cat(keys)
+    assert covariance.n_tokens == stacked.shape[0] == sum(len(r) for r in corpus)
+    torch.testing.assert_close(covariance.matrix.double(), stacked.T @ stacked / stacked.shape[0], rtol=1e-3, atol=1e-6)
+
+
+def test_generated_corpus_is_cached_and_reused(smollm2, tmp_path, monkeypatch):
+    monkeypatch.setenv("MECHFIN_CACHE", str(tmp_path))
+    first = editing.self_generated_corpus(smollm2, n_sequences=2, n_tokens=5, seed=1)
+    assert list((tmp_path / "corpora").glob("smollm2-135m-*.pt"))
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("generated again instead of reading the cache")
+
+    monkeypatch.setattr(smollm2.hf_model, "generate", no_generation)
+    assert editing.self_generated_corpus(smollm2, n_sequences=2, n_tokens=5, seed=1) == first
+    assert [len(r) for r in first] == [len(smollm2.token_ids(o)) + 5 for o in editing.CORPUS_OPENERS[:2]]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The update itself, on hand-built matrices
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_rank_one_update_solves_the_constrained_least_squares_problem():
+    """ROME's closed form equals a direct solve of its defining problem: minimise tr(ΔW C ΔWᵀ) subject to
+    (W + ΔW) k = v, written as the KKT linear system for ΔW's rows and solved by torch.linalg.solve."""
+    generator = torch.Generator().manual_seed(0)
+    d_out, d_in, n = 3, 5, 40
+    keys = torch.randn(d_in, n, generator=generator, dtype=torch.float64)
+    c = keys @ keys.T / n
+    weight = torch.randn(d_out, d_in, generator=generator, dtype=torch.float64)
+    k = torch.randn(d_in, generator=generator, dtype=torch.float64)
+    v = torch.randn(d_out, generator=generator, dtype=torch.float64)
+    closed = editing.rank_one_update(weight @ k, v, k, torch.linalg.solve(c, k))
+    # KKT, per output row r: [2C  k; kᵀ 0] [δ_r; μ] = [0; v_r − (W k)_r]
+    kkt = torch.zeros(d_in + 1, d_in + 1, dtype=torch.float64)
+    kkt[:d_in, :d_in], kkt[:d_in, d_in], kkt[d_in, :d_in] = 2 * c, k, k
+    rhs = torch.zeros(d_in + 1, d_out, dtype=torch.float64)
+    rhs[d_in] = v - weight @ k
+    direct = torch.linalg.solve(kkt, rhs)[:d_in].T
+    torch.testing.assert_close(closed, direct, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close((weight + closed) @ k, v, rtol=1e-10, atol=1e-12)
+
+
+def test_hand_built_memory_edit_rewrites_one_key_and_leaves_an_unrelated_key_unchanged():
+    """A memory with keys e1..e4 (C diagonal): editing e1 → v maps e1 to v and e2, e3, e4 exactly as before."""
+    c = torch.diag(torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64))
+    weight = torch.arange(8, dtype=torch.float64).reshape(2, 4)
+    eye = torch.eye(4, dtype=torch.float64)
+    v = torch.tensor([10.0, -10.0], dtype=torch.float64)
+    edited = weight + editing.rank_one_update(weight @ eye[0], v, eye[0], torch.linalg.solve(c, eye[0]))
+    assert torch.equal(edited @ eye[0], v)
+    for unrelated in eye[1:]:
+        assert torch.equal(edited @ unrelated, weight @ unrelated)
+
+
+def test_rank_one_update_refuses_a_key_orthogonal_to_its_direction():
+    with pytest.raises(ValueError, match="orthogonal"):
+        editing.rank_one_update(torch.zeros(2), torch.ones(2), torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]))
+
+
+def test_ngram_entropy_known_values():
+    assert editing.ngram_entropy([7] * 20) == 0.0  # one repeated token: no uncertainty
+    # 1 2 3 4: three distinct bigrams (log2 3) and two distinct trigrams (1 bit), weighted 2/3 and 4/3
+    expected = (2 / 3 * torch.log2(torch.tensor(3.0)).item() + 4 / 3 * 1.0) / 2
+    assert editing.ngram_entropy([1, 2, 3, 4]) == pytest.approx(expected)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# On the embedded model
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_output_matrix_is_the_parameter_the_mlp_applies(any_model):
+    """``output_matrix @ key + bias`` is the MLP's output: both read at the bridge's hook points during a forward
+    of the Hugging Face model, so the matrix, its orientation and the bias are the ones the forward applies."""
+    layer = 1
+    rows = [any_model.token_ids("The capital of France is")]
+    seen_in, seen_out = [], []
+    proj = editing.output_projection(any_model, layer)
+    h1 = editing.key_point(any_model, layer).register_forward_hook(lambda m, a, o: seen_in.append(o))
+    h2 = editing.mlp_output_point(any_model, layer).register_forward_hook(lambda m, a, o: seen_out.append(o))
+    with torch.no_grad():
+        any_model.hf_model(input_ids=torch.tensor(rows))
+    h1.remove(), h2.remove()
+    bias = proj.bias if proj.bias is not None else 0
+    expected = seen_in[0][0] @ editing.output_matrix(any_model, layer).T + bias
+    torch.testing.assert_close(expected, seen_out[0][0], rtol=1e-4, atol=1e-5)
+
+
+def test_rome_maps_the_key_to_the_value_changes_the_answer_and_restores_exactly(smollm2, covariance):
+    prompt_rows = [smollm2.token_ids(FRANCE.prompt)]
+    with torch.no_grad():
+        before = smollm2.bridge(torch.tensor(prompt_rows))[0, -1]
+    with editing.restoring(smollm2, [LAYER]):
+        edit = editing.rome(smollm2, FRANCE, LAYER, covariance, [""], FAST)
+        # the defining equation, read through the forward pass: the edited MLP outputs v* at the subject's last token
+        seen = []
+        handle = editing.mlp_output_point(smollm2, LAYER).register_forward_hook(lambda m, a, o: seen.append(o))
+        with torch.no_grad():
+            logits = smollm2.hf_model(input_ids=torch.tensor(prompt_rows)).logits[0, -1]
+            bridged = smollm2.bridge(torch.tensor(prompt_rows))[0, -1]
+        handle.remove()
+        subject_last = locate_subject(smollm2, FRANCE.prompt, FRANCE.subject)[1] - 1
+        torch.testing.assert_close(seen[0][0, subject_last], edit.value.target, rtol=1e-4, atol=1e-4)
+        berlin, paris = smollm2.single_token_id(" Berlin"), smollm2.single_token_id(" Paris")
+        assert logits[berlin] > logits[paris], "the edit did not make Berlin beat Paris"
+        torch.testing.assert_close(bridged, logits, rtol=1e-4, atol=1e-3)  # the bridge sees the edited weights
+    with torch.no_grad():
+        after = smollm2.bridge(torch.tensor(prompt_rows))[0, -1]
+    assert torch.equal(before, after), "restoring did not give back the exact logits"
+
+
+def test_memit_on_one_layer_and_one_edit_agrees_with_rome(smollm2, covariance):
+    """With one request, one layer, the same change of the residual and a vanishing prior, MEMIT's least-squares
+    update is ROME's rank-one update (Sherman–Morrison); here both use the bare prompt only."""
+    with editing.restoring(smollm2, [LAYER]):
+        rome_edit = editing.rome(smollm2, FRANCE, LAYER, covariance, [""], FAST)
+    delta = rome_edit.value.target - rome_edit.value.initial  # the same change in the residual stream
+    block_out = editing._block_output_at_subject(smollm2, editing.block_output_point(smollm2, LAYER), FRANCE, [""])
+    with editing.restoring(smollm2, [LAYER]) as saved:
+        targets = [ValueResult(block_out, block_out + delta)]
+        editing.memit(smollm2, [FRANCE], [LAYER], {LAYER: covariance}, [""], targets=targets, covariance_weight=1e-9)
+        memit_update = editing.output_matrix(smollm2, LAYER).detach() - saved.saved[LAYER]
+    torch.testing.assert_close(memit_update, rome_edit.update, rtol=1e-3, atol=1e-6)
+
+
+def test_bad_edit_arguments_are_named(smollm2, covariance):
+    with pytest.raises(ValueError, match="layer must be an integer in \\[0, 30\\)"):
+        editing.output_matrix(smollm2, 30)
+    with pytest.raises(ValueError, match="covariance is of layer 3, the edit is at layer 4"):
+        editing.rome(smollm2, FRANCE, 4, covariance, [""], FAST)
+    bad = EditRequest("edit-x", "The capital of France is", "Germany", " Berlin", " Paris")
+    with pytest.raises(ValueError, match="edit-x.*'Germany' is not a substring"):
+        editing.subject_key(smollm2, LAYER, bad, [""])
+    with pytest.raises(ValueError, match="no covariance for layer 5"):
+        editing.memit(smollm2, [FRANCE], [LAYER, 5], {LAYER: covariance}, [""])

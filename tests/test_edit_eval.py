@@ -128,3 +128,20 @@ def test_with_demonstrations_prefixes_the_examples():
 def test_next_token_logits_is_the_last_position(smollm2):
     logits = editing.next_token_logits(smollm2, "The capital of France is")
     assert smollm2.tokenizer.decode([int(logits.argmax())]) == " Paris"
+
+
+def test_the_builder_rebuilds_the_committed_file():
+    """``data/build_counterfact.py`` on ``factual_prompts.csv`` gives the committed rows, in order."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "build_counterfact", edit_eval.COUNTERFACT_CSV.with_name("build_counterfact.py")
+    )
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    with builder.FACTS.open(newline="", encoding="utf-8") as handle:
+        rebuilt, dropped = builder.build(list(csv.DictReader(handle)))
+    with edit_eval.COUNTERFACT_CSV.open(newline="", encoding="utf-8") as handle:
+        committed = list(csv.DictReader(handle))
+    assert rebuilt == committed
+    assert any(line.startswith("author") for line in dropped)

@@ -173,3 +173,22 @@ def test_bad_edit_arguments_are_named(smollm2, covariance):
         editing.subject_key(smollm2, LAYER, bad, [""])
     with pytest.raises(ValueError, match="no covariance for layer 5"):
         editing.memit(smollm2, [FRANCE], [LAYER, 5], {LAYER: covariance}, [""])
+
+
+def test_rome_on_the_gpt2_path_maps_the_key_to_the_value(gpt2_random):
+    """The GPT-2 code path (Conv1D stores W transposed, c_proj has a bias): W' k* + b = v*, read through the
+    forward. Random weights: only the equation is checked, never what the model says."""
+    layer = 2
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randint(0, gpt2_random.cfg.d_vocab, (36, 100), generator=generator).tolist()  # > d_mlp key vectors
+    covariance = editing.key_covariance(gpt2_random, layer, rows)
+    request = EditRequest("edit-gpt2", "The capital of France is", "France", " Berlin", " Paris")
+    with editing.restoring(gpt2_random, [layer]):
+        edit = editing.rome(gpt2_random, request, layer, covariance, [""], ValueParams(steps=3))
+        seen = []
+        handle = editing.mlp_output_point(gpt2_random, layer).register_forward_hook(lambda m, a, o: seen.append(o))
+        with torch.no_grad():
+            gpt2_random.hf_model(input_ids=torch.tensor([gpt2_random.token_ids(request.prompt)]))
+        handle.remove()
+        subject_last = locate_subject(gpt2_random, request.prompt, request.subject)[1] - 1
+        torch.testing.assert_close(seen[0][0, subject_last], edit.value.target, rtol=1e-4, atol=1e-4)

@@ -17,10 +17,10 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 # Each analysis runs on the model it can explain. The fine-tuned screener makes the fair-lending decision, so it gets
 # the fair-lending analyses: baseline, attention, DLA, heads, patching (00-04), causal tracing (06), projections (07).
 # The embedded base model barely separates the prompts (its notebook 00 says so), so it gets its behaviour (00), the
-# survey's tasks it does perform (05 greater-than, 06 facts, 07, 09 editing facts) and the comparison with its
-# screener (08). GPT-2 Small, the paper's model, runs every notebook. SCREENER= (empty) skips the screener.
+# survey's tasks it does perform (05 greater-than, 06 facts, 09 editing facts) and the comparison with its screener
+# (08). GPT-2 Small, the paper's model, runs every notebook. SCREENER= (empty) skips the screener.
 SCREENER ?= $(if $(filter gpt2,$(MODEL)),gpt2-screener,smollm2-135m-screener)
-FAIR_LENDING_ONLY := notebooks/01_% notebooks/02_% notebooks/03_% notebooks/04_%
+FAIR_LENDING_ONLY := notebooks/01_% notebooks/02_% notebooks/03_% notebooks/04_% notebooks/07_%
 BASE_NOTEBOOKS ?= $(if $(filter gpt2,$(MODEL)),$(NOTEBOOKS),$(filter-out $(FAIR_LENDING_ONLY),$(NOTEBOOKS)))
 SCREENER_NOTEBOOKS := $(filter-out notebooks/05_% notebooks/08_% notebooks/09_%,$(NOTEBOOKS))
 

@@ -30,10 +30,10 @@ from .tasks import (
 )
 
 FAST_N_PAIRS = 22  # two per basis
-# The attribution notebooks (01-03, 07) read per-pair means over a stratified sample of this many pairs, eight per
+# The attribution notebooks (01-03, 07) read per-pair means over a stratified sample of this many pairs, six per
 # basis: sized so that `make figures` for a model and its screener fits 15 minutes on 2 cores. Notebook 00 scores
 # every pair; pass n_pairs (up to every aligned pair) for tighter intervals.
-ANALYSIS_N_PAIRS = 88
+ANALYSIS_N_PAIRS = 66
 FAST_N_BOOT = 200
 FULL_N_BOOT = 2000
 

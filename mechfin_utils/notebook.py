@@ -35,7 +35,7 @@ FAST_N_PAIRS = 22  # two per basis
 # every pair; pass n_pairs (up to every aligned pair) for tighter intervals.
 ANALYSIS_N_PAIRS = 66
 FAST_N_BOOT = 200
-FULL_N_BOOT = 2000
+FULL_N_BOOT = 1000  # bootstrap resamples for every interval in make figures (ROME and most papers use 1000)
 
 
 def resolve_fast(fast: bool | None) -> bool:

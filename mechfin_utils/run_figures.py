@@ -102,7 +102,7 @@ def run(notebooks: Sequence[str], model: str, gpt2_path: str = "", seed: int = 0
     executed.mkdir(parents=True, exist_ok=True)
     manifest_path = figures_root() / identity["slug"] / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-    seconds = dict(manifest.get("seconds_per_notebook", {}))
+    seconds = still_current(manifest.get("seconds_per_notebook", {}), manifest_path.parent, notebooks)
     parameters = {"model": model, "gpt2_path": gpt2_path, "seed": seed}
     for notebook in notebooks:
         path = Path(notebook)
@@ -123,6 +123,18 @@ def run(notebooks: Sequence[str], model: str, gpt2_path: str = "", seed: int = 0
             identity = model_identity(model, gpt2_path or None)
         _write_manifest(manifest_path, manifest, identity, parameters, seconds)  # after each: a failure keeps the rest
     return manifest_path
+
+
+def still_current(seconds: dict[str, float], folder: Path, notebooks: Sequence[str]) -> dict[str, float]:
+    """The recorded times worth keeping: those of notebooks about to run (they are replaced) and of notebooks whose
+    results are still in the folder (run earlier on their own). A notebook no longer run for this model, whose
+    figures were removed, loses its time: a manifest never adds up times of figures that are not there."""
+    about_to_run = {Path(n).stem for n in notebooks}
+    return {
+        stem: value
+        for stem, value in seconds.items()
+        if stem in about_to_run or (folder / f"{stem.split('_')[0]}_results.json").is_file()
+    }
 
 
 def _write_manifest(path: Path, manifest: dict, identity: dict, parameters: dict, seconds: dict) -> None:

@@ -30,3 +30,13 @@ def test_model_identity_of_the_embedded_model_hashes_its_converted_weights():
 def test_runner_refuses_missing_notebooks(capsys):
     assert run_figures.main(["notebooks/99_missing.ipynb", "--model", "smollm2-135m"]) == 2
     assert "99_missing" in capsys.readouterr().err
+
+
+def test_manifest_keeps_times_only_of_figures_that_are_there(tmp_path):
+    from mechfin_utils.run_figures import still_current
+
+    (tmp_path / "05_results.json").write_text("{}")
+    recorded = {"00_task_and_baseline": 30.0, "04_activation_patching": 150.0, "05_circuit_discovery": 100.0}
+    kept = still_current(recorded, tmp_path, ["notebooks/00_task_and_baseline.ipynb"])
+    # 00 is about to run (its time will be replaced), 05's results are there, 04's figures were removed
+    assert kept == {"00_task_and_baseline": 30.0, "05_circuit_discovery": 100.0}

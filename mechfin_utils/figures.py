@@ -153,6 +153,18 @@ def results_path(model: ModelLike, notebook: str) -> Path:
     return model_folder(model) / f"{_check_notebook(notebook)}_results.json"
 
 
+def clear_notebook_outputs(model: ModelLike, notebook: str) -> list[Path]:
+    """Delete ``<root>/<model-slug>/<notebook>_*`` (figures and results of an earlier run of this notebook on this
+    model) and return what was deleted. A run starts from an empty slate, so a figure or result the notebook no longer
+    makes (a knockout skipped this time, a renamed figure) cannot outlive it; the manifest and the shared plotly.js
+    are not the notebook's and stay."""
+    folder = model_folder(model)
+    stale = sorted(folder.glob(f"{_check_notebook(notebook)}_*")) if folder.is_dir() else []
+    for path in stale:
+        path.unlink()
+    return stale
+
+
 def _write_atomically(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

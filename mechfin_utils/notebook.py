@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .figures import save_figure, save_html, save_results
+from .figures import clear_notebook_outputs, save_figure, save_html, save_results
 from .models import LoadedModel, load_model
 from .tasks import (
     AlignmentReport,
@@ -163,6 +163,7 @@ def start(
         f"({len(report.excluded)} excluded: clean and corrupted differ in token length); using {len(pairs)}"
         + (" [fast mode]" if fast else "")
     )
+    clear_notebook_outputs(loaded, notebook)  # this run's figures and results replace the last run's, none survive
     session = NotebookSession(
         notebook=notebook, model=loaded, fast=fast, seed=seed, report=report, pairs=pairs, max_batch=max_batch
     )

@@ -126,14 +126,14 @@ def run(notebooks: Sequence[str], model: str, gpt2_path: str = "", seed: int = 0
 
 
 def still_current(seconds: dict[str, float], folder: Path, notebooks: Sequence[str]) -> dict[str, float]:
-    """The recorded times worth keeping: those of notebooks about to run (they are replaced) and of notebooks whose
-    results are still in the folder (run earlier on their own). A notebook no longer run for this model, whose
+    """The recorded times worth keeping: those of notebooks about to run (they are replaced) and of notebooks that
+    still have figures in the folder (run earlier on their own). A notebook no longer run for this model, whose
     figures were removed, loses its time: a manifest never adds up times of figures that are not there."""
     about_to_run = {Path(n).stem for n in notebooks}
     return {
         stem: value
         for stem, value in seconds.items()
-        if stem in about_to_run or (folder / f"{stem.split('_')[0]}_results.json").is_file()
+        if stem in about_to_run or any(folder.glob(f"{stem.split('_')[0]}_*"))
     }
 
 

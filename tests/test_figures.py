@@ -456,3 +456,16 @@ def test_lines_one_trace_per_series_and_errors():
         plots.lines([2, 5, 9], {"full": [0.1, 0.5]}, model=model, title="t")
     with pytest.raises(ValueError, match="empty"):
         plots.lines([1], {}, model=model, title="t")
+
+
+def test_a_new_run_clears_only_that_notebooks_earlier_outputs(figures_dir):
+    folder = figures.model_folder(MODEL)
+    figures.save_results(MODEL, "05", "old_knockout", {"x": 1.0})
+    for name in ("05_fair_lending_knockout.html", "06_trace.png", "manifest.json", "plotly.min.js"):
+        (folder / name).write_text("x")
+    figures.save_results(OTHER_MODEL, "05", "kept", 1.0)
+    deleted = figures.clear_notebook_outputs(MODEL, "05")
+    assert sorted(p.name for p in deleted) == ["05_fair_lending_knockout.html", "05_results.json"]
+    assert sorted(p.name for p in folder.iterdir()) == ["06_trace.png", "manifest.json", "plotly.min.js"]
+    assert figures.load_results(OTHER_MODEL, "05") == {"kept": 1.0}  # another model's folder is not touched
+    assert figures.clear_notebook_outputs(MODEL, "05") == []

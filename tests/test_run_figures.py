@@ -36,7 +36,13 @@ def test_manifest_keeps_times_only_of_figures_that_are_there(tmp_path):
     from mechfin_utils.run_figures import still_current
 
     (tmp_path / "05_results.json").write_text("{}")
-    recorded = {"00_task_and_baseline": 30.0, "04_activation_patching": 150.0, "05_circuit_discovery": 100.0}
+    (tmp_path / "08_compliance_report.html").write_text("<html></html>")  # 08 writes its other figures elsewhere
+    recorded = {
+        "00_task_and_baseline": 30.0,
+        "04_activation_patching": 150.0,
+        "05_circuit_discovery": 100.0,
+        "08_screener_vs_base": 190.0,
+    }
     kept = still_current(recorded, tmp_path, ["notebooks/00_task_and_baseline.ipynb"])
-    # 00 is about to run (its time will be replaced), 05's results are there, 04's figures were removed
-    assert kept == {"00_task_and_baseline": 30.0, "05_circuit_discovery": 100.0}
+    # 00 is about to run (its time will be replaced), 05 and 08 have figures there, 04's figures were removed
+    assert kept == {"00_task_and_baseline": 30.0, "05_circuit_discovery": 100.0, "08_screener_vs_base": 190.0}

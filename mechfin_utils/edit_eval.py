@@ -15,14 +15,17 @@ bootstrap intervals over requests. Comparing with the unedited model's row shows
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
+from jaxtyping import Float
+from torch import Tensor
 
-from .editing import EditRequest, answer_log_probs, generate_greedy, ngram_entropy
+from .editing import EditRequest, padded_logits, target_token_ids
 from .models import LoadedModel
 from .stats import grouped_bootstrap
 from .tasks import TaskDataError, _where, raise_problems, read_task_rows
@@ -42,6 +45,69 @@ COUNTERFACT_COLUMNS = (
     "neighbours",
 )
 PARAPHRASE_SEPARATOR = " | "
+
+
+# Reading the model: the probabilities, continuations and n-gram entropy the scores are made of
+
+
+@torch.no_grad()
+def answer_log_probs(
+    model: LoadedModel, prompts: Sequence[str], answers: Sequence[Sequence[str]]
+) -> Float[Tensor, "prompt answer"]:
+    """Log-probability of each answer's *first* token after each prompt: ``[n_prompts, n_answers]``."""
+    if len(prompts) != len(answers):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answer lists")
+    rows = [model.token_ids(p) for p in prompts]
+    log_probs = torch.log_softmax(padded_logits(model, rows).float(), dim=-1)
+    out = torch.empty(len(prompts), len(answers[0]))
+    for i, (row, options) in enumerate(zip(rows, answers)):
+        ids = [target_token_ids(model, a, prompts[i])[0] for a in options]
+        out[i] = log_probs[i, len(row) - 1, ids]
+    return out
+
+
+@torch.no_grad()
+def generate_greedy(model: LoadedModel, prompts: Sequence[str], n_tokens: int = 30) -> list[list[int]]:
+    """Greedy continuations (token ids, prompt excluded) of each prompt, one at a time (no padding effects)."""
+    tokenizer = model.tokenizer
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = []
+    for prompt in prompts:
+        ids = torch.tensor([model.token_ids(prompt)])
+        generated = model.hf_model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=n_tokens,
+            pad_token_id=pad,
+        )
+        out.append(generated[0, ids.shape[1] :].tolist())
+    return out
+
+
+def ngram_entropy(tokens: Sequence[int], weights: dict[int, float] | None = None) -> float:
+    """ROME's fluency score: the weighted mean (2/3 bigram, 4/3 trigram, normalised) of n-gram entropies in bits.
+
+    Repetitive text ("Berlin Berlin Berlin") scores low; varied text high.
+    """
+    weights = weights or {2: 2 / 3, 3: 4 / 3}
+    total = 0.0
+    for n, w in weights.items():
+        grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+        if not grams:
+            continue
+        counts: dict[tuple, int] = {}
+        for g in grams:
+            counts[g] = counts.get(g, 0) + 1
+        probabilities = [c / len(grams) for c in counts.values()]
+        total += w * -sum(p * math.log2(p) for p in probabilities)
+    return total / sum(weights.values())
+
+
+@torch.no_grad()
+def next_token_logits(model: LoadedModel, prompt: str) -> Float[Tensor, " d_vocab"]:
+    """The logits of the token after ``prompt`` (with the model's BOS decision)."""
+    return padded_logits(model, [model.token_ids(prompt)])[0, -1]
 
 
 @dataclass(frozen=True)
@@ -169,7 +235,11 @@ __all__ = [
     "CounterfactEdit",
     "METRICS",
     "TaskDataError",
+    "answer_log_probs",
     "evaluate_edit",
+    "generate_greedy",
+    "next_token_logits",
+    "ngram_entropy",
     "load_counterfact",
     "requests_known_to",
     "summarise",

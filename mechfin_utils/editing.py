@@ -6,7 +6,7 @@ middle layers. ROME (Meng et al. 2022) reads such an MLP as a linear key-value m
 To make the model say "Berlin" after "The capital of France is", ROME
 
 1. **covariance** — estimates ``C = E[k kᵀ]`` over ordinary text at that layer (here: text the model generates
-   itself, :func:`self_generated_corpus`; nothing else ships offline);
+   itself; :mod:`mechfin_utils.key_statistics`, since nothing else ships offline);
 2. **key** — takes ``k*``, the key at the subject's last token, averaged over a few prefixes;
 3. **value** — optimises ``v*``, the MLP output at that token that makes the new object likely (plus a KL term
    that keeps "France is a" unchanged and a norm penalty), :func:`optimise_value`;
@@ -24,12 +24,10 @@ share, so every analysis in mechfin sees the edited model until it is restored.
 
 from __future__ import annotations
 
-import hashlib
-import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float
@@ -37,7 +35,10 @@ from torch import Tensor
 
 from .causal_trace import locate_subject
 from .functional import unwrap
-from .models import LoadedModel, cache_dir
+from .models import LoadedModel
+
+if TYPE_CHECKING:
+    from .key_statistics import KeyCovariance
 
 # ---------------------------------------------------------------------------------------------------------
 # 0. Where an edit lives: the MLP's output projection
@@ -134,25 +135,25 @@ def _padded(model: LoadedModel, rows: Sequence[Sequence[int]]) -> tuple[Tensor, 
     return ids, mask
 
 
-def _logits(model: LoadedModel, rows: Sequence[Sequence[int]]) -> Float[Tensor, "batch pos d_vocab"]:
+def padded_logits(model: LoadedModel, rows: Sequence[Sequence[int]]) -> Float[Tensor, "batch pos d_vocab"]:
     ids, mask = _padded(model, rows)
     return model.hf_model(input_ids=ids, attention_mask=mask).logits
 
 
-class _KeysRead(Exception):
+class KeysRead(Exception):
     """Raised by a key reader with ``stop=True`` once it has the keys: the layers above are never run."""
 
 
 @contextmanager
-def _reading_keys(model: LoadedModel, layer: int, stop: bool = False) -> Iterator[list[Tensor]]:
+def reading_keys(model: LoadedModel, layer: int, stop: bool = False) -> Iterator[list[Tensor]]:
     """Collect the input of the layer's output projection (the keys, ``[batch, pos, d_mlp]``) on every forward;
-    with ``stop``, end each forward there (the caller catches :class:`_KeysRead`)."""
+    with ``stop``, end each forward there (the caller catches :class:`KeysRead`)."""
     seen: list[Tensor] = []
 
     def read(module, args, out):
         seen.append(out.detach())
         if stop:
-            raise _KeysRead
+            raise KeysRead
 
     handle = key_point(model, layer).register_forward_hook(read)
     try:
@@ -176,164 +177,6 @@ def _adding_at(module: torch.nn.Module, rows: Tensor, positions: Tensor, delta: 
         yield
     finally:
         handle.remove()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# 1. Covariance of the keys over text the model writes itself
-# ---------------------------------------------------------------------------------------------------------
-
-# Openings for self-generated text: varied registers, so that the keys are not all about one topic.
-CORPUS_OPENERS = (
-    "The",
-    "In",
-    "A",
-    "It",
-    "When",
-    "My",
-    "Scientists",
-    "The city",
-    "History",
-    "Yesterday",
-    "One of the",
-    "Here is",
-    "According to",
-    "There",
-    "Many people",
-    "Today",
-)
-
-
-@torch.no_grad()
-def self_generated_corpus(
-    model: LoadedModel,
-    n_sequences: int = 64,
-    n_tokens: int = 96,
-    *,
-    seed: int = 0,
-    batch_size: int = 64,
-    cache: bool = True,
-) -> list[list[int]]:
-    """``n_sequences`` texts sampled from the model (temperature 1, top-k 50), each ``n_tokens`` new tokens long.
-
-    The covariance ROME needs is of the keys on *ordinary* text; offline, the model's own writing is the text we
-    have (ROME used 100,000 Wikipedia passages). Sampling is seeded, so the corpus is reproducible. Generation is
-    step-bound on a CPU (each new token is one pass of the whole batch), so one large batch is fastest. With
-    ``cache`` the corpus is kept in the mechfin cache (like the converted model) and later calls read it.
-    """
-    if n_sequences < 1 or n_tokens < 1:
-        raise ValueError(f"n_sequences and n_tokens must be >= 1, got {n_sequences}, {n_tokens}")
-    cached = _corpus_file(model, n_sequences, n_tokens, seed) if cache else None
-    if cached is not None and cached.is_file():
-        return torch.load(cached)
-    torch.manual_seed(seed)
-    tokenizer = model.tokenizer
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    corpus: list[list[int]] = []
-    for start in range(0, n_sequences, batch_size):
-        openers = [
-            CORPUS_OPENERS[(start + i) % len(CORPUS_OPENERS)] for i in range(min(batch_size, n_sequences - start))
-        ]
-        prompts = [model.token_ids(o) for o in openers]
-        width = max(len(p) for p in prompts)  # left-pad for generation
-        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p) :] = torch.tensor(p)
-            mask[i, width - len(p) :] = 1
-        out = model.hf_model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            do_sample=True,
-            top_k=50,
-            temperature=1.0,
-            max_new_tokens=n_tokens,
-            min_new_tokens=n_tokens,
-            pad_token_id=pad,
-        )
-        for i, p in enumerate(prompts):
-            corpus.append(p + out[i, width:].tolist())
-    if cached is not None:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(corpus, cached.with_suffix(".tmp"))
-        cached.with_suffix(".tmp").replace(cached)
-    return corpus
-
-
-def _corpus_file(model: LoadedModel, n_sequences: int, n_tokens: int, seed: int) -> Path:
-    """Where a generated corpus is kept: the model's name, the settings, and a fingerprint of its weights (so a
-    different checkpoint under the same name, or a screener, never reuses another model's text)."""
-    with torch.no_grad():
-        embedding = model.hf_model.get_input_embeddings().weight
-        fingerprint = hashlib.sha256(f"{embedding.double().sum().item():.10e}|{embedding.shape}".encode()).hexdigest()[
-            :12
-        ]
-    settings = hashlib.sha256(repr((CORPUS_OPENERS, n_sequences, n_tokens, seed, 50, 1.0)).encode()).hexdigest()[:12]
-    return cache_dir() / "corpora" / f"{model.slug}-{fingerprint}-{settings}.pt"
-
-
-@dataclass
-class KeyCovariance:
-    """``E[k kᵀ]`` (uncentred, as in ROME) of one layer's keys over ``n_tokens`` corpus tokens."""
-
-    layer: int
-    matrix: Float[Tensor, "d_mlp d_mlp"]
-    n_tokens: int
-
-    def solve(self, keys: Float[Tensor, "d_mlp n"]) -> Float[Tensor, "d_mlp n"]:
-        """``C⁻¹ keys`` (in float64: ``C`` is ill-conditioned along rarely used directions)."""
-        return torch.linalg.solve(self.matrix.double(), keys.double()).to(keys.dtype)
-
-
-@torch.no_grad()
-def key_covariance(
-    model: LoadedModel, layer: int, corpus: Sequence[Sequence[int]], *, batch_size: int = 16
-) -> KeyCovariance:
-    """The keys' second moment at ``layer`` over every position of ``corpus`` (BOS rows left out).
-
-    ``d_mlp`` directions need well over ``d_mlp`` tokens for ``C`` to be invertible; fewer is an error.
-    """
-    total, count = None, 0
-    with _reading_keys(model, layer, stop=True) as seen:
-        for start in range(0, len(corpus), batch_size):
-            rows = corpus[start : start + batch_size]
-            try:
-                _logits(model, rows)
-            except _KeysRead:
-                pass
-            keys = seen.pop()
-            for i, row in enumerate(rows):
-                first = 1 if model.prepend_bos else 0  # the BOS key is the same in every text: leave it out
-                k = keys[i, first : len(row)].double()
-                total = k.T @ k if total is None else total + k.T @ k
-                count += k.shape[0]
-    d_mlp = output_matrix(model, layer).shape[1]
-    if total is None or count <= d_mlp:
-        raise ValueError(f"key_covariance: {count} key vectors for d_mlp = {d_mlp}; use a larger corpus")
-    return KeyCovariance(layer, (total / count).float(), count)
-
-
-def covariance_convergence(
-    model: LoadedModel,
-    layer: int,
-    corpus: Sequence[Sequence[int]],
-    probe_keys: Float[Tensor, "d_mlp n"],
-    fractions: Sequence[float] = (0.125, 0.25, 0.5, 1.0),
-) -> list[dict]:
-    """How the estimate settles as the corpus grows: for each fraction of ``corpus``, the tokens used and the mean
-    cosine between ``C⁻¹k`` (ROME's update direction) for ``probe_keys`` and the same from the whole corpus."""
-    full = key_covariance(model, layer, corpus)
-    reference = full.solve(probe_keys)
-    rows = []
-    for fraction in fractions:
-        part = corpus[: max(1, round(len(corpus) * fraction))]
-        try:
-            estimate = key_covariance(model, layer, part)
-        except ValueError:
-            continue  # too few tokens for an invertible estimate at this size
-        directions = estimate.solve(probe_keys)
-        cosine = torch.nn.functional.cosine_similarity(directions, reference, dim=0)
-        rows.append({"fraction": fraction, "n_tokens": estimate.n_tokens, "mean_cosine_to_full": cosine.mean().item()})
-    return rows
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -361,7 +204,9 @@ def context_prefixes(model: LoadedModel, n: int = 4, n_tokens: int = 6, *, seed:
     """
     texts = [""]
     if n:
-        corpus = self_generated_corpus(model, n, n_tokens, seed=seed, batch_size=n)
+        from .key_statistics import self_generated_corpus  # (it reads keys with this module's helpers)
+
+        corpus = self_generated_corpus(model, n, n_tokens, seed=seed, batch_size=n, cache=False)
         first = 1 if model.prepend_bos else 0
         texts += [
             model.tokenizer.decode(row[first:]).replace("{", "(").replace("}", ")").strip() + ". " for row in corpus
@@ -386,8 +231,8 @@ def subject_key(
 ) -> Float[Tensor, " d_mlp"]:
     """``k*``: the key at the subject's last token, averaged over the prefixes."""
     rows, last = _prompt_rows(model, request, prefixes)
-    with _reading_keys(model, layer) as seen:
-        _logits(model, rows)
+    with reading_keys(model, layer) as seen:
+        padded_logits(model, rows)
     keys = seen[0]
     return keys[torch.arange(len(rows)), last].mean(0)
 
@@ -422,7 +267,7 @@ class ValueResult:
         return self.history[-1]["p_new"] if self.history else float("nan")
 
 
-def _target_ids(model: LoadedModel, target: str, label: str) -> list[int]:
+def target_token_ids(model: LoadedModel, target: str, label: str) -> list[int]:
     ids = list(model.tokenizer(target, add_special_tokens=False)["input_ids"])
     if not ids:
         raise ValueError(f"{label}: the target {target!r} is empty")
@@ -446,7 +291,7 @@ def optimise_value(
     ``module`` is the MLP for ROME, the whole block (the residual stream after it) for MEMIT.
     """
     # 1. prompts and labels
-    target_ids = _target_ids(model, request.target_new, request.edit_id)
+    target_ids = target_token_ids(model, request.target_new, request.edit_id)
     suffix = model.tokenizer.decode(target_ids[:-1])
     rows, last = _prompt_rows(model, EditRequest(**{**request.__dict__, "prompt": request.prompt + suffix}), prefixes)
     kl_request = EditRequest(request.edit_id, f"{request.subject} is a", request.subject, "", "")
@@ -461,7 +306,7 @@ def optimise_value(
         lambda m, a, out: captured.append((out[0] if isinstance(out, tuple) else out).detach())
     )
     with torch.no_grad():
-        base_logits = _logits(model, all_rows)
+        base_logits = padded_logits(model, all_rows)
     handle.remove()
     v_init = captured[0][0, all_last[0]].clone()
     kl_reference = torch.log_softmax(base_logits[n_rewrite:, :][torch.arange(len(kl_rows)), kl_last], dim=-1)
@@ -477,7 +322,7 @@ def optimise_value(
         for step in range(params.steps):
             optimiser.zero_grad()
             with _adding_at(module, torch.arange(len(all_rows)), all_last, delta):
-                logits = _logits(model, all_rows)
+                logits = padded_logits(model, all_rows)
             log_probs = torch.log_softmax(logits[:n_rewrite], dim=-1)
             nll_each = torch.stack(
                 [-log_probs[i, label_positions[i], target_ids].sum() / len(target_ids) for i in range(n_rewrite)]
@@ -674,7 +519,7 @@ def _block_output_at_subject(
     captured: list[Tensor] = []
     handle = block.register_forward_hook(lambda m, a, out: captured.append(out[0] if isinstance(out, tuple) else out))
     try:
-        _logits(model, rows)
+        padded_logits(model, rows)
     finally:
         handle.remove()
     return captured[0][0, last[0]]
@@ -702,7 +547,7 @@ def fine_tune(
     ROME's bound for GPT-2 XL (5e-4) moves nothing on SmolLM2 (whose layer-3 entries average 0.15 in size): on
     "The capital of France is" → " Berlin", bounds 5e-4 and 5e-3 leave " Paris" on top after 10 steps, 2e-2 flips
     it. The default is that smallest bound that edits at all."""
-    target_ids = _target_ids(model, request.target_new, request.edit_id)
+    target_ids = target_token_ids(model, request.target_new, request.edit_id)
     suffix = model.tokenizer.decode(target_ids[:-1])
     rows, _ = _prompt_rows(model, EditRequest(**{**request.__dict__, "prompt": request.prompt + suffix}), prefixes)
     label_positions = [[len(row) - len(target_ids) + j for j in range(len(target_ids))] for row in rows]
@@ -717,7 +562,7 @@ def fine_tune(
     try:
         for step in range(steps):
             optimiser.zero_grad()
-            log_probs = torch.log_softmax(_logits(model, rows), dim=-1)
+            log_probs = torch.log_softmax(padded_logits(model, rows), dim=-1)
             nll_each = torch.stack(
                 [-log_probs[i, label_positions[i], target_ids].sum() / len(target_ids) for i in range(len(rows))]
             )
@@ -732,68 +577,3 @@ def fine_tune(
             p.requires_grad_(True)
         optimiser.zero_grad(set_to_none=True)
     return history
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Reading the model before and after
-# ---------------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def answer_log_probs(
-    model: LoadedModel, prompts: Sequence[str], answers: Sequence[Sequence[str]]
-) -> Float[Tensor, "prompt answer"]:
-    """Log-probability of each answer's *first* token after each prompt: ``[n_prompts, n_answers]``."""
-    if len(prompts) != len(answers):
-        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answer lists")
-    rows = [model.token_ids(p) for p in prompts]
-    log_probs = torch.log_softmax(_logits(model, rows).float(), dim=-1)
-    out = torch.empty(len(prompts), len(answers[0]))
-    for i, (row, options) in enumerate(zip(rows, answers)):
-        ids = [_target_ids(model, a, prompts[i])[0] for a in options]
-        out[i] = log_probs[i, len(row) - 1, ids]
-    return out
-
-
-@torch.no_grad()
-def generate_greedy(model: LoadedModel, prompts: Sequence[str], n_tokens: int = 30) -> list[list[int]]:
-    """Greedy continuations (token ids, prompt excluded) of each prompt, one at a time (no padding effects)."""
-    tokenizer = model.tokenizer
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out = []
-    for prompt in prompts:
-        ids = torch.tensor([model.token_ids(prompt)])
-        generated = model.hf_model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            do_sample=False,
-            max_new_tokens=n_tokens,
-            pad_token_id=pad,
-        )
-        out.append(generated[0, ids.shape[1] :].tolist())
-    return out
-
-
-def ngram_entropy(tokens: Sequence[int], weights: dict[int, float] | None = None) -> float:
-    """ROME's fluency score: the weighted mean (2/3 bigram, 4/3 trigram, normalised) of n-gram entropies in bits.
-
-    Repetitive text ("Berlin Berlin Berlin") scores low; varied text high.
-    """
-    weights = weights or {2: 2 / 3, 3: 4 / 3}
-    total = 0.0
-    for n, w in weights.items():
-        grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
-        if not grams:
-            continue
-        counts: dict[tuple, int] = {}
-        for g in grams:
-            counts[g] = counts.get(g, 0) + 1
-        probabilities = [c / len(grams) for c in counts.values()]
-        total += w * -sum(p * math.log2(p) for p in probabilities)
-    return total / sum(weights.values())
-
-
-@torch.no_grad()
-def next_token_logits(model: LoadedModel, prompt: str) -> Float[Tensor, " d_vocab"]:
-    """The logits of the token after ``prompt`` (with the model's BOS decision)."""
-    return _logits(model, [model.token_ids(prompt)])[0, -1]

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from mechfin_utils import edit_eval, editing, knowledge_circuits
+from mechfin_utils import edit_eval, knowledge_circuits
 from mechfin_utils.circuits import Circuit, Node
 from mechfin_utils.tasks import TaskDataError
 
@@ -126,7 +126,7 @@ def test_with_demonstrations_prefixes_the_examples():
 
 
 def test_next_token_logits_is_the_last_position(smollm2):
-    logits = editing.next_token_logits(smollm2, "The capital of France is")
+    logits = edit_eval.next_token_logits(smollm2, "The capital of France is")
     assert smollm2.tokenizer.decode([int(logits.argmax())]) == " Paris"
 
 

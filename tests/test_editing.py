@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mechfin_utils import editing
+from mechfin_utils import edit_eval, editing, key_statistics
 from mechfin_utils.causal_trace import locate_subject
 from mechfin_utils.editing import EditRequest, ValueParams, ValueResult
 
@@ -19,12 +19,12 @@ LAYER = 3  # SmolLM2's causal trace peaks at MLP 3 at the subject's last token (
 
 @pytest.fixture(scope="module")
 def corpus(smollm2):
-    return editing.self_generated_corpus(smollm2, n_sequences=32, n_tokens=64, seed=0, cache=False)
+    return key_statistics.self_generated_corpus(smollm2, n_sequences=32, n_tokens=64, seed=0, cache=False)
 
 
 @pytest.fixture(scope="module")
 def covariance(smollm2, corpus):
-    return editing.key_covariance(smollm2, LAYER, corpus)
+    return key_statistics.key_covariance(smollm2, LAYER, corpus)
 
 
 def test_key_covariance_matches_a_by_hand_second_moment(smollm2, corpus, covariance):
@@ -43,15 +43,15 @@ def test_key_covariance_matches_a_by_hand_second_moment(smollm2, corpus, covaria
 
 def test_generated_corpus_is_cached_and_reused(smollm2, tmp_path, monkeypatch):
     monkeypatch.setenv("MECHFIN_CACHE", str(tmp_path))
-    first = editing.self_generated_corpus(smollm2, n_sequences=2, n_tokens=5, seed=1)
+    first = key_statistics.self_generated_corpus(smollm2, n_sequences=2, n_tokens=5, seed=1)
     assert list((tmp_path / "corpora").glob("smollm2-135m-*.pt"))
 
     def no_generation(*args, **kwargs):
         raise AssertionError("generated again instead of reading the cache")
 
     monkeypatch.setattr(smollm2.hf_model, "generate", no_generation)
-    assert editing.self_generated_corpus(smollm2, n_sequences=2, n_tokens=5, seed=1) == first
-    assert [len(r) for r in first] == [len(smollm2.token_ids(o)) + 5 for o in editing.CORPUS_OPENERS[:2]]
+    assert key_statistics.self_generated_corpus(smollm2, n_sequences=2, n_tokens=5, seed=1) == first
+    assert [len(r) for r in first] == [len(smollm2.token_ids(o)) + 5 for o in key_statistics.CORPUS_OPENERS[:2]]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -98,10 +98,10 @@ def test_rank_one_update_refuses_a_key_orthogonal_to_its_direction():
 
 
 def test_ngram_entropy_known_values():
-    assert editing.ngram_entropy([7] * 20) == 0.0  # one repeated token: no uncertainty
+    assert edit_eval.ngram_entropy([7] * 20) == 0.0  # one repeated token: no uncertainty
     # 1 2 3 4: three distinct bigrams (log2 3) and two distinct trigrams (1 bit), weighted 2/3 and 4/3
     expected = (2 / 3 * torch.log2(torch.tensor(3.0)).item() + 4 / 3 * 1.0) / 2
-    assert editing.ngram_entropy([1, 2, 3, 4]) == pytest.approx(expected)
+    assert edit_eval.ngram_entropy([1, 2, 3, 4]) == pytest.approx(expected)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -181,7 +181,7 @@ def test_rome_on_the_gpt2_path_maps_the_key_to_the_value(gpt2_random):
     layer = 2
     generator = torch.Generator().manual_seed(0)
     rows = torch.randint(0, gpt2_random.cfg.d_vocab, (36, 100), generator=generator).tolist()  # > d_mlp key vectors
-    covariance = editing.key_covariance(gpt2_random, layer, rows)
+    covariance = key_statistics.key_covariance(gpt2_random, layer, rows)
     request = EditRequest("edit-gpt2", "The capital of France is", "France", " Berlin", " Paris")
     with editing.restoring(gpt2_random, [layer]):
         edit = editing.rome(gpt2_random, request, layer, covariance, [""], ValueParams(steps=3))

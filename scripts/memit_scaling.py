@@ -74,9 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         with editing.restoring(model, layers):
             editing.memit(model, [e.request for e in batch], layers, covariances, prefixes, targets=targets[:size])
             for e in batch:
-                # specificity needs neighbours that were not edited themselves: unedited facts of the same relation,
-                # else (when the batch edits all of them) unedited facts of another relation
-                free = [f for f in known if f not in batch]
+                # specificity needs neighbours that were not edited themselves and whose answer is not the new object:
+                # such facts of the same relation, else (when the batch edits all of them) of another relation
+                free = [f for f in known if f not in batch and f.request.target_true != e.request.target_new]
                 pool = [f for f in free if f.category == e.category] or free
                 neighbours = tuple((f.request.prompt, f.request.target_true) for f in pool[:5])
                 scored = dataclasses.replace(e, neighbours=neighbours)

@@ -274,6 +274,34 @@ def target_token_ids(model: LoadedModel, target: str, label: str) -> list[int]:
     return ids
 
 
+@dataclass
+class _Rewriting:
+    """``prefix + prompt + target[:-1]`` for each prefix, with the target's tokens as labels."""
+
+    rows: list[list[int]]
+    subject_last: Tensor  # [n_prompts]: each prompt's subject's last token
+    target_ids: list[int]
+
+    def nll(self, log_probs: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, " batch"]:
+        """Each rewriting prompt's mean negative log-probability of the target's tokens (the first rows of
+        ``log_probs``). The logits at position p predict token p + 1, so the target's j-th token is read at
+        ``len(row) - len(target) + j``."""
+        n = len(self.target_ids)
+        return torch.stack(
+            [
+                -log_probs[i, [len(row) - n + j for j in range(n)], self.target_ids].sum() / n
+                for i, row in enumerate(self.rows)
+            ]
+        )
+
+
+def _rewriting_prompts(model: LoadedModel, request: EditRequest, prefixes: Sequence[str]) -> _Rewriting:
+    target_ids = target_token_ids(model, request.target_new, request.edit_id)
+    suffix = model.tokenizer.decode(target_ids[:-1])
+    rows, last = _prompt_rows(model, EditRequest(**{**request.__dict__, "prompt": request.prompt + suffix}), prefixes)
+    return _Rewriting(rows, last, target_ids)
+
+
 def optimise_value(
     model: LoadedModel,
     module: torch.nn.Module,
@@ -291,15 +319,12 @@ def optimise_value(
     ``module`` is the MLP for ROME, the whole block (the residual stream after it) for MEMIT.
     """
     # 1. prompts and labels
-    target_ids = target_token_ids(model, request.target_new, request.edit_id)
-    suffix = model.tokenizer.decode(target_ids[:-1])
-    rows, last = _prompt_rows(model, EditRequest(**{**request.__dict__, "prompt": request.prompt + suffix}), prefixes)
+    rewriting = _rewriting_prompts(model, request, prefixes)
+    rows, last = rewriting.rows, rewriting.subject_last
     kl_request = EditRequest(request.edit_id, f"{request.subject} is a", request.subject, "", "")
     kl_rows, kl_last = _prompt_rows(model, kl_request, [""])
     all_rows, all_last = rows + kl_rows, torch.cat([last, kl_last])
     n_rewrite = len(rows)
-    # the logits at position p predict token p + 1: the target's j-th token is read at len(row) - len(target) + j
-    label_positions = [[len(row) - len(target_ids) + j for j in range(len(target_ids))] for row in rows]
     # 2. the initial value (no delta)
     captured: list[Tensor] = []
     handle = module.register_forward_hook(
@@ -324,9 +349,7 @@ def optimise_value(
             with _adding_at(module, torch.arange(len(all_rows)), all_last, delta):
                 logits = padded_logits(model, all_rows)
             log_probs = torch.log_softmax(logits[:n_rewrite], dim=-1)
-            nll_each = torch.stack(
-                [-log_probs[i, label_positions[i], target_ids].sum() / len(target_ids) for i in range(n_rewrite)]
-            )
+            nll_each = rewriting.nll(log_probs)
             nll = nll_each.mean()
             kl_now = torch.log_softmax(logits[n_rewrite:][torch.arange(len(kl_rows)), kl_last], dim=-1)
             kl = params.kl_factor * torch.nn.functional.kl_div(
@@ -547,10 +570,7 @@ def fine_tune(
     ROME's bound for GPT-2 XL (5e-4) moves nothing on SmolLM2 (whose layer-3 entries average 0.15 in size): on
     "The capital of France is" → " Berlin", bounds 5e-4 and 5e-3 leave " Paris" on top after 10 steps, 2e-2 flips
     it. The default is that smallest bound that edits at all."""
-    target_ids = target_token_ids(model, request.target_new, request.edit_id)
-    suffix = model.tokenizer.decode(target_ids[:-1])
-    rows, _ = _prompt_rows(model, EditRequest(**{**request.__dict__, "prompt": request.prompt + suffix}), prefixes)
-    label_positions = [[len(row) - len(target_ids) + j for j in range(len(target_ids))] for row in rows]
+    rewriting = _rewriting_prompts(model, request, prefixes)
     module = output_projection(model, layer)
     original = module.weight.detach().clone()
     others = [p for p in model.hf_model.parameters() if p.requires_grad and p is not module.weight]
@@ -562,10 +582,7 @@ def fine_tune(
     try:
         for step in range(steps):
             optimiser.zero_grad()
-            log_probs = torch.log_softmax(padded_logits(model, rows), dim=-1)
-            nll_each = torch.stack(
-                [-log_probs[i, label_positions[i], target_ids].sum() / len(target_ids) for i in range(len(rows))]
-            )
+            nll_each = rewriting.nll(torch.log_softmax(padded_logits(model, rewriting.rows), dim=-1))
             loss = nll_each.mean()
             history.append({"step": step, "loss": loss.item(), "p_new": torch.exp(-nll_each).mean().item()})
             loss.backward()

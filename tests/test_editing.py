@@ -192,3 +192,16 @@ def test_rome_on_the_gpt2_path_maps_the_key_to_the_value(gpt2_random):
         handle.remove()
         subject_last = locate_subject(gpt2_random, request.prompt, request.subject)[1] - 1
         torch.testing.assert_close(seen[0][0, subject_last], edit.value.target, rtol=1e-4, atol=1e-4)
+
+
+def test_fine_tune_keeps_every_entry_within_its_bound_and_restores(smollm2):
+    """FT-L changes only the chosen matrix, each entry by at most ``max_change``; restoring gives it back exactly."""
+    other = editing.output_matrix(smollm2, LAYER + 1).detach().clone()
+    with editing.restoring(smollm2, [LAYER]) as saved:
+        history = editing.fine_tune(smollm2, FRANCE, LAYER, [""], steps=3, learning_rate=1e-2, max_change=2e-3)
+        change = editing.output_matrix(smollm2, LAYER).detach() - saved.saved[LAYER]
+        assert change.abs().max() <= 2e-3 + 1e-7 and change.abs().max() > 0
+        assert torch.equal(editing.output_matrix(smollm2, LAYER + 1).detach(), other)
+        assert [h["step"] for h in history] == [0, 1, 2] and history[-1]["loss"] < history[0]["loss"]
+    assert torch.equal(editing.output_matrix(smollm2, LAYER).detach(), saved.saved[LAYER])
+    assert all(p.requires_grad for p in smollm2.hf_model.parameters())  # gradients switched back on everywhere

@@ -24,10 +24,13 @@ import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from mechfin_utils.edit_eval import COUNTERFACT_COLUMNS, PARAPHRASE_SEPARATOR  # noqa: E402  (the loader's own schema)
+
 FACTS = REPO_ROOT / "data" / "factual_prompts.csv"
 OUT = REPO_ROOT / "data" / "counterfact_edits.csv"
 N_NEIGHBOURS = 5
-SEPARATOR = " | "
 
 # Two paraphrases of each relation, written by hand; "{s}" is the subject, the answer comes next.
 PARAPHRASES: dict[str, tuple[str, str]] = {
@@ -42,19 +45,6 @@ PARAPHRASES: dict[str, tuple[str, str]] = {
     "author": ("The author of {s} is", "{s} is a book by"),
     "founder": ("The founder of {s} is", "{s} was started by"),
 }
-
-COLUMNS = [
-    "edit_id",
-    "fact_id",
-    "category",
-    "subject",
-    "prompt",
-    "target_true",
-    "target_new",
-    "target_new_from",
-    "paraphrases",
-    "neighbours",
-]
 
 
 def build(rows: list[dict]) -> tuple[list[dict], list[str]]:
@@ -89,7 +79,7 @@ def build(rows: list[dict]) -> tuple[list[dict], list[str]]:
                     "target_true": fact["answer"],
                     "target_new": target["answer"],
                     "target_new_from": target["fact_id"],
-                    "paraphrases": SEPARATOR.join(p.format(s=subject) for p in PARAPHRASES[category]),
+                    "paraphrases": PARAPHRASE_SEPARATOR.join(p.format(s=subject) for p in PARAPHRASES[category]),
                     "neighbours": ";".join(neighbours[:N_NEIGHBOURS]),
                 }
             )
@@ -101,7 +91,7 @@ def main() -> int:
         rows = list(csv.DictReader(handle))
     edits, dropped = build(rows)
     with OUT.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS, lineterminator="\n")
+        writer = csv.DictWriter(handle, fieldnames=COUNTERFACT_COLUMNS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(edits)
     print(f"{len(edits)} edit requests written to {OUT.relative_to(REPO_ROOT)}")

@@ -165,14 +165,12 @@ def requests_known_to(model: LoadedModel, edits: Sequence[CounterfactEdit]) -> l
     not know measure nothing). The CSV is built from SmolLM2's filter; another model keeps its own subset."""
     if not edits:
         return []
-    kept = []
-    for edit in edits:
-        ids = torch.tensor([model.token_ids(edit.request.prompt)])
-        with torch.no_grad():
-            top = model.hf_model(input_ids=ids).logits[0, -1].argmax().item()
-        if top == model.tokenizer(edit.request.target_true, add_special_tokens=False)["input_ids"][0]:
-            kept.append(edit)
-    return kept
+    return [
+        edit
+        for edit in edits
+        if next_token_logits(model, edit.request.prompt).argmax().item()
+        == target_token_ids(model, edit.request.target_true, edit.request.edit_id)[0]
+    ]
 
 
 def evaluate_edit(model: LoadedModel, edit: CounterfactEdit, *, n_generated: int = 30) -> dict:

@@ -129,14 +129,15 @@ class KeyCovariance:
 
 
 @torch.no_grad()
-def key_covariance(
-    model: LoadedModel, layer: int, corpus: Sequence[Sequence[int]], *, batch_size: int = 16
-) -> KeyCovariance:
-    """The keys' second moment at ``layer`` over every position of ``corpus`` (BOS rows left out).
-
-    ``d_mlp`` directions need well over ``d_mlp`` tokens for ``C`` to be invertible; fewer is an error.
-    """
-    total, count = None, 0
+def _prefix_covariances(
+    model: LoadedModel, layer: int, corpus: Sequence[Sequence[int]], stops: Sequence[int], batch_size: int = 16
+) -> dict[int, KeyCovariance | None]:
+    """One pass over ``corpus``: the keys' second moment over its first ``n`` texts for each ``n`` in ``stops``
+    (None where too few key vectors make it singular). BOS rows are left out; each forward stops at ``layer``."""
+    d_mlp = output_matrix(model, layer).shape[1]
+    first = 1 if model.prepend_bos else 0  # the BOS key is the same in every text: leave it out
+    wanted, out = set(stops), {}
+    total, count, done = None, 0, 0
     with reading_keys(model, layer, stop=True) as seen:
         for start in range(0, len(corpus), batch_size):
             rows = corpus[start : start + batch_size]
@@ -146,14 +147,27 @@ def key_covariance(
                 pass
             keys = seen.pop()
             for i, row in enumerate(rows):
-                first = 1 if model.prepend_bos else 0  # the BOS key is the same in every text: leave it out
                 k = keys[i, first : len(row)].double()
                 total = k.T @ k if total is None else total + k.T @ k
-                count += k.shape[0]
-    d_mlp = output_matrix(model, layer).shape[1]
-    if total is None or count <= d_mlp:
-        raise ValueError(f"key_covariance: {count} key vectors for d_mlp = {d_mlp}; use a larger corpus")
-    return KeyCovariance(layer, (total / count).float(), count)
+                count, done = count + k.shape[0], done + 1
+                if done in wanted:
+                    out[done] = KeyCovariance(layer, (total / count).float(), count) if count > d_mlp else None
+    return out
+
+
+def key_covariance(
+    model: LoadedModel, layer: int, corpus: Sequence[Sequence[int]], *, batch_size: int = 16
+) -> KeyCovariance:
+    """The keys' second moment at ``layer`` over every position of ``corpus`` (BOS rows left out).
+
+    ``d_mlp`` directions need well over ``d_mlp`` tokens for ``C`` to be invertible; fewer is an error.
+    """
+    estimate = _prefix_covariances(model, layer, corpus, [len(corpus)], batch_size).get(len(corpus))
+    if estimate is None:
+        n_keys = sum(max(0, len(row) - (1 if model.prepend_bos else 0)) for row in corpus)
+        d_mlp = output_matrix(model, layer).shape[1]
+        raise ValueError(f"key_covariance: {n_keys} key vectors for d_mlp = {d_mlp}; use a larger corpus")
+    return estimate
 
 
 def covariance_convergence(
@@ -164,15 +178,18 @@ def covariance_convergence(
     fractions: Sequence[float] = (0.125, 0.25, 0.5, 1.0),
 ) -> list[dict]:
     """How the estimate settles as the corpus grows: for each fraction of ``corpus``, the tokens used and the mean
-    cosine between ``C⁻¹k`` (ROME's update direction) for ``probe_keys`` and the same from the whole corpus."""
-    full = key_covariance(model, layer, corpus)
+    cosine between ``C⁻¹k`` (ROME's update direction) for ``probe_keys`` and the same from the whole corpus.
+    Every prefix comes from one pass over the corpus."""
+    sizes = {fraction: max(1, round(len(corpus) * fraction)) for fraction in fractions}
+    estimates = _prefix_covariances(model, layer, corpus, [*sizes.values(), len(corpus)])
+    full = estimates[len(corpus)]
+    if full is None:
+        key_covariance(model, layer, corpus)  # raises, naming the count
     reference = full.solve(probe_keys)
     rows = []
-    for fraction in fractions:
-        part = corpus[: max(1, round(len(corpus) * fraction))]
-        try:
-            estimate = key_covariance(model, layer, part)
-        except ValueError:
+    for fraction, size in sizes.items():
+        estimate = estimates[size]
+        if estimate is None:
             continue  # too few tokens for an invertible estimate at this size
         directions = estimate.solve(probe_keys)
         cosine = torch.nn.functional.cosine_similarity(directions, reference, dim=0)

@@ -21,6 +21,7 @@ import torch
 
 from .circuit_tasks import CircuitTask, task_from_answer_batches
 from .circuits import Circuit
+from .editing import target_token_ids
 from .models import LoadedModel
 
 
@@ -33,10 +34,8 @@ class _OnePair:
 
 
 def first_token_id(model: LoadedModel, answer: str, label: str) -> int:
-    ids = model.tokenizer(answer, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise ValueError(f"{label}: the answer {answer!r} is empty")
-    return int(ids[0])
+    """The answer's first token (an empty answer is an error naming ``label``)."""
+    return target_token_ids(model, answer, label)[0]
 
 
 def fact_task(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pandas as pd
 
 from mechfin_utils.circuits import INPUT_NODE, OUTPUT_NODE, Circuit, KnockoutReport, Node, acdc_order
+from mechfin_utils.plots import model_title
 
 
 def size_faithfulness_figure(table: pd.DataFrame, model, task_name: str):
@@ -196,5 +197,149 @@ def circuit_figure(circuit: Circuit, model, title: str | None = None, max_edges:
         plot_bgcolor="white",
         height=420 + 12 * n_heads,
         width=max(700, 45 * n_layers + 200),
+    )
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Edge-level circuits
+# ---------------------------------------------------------------------------------------------------------
+
+
+def faithfulness_curves_figure(table: pd.DataFrame, model, task_name: str, n_edges_total: int):
+    """Edges kept (log axis) against faithfulness measured by exact edge patching, one line per method."""
+    import plotly.graph_objects as go
+
+    needed = {"method", "n_edges", "faithfulness"}
+    if not needed <= set(table.columns):
+        raise ValueError(f"table needs columns {sorted(needed)}, missing {sorted(needed - set(table.columns))}")
+    fig = go.Figure()
+    for method, rows in table.groupby("method", sort=False):
+        rows = rows.sort_values("n_edges")
+        fig.add_trace(
+            go.Scatter(
+                x=rows["n_edges"],
+                y=rows["faithfulness"],
+                mode="lines+markers",
+                name=str(method),
+                hovertemplate=f"{method}: %{{x}} edges, faithfulness %{{y:.3f}}<extra></extra>",
+            )
+        )
+    fig.add_hline(y=1.0, line_dash="dot", line_color="grey", annotation_text="full model")
+    fig.add_hline(y=0.0, line_dash="dot", line_color="grey", annotation_text="corrupted run")
+    fig.update_layout(
+        title=f"{task_name}: edges kept vs faithfulness (exact edge patching) — {model.name}",
+        xaxis=dict(title=f"edges kept (of {n_edges_total:,}; log scale)", type="log"),
+        yaxis_title="faithfulness (1 = full model, 0 = corrupted)",
+        plot_bgcolor="white",
+        width=900,
+        height=480,
+    )
+    return fig
+
+
+def edge_circuit_figure(graph, kept, scores, model, title: str):
+    """An edge circuit: heads at (layer, head), MLPs on the bottom row, input on the left and logits on the right;
+    one line per kept edge, red where patching it lowers the metric (it carries the behaviour), blue where it raises
+    it. Key/value receivers of a grouped-query head are drawn at the middle of the query heads that share them."""
+    import plotly.graph_objects as go
+
+    n_layers, n_heads = graph.n_layers, graph.n_heads
+    rep = n_heads // graph.n_kv_heads
+    mlp_y, mid = -1.5, (n_heads - 1) / 2
+
+    def sender_xy(u: int) -> tuple[float, float]:
+        if u == 0:
+            return (-1.0, mid)
+        layer, offset = divmod(u - 1, n_heads + 1)
+        return (layer, mlp_y if offset == n_heads else offset)
+
+    def receiver_xy(d: int) -> tuple[float, float]:
+        if d == graph.logits_receiver:
+            return (n_layers, mid)
+        layer, offset = divmod(d, graph.receivers_per_layer)
+        if offset == graph.receivers_per_layer - 1:
+            return (layer, mlp_y)
+        if offset < n_heads:
+            return (layer - 0.12, offset)
+        group = (offset - n_heads) % graph.n_kv_heads
+        return (layer - 0.12, group * rep + (rep - 1) / 2)
+
+    edges = kept.nonzero().tolist()
+    traces = []
+    for sign, colour, label in (
+        (-1, "rgba(214,39,40,0.55)", "patching lowers the metric"),
+        (1, "rgba(31,119,180,0.55)", "patching raises it"),
+    ):
+        xs, ys = [], []
+        for u, d in edges:
+            if (float(scores[u, d]) < 0) == (sign < 0):
+                (x0, y0), (x1, y1) = sender_xy(u), receiver_xy(d)
+                xs += [x0, x1, None]
+                ys += [y0, y1, None]
+        traces.append(
+            go.Scatter(x=xs, y=ys, mode="lines", line=dict(width=1, color=colour), name=label, hoverinfo="skip")
+        )
+    nodes = graph.nodes_of(kept)
+    index = {n: i for i, n in enumerate(graph.sender_names())}
+    points = [sender_xy(index[n]) for n in nodes]
+    traces.append(
+        go.Scatter(
+            x=[p[0] for p in points] + [-1.0, n_layers],
+            y=[p[1] for p in points] + [mid, mid],
+            mode="markers+text",
+            text=nodes + ["input", "logits"],
+            textposition="top center",
+            textfont=dict(size=8),
+            marker=dict(
+                size=[10] * len(nodes) + [16, 16],
+                symbol=["square" if n.startswith("MLP") else "circle" for n in nodes] + ["diamond", "diamond"],
+                color=["#444"] * len(nodes) + ["black", "black"],
+            ),
+            name="nodes",
+            hoverinfo="text",
+        )
+    )
+    fig = go.Figure(traces)
+    fig.update_layout(
+        title=f"{model_title(title, model)}<br><sup>{len(edges):,} of {graph.n_edges:,} edges, {len(nodes)} nodes</sup>",
+        xaxis=dict(title="layer", tickmode="linear", dtick=1 if n_layers <= 16 else 2, zeroline=False),
+        yaxis=dict(
+            title="head", zeroline=False, tickvals=[mlp_y, *range(n_heads)], ticktext=["MLP", *map(str, range(n_heads))]
+        ),
+        legend=dict(orientation="h", yanchor="top", y=-0.18, xanchor="left", x=0),
+        plot_bgcolor="white",
+        height=420 + 12 * n_heads,
+        width=max(700, 45 * n_layers + 200),
+    )
+    return fig
+
+
+def stability_figure(stability, model, task_name: str, top: int = 40):
+    """How often each node is in the bootstrap circuits (the ``top`` most frequent), with the Jaccard summary."""
+    import plotly.graph_objects as go
+
+    freq = stability.node_frequency.head(top)
+    summary = stability.summary()
+    fig = go.Figure(
+        go.Bar(
+            x=list(freq.index),
+            y=list(freq.values),
+            marker_color=["#2ca02c" if v == 1 else "#7f7f7f" for v in freq.values],
+        )
+    )
+    fig.add_hline(y=1.0, line_dash="dot", line_color="grey")
+    fig.update_layout(
+        title=(
+            f"{task_name}: nodes in {summary['n_boot']} bootstrap circuits of {summary['n_edges']} edges "
+            f"({summary['method']} {summary['selection']}) — {model.name}<br><sup>mean pairwise Jaccard "
+            f"{summary['mean_pairwise_jaccard']:.2f} (min {summary['min_pairwise_jaccard']:.2f}; stable means >= 0.8); "
+            f"{summary['nodes_always']} nodes always in, {summary['nodes_sometimes']} sometimes, {summary['nodes_never']} never</sup>"
+        ),
+        xaxis_title="node (most frequent first; green = in every resample)",
+        yaxis_title="share of resamples",
+        plot_bgcolor="white",
+        width=1100,
+        height=480,
     )
     return fig

@@ -364,6 +364,20 @@ def greater_than_task(
     )
 
 
+# --- tasks scored by an answer pair ---------------------------------------------------------------------
+
+
+@dataclass
+class AnswerBatch:
+    """Prompts of one token length with the answer pair each is scored by (``[batch, 2]``: expected answer first);
+    what :func:`task_from_answer_batches` needs, for tasks built outside :mod:`mechfin_utils.tasks` (IOI, addition)."""
+
+    clean_tokens: Int[Tensor, "batch pos"]
+    corrupted_tokens: Int[Tensor, "batch pos"]
+    answer_tokens: Int[Tensor, "batch 2"]
+    ids: list[str]
+
+
 # --- fair lending ----------------------------------------------------------------------------------------
 
 

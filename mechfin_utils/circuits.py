@@ -44,14 +44,13 @@ Knock out as many random nodes from outside the circuit (seeded draws; by defaul
 of MLPs, or, when the circuit holds most MLPs, the same number of nodes of any kind): the metric should barely
 move. :func:`knockout_test` reports both, with the mean and spread over the draws.
 
-**Edges, and why pruning stops at nodes here.** ACDC proper prunes *edges*: the path from a sender's output to
-one receiver's input (a head's query/key/value input, an MLP's input, the logits), patched by giving that one
-receiver a residual stream in which only that sender's output is swapped. Doing this exactly needs a separate
-input per receiving head (TransformerLens's split-QKV inputs; ambiguous for grouped-query attention such as
-SmolLM2's, where 3 query heads share each key/value head) and one forward pass per edge: tens of thousands of
-edges in a full model, hours on a CPU. We decided against it here: this module prunes nodes, exactly, with
-one forward pass per node; the edges in a circuit (:attr:`Circuit.edges`) are the residual-stream connections
-*implied* by its nodes (every kept node feeds every kept node downstream of it), not separately tested.
+**Nodes here, edges in** :mod:`mechfin_utils.edge_attribution`. ACDC proper prunes *edges*: the path from a
+sender's output to one receiver's input (a head's query/key/value input, an MLP's input, the logits). Testing every
+edge by patching is tens of thousands of forward passes on a CPU, so this module prunes nodes, exactly, with one pass
+per node, and :attr:`Circuit.edges` lists the residual-stream connections *implied* by the kept nodes. Edge-level
+circuits are scored by gradients (EAP, EAP-IG) and checked by exact edge patching in
+:mod:`mechfin_utils.edge_attribution`, where :func:`~mechfin_utils.edge_attribution.node_circuit_curve` puts this
+module's circuits on the same axes (a node circuit as its edge set gives the same run as the node ablation; tested).
 
 **Tasks** are in :mod:`mechfin_utils.circuit_tasks` (greater-than, Hanna et al. 2023; fair lending, the paper's
 task): batches of (clean tokens, corrupted tokens, per-prompt score function of the logits). **Figures** are in

@@ -18,6 +18,10 @@ Hanna, Liu & Variengien (2023), greater-than on GPT-2 Small: :data:`GREATER_THAN
 and 10 carry most of the computation) and :data:`GREATER_THAN_HEAD_LAYERS` (the layers of its attention heads,
 which move the start year to the final position).
 
+Wang et al. (2022), "Interpretability in the wild" (indirect-object identification, IOI), on GPT-2 Small with their
+templates: :data:`IOI_LOGIT_DIFF` (mean ``logit(IO) - logit(S)``, about 3.55) and :data:`IOI_HEADS` (the circuit's
+head classes: name movers, negative name movers, S-inhibition, induction, duplicate-token and previous-token heads).
+
 Heads are written ``"layer.head"``; signs are ``"positive"`` (toward " Yes") or ``"negative"``.
 """
 
@@ -57,6 +61,16 @@ HEAD_PATCHING: dict[str, Sign] = {
 
 GREATER_THAN_MLPS: tuple[int, ...] = (8, 9, 10, 11)
 GREATER_THAN_HEAD_LAYERS: tuple[int, ...] = (5, 6, 7, 8, 9)
+
+IOI_LOGIT_DIFF = 3.55
+IOI_HEADS: dict[str, tuple[str, ...]] = {
+    "name mover": ("9.9", "9.6", "10.0"),
+    "negative name mover": ("10.7", "11.10"),
+    "S-inhibition": ("7.3", "7.9", "8.6", "8.10"),
+    "induction": ("5.5", "6.9"),
+    "duplicate token": ("0.1", "3.0"),
+    "previous token": ("2.2", "4.11"),
+}
 
 _LAYER_WORDS = {"mlp_out": "MLP", "attn_out": "attention layer"}
 

@@ -1,0 +1,268 @@
+"""Indirect-object identification (Wang et al. 2022): a known-answer task for circuit methods.
+
+"When Mary and John went to the store, John gave a drink to" -> " Mary". GPT-2 Small solves it with a circuit that
+Wang et al. mapped head by head: *name movers* at the end position attend to the indirect object (IO) and copy its
+name into the logits; *S-inhibition* heads tell their queries to avoid the repeated subject (S); induction and
+duplicate-token heads find the repetition. Because that answer is known, IOI is where a circuit method shows it
+can find a real mechanism before it is trusted on a task without one (fair lending).
+
+* :func:`load_ioi` reads ``data/ioi.csv`` (``data/build_ioi.py``, data card in ``data/README.md``), naming the file,
+  line, id and field of every bad row at once.
+* :func:`ioi_task` makes the :class:`~mechfin_utils.circuit_tasks.CircuitTask` (metric ``logit(IO) - logit(S)``;
+  the corrupted prompt has three unrelated names), listing rows the model's tokenizer cannot use.
+* :func:`head_roles` measures, per head, the two signatures of a name mover -- its direct effect on the logit
+  difference (DLA) and how much more the end position attends to IO than to S -- and, given edge scores, each head's
+  effect through the name movers' *queries* (the S-inhibition signature, Wang et al.'s path patching to the
+  name movers' queries, read from EAP-IG edge scores).
+* :func:`paper_comparison` is the table against Wang et al.'s GPT-2 Small heads; the notebook shows it only when
+  GPT-2 Small is the model.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from mechfin_utils import paper_claims
+from mechfin_utils.circuit_tasks import AnswerBatch, CircuitTask, task_from_answer_batches
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+IOI_CSV = DATA_DIR / "ioi.csv"
+IOI_COLUMNS = ("prompt_id", "template_id", "order", "io", "s", "place", "object", "clean_prompt", "corrupted_prompt")
+
+
+class IOIDataError(ValueError):
+    """Malformed rows of the IOI CSV; the message names the file, line, prompt_id and field of each."""
+
+
+@dataclass(frozen=True)
+class IOIPrompt:
+    prompt_id: str
+    template_id: str
+    order: str
+    io: str
+    s: str
+    clean_prompt: str
+    corrupted_prompt: str
+
+
+def load_ioi(path: str | Path | None = None) -> list[IOIPrompt]:
+    """Every row of ``data/ioi.csv`` (or ``path``), checked; all bad rows are reported together."""
+    path = Path(path or IOI_CSV)
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        if tuple(reader.fieldnames or ()) != IOI_COLUMNS:
+            raise IOIDataError(f"{path}: columns {reader.fieldnames} are not {list(IOI_COLUMNS)}")
+        rows = list(reader)
+    problems, prompts, seen = [], [], set()
+    for line, row in enumerate(rows, start=2):
+        where = f"{path}:{line} ({row.get('prompt_id') or '?'})"
+        empty = [c for c in IOI_COLUMNS if not (row.get(c) or "").strip()]
+        if empty:
+            problems.append(f"{where}: empty field(s) {empty}")
+            continue
+        if row["prompt_id"] in seen:
+            problems.append(f"{where}: prompt_id: duplicate")
+        seen.add(row["prompt_id"])
+        if row["order"] not in ("ABBA", "BABA"):
+            problems.append(f"{where}: order: {row['order']!r} is not ABBA or BABA")
+        words = row["clean_prompt"].replace(",", " ").replace(".", " ").split()
+        if words.count(row["io"]) != 1 or words.count(row["s"]) != 2 or row["io"] == row["s"]:
+            problems.append(
+                f"{where}: clean_prompt: must name io once and s twice ({row['io']!r} x {words.count(row['io'])}, "
+                f"{row['s']!r} x {words.count(row['s'])})"
+            )
+        corrupted = row["corrupted_prompt"].replace(",", " ").replace(".", " ").split()
+        if row["io"] in corrupted or row["s"] in corrupted or len(corrupted) != len(words):
+            problems.append(f"{where}: corrupted_prompt: must have the clean prompt's words with other names")
+        prompts.append(
+            IOIPrompt(
+                row["prompt_id"],
+                row["template_id"],
+                row["order"],
+                row["io"],
+                row["s"],
+                row["clean_prompt"],
+                row["corrupted_prompt"],
+            )
+        )
+    if problems:
+        raise IOIDataError(f"{len(problems)} bad row(s):\n" + "\n".join(problems))
+    return prompts
+
+
+@dataclass
+class IOITask:
+    """The circuit task plus, per kept prompt, where IO and the first S sit (for attention readings)."""
+
+    task: CircuitTask
+    answer_batches: list[AnswerBatch]  # the task's batches with their answer pairs [IO, S]
+    prompts: list[IOIPrompt]
+    io_positions: list[int]
+    s_positions: list[int]
+
+
+def ioi_task(model, *, n_prompts: int | None = None, seed: int = 0, max_batch: int | None = None) -> IOITask:
+    """IOI for ``model``: clean and ABC-corrupted prompts, metric ``logit(IO) - logit(S)`` at the last position.
+
+    A row is excluded, and listed in ``task.excluded``, when a name is not one token (with its leading space) or the
+    clean and corrupted prompts differ in token length. ``n_prompts`` draws that many usable rows (seeded, spread
+    over templates by the draw); rows are batched by token length.
+    """
+    import random
+
+    usable, excluded = [], []
+    for prompt in load_ioi():
+        io_ids, s_ids = model.token_ids(" " + prompt.io), model.token_ids(" " + prompt.s)
+        bos = 1 if getattr(model, "prepend_bos", False) else 0
+        if len(io_ids) != 1 + bos or len(s_ids) != 1 + bos:
+            excluded.append((prompt.prompt_id, f"a name is not one token: {prompt.io!r}, {prompt.s!r}"))
+            continue
+        clean, corrupted = model.token_ids(prompt.clean_prompt), model.token_ids(prompt.corrupted_prompt)
+        if len(clean) != len(corrupted):
+            excluded.append((prompt.prompt_id, f"clean {len(clean)} vs corrupted {len(corrupted)} tokens"))
+            continue
+        usable.append((prompt, clean, corrupted, io_ids[-1], s_ids[-1]))
+    if not usable:
+        raise ValueError(f"no IOI prompt is usable with {model.name}; first exclusions: {excluded[:3]}")
+    if n_prompts is not None:
+        if not 1 <= n_prompts <= len(usable):
+            raise ValueError(f"n_prompts must be in [1, {len(usable)}] (usable rows), got {n_prompts}")
+        usable = [usable[i] for i in sorted(random.Random(seed).sample(range(len(usable)), n_prompts))]
+    by_length = defaultdict(list)
+    for item in usable:
+        by_length[len(item[1])].append(item)
+    batches, kept, io_pos, s_pos = [], [], [], []
+    for length in sorted(by_length):
+        group = by_length[length]
+        step = max_batch or len(group)
+        for start in range(0, len(group), step):
+            chunk = group[start : start + step]
+            batches.append(
+                AnswerBatch(
+                    clean_tokens=torch.tensor([c for _, c, _, _, _ in chunk]),
+                    corrupted_tokens=torch.tensor([c for _, _, c, _, _ in chunk]),
+                    answer_tokens=torch.tensor([[io, s] for _, _, _, io, s in chunk]),
+                    ids=[p.prompt_id for p, _, _, _, _ in chunk],
+                )
+            )
+            for prompt, clean, _, io, s in chunk:
+                kept.append(prompt)
+                io_pos.append(clean.index(io))
+                s_pos.append(clean.index(s))
+    task = task_from_answer_batches("IOI", batches, excluded=excluded, metric_name="logit(IO) - logit(S)")
+    task.notes = f"{len(usable)} rows used; corrupted prompts replace the three names by unrelated ones (ABC)"
+    return IOITask(task, batches, kept, io_pos, s_pos)
+
+
+def logit_differences(model, ioi: IOITask) -> pd.DataFrame:
+    """Per prompt: the clean and corrupted ``logit(IO) - logit(S)`` (a plain forward pass each)."""
+    rows = []
+    with torch.no_grad():
+        for batch in ioi.task.batches:
+            for which, tokens in (("clean", batch.clean_tokens), ("corrupted", batch.corrupted_tokens)):
+                scores = batch.score(model.hf_model(tokens).logits[:, -1:])
+                rows += [{"prompt_id": i, "run": which, "logit_diff": float(v)} for i, v in zip(batch.ids, scores)]
+    table = pd.DataFrame(rows).pivot(index="prompt_id", columns="run", values="logit_diff")
+    templates = {p.prompt_id: p.template_id for p in ioi.prompts}
+    orders = {p.prompt_id: p.order for p in ioi.prompts}
+    return table.assign(template=table.index.map(templates), order=table.index.map(orders)).reset_index()
+
+
+def head_roles(model, ioi: IOITask, edge_scores=None) -> pd.DataFrame:
+    """One row per head: ``dla`` (mean direct effect on ``logit(IO) - logit(S)``), ``attn_io`` / ``attn_s`` (mean
+    attention from the end position to IO and to the first S) and, given EAP-IG ``edge_scores`` on this task,
+    ``via_name_mover_queries``: the summed score of the head's edges into the queries of the name-mover candidates
+    (negative: patching those edges lowers the logit difference, so the head helps through the name movers'
+    queries, as S-inhibition heads do). Name-mover candidates are the heads with positive DLA that attend more to
+    IO than to S; the five largest by DLA are used for the query scores."""
+    from mechfin_utils import dla
+    from mechfin_utils.functional import FunctionalTransformer
+
+    fm = FunctionalTransformer.from_model(model)
+    dla_parts, attn_io, attn_s = [], [], []
+    offset = 0
+    for batch in ioi.answer_batches:
+        n = batch.clean_tokens.shape[0]
+        dla_parts.append(dla.head_attribution(model, batch.clean_tokens, batch.answer_tokens).heads)
+        with torch.no_grad():
+            pattern = fm.record(batch.clean_tokens, keep=("pattern",)).pattern  # [layer, n, head, q, k]
+        rows = torch.arange(n)
+        io = torch.tensor(ioi.io_positions[offset : offset + n])
+        s = torch.tensor(ioi.s_positions[offset : offset + n])
+        last = pattern[:, :, :, -1, :].permute(1, 0, 2, 3)  # [n, layer, head, key]: from the end position
+        attn_io.append(last[rows, :, :, io])  # [n, layer, head]
+        attn_s.append(last[rows, :, :, s])
+        offset += n
+    values = torch.cat(dla_parts).mean(0)
+    io_mean, s_mean = torch.cat(attn_io).mean(0), torch.cat(attn_s).mean(0)
+    n_layers, n_heads = values.shape
+    table = pd.DataFrame(
+        {
+            "head": [f"{layer}.{head}" for layer in range(n_layers) for head in range(n_heads)],
+            "layer": [layer for layer in range(n_layers) for _ in range(n_heads)],
+            "dla": values.flatten().tolist(),
+            "attn_io": io_mean.flatten().tolist(),
+            "attn_s": s_mean.flatten().tolist(),
+        }
+    )
+    table["name_mover_candidate"] = (table["dla"] > 0) & (table["attn_io"] > table["attn_s"])
+    movers = table[table["name_mover_candidate"]].nlargest(5, "dla")
+    if edge_scores is not None:
+        graph, mean = edge_scores.graph, edge_scores.mean
+        query_receivers = [
+            graph.attention_receivers(int(h.split(".")[0])).start + int(h.split(".")[1]) for h in movers["head"]
+        ]
+        via = [
+            float(mean[graph.head_sender(layer, head), query_receivers].sum())
+            for layer in range(n_layers)
+            for head in range(n_heads)
+        ]
+        table["via_name_mover_queries"] = via
+    table.attrs["name_movers_used"] = list(movers["head"])
+    return table
+
+
+def paper_comparison(roles: pd.DataFrame, logit_diff: float) -> pd.DataFrame:
+    """Wang et al.'s GPT-2 Small findings next to this run's: the mean logit difference, then each published head
+    with its DLA rank here (1 = largest positive) and whether it is a name-mover candidate. GPT-2 Small only."""
+    ranked = roles.sort_values("dla", ascending=False).reset_index(drop=True)
+    rank = {head: i + 1 for i, head in enumerate(ranked["head"])}
+    rows = [
+        {
+            "claim": "mean logit(IO) - logit(S)",
+            "paper": paper_claims.IOI_LOGIT_DIFF,
+            "this run": round(logit_diff, 3),
+        }
+    ]
+    by_head = roles.set_index("head")
+    for role, heads in paper_claims.IOI_HEADS.items():
+        for head in heads:
+            if head not in by_head.index:
+                continue
+            rows.append(
+                {
+                    "claim": f"{role} head {head}",
+                    "paper": role,
+                    "this run": f"DLA {by_head.loc[head, 'dla']:+.3f} (rank {rank[head]} of {len(rank)}), "
+                    f"name-mover candidate: {bool(by_head.loc[head, 'name_mover_candidate'])}",
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def candidates(roles: pd.DataFrame, n: int = 5) -> dict[str, list[str]]:
+    """The top name-mover and S-inhibition candidates (by DLA among name-mover-like heads; by the most negative
+    score through the name movers' queries, among heads below them)."""
+    movers = list(roles[roles["name_mover_candidate"]].nlargest(n, "dla")["head"])
+    out = {"name movers": movers}
+    if "via_name_mover_queries" in roles:
+        first = min(int(h.split(".")[0]) for h in movers) if movers else len(roles)
+        below = roles[(roles["layer"] < first)]
+        out["S-inhibition"] = list(below.nsmallest(n, "via_name_mover_queries")["head"])
+    return out

@@ -17,12 +17,16 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 # Each analysis runs on the model it can explain. The fine-tuned screener makes the fair-lending decision, so it gets
 # the fair-lending analyses: baseline, attention, DLA, heads, patching (00-04), causal tracing (06), projections (07).
 # The embedded base model barely separates the prompts (its notebook 00 says so), so it gets its behaviour (00), the
-# survey's tasks it does perform (05 greater-than, 06 facts, 09 editing facts) and the comparison with its screener
-# (08). GPT-2 Small, the paper's model, runs every notebook. SCREENER= (empty) skips the screener.
+# survey's tasks it does perform (05 greater-than, 06 facts, 09 editing facts, 10 greater-than and IOI edges, 11
+# addition) and the comparison with its screener (08; 10 also reads the screener's fair-lending edges). GPT-2 Small,
+# the paper's model, runs every notebook. SCREENER= (empty) skips the screener.
 SCREENER ?= $(if $(filter gpt2,$(MODEL)),gpt2-screener,smollm2-135m-screener)
 FAIR_LENDING_ONLY := notebooks/01_% notebooks/02_% notebooks/03_% notebooks/04_% notebooks/07_%
 BASE_NOTEBOOKS ?= $(if $(filter gpt2,$(MODEL)),$(NOTEBOOKS),$(filter-out $(FAIR_LENDING_ONLY),$(NOTEBOOKS)))
-SCREENER_NOTEBOOKS := $(filter-out notebooks/05_% notebooks/08_% notebooks/09_%,$(NOTEBOOKS))
+SCREENER_NOTEBOOKS := $(filter-out notebooks/05_% notebooks/08_% notebooks/09_% notebooks/10_% notebooks/11_%,$(NOTEBOOKS))
+# Two notebooks at a time, one torch thread each (longest first): on 2 cores the set finishes sooner than one
+# notebook at a time with two threads (see run_figures.py). FIGURE_WORKERS=1 runs them one by one, in order.
+FIGURE_WORKERS ?= 2
 
 .PHONY: setup test lint test-unit test-notebooks figures bench lab clean chromium
 
@@ -77,9 +81,8 @@ test-notebooks:
 	MECHFIN_FAST=1 MECHFIN_FIGURES_DIR=$$(mktemp -d) $(PARALLEL) --dist loadscope --nbval-lax -q -p no:cacheprovider $(NOTEBOOKS)
 
 figures:
-	$(PY) -m mechfin_utils.run_figures --model "$(MODEL)" --gpt2-path "$(GPT2_PATH)" $(BASE_NOTEBOOKS)
-	@if [ -n "$(SCREENER)" ]; then \
-		$(PY) -m mechfin_utils.run_figures --model "$(SCREENER)" --gpt2-path "$(GPT2_PATH)" $(SCREENER_NOTEBOOKS); fi
+	$(PY) -m mechfin_utils.run_figures --workers $(FIGURE_WORKERS) --model "$(MODEL)" --gpt2-path "$(GPT2_PATH)" \
+		$(BASE_NOTEBOOKS) $(if $(SCREENER),@$(SCREENER) $(SCREENER_NOTEBOOKS))
 	@echo "Figures written under figures/ (each model's manifest.json records the times)"
 
 bench:

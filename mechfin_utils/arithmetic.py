@@ -197,6 +197,7 @@ class NeuronAttribution:
 
     model_name: str
     ids: list[str]
+    layers: list[int]  # the layers measured, in order (axis 0 below)
     neurons: Float[Tensor, "layer n d_mlp"]
     bias: Float[Tensor, "layer n"]
     increase: Float[Tensor, "layer n"]
@@ -215,39 +216,42 @@ class NeuronAttribution:
         among ``layers`` (all when None)."""
         mean = self.mean.clone()
         if layers is not None:
-            outside = torch.ones(mean.shape[0], dtype=torch.bool)
-            outside[list(layers)] = False
-            mean[outside] = float("-inf")
+            mean[[i for i, layer in enumerate(self.layers) if layer not in set(layers)]] = float("-inf")
         flat = mean.flatten().topk(k).indices
         d_mlp = mean.shape[1]
-        rows = [(int(i) // d_mlp, int(i) % d_mlp) for i in flat]
+        rows = [(int(i) // d_mlp, int(i) % d_mlp) for i in flat]  # (row of self.layers, neuron)
         return pd.DataFrame(
             {
-                "layer": [layer for layer, _ in rows],
+                "layer": [self.layers[row] for row, _ in rows],
                 "neuron": [neuron for _, neuron in rows],
-                "mean_log_prob_increase": [float(mean[layer, neuron]) for layer, neuron in rows],
+                "mean_log_prob_increase": [float(mean[row, neuron]) for row, neuron in rows],
                 "share_of_problems_positive": [
-                    float((self.neurons[layer, :, neuron] > 0).float().mean()) for layer, neuron in rows
+                    float((self.neurons[row, :, neuron] > 0).float().mean()) for row, neuron in rows
                 ],
             }
         )
 
 
-def neuron_attribution(model, problems: Sequence[AdditionProblem], steps: int = 8) -> NeuronAttribution:
+def neuron_attribution(
+    model, problems: Sequence[AdditionProblem], steps: int = 8, layers: Sequence[int] | None = None
+) -> NeuronAttribution:
     """Every neuron's integrated-gradients share of its layer's log-probability increase (see the module docstring),
-    at the last prompt position, for the first answer token."""
+    at the last prompt position, for the first answer token; for ``layers`` (all when None)."""
     fm = FunctionalTransformer.from_model(model)
+    layers = list(range(fm.n_layers)) if layers is None else sorted(set(layers))
+    if not layers or not all(0 <= layer < fm.n_layers for layer in layers):
+        raise ValueError(f"layers must be in [0, {fm.n_layers}), got {layers}")
     by_length: dict[int, list[int]] = defaultdict(list)
     for i, p in enumerate(problems):
         by_length[len(p.prompt_ids)].append(i)
     alphas = [(k + 0.5) / steps for k in range(steps)]
-    per_layer = {name: [[None] * len(problems) for _ in range(fm.n_layers)] for name in ("neurons", "bias", "increase")}
+    per_layer = {name: [[None] * len(problems) for _ in layers] for name in ("neurons", "bias", "increase")}
     for indices in by_length.values():
         tokens = torch.tensor([problems[i].prompt_ids for i in indices])
         answer = torch.tensor([problems[i].answer_ids[0] for i in indices])
         with torch.no_grad():
             record = fm.record(tokens, keep=("resid_mid",))
-        for layer in range(fm.n_layers):
+        for slot, layer in enumerate(layers):
             w = fm.layers[layer]
             h = record.resid_mid[layer][:, -1]  # [n, d_model]
             with torch.no_grad():
@@ -265,13 +269,14 @@ def neuron_attribution(model, problems: Sequence[AdditionProblem], steps: int = 
                 shares = acts * (grad @ w.W_out.T)
                 bias_share = grad @ bias
             for row, i in enumerate(indices):
-                per_layer["neurons"][layer][i] = shares[row]
-                per_layer["bias"][layer][i] = bias_share[row]
-                per_layer["increase"][layer][i] = increase[row]
+                per_layer["neurons"][slot][i] = shares[row]
+                per_layer["bias"][slot][i] = bias_share[row]
+                per_layer["increase"][slot][i] = increase[row]
     stack = {name: torch.stack([torch.stack(row) for row in rows]) for name, rows in per_layer.items()}
     return NeuronAttribution(
         model_name=model.name,
         ids=[p.id for p in problems],
+        layers=layers,
         neurons=stack["neurons"],
         bias=stack["bias"],
         increase=stack["increase"],

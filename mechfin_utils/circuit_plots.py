@@ -343,3 +343,44 @@ def stability_figure(stability, model, task_name: str, top: int = 40):
         height=480,
     )
     return fig
+
+
+def ioi_roles_figure(roles: pd.DataFrame, model, label: int = 8):
+    """Every head: attention from the end position to IO minus to S (x) against its direct effect on
+    logit(IO) - logit(S) (y). Name movers sit top right; the ``label`` largest |DLA| heads are named."""
+    import plotly.graph_objects as go
+
+    needed = {"head", "layer", "dla", "attn_io", "attn_s"}
+    if not needed <= set(roles.columns):
+        raise ValueError(
+            f"roles needs columns {sorted(needed)} (ioi.head_roles), missing {sorted(needed - set(roles.columns))}"
+        )
+    named = set(roles.reindex(roles["dla"].abs().sort_values(ascending=False).index).head(label)["head"])
+    fig = go.Figure(
+        go.Scatter(
+            x=roles["attn_io"] - roles["attn_s"],
+            y=roles["dla"],
+            mode="markers+text",
+            text=[h if h in named else "" for h in roles["head"]],
+            textposition="top center",
+            hovertext=[
+                f"head {h}: DLA {d:+.3f}, attention IO {a:.2f}, S {s:.2f}"
+                for h, d, a, s in zip(roles["head"], roles["dla"], roles["attn_io"], roles["attn_s"])
+            ],
+            hoverinfo="text",
+            marker=dict(
+                color=roles["layer"], colorscale="Viridis", showscale=True, colorbar=dict(title="layer"), size=8
+            ),
+        )
+    )
+    fig.add_hline(y=0.0, line_color="grey", line_dash="dot")
+    fig.add_vline(x=0.0, line_color="grey", line_dash="dot")
+    fig.update_layout(
+        title=f"IOI: each head's direct effect vs where the end position looks — {model.name}",
+        xaxis_title="attention to IO − attention to S (from the end position)",
+        yaxis_title="direct effect on logit(IO) − logit(S)",
+        plot_bgcolor="white",
+        width=900,
+        height=520,
+    )
+    return fig

@@ -308,26 +308,58 @@ def faithfulness_curve(
                 "n_edges": int(kept.sum()),
                 "n_nodes": len(patcher.graph.nodes_of(kept)),
                 "faithfulness": patcher.faithfulness(kept),
+                "detail": "",
             }
         )
     return pd.DataFrame(rows)
 
 
+def method_curves(
+    patcher: EdgePatcher,
+    scores: Sequence[EdgeScores],
+    counts: Sequence[int],
+    *,
+    greedy: Sequence[str] = ("EAP-IG",),
+    node_circuits: Sequence = (),
+) -> pd.DataFrame:
+    """Every method on the same axes: top-n circuits of each score set, greedy circuits of the methods in ``greedy``,
+    and node-level circuits, all measured by exact edge patching."""
+    parts = [faithfulness_curve(patcher, s, counts, "top-n") for s in scores]
+    parts += [faithfulness_curve(patcher, s, counts, "greedy") for s in scores if s.method in greedy]
+    if node_circuits:
+        parts.append(node_circuit_curve(patcher, node_circuits))
+    return pd.concat(parts, ignore_index=True)
+
+
+def smallest_faithful(curves: pd.DataFrame, method: str, min_faithfulness: float = 0.8) -> int:
+    """The fewest edges at which ``method``'s circuit reaches ``min_faithfulness`` (the largest tried if none does)."""
+    rows = curves[curves["method"] == method].sort_values("n_edges")
+    if rows.empty:
+        raise ValueError(f"no rows for method {method!r}; methods: {sorted(set(curves['method']))}")
+    good = rows[rows["faithfulness"] >= min_faithfulness]
+    return int((good if not good.empty else rows).iloc[0 if not good.empty else -1]["n_edges"])
+
+
 def node_circuit_curve(patcher: EdgePatcher, circuits: Sequence) -> pd.DataFrame:
     """Node-level circuits (from :func:`mechfin_utils.circuits.threshold_sweep`) as edge sets, each checked by exact
-    edge patching: the edges among the kept nodes, every other edge patched (the same run as ablating every node
-    outside the circuit)."""
+    edge patching: the edges among the kept nodes, every other edge patched. That is the same run as ablating every
+    node outside the circuit, so the two faithfulness values must agree (a RuntimeError says if they do not)."""
     rows = []
     for circuit in circuits:
         kept = patcher.graph.edges_among([node.name for node in circuit.nodes])
+        faithfulness = patcher.faithfulness(kept)
+        if abs(faithfulness - circuit.faithfulness) > 1e-3:
+            raise RuntimeError(
+                f"node circuit at tau={circuit.threshold}: faithfulness {circuit.faithfulness:.4f} by node ablation but "
+                f"{faithfulness:.4f} as edges; the two runs should be the same"
+            )
         rows.append(
             {
                 "method": "node-level pruning",
-                "threshold": circuit.threshold,
                 "n_edges": int(kept.sum()),
                 "n_nodes": len(circuit.nodes),
-                "faithfulness": patcher.faithfulness(kept),
-                "faithfulness_node_ablation": circuit.faithfulness,
+                "faithfulness": faithfulness,
+                "detail": f"tau={circuit.threshold:g}",
             }
         )
     return pd.DataFrame(rows)

@@ -1,12 +1,20 @@
-"""``make figures``: run notebooks top to bottom with papermill for one model and record a manifest.
+"""``make figures``: run notebooks with papermill, for one or more models, and record a manifest per model.
 
-    python -m mechfin_utils.run_figures --model smollm2-135m notebooks/00_*.ipynb ...
+    python -m mechfin_utils.run_figures --model smollm2-135m notebooks/00_*.ipynb ... @smollm2-135m-screener notebooks/01_*.ipynb
+    python -m mechfin_utils.run_figures --workers 2 ...
 
-Each notebook is executed into ``notebooks/_executed/`` (scratch, never committed) and writes its figures under
-``figures/<model>/``. Afterwards ``figures/<model>/manifest.json`` records what produced them: the model's name
-and the sha256 of its weights, the parameters, the package versions, the git commit, the machine, and the wall
-time of each notebook (times are recorded, never asserted). A later run with other notebooks updates their entries
-and keeps the rest.
+Notebooks after ``@MODEL`` run for that model (those before any ``@`` for ``--model``). Each notebook is executed into
+``notebooks/_executed/`` (scratch, never committed) and writes its figures under ``figures/<model>/``.
+``figures/<model>/manifest.json`` records what produced them: the model's name and the sha256 of its weights, the
+parameters, the package versions, the git commit, the machine, how many notebooks ran side by side, and the wall time
+of each notebook (times are recorded, never asserted). A later run with other notebooks updates their entries and
+keeps the rest.
+
+**Workers.** With ``--workers 2`` two notebooks run at a time, each kernel with one torch thread, longest first (by
+the last recorded times). On two cores that finishes the whole set sooner than one notebook at a time with two
+threads, because much of a notebook (many small forward passes, plotting, loading) does not use the second thread
+well; each notebook's own time is then longer than it would be alone, and the manifest says it ran beside another.
+The screener's training is guarded by a file lock, so two notebooks that need it never train it twice.
 """
 
 from __future__ import annotations
@@ -17,8 +25,11 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -92,37 +103,85 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def run(notebooks: Sequence[str], model: str, gpt2_path: str = "", seed: int = 0) -> Path:
-    """Execute ``notebooks`` for ``model`` in order, stopping at the first failure; the manifest is written after
-    each notebook, so a failure keeps the times of those that ran."""
+@dataclass
+class _ModelRun:
+    """One model's share of a run: its notebooks, identity, manifest and recorded times."""
+
+    model: str
+    notebooks: list[str]
+    identity: dict
+    manifest_path: Path
+    manifest: dict
+    seconds: dict[str, float]
+    parameters: dict
+
+
+def run(notebooks: Sequence[str], model: str, gpt2_path: str = "", seed: int = 0, workers: int = 1) -> Path:
+    """Execute ``notebooks`` for ``model`` (see :func:`run_many`); returns the manifest's path."""
+    return run_many([(model, list(notebooks))], gpt2_path, seed, workers)[0]
+
+
+def run_many(
+    plan: Sequence[tuple[str, Sequence[str]]], gpt2_path: str = "", seed: int = 0, workers: int = 1
+) -> list[Path]:
+    """Execute every ``(model, notebooks)`` of ``plan``, ``workers`` notebooks at a time (one at a time: in order;
+    several: longest first), stopping at the first failure; each model's manifest is written after each of its
+    notebooks, so a failure keeps the times of those that ran."""
     import papermill
 
-    identity = model_identity(model, gpt2_path or None)
+    # 1. Each model's identity, manifest and the times worth keeping.
     executed = REPO_ROOT / "notebooks" / "_executed"
     executed.mkdir(parents=True, exist_ok=True)
-    manifest_path = figures_root() / identity["slug"] / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-    seconds = still_current(manifest.get("seconds_per_notebook", {}), manifest_path.parent, notebooks)
-    parameters = {"model": model, "gpt2_path": gpt2_path, "seed": seed}
-    for notebook in notebooks:
+    runs = []
+    for model, notebooks in plan:
+        identity = model_identity(model, gpt2_path or None)
+        manifest_path = figures_root() / identity["slug"] / "manifest.json"
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+        seconds = still_current(manifest.get("seconds_per_notebook", {}), manifest_path.parent, notebooks)
+        parameters = {"model": model, "gpt2_path": gpt2_path, "seed": seed}
+        runs.append(_ModelRun(model, list(notebooks), identity, manifest_path, manifest, seconds, parameters))
+    # 2. The jobs, longest first when several run at once (unknown times first of all: they may be the longest).
+    jobs = [(r, nb) for r in runs for nb in r.notebooks]
+    if workers > 1:
+        jobs.sort(key=lambda job: -job[0].seconds.get(Path(job[1]).stem, float("inf")))
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"  # inherited by every kernel
+    lock = threading.Lock()
+
+    def execute(job: tuple[_ModelRun, str]) -> None:
+        r, notebook = job
         path = Path(notebook)
-        print(f"== {path.name} (model={model})", flush=True)
+        print(f"== {path.name} (model={r.model})", flush=True)
         start = time.perf_counter()
         papermill.execute_notebook(
             str(path),
-            str(executed / f"{identity['slug']}-{path.name}"),
-            parameters=parameters,
+            str(executed / f"{r.identity['slug']}-{path.name}"),
+            parameters=r.parameters,
             kernel_name="python3",
             cwd=str(REPO_ROOT / "notebooks"),
             log_output=False,
             progress_bar=False,
         )
-        seconds[path.stem] = round(time.perf_counter() - start, 1)
-        print(f"   {seconds[path.stem]} s", flush=True)
-        if identity["weights_sha256"] is None:  # a screener trained during this run has a card now
-            identity = model_identity(model, gpt2_path or None)
-        _write_manifest(manifest_path, manifest, identity, parameters, seconds)  # after each: a failure keeps the rest
-    return manifest_path
+        elapsed = round(time.perf_counter() - start, 1)
+        with lock:
+            r.seconds[path.stem] = elapsed
+            print(f"   {path.name} (model={r.model}): {elapsed} s", flush=True)
+            if r.identity["weights_sha256"] is None:  # a screener trained during this run has a card now
+                r.identity = model_identity(r.model, gpt2_path or None)
+            _write_manifest(r.manifest_path, r.manifest, r.identity, r.parameters, r.seconds, workers)
+
+    # 3. Run: in order with one worker; otherwise a pool that stops taking jobs at the first failure.
+    if workers <= 1:
+        for job in jobs:
+            execute(job)
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            futures = [pool.submit(execute, job) for job in jobs]
+            for future in as_completed(futures):
+                if future.exception() is not None:
+                    for other in futures:
+                        other.cancel()
+                    raise future.exception()
+    return [r.manifest_path for r in runs]
 
 
 def still_current(seconds: dict[str, float], folder: Path, notebooks: Sequence[str]) -> dict[str, float]:
@@ -137,7 +196,9 @@ def still_current(seconds: dict[str, float], folder: Path, notebooks: Sequence[s
     }
 
 
-def _write_manifest(path: Path, manifest: dict, identity: dict, parameters: dict, seconds: dict) -> None:
+def _write_manifest(
+    path: Path, manifest: dict, identity: dict, parameters: dict, seconds: dict, workers: int = 1
+) -> None:
     manifest.update(
         {
             "model": identity["resolved"],
@@ -149,6 +210,7 @@ def _write_manifest(path: Path, manifest: dict, identity: dict, parameters: dict
             "python": platform.python_version(),
             "commit": _commit(),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+            "notebooks_side_by_side": workers,
             "written_at": time.strftime("%Y-%m-%d %H:%M:%S"),
             "seconds_per_notebook": dict(sorted(seconds.items())),
             "seconds_total": round(sum(seconds.values()), 1),
@@ -158,17 +220,34 @@ def _write_manifest(path: Path, manifest: dict, identity: dict, parameters: dict
     path.write_text(json.dumps(manifest, indent=1) + "\n")
 
 
+def parse_plan(items: Sequence[str], default_model: str) -> list[tuple[str, list[str]]]:
+    """``["a.ipynb", "@m2", "b.ipynb"]`` -> ``[(default_model, ["a.ipynb"]), ("m2", ["b.ipynb"])]`` (a model with no
+    notebook after it is dropped)."""
+    plan: list[tuple[str, list[str]]] = [(default_model, [])]
+    for item in items:
+        if item.startswith("@"):
+            plan.append((item[1:], []))
+        else:
+            plan[-1][1].append(item)
+    return [(model, notebooks) for model, notebooks in plan if model and notebooks]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mechfin_utils.run_figures", description=__doc__.splitlines()[0])
-    parser.add_argument("notebooks", nargs="+")
+    parser.add_argument("items", nargs="+", metavar="NOTEBOOK or @MODEL")
     parser.add_argument("--model", default="auto")
     parser.add_argument("--gpt2-path", default="")
+    parser.add_argument("--workers", type=int, default=1, help="notebooks run side by side (one torch thread each)")
     args = parser.parse_args(argv)
-    missing = [n for n in args.notebooks if not Path(n).is_file()]
-    if missing:
-        print(f"error: no such notebook(s): {missing}", file=sys.stderr)
+    plan = parse_plan(args.items, args.model)
+    missing = [n for _, notebooks in plan for n in notebooks if not Path(n).is_file()]
+    if missing or not plan:
+        print(f"error: no such notebook(s): {missing or args.items}", file=sys.stderr)
         return 2
-    print(f"manifest: {run(args.notebooks, args.model, args.gpt2_path)}")
+    started = time.perf_counter()
+    for path in run_many(plan, args.gpt2_path, workers=args.workers):
+        print(f"manifest: {path}")
+    print(f"wall time: {time.perf_counter() - started:.0f} s ({args.workers} notebook(s) at a time)")
     return 0
 
 

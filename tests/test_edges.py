@@ -8,6 +8,8 @@ edge count for GPT-2 Small, and a hand-built model whose circuit is known.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -352,6 +354,14 @@ def test_node_circuits_as_edges_equal_node_level_resample_ablation(smollm2):
         ablated = [n for n in ablator.nodes if n not in kept]
         edges = patcher.graph.edges_among([n.name for n in kept])
         assert patcher.metric(patcher.valid & ~edges) == pytest.approx(ablator.metric(ablated), abs=1e-4)
+        circuit = SimpleNamespace(nodes=kept, threshold=share, faithfulness=ablator.normalised_metric(ablated))
+        row = ea.node_circuit_curve(patcher, [circuit]).iloc[0]
+        assert row["faithfulness"] == pytest.approx(circuit.faithfulness, abs=1e-3) and row["n_edges"] == int(
+            edges.sum()
+        )
+        circuit.faithfulness += 0.1  # a node circuit whose edge run disagrees is refused
+        with pytest.raises(RuntimeError, match="should be the same"):
+            ea.node_circuit_curve(patcher, [circuit])
 
 
 def test_bootstrap_stability_of_identical_prompts_is_perfect_and_of_opposed_prompts_is_not():

@@ -38,6 +38,9 @@ tracing FLOP floor: a restoration at layer ``l`` (hidden: from ``l + 1``; a wind
 position ``p`` must recompute every later layer at positions ``p ...`` (the last layer's queries, attention
 and MLP at the last position only).
 
+**Edge-level scoring** (third table, :mod:`mechfin_utils.bench_edges`): EAP and EAP-IG over every edge of the
+computational graph against exact patching of each edge (timed on a sample, scaled to all edges).
+
 Results: tables on stdout, and ``bench/results/latest.md`` + ``latest.json``.
 """
 
@@ -60,6 +63,7 @@ import pandas as pd
 import torch
 
 from mechfin_utils import patching
+from mechfin_utils.bench_edges import EdgeBenchRow, bench_edge_scoring, format_edge_table
 from mechfin_utils.functional import FunctionalTransformer
 from mechfin_utils.metrics import NormalisedLogitDiff
 
@@ -531,6 +535,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--trace-samples", type=int, default=5, help="noise samples per prompt (default 5, as notebook 06)"
     )
+    parser.add_argument("--edge-steps", type=int, default=5, help="EAP-IG steps in the edge row (default 5)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for latest.md / latest.json")
     args = parser.parse_args(argv)
 
@@ -551,6 +556,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     pinned = pin_malloc_to_mmap()
     rows: list[BenchRow] = []
     trace_rows: list[TraceBenchRow] = []
+    edge_rows: list[EdgeBenchRow] = []
     throughput: dict[str, float] = {}
     for name in models:
         model, label = load_bench_model(name, args.gpt2_layers)
@@ -592,12 +598,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"({row.speedup:,.1f}x), max |diff| {row.max_abs_diff:.1e}, {row.x_floor:.1f}x the FLOP floor",
                     flush=True,
                 )
+        edge_row = bench_edge_scoring(model, model_label=label, n_pairs=args.batch, steps=args.edge_steps)
+        edge_rows.append(edge_row)
+        print(
+            f"   edge scoring: EAP {edge_row.eap_seconds:.1f} s, EAP-IG {edge_row.eap_ig_seconds:.1f} s for "
+            f"{edge_row.n_edges:,} edges ({edge_row.speedup:,.0f}x patching every edge)",
+            flush=True,
+        )
         del model, fm
 
     table = (
         format_table(rows)
         + "\n\nCausal tracing (hidden, MLP and attention states; every layer, every position from the subject on):\n\n"
         + format_trace_table(trace_rows)
+        + "\n\nEdge-level scoring (every edge of the graph; exact per-edge patching timed on 8 edges and scaled):\n\n"
+        + format_edge_table(edge_rows)
     )
     machine = machine_line(throughput) + (
         "" if pinned else "; resident-set peaks unreliable (glibc mallopt unavailable)"
@@ -620,6 +635,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "args": {k: str(v) for k, v in vars(args).items()},
                 "rows": [asdict(r) for r in rows],
                 "trace_rows": [asdict(r) for r in trace_rows],
+                "edge_rows": [asdict(r) for r in edge_rows],
             },
             indent=2,
         )

@@ -35,6 +35,16 @@ Each segment carries interventions that apply to all its ``n`` sequences:
 Noise is not an intervention here: a noised run is a reference run recorded from noised embeddings
 (:meth:`FunctionalTransformer.record` with ``embeddings=``), which restorations then continue.
 
+Edges
+-----
+:func:`run_edges` is the engine's second entry point, for interventions on *edges* of the computational graph
+(:mod:`mechfin_utils.graph`) rather than on activations: every receiver (a head's query, a key/value head's key or
+value, an MLP, the logits) reads its own copy of the residual stream, in which chosen senders' outputs are swapped
+for those of another run (exact path patching of any edge set) and to which an offset can be added (so that a
+backward pass gives the gradient at every receiver, what EAP and EAP-IG need). It runs the whole model (an edge
+set touches every layer) and keeps every sender's output; ``tests/test_edges.py`` checks it against a naive
+path patching through Hugging Face hooks.
+
 Shapes follow TransformerLens: residual rows ``[n, pos, d_model]``, head outputs ``[n, pos, head, d_head]``.
 """
 

@@ -21,9 +21,10 @@ can find a real mechanism before it is trusted on a task without one (fair lendi
 from __future__ import annotations
 
 import csv
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import pandas as pd
 import torch
@@ -107,12 +108,20 @@ class IOITask:
     s_positions: list[int]
 
 
-def ioi_task(model, *, n_prompts: int | None = None, seed: int = 0, max_batch: int | None = None) -> IOITask:
+def ioi_task(
+    model,
+    *,
+    n_prompts: int | None = None,
+    seed: int = 0,
+    max_batch: int | None = None,
+    token_length: int | Literal["most_common"] | None = None,
+) -> IOITask:
     """IOI for ``model``: clean and ABC-corrupted prompts, metric ``logit(IO) - logit(S)`` at the last position.
 
     A row is excluded, and listed in ``task.excluded``, when a name is not one token (with its leading space) or the
-    clean and corrupted prompts differ in token length. ``n_prompts`` draws that many usable rows (seeded, spread
-    over templates by the draw); rows are batched by token length.
+    clean and corrupted prompts differ in token length. ``token_length`` optionally draws only from usable rows of
+    one token length (``"most_common"``: the commonest), so that the task is one batch (one pass per evaluation);
+    ``task.notes`` says how many were eligible. ``n_prompts`` draws that many (seeded); rows are batched by length.
     """
     import random
 
@@ -130,6 +139,15 @@ def ioi_task(model, *, n_prompts: int | None = None, seed: int = 0, max_batch: i
         usable.append((prompt, clean, corrupted, io_ids[-1], s_ids[-1]))
     if not usable:
         raise ValueError(f"no IOI prompt is usable with {model.name}; first exclusions: {excluded[:3]}")
+    eligible = f"{len(usable)} usable rows"
+    if token_length is not None:
+        counts = Counter(len(item[1]) for item in usable)
+        if token_length == "most_common":
+            token_length = min(counts, key=lambda length: (-counts[length], length))
+        if token_length not in counts:
+            raise ValueError(f"no usable IOI row has {token_length} tokens under {model.name}; lengths: {dict(counts)}")
+        usable = [item for item in usable if len(item[1]) == token_length]
+        eligible += f", {len(usable)} of {token_length} tokens"
     if n_prompts is not None:
         if not 1 <= n_prompts <= len(usable):
             raise ValueError(f"n_prompts must be in [1, {len(usable)}] (usable rows), got {n_prompts}")
@@ -156,7 +174,7 @@ def ioi_task(model, *, n_prompts: int | None = None, seed: int = 0, max_batch: i
                 io_pos.append(clean.index(io))
                 s_pos.append(clean.index(s))
     task = task_from_answer_batches("IOI", batches, excluded=excluded, metric_name="logit(IO) - logit(S)")
-    task.notes = f"{len(usable)} rows used; corrupted prompts replace the three names by unrelated ones (ABC)"
+    task.notes = f"{eligible}; {len(kept)} used; corrupted prompts replace the three names by unrelated ones (ABC)"
     return IOITask(task, batches, kept, io_pos, s_pos)
 
 

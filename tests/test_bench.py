@@ -73,7 +73,7 @@ def test_bench_runs_and_writes_its_table(tiny_gpt2, tmp_path, monkeypatch, capsy
     table_rows = [
         line for line in (tmp_path / "latest.md").read_text().splitlines() if line.startswith("| GPT-2-shape")
     ]
-    assert len(table_rows) == 4  # two patching sweeps, two tracing rows
+    assert len(table_rows) == 5  # two patching sweeps, two tracing rows, one edge-scoring row
     rows = {row["component"]: row for row in result["rows"]}
     assert set(rows) == {"resid_pre", "attn_head_out_by_pos"}
     for row in rows.values():
@@ -88,6 +88,11 @@ def test_bench_runs_and_writes_its_table(tiny_gpt2, tmp_path, monkeypatch, capsy
         assert row["rome_seconds"] > 0 and row["mechfin_seconds"] > 0 and row["floor_seconds"] > 0
         assert row["restored_states"] % (3 * 2) == 0  # three kinds x two layers per traced position
     assert "| GPT-2-shape (2 layers), random weights | 1 fair-lending |" in printed
+    (edges,) = result["edge_rows"]
+    # two layers of 12 heads: 36 q/k/v receivers per layer, then the MLP, then the logits, each reading all senders before it
+    assert edges["n_edges"] == 36 * 1 + 13 + 36 * 14 + 26 + 27 and edges["prompts"] == 2
+    assert edges["speedup"] == pytest.approx(edges["patch_all_est_seconds"] / edges["eap_ig_seconds"])
+    assert edges["eap_seconds"] > 0 and edges["eap_ig_seconds"] > 0 and edges["patch_one_seconds"] > 0
 
 
 def test_trace_floor_of_one_restoration_is_counted_by_hand(tiny_gpt2):

@@ -58,6 +58,10 @@ def test_ioi_task_metric_is_the_logit_difference_of_io_and_s_by_hand(smollm2):
         with torch.no_grad():
             logits = smollm2.hf_model(torch.tensor([ids])).logits[0, -1]
         assert table.loc[prompt.prompt_id, "clean"] == pytest.approx(float(logits[io] - logits[s]), abs=1e-4)
+    one_length = ioi.ioi_task(smollm2, n_prompts=4, token_length="most_common")
+    assert len(one_length.task.batches) == 1 and "of 16 tokens" in one_length.task.notes
+    with pytest.raises(ValueError, match="no usable IOI row has 3 tokens"):
+        ioi.ioi_task(smollm2, token_length=3)
     patcher = ea.EdgePatcher(smollm2, task.task)
     assert patcher.clean_metric == pytest.approx(table["clean"].mean(), abs=1e-4)
     assert patcher.corrupted_metric == pytest.approx(table["corrupted"].mean(), abs=1e-4)

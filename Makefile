@@ -28,7 +28,7 @@ SCREENER_NOTEBOOKS := $(filter-out notebooks/05_% notebooks/08_% notebooks/09_% 
 # notebook at a time with two threads (see run_figures.py). FIGURE_WORKERS=1 runs them one by one, in order.
 FIGURE_WORKERS ?= 2
 
-.PHONY: setup test lint test-unit test-notebooks figures bench lab clean chromium
+.PHONY: setup test lint test-unit test-notebooks test-site figures site verify workshop bench lab clean chromium
 
 setup: $(STAMP) .cache/gpt2-tokenizer/vocab.json chromium
 	@$(PY) -m mechfin_utils.models prepare >/dev/null
@@ -58,10 +58,10 @@ chromium:
 		echo "  install Chromium or Chrome with your package manager and re-run make setup (HTML figures work without it)."; \
 	fi
 
-test: lint test-unit test-notebooks
+test: lint test-unit test-notebooks test-site
 
 # ruff: lint rules and formatting as configured in pyproject.toml (seconds).
-LINTED := mechfin_utils tests data scripts
+LINTED := mechfin_utils tests data scripts notebooks/conftest.py
 lint:
 	$(VENV)/bin/ruff check $(LINTED)
 	$(VENV)/bin/ruff format --check $(LINTED)
@@ -75,15 +75,42 @@ test-unit:
 	$(PARALLEL) tests -q
 
 # Every notebook, top to bottom, with fast parameters (MECHFIN_FAST=1); outputs are not compared (--nbval-lax),
-# each notebook asserts its own sanity checks. Figures go to a scratch folder, not figures/. --dist loadscope keeps
-# each notebook's cells in one worker, in order.
+# each notebook asserts its own sanity checks. Figures and the executed copies go to a scratch folder (TEST_RUN), from
+# which test-site builds and checks the offline site. --dist loadscope keeps each notebook's cells in one worker, in
+# order; the notebooks are handed out longest first (their fast-mode times on 2 cores), so neither worker idles long.
+TEST_RUN := .cache/test-run
+NOTEBOOK_TEST_ORDER := 04 08 09 05 06 10 11 02 07 01 03 00
+ORDERED_NOTEBOOKS := $(foreach n,$(NOTEBOOK_TEST_ORDER),$(wildcard notebooks/$(n)_*.ipynb))
+TEST_NOTEBOOKS := $(ORDERED_NOTEBOOKS) $(filter-out $(ORDERED_NOTEBOOKS),$(NOTEBOOKS))
 test-notebooks:
-	MECHFIN_FAST=1 MECHFIN_FIGURES_DIR=$$(mktemp -d) $(PARALLEL) --dist loadscope --nbval-lax -q -p no:cacheprovider $(NOTEBOOKS)
+	rm -rf $(TEST_RUN) && mkdir -p $(TEST_RUN)
+	MECHFIN_FAST=1 MECHFIN_FIGURES_DIR=$(TEST_RUN)/figures MECHFIN_EXECUTED_DIR=$(TEST_RUN)/executed \
+		$(PARALLEL) --dist loadscope --no-loadscope-reorder --nbval-lax -q -p no:cacheprovider $(TEST_NOTEBOOKS)
+
+# The offline site of that fast run, opened page by page in headless Chromium (no request may leave the site, no
+# console error, every figure drawn); screenshots of three pages land in $(TEST_RUN)/screenshots.
+test-site:
+	$(PY) -m mechfin_utils.site --executed $(TEST_RUN)/executed --figures $(TEST_RUN)/figures --out $(TEST_RUN)/site
+	$(PY) -m mechfin_utils.site_check $(TEST_RUN)/site --screenshots $(TEST_RUN)/screenshots
 
 figures:
 	$(PY) -m mechfin_utils.run_figures --workers $(FIGURE_WORKERS) --model "$(MODEL)" --gpt2-path "$(GPT2_PATH)" \
 		$(BASE_NOTEBOOKS) $(if $(SCREENER),@$(SCREENER) $(SCREENER_NOTEBOOKS))
 	@echo "Figures written under figures/ (each model's manifest.json records the times)"
+	$(MAKE) --no-print-directory site
+
+# The executed notebooks of the last `make figures` as an offline website: open site/index.html in a browser.
+site:
+	$(PY) -m mechfin_utils.site
+
+# Rerun the notebooks (into a scratch folder) and compare every number of their results with the committed ones.
+verify:
+	$(PY) -m mechfin_utils.verify --workers $(FIGURE_WORKERS) --model "$(MODEL)" --gpt2-path "$(GPT2_PATH)" \
+		$(BASE_NOTEBOOKS) $(if $(SCREENER),@$(SCREENER) $(SCREENER_NOTEBOOKS))
+
+# The workshop's exercise notebooks, generated from the notebooks' tagged cells.
+workshop:
+	$(PY) -m mechfin_utils.workshop
 
 bench:
 	$(PY) -m mechfin_utils.bench
@@ -92,4 +119,4 @@ lab:
 	$(VENV)/bin/jupyter lab notebooks
 
 clean:
-	rm -rf notebooks/_executed .pytest_cache
+	rm -rf notebooks/_executed .pytest_cache $(TEST_RUN)

@@ -40,7 +40,9 @@ def _split(batch: TaskBatch) -> list[TaskBatch]:
 
 
 def test_sweep_over_split_batches_equals_one_batch(smollm2, template_batch):
-    combined = sweep_batches(smollm2, _split(template_batch), "attn_head_out_all_pos", progress=False)
+    # a per-layer sweep over all positions (30 cells): the combination of split batches does not depend on the
+    # component, and the per-head version (270 cells) took 38 s here for the same check
+    combined = sweep_batches(smollm2, _split(template_batch), "attn_out_all_pos", progress=False)
     with torch.no_grad():
         metric = NormalisedLogitDiff(
             smollm2.bridge(template_batch.clean_tokens),
@@ -52,10 +54,10 @@ def test_sweep_over_split_batches_equals_one_batch(smollm2, template_batch):
         template_batch.clean_tokens,
         template_batch.corrupted_tokens,
         metric,
-        "attn_head_out_all_pos",
+        "attn_out_all_pos",
         progress=False,
     )
-    assert combined.values.shape == whole.shape == (30, 9)
+    assert combined.values.shape == whole.shape == (30,)
     # compared in logits: the normalised values divide by a gap of a few hundredths of a logit, so float32 noise of
     # different batch shapes (6e-5 logits seen on an AMD EPYC) is ~1e-3 in normalised units
     gap = float((metric.clean - metric.corrupted).abs())

@@ -78,7 +78,7 @@ test-unit:
 # each notebook asserts its own sanity checks. Figures and the executed copies go to a scratch folder (TEST_RUN), from
 # which test-site builds and checks the offline site. --dist loadscope keeps each notebook's cells in one worker, in
 # order; the notebooks are handed out longest first (their fast-mode times on 2 cores), so neither worker idles long.
-TEST_RUN := .cache/test-run
+TEST_RUN := $(CURDIR)/.cache/test-run
 NOTEBOOK_TEST_ORDER := 04 08 09 05 06 10 11 02 07 01 03 00
 ORDERED_NOTEBOOKS := $(foreach n,$(NOTEBOOK_TEST_ORDER),$(wildcard notebooks/$(n)_*.ipynb))
 TEST_NOTEBOOKS := $(ORDERED_NOTEBOOKS) $(filter-out $(ORDERED_NOTEBOOKS),$(NOTEBOOKS))

@@ -276,9 +276,11 @@ def greedy_edges(
             heapq.heappush(heap, (-float(magnitude[u, d]), u, d))
 
     open_receiver(graph.logits_receiver)
-    while int(kept.sum()) < n and heap:
+    count = 0
+    while count < n and heap:
         _, u, d = heapq.heappop(heap)
         kept[u, d] = True
+        count += 1
         if u != 0 and u not in in_circuit:
             in_circuit.add(u)
             for receiver in receivers_of[u]:

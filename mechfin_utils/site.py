@@ -301,6 +301,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no executed notebooks in {args.executed}: run make figures first", file=sys.stderr)
         return 2
     report = build_site(args.executed, args.figures, args.out)
+    if report.figures == 0:
+        print(
+            f"error: no figures under {args.figures}: the gallery would be empty (is that where the run wrote them?)",
+            file=sys.stderr,
+        )
+        return 1
     print(
         f"site: {len(report.pages)} notebook pages, {report.figures} figures in the gallery -> {args.out / 'index.html'}"
     )

@@ -82,6 +82,20 @@ def test_a_test_run_without_manifests_is_one_group_and_a_page_loading_from_the_n
         site.build_site(executed, figures, tmp_path / "site2")
 
 
+def test_site_command_refuses_an_empty_gallery_and_a_missing_run(tmp_path, capsys):
+    executed, figures = _layout(tmp_path, with_manifest=False)
+    assert (
+        site.main(["--executed", str(tmp_path / "nowhere"), "--figures", str(figures), "--out", str(tmp_path / "s")])
+        == 2
+    )
+    assert (
+        site.main(["--executed", str(executed), "--figures", str(tmp_path / "empty"), "--out", str(tmp_path / "s")])
+        == 1
+    )
+    assert "the gallery would be empty" in capsys.readouterr().err
+    assert site.main(["--executed", str(executed), "--figures", str(figures), "--out", str(tmp_path / "s")]) == 0
+
+
 @pytest.mark.skipif(find_browser() is None, reason="no Chromium: make setup installs it")
 def test_browser_check_passes_a_good_page_and_fails_blank_figures_errors_and_network(tmp_path):
     executed, figures = _layout(tmp_path, with_manifest=False)

@@ -122,11 +122,16 @@ def run(notebooks: Sequence[str], model: str, gpt2_path: str = "", seed: int = 0
 
 
 def run_many(
-    plan: Sequence[tuple[str, Sequence[str]]], gpt2_path: str = "", seed: int = 0, workers: int = 1
+    plan: Sequence[tuple[str, Sequence[str]]],
+    gpt2_path: str = "",
+    seed: int = 0,
+    workers: int = 1,
+    expected_seconds: dict[str, dict[str, float]] | None = None,
 ) -> list[Path]:
     """Execute every ``(model, notebooks)`` of ``plan``, ``workers`` notebooks at a time (one at a time: in order;
-    several: longest first), stopping at the first failure; each model's manifest is written after each of its
-    notebooks, so a failure keeps the times of those that ran."""
+    several: longest first, by ``expected_seconds[model folder][notebook]`` or else the manifest's last times),
+    stopping at the first failure; each model's manifest is written after each of its notebooks, so a failure keeps
+    the times of those that ran."""
     import papermill
 
     # 1. Each model's identity, manifest and the times worth keeping.
@@ -143,7 +148,13 @@ def run_many(
     # 2. The jobs, longest first when several run at once (unknown times first of all: they may be the longest).
     jobs = [(r, nb) for r in runs for nb in r.notebooks]
     if workers > 1:
-        jobs.sort(key=lambda job: -job[0].seconds.get(Path(job[1]).stem, float("inf")))
+
+        def expected(job: tuple[_ModelRun, str]) -> float:
+            r, notebook = job
+            known = (expected_seconds or {}).get(r.identity["slug"]) or r.seconds
+            return known.get(Path(notebook).stem, float("inf"))
+
+        jobs.sort(key=lambda job: -expected(job))
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"  # inherited by every kernel
     lock = threading.Lock()
 

@@ -110,10 +110,14 @@ def main(argv: list[str] | None = None) -> int:
         if not plan:
             parser.error("give the notebooks to rerun (or --fresh DIR)")
         fresh = Path(tempfile.mkdtemp(prefix="mechfin-verify-"))
+        expected = {  # the committed run's times, so that the rerun also starts with the longest notebooks
+            path.parent.name: json.loads(path.read_text()).get("seconds_per_notebook", {})
+            for path in committed.glob("*/manifest.json")
+        }
         previous = os.environ.get(FIGURES_DIR_ENV)
         os.environ[FIGURES_DIR_ENV] = str(fresh)  # the rerun writes here; its kernels inherit it
         try:
-            run_figures.run_many(plan, args.gpt2_path, workers=args.workers)
+            run_figures.run_many(plan, args.gpt2_path, workers=args.workers, expected_seconds=expected)
         finally:
             if previous is None:
                 os.environ.pop(FIGURES_DIR_ENV, None)

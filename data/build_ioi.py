@@ -22,12 +22,10 @@ Deterministic: a seeded ``random.Random``, no model, no tokenizer.
 
 from __future__ import annotations
 
-import argparse
-import csv
-import io
 import random
-import sys
 from pathlib import Path
+
+import csv_build
 
 OUTPUT = Path(__file__).resolve().parent / "ioi.csv"
 SEED = 20221101  # Wang et al.'s arXiv submission month, as a fixed seed
@@ -90,30 +88,10 @@ def build_rows() -> list[dict[str, str]]:
     return rows
 
 
-def render_csv(rows: list[dict[str, str]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="only verify that the committed file is up to date")
-    parser.add_argument("--output", type=Path, default=OUTPUT)
-    args = parser.parse_args(argv)
-    text = render_csv(build_rows())
-    if args.check:
-        current = args.output.read_text() if args.output.is_file() else None
-        if current != text:
-            print(f"{args.output} is out of date: run python data/build_ioi.py", file=sys.stderr)
-            return 1
-        print(f"{args.output} is up to date ({text.count(chr(10)) - 1} rows)")
-        return 0
-    args.output.write_text(text)
-    print(f"wrote {args.output} ({text.count(chr(10)) - 1} rows)")
-    return 0
+    return csv_build.main(
+        __doc__.splitlines()[0], lambda: csv_build.render_csv(build_rows(), COLUMNS), OUTPUT, "data/build_ioi.py", argv
+    )
 
 
 if __name__ == "__main__":

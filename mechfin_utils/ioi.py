@@ -230,19 +230,17 @@ def head_roles(model, ioi: IOITask, edge_scores=None) -> pd.DataFrame:
         }
     )
     table["name_mover_candidate"] = (table["dla"] > 0) & (table["attn_io"] > table["attn_s"])
-    movers = table[table["name_mover_candidate"]].nlargest(5, "dla")
+    movers = name_movers(table, 5)
     if edge_scores is not None:
         graph, mean = edge_scores.graph, edge_scores.mean
-        query_receivers = [
-            graph.attention_receivers(int(h.split(".")[0])).start + int(h.split(".")[1]) for h in movers["head"]
-        ]
+        query_receivers = [graph.attention_receivers(int(h.split(".")[0])).start + int(h.split(".")[1]) for h in movers]
         via = [
             float(mean[graph.head_sender(layer, head), query_receivers].sum())
             for layer in range(n_layers)
             for head in range(n_heads)
         ]
         table["via_name_mover_queries"] = via
-    table.attrs["name_movers_used"] = list(movers["head"])
+    table.attrs["name_movers_used"] = movers
     return table
 
 
@@ -274,10 +272,15 @@ def paper_comparison(roles: pd.DataFrame, logit_diff: float) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def name_movers(roles: pd.DataFrame, n: int) -> list[str]:
+    """The ``n`` name-mover candidates (positive DLA, end position attends more to IO than to S) of largest DLA."""
+    return list(roles[roles["name_mover_candidate"]].nlargest(n, "dla")["head"])
+
+
 def candidates(roles: pd.DataFrame, n: int = 5) -> dict[str, list[str]]:
     """The top name-mover and S-inhibition candidates (by DLA among name-mover-like heads; by the most negative
     score through the name movers' queries, among heads below them)."""
-    movers = list(roles[roles["name_mover_candidate"]].nlargest(n, "dla")["head"])
+    movers = name_movers(roles, n)
     out = {"name movers": movers}
     if "via_name_mover_queries" in roles:
         first = min(int(h.split(".")[0]) for h in movers) if movers else len(roles)

@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -101,14 +102,19 @@ def _tokenise(model, a: int, b: int) -> AdditionProblem:
     return AdditionProblem(a, b, prompt, tuple(prompt_ids), tuple(full[len(prompt_ids) :]))
 
 
+def _groups_by_length(items: Sequence, length: Callable[[Any], int]) -> list[list[int]]:
+    """Indices of ``items`` grouped by ``length(item)``, in first-seen order: one forward pass per group, no padding."""
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, item in enumerate(items):
+        groups[length(item)].append(i)
+    return list(groups.values())
+
+
 @torch.no_grad()
 def _answered_exactly(model, problems: Sequence[AdditionProblem]) -> list[bool]:
     """Teacher-forced: is every answer token the model's top prediction? (Batched by length.)"""
-    by_length: dict[int, list[int]] = defaultdict(list)
-    for i, p in enumerate(problems):
-        by_length[len(p.prompt_ids) + len(p.answer_ids)].append(i)
     right = [False] * len(problems)
-    for indices in by_length.values():
+    for indices in _groups_by_length(problems, lambda p: len(p.prompt_ids) + len(p.answer_ids)):
         rows = torch.tensor([problems[i].prompt_ids + problems[i].answer_ids for i in indices])
         logits = model.hf_model(rows).logits
         for row, i in enumerate(indices):
@@ -147,9 +153,7 @@ def addition_task(model, problems: Sequence[AdditionProblem], seed: int = 0) -> 
                 break
         else:
             excluded.append((p.id, "no other first operand changes the first answer token at the same length"))
-    by_length: dict[int, list] = defaultdict(list)
-    for p, other in rows:
-        by_length[len(p.prompt_ids)].append((p, other))
+    groups = [[rows[i] for i in indices] for indices in _groups_by_length(rows, lambda row: len(row[0].prompt_ids))]
     batches = [
         AnswerBatch(
             clean_tokens=torch.tensor([p.prompt_ids for p, _ in group]),
@@ -157,7 +161,7 @@ def addition_task(model, problems: Sequence[AdditionProblem], seed: int = 0) -> 
             answer_tokens=torch.tensor([[p.answer_ids[0], o.answer_ids[0]] for p, o in group]),
             ids=[p.id for p, _ in group],
         )
-        for group in by_length.values()
+        for group in groups
     ]
     return task_from_answer_batches(
         "two-digit addition", batches, excluded=excluded, metric_name="logit(answer) - logit(corrupted answer)"
@@ -241,12 +245,9 @@ def neuron_attribution(
     layers = list(range(fm.n_layers)) if layers is None else sorted(set(layers))
     if not layers or not all(0 <= layer < fm.n_layers for layer in layers):
         raise ValueError(f"layers must be in [0, {fm.n_layers}), got {layers}")
-    by_length: dict[int, list[int]] = defaultdict(list)
-    for i, p in enumerate(problems):
-        by_length[len(p.prompt_ids)].append(i)
     alphas = [(k + 0.5) / steps for k in range(steps)]
     per_layer = {name: [[None] * len(problems) for _ in layers] for name in ("neurons", "bias", "increase")}
-    for indices in by_length.values():
+    for indices in _groups_by_length(problems, lambda p: len(p.prompt_ids)):
         tokens = torch.tensor([problems[i].prompt_ids for i in indices])
         answer = torch.tensor([problems[i].answer_ids[0] for i in indices])
         with torch.no_grad():
@@ -312,11 +313,9 @@ class _LastPositionRunner:
     def __init__(self, model, problems: Sequence[AdditionProblem]):
         self.model = model
         self.groups = []
-        by_length: dict[int, list[AdditionProblem]] = defaultdict(list)
-        for p in problems:
-            by_length[len(p.prompt_ids)].append(p)
         with torch.no_grad():
-            for group in by_length.values():
+            for indices in _groups_by_length(problems, lambda p: len(p.prompt_ids)):
+                group = [problems[i] for i in indices]
                 tokens = torch.tensor([p.prompt_ids for p in group])
                 cache = model.hf_model(tokens[:, :-1], use_cache=True).past_key_values
                 self.groups.append((group, tokens[:, -1:], cache))

@@ -119,4 +119,4 @@ lab:
 	$(VENV)/bin/jupyter lab notebooks
 
 clean:
-	rm -rf notebooks/_executed .pytest_cache $(TEST_RUN)
+	rm -rf notebooks/_executed figures/.staging .pytest_cache $(TEST_RUN)

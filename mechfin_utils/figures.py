@@ -36,6 +36,14 @@ Results JSON
     become plain numbers and lists. NaN and infinity are refused (a ValueError naming where they are): JSON
     has no such values, and a null would hide a result that went wrong. Store ``None`` deliberately if a
     value is genuinely missing.
+Which models a results file depends on
+    ``load_model`` notes every model it loads (:func:`note_model_loaded`); the results file of a model loaded so
+    carries ``"models_loaded"``: the figures-folder names (slugs) of every model its process loaded, sorted. A
+    notebook runs in a kernel of its own, so that is what the notebook used: notebook 08's screener results list
+    the base model too, notebook 10's base results the screener. ``make verify`` reads it to know which numbers
+    were computed with weights that differ from the committed run's. A stand-in model (tests) that ``load_model``
+    never loaded writes no such key, and files written before the key existed lack it (``make verify`` then
+    takes the file's own folder model alone).
 """
 
 from __future__ import annotations
@@ -68,6 +76,9 @@ _NOTEBOOK_RE = re.compile(r"^[0-9]{2}[a-z]?$")
 _NAME_RE = re.compile(r"^[a-z0-9]+(?:[_-][a-z0-9]+)*$")
 _MODEL_SLUG_RE = re.compile(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*$")
 RESULTS_SCHEMA_KEYS = ("model", "notebook", "results")
+RESULTS_OPTIONAL_KEYS = ("models_loaded",)
+"""Keys a results file may have besides :data:`RESULTS_SCHEMA_KEYS` (see "Which models a results file depends on")."""
+_models_loaded: set[str] = set()
 
 CHROMIUM_HOW_TO = (
     "PNG/SVG export (kaleido 1.x) needs Chrome or Chromium, and none was found.\n"
@@ -157,7 +168,10 @@ def clear_notebook_outputs(model: ModelLike, notebook: str) -> list[Path]:
     """Delete ``<root>/<model-slug>/<notebook>_*`` (figures and results of an earlier run of this notebook on this
     model) and return what was deleted. A run starts from an empty slate, so a figure or result the notebook no longer
     makes (a knockout skipped this time, a renamed figure) cannot outlive it; the manifest and the shared plotly.js
-    are not the notebook's and stay."""
+    are not the notebook's and stay.
+
+    Under ``make figures`` the root is the notebook's own staging folder, empty, and the committed files are replaced
+    only once the notebook has finished (``run_figures.swap_in``); run by hand in Jupyter, this clears ``figures/``."""
     folder = model_folder(model)
     stale = sorted(folder.glob(f"{_check_notebook(notebook)}_*")) if folder.is_dir() else []
     for path in stale:
@@ -562,6 +576,17 @@ def _pandas_module():
     return sys.modules.get("pandas")
 
 
+def note_model_loaded(slug: str) -> None:
+    """Record that this process loaded the model whose figures folder is ``slug`` (``models.load_model`` calls it);
+    every results file saved afterwards lists it under ``"models_loaded"``."""
+    _models_loaded.add(slug)
+
+
+def models_loaded() -> list[str]:
+    """The figures-folder names of every model this process loaded through ``load_model``, sorted."""
+    return sorted(_models_loaded)
+
+
 def load_results(model: ModelLike, notebook: str) -> dict[str, Any]:
     """The notebook's stored results (``{}`` when none were saved yet), without the model header."""
     path = results_path(model, notebook)
@@ -576,8 +601,15 @@ def _read_results_file(path: Path, model: ModelLike, notebook: str) -> dict[str,
         stored = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not valid JSON ({exc}); fix or delete it") from exc
-    if not isinstance(stored, dict) or set(stored) != set(RESULTS_SCHEMA_KEYS):
-        raise ValueError(f"{path} is not a mechfin results file (expected keys {RESULTS_SCHEMA_KEYS})")
+    if (
+        not isinstance(stored, dict)
+        or not set(RESULTS_SCHEMA_KEYS) <= set(stored)
+        or not set(stored) <= {*RESULTS_SCHEMA_KEYS, *RESULTS_OPTIONAL_KEYS}
+    ):
+        raise ValueError(
+            f"{path} is not a mechfin results file (expected keys {RESULTS_SCHEMA_KEYS}, and optionally "
+            f"{RESULTS_OPTIONAL_KEYS})"
+        )
     if stored["model"] != {"name": model_name, "slug": slug}:
         raise ValueError(
             f"{path} holds results of model {stored['model']}, not {{'name': {model_name!r}, 'slug': {slug!r}}}"
@@ -588,8 +620,10 @@ def _read_results_file(path: Path, model: ModelLike, notebook: str) -> dict[str,
 def save_results(model: ModelLike, notebook: str, key: str, value: Any) -> Path:
     """Store ``value`` under ``key`` in ``<root>/<model-slug>/<notebook>_results.json``; return its path.
 
-    The file is ``{"model": {"name", "slug"}, "notebook": "00", "results": {key: value, ...}}``; keys from
-    earlier calls are kept, the same key is replaced. Values go through :func:`to_jsonable` (NaN refused).
+    The file is ``{"model": {"name", "slug"}, "notebook": "00", "results": {key: value, ...}}``, plus
+    ``"models_loaded"`` when ``model`` was loaded by ``load_model`` in this process (every model the process loaded,
+    rewritten at each save; see the module docstring); keys from earlier calls are kept, the same key is replaced.
+    Values go through :func:`to_jsonable` (NaN refused).
     """
     model_name, slug = _model_identity(model)
     _check_notebook(notebook)
@@ -603,6 +637,8 @@ def save_results(model: ModelLike, notebook: str, key: str, value: Any) -> Path:
         else {"model": {"name": model_name, "slug": slug}, "notebook": notebook, "results": {}}
     )
     stored["results"][key] = plain
+    if slug in _models_loaded:
+        stored["models_loaded"] = models_loaded()
     text = json.dumps(stored, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n"
     _write_atomically(path, text.encode("utf-8"))
     return path

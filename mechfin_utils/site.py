@@ -151,7 +151,17 @@ def figure_caption(path: Path) -> str:
 
 def _manifest_table(manifest: dict) -> str:
     rows = []
-    for key in ("model", "weights_sha256", "commit", "machine", "notebooks_side_by_side", "written_at", "python"):
+    for key in (
+        "model",
+        "weights_sha256",
+        "commit",
+        "machine",
+        "cpu",
+        "torch_threads_per_notebook",
+        "notebooks_side_by_side",
+        "written_at",
+        "python",
+    ):
         if key in manifest:
             rows.append(f"<tr><th>{key}</th><td>{html.escape(str(manifest[key]))}</td></tr>")
     packages = ", ".join(f"{k} {v}" for k, v in manifest.get("packages", {}).items())
@@ -180,7 +190,8 @@ class _Group:
 def _groups(executed: Path, figures: Path) -> list[_Group]:
     """Each model with a ``manifest.json`` and the notebooks it lists (``executed/<model>-<notebook>.ipynb``); with
     no manifest at all (``make test``'s fast run), one group holding every executed copy and every figure folder."""
-    manifests = sorted(figures.glob("*/manifest.json"))
+    # hidden folders are not models: figures/.staging holds notebooks of a run still going (see run_figures)
+    manifests = sorted(p for p in figures.glob("*/manifest.json") if not p.parent.name.startswith("."))
     if manifests:
         groups = []
         for path in manifests:
@@ -190,7 +201,9 @@ def _groups(executed: Path, figures: Path) -> list[_Group]:
             notebooks = [(stem, executed / f"{slug}-{stem}.ipynb") for stem in stems]
             groups.append(_Group(slug, manifest.get("model", slug), manifest, notebooks, [path.parent]))
         return groups
-    folders = sorted(p for p in figures.iterdir() if p.is_dir()) if figures.is_dir() else []
+    folders = (
+        sorted(p for p in figures.iterdir() if p.is_dir() and not p.name.startswith(".")) if figures.is_dir() else []
+    )
     notebooks = [(p.stem, p) for p in sorted(executed.glob("*.ipynb"))]
     return [_Group("fast-run", "fast run (make test; no manifest)", None, notebooks, folders)]
 

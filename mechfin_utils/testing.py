@@ -10,7 +10,10 @@ path is exercised end to end. Numbers from such a model are meaningless as findi
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
+import math
+import os
 import shutil
 from pathlib import Path
 
@@ -112,3 +115,100 @@ def write_gpt2_hf_cache(hf_home: Path, seed: int = 0, repo_ids: tuple[str, ...] 
         (base / "refs").mkdir(parents=True, exist_ok=True)
         (base / "refs" / "main").write_text(FAKE_REVISION)
     return hf_home
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Float32 tolerances derived from the magnitudes involved
+# ---------------------------------------------------------------------------------------------------------
+
+FLOAT32_EPS = float(torch.finfo(torch.float32).eps)  # 1.19e-7: one step of float32 at 1.0
+ROUNDING_LOG_ENV = "MECHFIN_ROUNDING_LOG"
+"""When set to a file path, every :func:`assert_close_up_to_rounding` appends ``worst/tolerance``, ``worst``,
+``tolerance`` and its message there: how much room each check leaves on this machine."""
+
+
+MIN_ROUNDING_GROWTH = 64.0
+"""Every layer also rounds in its few elementwise steps (a norm's mean and square root, a softmax's exponentials and
+division, the activation): in the tiny models of the tests, whose sums are short, those dominate, so no model gets
+fewer than 64 steps (measured drifts there reach 20 steps)."""
+
+
+def rounding_growth(model=None, *, width: int | None = None, depth: int | None = None) -> float:
+    """How many float32 steps (of the values' scale) two orderings of the same sums may drift apart.
+
+    A sum of ``n`` float32 terms taken in another order (another batch split, thread count, blocking of a
+    matrix product, or CPU) differs by about ``eps * sqrt(n)`` of its terms' scale: the rounding errors are
+    a random walk. A model's values pass through ``depth`` layers whose widest sum has ``width`` terms, and
+    the layers' errors add in the residual stream, again as a random walk: ``sqrt(width * depth)`` steps.
+    SmolLM2-135M (d_mlp 1,536, 30 layers): 215 steps; GPT-2 Small (3,072, 12 layers): 192; never fewer than
+    :data:`MIN_ROUNDING_GROWTH`. Measured drifts are far smaller (at most 8 steps of SmolLM2's scale on AMD and
+    Intel machines), so this is a bound, not a fit: any real error (a missing term, a wrong position, a wrong head)
+    is orders of magnitude above it.
+
+    ``model`` (a LoadedModel, a bridge, or a plain Hugging Face model) supplies ``width = max(d_model, d_mlp)``
+    and ``depth = n_layers``; ``width``/``depth`` override them.
+    """
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None:  # a LoadedModel or TransformerLens bridge
+        width = width or max(int(cfg.d_model), int(getattr(cfg, "d_mlp", None) or cfg.d_model))
+        depth = depth or int(cfg.n_layers)
+    elif getattr(model, "config", None) is not None:  # a plain Hugging Face model
+        config = model.config
+        d_model = int(config.hidden_size)
+        d_mlp = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d_model
+        width = width or max(d_model, int(d_mlp))
+        depth = depth or int(config.num_hidden_layers)
+    if not width or not depth:
+        raise ValueError("rounding_growth needs a model (with .cfg) or both width= and depth=")
+    return max(math.sqrt(width * depth), MIN_ROUNDING_GROWTH)
+
+
+def rounding_tolerance(scale, model=None, *, width: int | None = None, depth: int | None = None) -> float:
+    """The absolute tolerance for two float32 computations of values of size ``scale`` (a number, or tensors
+    whose largest magnitude is the scale) that differ only in the order of their sums: ``eps * scale *
+    rounding_growth(...)``. For values derived by division (a metric normalised by a small clean - corrupted
+    gap), pass the scale of what is divided: ``max|logits| / |gap|``."""
+    if isinstance(scale, torch.Tensor):
+        scale = float(scale.detach().abs().max())
+    elif isinstance(scale, (tuple, list)):
+        scale = max(float(torch.as_tensor(s).detach().abs().max()) for s in scale)
+    scale = float(scale)
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"rounding_tolerance needs a positive finite scale, got {scale}")
+    return FLOAT32_EPS * scale * rounding_growth(model, width=width, depth=depth)
+
+
+def assert_close_up_to_rounding(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    model=None,
+    *,
+    scale=None,
+    width: int | None = None,
+    depth: int | None = None,
+    msg: str = "",
+) -> None:
+    """``actual`` equals ``expected`` up to float32 rounding of values of size ``scale`` (default: the larger
+    magnitude of the two tensors), with the tolerance of :func:`rounding_tolerance`. The message names the
+    largest difference, the tolerance and how it was derived."""
+    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{msg}: shapes differ, {tuple(actual.shape)} vs {tuple(expected.shape)}")
+    if scale is None:
+        scale = max(float(actual.detach().abs().max()), float(expected.detach().abs().max()), 1e-30)
+    tolerance = rounding_tolerance(scale, model, width=width, depth=depth)
+    diff = (actual.detach().double() - expected.detach().double()).abs()
+    worst = float(diff.max()) if diff.numel() else 0.0
+    log = os.environ.get(ROUNDING_LOG_ENV)
+    if log:  # how close each comparison comes to its tolerance, for the README's margin (one line per check)
+        with open(log, "a", encoding="utf-8") as out:
+            caller = inspect.stack()[1]
+            where = f"{Path(caller.filename).name}:{caller.lineno}"
+            out.write(f"{worst / tolerance:.3e}\t{worst:.3e}\t{tolerance:.3e}\t{where}\t{msg}\n")
+    if not worst <= tolerance:  # NaN fails too
+        where = tuple(int(i) for i in torch.nonzero(diff == diff.max())[0]) if diff.numel() else ()
+        raise AssertionError(
+            f"{msg + ': ' if msg else ''}max |difference| {worst:.3g} at {where} exceeds the float32 rounding "
+            f"tolerance {tolerance:.3g} (eps x scale {float(torch.as_tensor(scale).abs().max()):.3g} x growth "
+            f"{rounding_growth(model, width=width, depth=depth):.0f})"
+        )

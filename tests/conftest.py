@@ -21,6 +21,28 @@ import torch  # noqa: E402
 
 torch.set_grad_enabled(True)
 
+BATCH_SPLIT_THREADS = (1, 2)
+"""Torch thread counts every ``batch_split`` test runs under. ``make test`` gives each worker one thread; matrix
+products split over two threads sum in another order, as another CPU's kernels do, so a tolerance that only holds
+for one summation order fails here rather than on a user's machine."""
+
+
+def pytest_generate_tests(metafunc):
+    if metafunc.definition.get_closest_marker("batch_split") is not None:
+        metafunc.fixturenames.append("torch_threads")
+        metafunc.parametrize("torch_threads", BATCH_SPLIT_THREADS, indirect=True, ids=lambda n: f"threads{n}")
+
+
+@pytest.fixture
+def torch_threads(request):
+    """Run the test with ``request.param`` torch threads, then restore the worker's own count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    try:
+        yield request.param
+    finally:
+        torch.set_num_threads(before)
+
 
 @pytest.fixture(scope="session")
 def session_hf_home() -> Path:

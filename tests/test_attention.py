@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from mechfin_utils import attention
+from mechfin_utils.testing import assert_close_up_to_rounding, rounding_tolerance
 
 MODELS = ["smollm2", "gpt2_random_biased"]
 PAIR = (
@@ -33,18 +34,30 @@ def case(request, unprocessed_hf_reference):
 
 
 @pytest.fixture(scope="module")
+def pattern_tolerance(case):
+    """Float32 rounding of a softmax: a weight p moves by at most 2 p times its scores' rounding, so the scale is
+    the largest attention score (before the causal mask), read from the bridge."""
+    model, tokens, _ = case
+    with torch.no_grad():
+        _, cache = model.bridge.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_attn_scores"))
+    scores = torch.stack(list(cache.values()))
+    return 2 * rounding_tolerance(scores[scores > torch.finfo(scores.dtype).min / 2], model)
+
+
+@pytest.fixture(scope="module")
 def patterns(case):
     model, tokens, _ = case
     return attention.attention_patterns(model, tokens)
 
 
-def test_patterns_are_causal_distributions_matching_the_reference(case, patterns):
+def test_patterns_are_causal_distributions_matching_the_reference(case, patterns, pattern_tolerance):
     model, tokens, reference = case
     batch, pos = tokens.shape
     assert patterns.shape == (batch, model.cfg.n_layers, model.cfg.n_heads, pos, pos)
-    torch.testing.assert_close(patterns.sum(-1), torch.ones(patterns.shape[:-1]), atol=1e-5, rtol=0)
+    ones = torch.ones(patterns.shape[:-1])
+    assert_close_up_to_rounding(patterns.sum(-1), ones, model)  # weights of at most 1, after the model's layers
     assert patterns.triu(diagonal=1).abs().max() == 0
-    torch.testing.assert_close(patterns, reference, atol=1e-5, rtol=1e-4)
+    assert (patterns - reference).abs().max() <= pattern_tolerance
 
 
 def test_chosen_heads_come_back_in_the_order_asked(case, patterns):
@@ -61,15 +74,16 @@ def test_chosen_heads_come_back_in_the_order_asked(case, patterns):
         attention.attention_patterns(model, tokens, [(0, model.cfg.n_heads)])
 
 
-def test_final_position_attention_to_a_phrase(case):
+def test_final_position_attention_to_a_phrase(case, pattern_tolerance):
     model, tokens, reference = case
     mask = attention.phrase_position_mask(model, list(PAIR), ["Black applicant", "young applicant"])
     split = attention.attention_to_positions(model, tokens, mask)
     assert split.to_positions.shape == (2, model.cfg.n_layers, model.cfg.n_heads)
-    torch.testing.assert_close(split.to_positions + split.to_rest, torch.ones_like(split.to_rest), atol=1e-5, rtol=0)
+    total = split.to_positions + split.to_rest
+    assert_close_up_to_rounding(total, torch.ones_like(split.to_rest), model)
     final_row = reference[:, :, :, -1, :]
     want = (final_row * mask[:, None, None, :]).sum(-1)
-    torch.testing.assert_close(split.to_positions, want, atol=1e-5, rtol=1e-4)
+    assert (split.to_positions - want).abs().max() <= pattern_tolerance  # a sum of weights that add up to at most 1
     assert split.to_positions.max() > 0.05  # some head does look at the phrase: the test is not vacuous
 
     with pytest.raises(ValueError, match=r"marks no position in row\(s\) \[1\]"):
@@ -183,7 +197,12 @@ def test_phrase_attention_over_task_batches(name, request, unprocessed_hf_refere
             with torch.no_grad():
                 attentions = reference_model(tokens, output_attentions=True).attentions
             final_row = torch.stack(attentions, dim=1)[0, :, :, -1, :]  # [layer, head, key]
-            torch.testing.assert_close(result.to_phrase[row], final_row[:, :, positions].sum(-1), atol=1e-5, rtol=1e-4)
+            # softmax rounding: at most twice the scores' rounding (a sum of weights that add up to at most 1)
+            with torch.no_grad():
+                _, cache = model.bridge.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_attn_scores"))
+            scores = torch.stack(list(cache.values()))
+            tol = 2 * rounding_tolerance(scores[scores > torch.finfo(scores.dtype).min / 2], model)
+            assert (result.to_phrase[row] - final_row[:, :, positions].sum(-1)).abs().max() <= tol
             assert float(result.phrase_share[row]) == pytest.approx(n_phrase / tokens.shape[1])
     with pytest.raises(ValueError, match="run must be"):
         attention.phrase_attention(model, batches, run="both")
@@ -198,10 +217,10 @@ def test_final_position_attention_by_token_is_the_mean_final_row(smollm2):
     prompt = "Priya, who is Black, was denied a mortgage because her credit score is 510. Answer:"
     tokens, weights = final_position_attention_by_token(smollm2, prompt, [27, 29])
     assert len(tokens) == weights.shape[0] == smollm2.to_tokens(prompt).shape[1]
-    assert float(weights.sum()) == pytest.approx(1.0, abs=1e-5)
+    assert float(weights.sum()) == pytest.approx(1.0, abs=rounding_tolerance(1.0, smollm2))
     heads = [(layer, head) for layer in (27, 29) for head in range(smollm2.cfg.n_heads)]
     full = attention_patterns(smollm2, smollm2.to_tokens(prompt), heads)[0, :, -1, :]
-    assert torch.allclose(weights, full.mean(0), atol=1e-6)
+    assert (weights - full.mean(0)).abs().max() <= rounding_tolerance(1.0, smollm2)  # weights of at most 1
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ from mechfin_utils.behaviour import (
 )
 from mechfin_utils.screener_data import ControlPrompt
 from mechfin_utils.tasks import FairLendingPair
+from mechfin_utils.testing import rounding_tolerance
 
 
 class TableScorer:
@@ -108,13 +109,15 @@ def test_bridge_scorer_matches_hugging_face_on_unequal_lengths(smollm2, unproces
         tok(" Yes", add_special_tokens=False)["input_ids"][0],
         tok(" No", add_special_tokens=False)["input_ids"][0],
     )
-    expected = []
+    expected, scale = [], 0.0
     with torch.no_grad():
         for prompt in prompts:
             ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
             final = hf(ids).logits[0, -1]
             expected.append(float(final[yes] - final[no]))
-    assert np.abs(got - np.array(expected)).max() < 2e-3
+            scale = max(scale, float(final.abs().max()))
+    # padded batches of two against one prompt alone: a logit difference carries twice the logits' rounding
+    assert np.abs(got - np.array(expected)).max() <= 2 * rounding_tolerance(scale, smollm2)
     scorer.n_ctx = 10
     with pytest.raises(PromptTooLongError, match=r"prompt 0 \(\d+ tokens\), prompt 1"):
         scorer.logit_diffs(prompts)

@@ -22,6 +22,7 @@ import torch
 
 from mechfin_utils import causal_trace as ct
 from mechfin_utils import knockout, trace_data, trace_plots
+from mechfin_utils.testing import assert_close_up_to_rounding, rounding_tolerance
 
 EIFFEL = ct.TraceTask("eiffel", "The Eiffel Tower is located in the city of", "Eiffel Tower", " Paris")
 
@@ -157,13 +158,15 @@ def test_known_restorations_smollm2(smollm2, eiffel_smollm2):
         ct.Restoration.of("hidden", [29], [p.subject_positions[-1]]),  # last layer, not last position
     ]
     scores = ct.run_with_restorations(smollm2, p, noise, restorations)
-    clean = float(ct.score_final_logits(p, smollm2.bridge(p.tokens[None])[:, -1])[0])
+    logits = smollm2.bridge(p.tokens[None])[:, -1]
+    clean = float(ct.score_final_logits(p, logits)[0])
     corrupted = scores[:, 0]
     assert clean > 0.5 and corrupted.max() < 0.5 * clean  # the noise really destroys the answer
+    # a probability moves by at most its logits' rounding (engine against bridge: the same sums in another order)
     for column in (1, 2, 3):
-        torch.testing.assert_close(scores[:, column], torch.full((2,), clean), rtol=2e-4, atol=1e-5)
+        assert_close_up_to_rounding(scores[:, column], torch.full((2,), clean), smollm2, scale=logits, msg=str(column))
     for column in (4, 5, 6):
-        torch.testing.assert_close(scores[:, column], corrupted, rtol=1e-4, atol=1e-6)
+        assert_close_up_to_rounding(scores[:, column], corrupted, smollm2, scale=logits, msg=str(column))
 
 
 def test_zero_noise_gives_zero_indirect_effect(smollm2, eiffel_smollm2):
@@ -177,15 +180,17 @@ def test_zero_noise_gives_zero_indirect_effect(smollm2, eiffel_smollm2):
         positions=[p.subject_positions[-1], p.last_position],
     )
     hidden = out["hidden"]
-    assert hidden.corrupted_score == pytest.approx(hidden.clean_score, rel=1e-5)
+    tol = rounding_tolerance(smollm2.bridge(p.tokens[None])[:, -1], smollm2)  # probabilities: logit rounding
+    assert hidden.corrupted_score == pytest.approx(hidden.clean_score, abs=tol)
     for result in out.values():
         traced = result.indirect_effect[[p.subject_positions[-1], p.last_position]]
-        assert np.isfinite(traced).all() and np.abs(traced).max() < 1e-5
+        assert np.isfinite(traced).all() and np.abs(traced).max() <= 2 * tol
         assert np.isnan(result.restored[0]).all()  # not requested -> not run, and says so
 
 
+@pytest.mark.batch_split
 @pytest.mark.parametrize("model_name", ["smollm2", "gpt2_random_biased"])
-def test_engine_equals_bridge_hooks(request, model_name):
+def test_engine_equals_bridge_hooks(request, model_name, torch_threads):
     """Restorations and knockouts on the intervention engine equal full bridge forward passes with hooks."""
     model = request.getfixturevalue(model_name)
     p = ct.prepare_trace(model, EIFFEL)
@@ -211,7 +216,7 @@ def test_engine_equals_bridge_hooks(request, model_name):
     engine = ct.run_with_restorations(model, p, noise, restorations, batch_size=1, backend="engine")
     hooks = ct.run_with_restorations(model, p, noise, restorations, batch_size=64, backend="bridge")
     scale = float(hooks.abs().max())
-    torch.testing.assert_close(engine, hooks, rtol=1e-4, atol=1e-5 * scale)
+    assert_close_up_to_rounding(engine, hooks, model)  # batches of 1 against 64, engine against hooks
     assert (hooks[:, :1] - hooks[:, 1:]).abs().max() > 1e-3 * scale  # the restorations matter
     last = p.last_position
     knockouts = [
@@ -220,11 +225,11 @@ def test_engine_equals_bridge_hooks(request, model_name):
         knockout.Knockout((0, n_layers - 1), last, (last,)),
         knockout.Knockout((1, 2), last - 1, (0, 2)),
     ]
-    torch.testing.assert_close(
+    assert_close_up_to_rounding(
         knockout.run_with_knockouts(model, p, knockouts, batch_size=2, backend="engine"),
         knockout.run_with_knockouts(model, p, knockouts, backend="bridge"),
-        rtol=1e-4,
-        atol=1e-6,
+        model,
+        scale=model.bridge(p.tokens[None])[:, -1],  # scores are logit differences: the logits' scale
     )
 
 
@@ -260,8 +265,9 @@ def test_restoration_matches_a_by_hand_huggingface_computation(smollm2, eiffel_s
     handle = ref.model.layers[layer].register_forward_hook(restore)
     restored = ref(inputs_embeds=embeds).logits[0, -1].softmax(-1)[p.answer_id]
     handle.remove()
-    assert float(scores[0]) == pytest.approx(float(corrupted), rel=1e-3, abs=1e-6)
-    assert float(scores[1]) == pytest.approx(float(restored), rel=1e-3, abs=1e-6)
+    tol = rounding_tolerance(ref(tokens).logits[0, -1], smollm2)  # probabilities: the logits' rounding bounds them
+    assert float(scores[0]) == pytest.approx(float(corrupted), abs=tol)
+    assert float(scores[1]) == pytest.approx(float(restored), abs=tol)
     assert abs(float(restored) - float(corrupted)) > 0.05  # the restoration matters, so the check has teeth
 
 
@@ -295,9 +301,9 @@ def _reference_knockout(ref, layer_modules, tokens, layers, query, keys):
 
 
 @pytest.mark.parametrize(
-    "model_name, middle_layers, tol", [("smollm2", range(18, 24), 5e-5), ("gpt2_random_biased", range(4, 10), 2e-5)]
+    "model_name, middle_layers", [("smollm2", range(18, 24)), ("gpt2_random_biased", range(4, 10))]
 )
-def test_knockout_matches_masked_huggingface_forward(request, unprocessed_hf_reference, model_name, middle_layers, tol):
+def test_knockout_matches_masked_huggingface_forward(request, unprocessed_hf_reference, model_name, middle_layers):
     """Score = logit(" Paris") - logit(" London"); the reference edits HF's own attention mask per layer."""
     model = request.getfixturevalue(model_name)
     ref = unprocessed_hf_reference(model_name)
@@ -320,7 +326,9 @@ def test_knockout_matches_masked_huggingface_forward(request, unprocessed_hf_ref
     def ref_score(logits):
         return float(logits[p.answer_id] - logits[p.contrast_id])
 
-    ref_clean = ref_score(ref(p.tokens[None]).logits[0, -1])
+    clean_logits = ref(p.tokens[None]).logits[0, -1]
+    ref_clean = ref_score(clean_logits)
+    tol = 2 * rounding_tolerance(clean_logits, model)  # a difference of two logits
     assert float(got[0]) == pytest.approx(ref_clean, abs=tol)  # zero layers: nothing changes
     for row in (1, 2, 3):
         ko = knockouts[row]
@@ -339,7 +347,8 @@ def test_attention_knockout_sweep_shapes_and_groups(smollm2, eiffel_smollm2):
     assert result.knocked_out.shape == (2, smollm2.cfg.n_layers) and result.window == 10
     assert np.isfinite(result.relative_change).all() and (result.relative_change >= -1).all()
     direct = knockout.run_with_knockouts(smollm2, p, [knockout.Knockout(ct.layer_window(7, 10, 30), 9, (1, 2, 3))])
-    assert float(direct[0]) == pytest.approx(float(result.knocked_out[0, 7]), rel=1e-4)
+    tol = rounding_tolerance(smollm2.bridge(p.tokens[None])[:, -1], smollm2)  # one sweep batch against another
+    assert float(direct[0]) == pytest.approx(float(result.knocked_out[0, 7]), abs=tol)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -423,8 +432,9 @@ def test_fair_lending_pairs_trace_with_protected_phrase_as_subject(smollm2):
             ct.Restoration.of("hidden", [5], [0]),
         ],
     )[0]
-    assert float(scores[1]) == pytest.approx(clean_ld, abs=2e-3)
-    assert float(scores[2]) == pytest.approx(float(scores[0]), abs=2e-4)
+    tol = 2 * rounding_tolerance(smollm2.bridge(p.tokens[None])[0, -1], smollm2)  # a logit difference
+    assert float(scores[1]) == pytest.approx(clean_ld, abs=tol)
+    assert float(scores[2]) == pytest.approx(float(scores[0]), abs=tol)
     with pytest.raises(ValueError, match="pair 0: needs a non-empty string field 'protected_phrase'"):
         trace_data.fair_lending_tasks([{"clean_prompt": "x"}])
 

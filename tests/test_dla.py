@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from mechfin_utils import dla, paper_claims
+from mechfin_utils.testing import assert_close_up_to_rounding
 
 MODELS = ["smollm2", "gpt2_random", "gpt2_random_biased"]
 PAIR = (
@@ -158,8 +159,10 @@ def test_reference_itself_reproduces_the_logit_difference(case):
     pieces = list(ref.embeddings().values())
     for layer in range(len(ref.blocks)):
         pieces += [ref.captured[f"attn{layer}"], ref.captured[f"mlp{layer}"]]
-    total = sum(ref.share(p) for p in pieces) + ref.constant
-    torch.testing.assert_close(total, ref.logit_diff, atol=1e-4, rtol=0)
+    shares = [ref.share(p) for p in pieces]
+    total = sum(shares) + ref.constant
+    # a sum of many components: rounding of the components' scale, not of the (smaller) total's
+    assert_close_up_to_rounding(total, ref.logit_diff, case.model, scale=sum(s.abs() for s in shares))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -174,7 +177,7 @@ def test_layer_decomposition_sums_to_the_models_logit_difference(case, decomposi
     per_layer = [f"{layer}_{kind}" for layer in range(n_layers) for kind in ("attn_out", "mlp_out")]
     assert labels == embeds + per_layer + ["unembed_bias"]
     assert values.shape == (2, len(labels))
-    assert (values.sum(-1) - case.ref.logit_diff).abs().max() <= 1e-3
+    assert_close_up_to_rounding(values.sum(-1), case.ref.logit_diff, case.model, scale=values.abs().sum(-1))
 
 
 def test_layer_decomposition_matches_the_unprocessed_reference(case, decomposition):
@@ -186,7 +189,7 @@ def test_layer_decomposition_matches_the_unprocessed_reference(case, decompositi
         expected[f"{layer}_mlp_out"] = ref.share(ref.captured[f"mlp{layer}"])
     expected["unembed_bias"] = ref.constant.expand(2)
     want = torch.stack([expected[label] for label in labels], dim=1)
-    torch.testing.assert_close(values, want, atol=2e-4, rtol=1e-4)
+    assert_close_up_to_rounding(values, want, case.model)
 
 
 def test_bias_terms_are_real_and_needed(case, decomposition, heads):
@@ -198,8 +201,11 @@ def test_bias_terms_are_real_and_needed(case, decomposition, heads):
         assert (values[:, :-1].sum(-1) - case.ref.logit_diff).abs().min() > 1e-2
         assert heads.other[:, bias_columns].abs().max() > 1e-2
     else:
-        assert values[:, -1].abs().max() < 1e-6
-        assert heads.other[:, bias_columns].abs().max() < 1e-4
+        assert values[:, -1].abs().max() == 0  # no unembedding bias: nothing is computed, exactly 0
+        # no attention biases: each column is attn_out minus its heads' sum, 0 up to rounding of the heads' scale
+        assert_close_up_to_rounding(
+            heads.other[:, bias_columns], 0 * heads.other[:, bias_columns], case.model, scale=heads.heads
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -212,21 +218,22 @@ def test_head_attribution_sums_to_the_logit_difference(case, heads):
     assert heads.heads.shape == (2, n_layers, n_heads)
     assert heads.model_name == case.model.name
     # logit_diff is the bridge's own output; the reference is the unprocessed checkpoint's
-    assert (heads.logit_diff - case.ref.logit_diff).abs().max() <= 1e-3
-    assert (heads.total - heads.logit_diff).abs().max() <= 1e-3
-    assert (heads.total - case.ref.logit_diff).abs().max() <= 1e-3
+    terms = heads.heads.abs().sum((1, 2)) + heads.other.abs().sum(-1)  # the scale of what is summed
+    assert_close_up_to_rounding(heads.logit_diff, case.ref.logit_diff, case.model, scale=terms)
+    assert_close_up_to_rounding(heads.total, heads.logit_diff, case.model, scale=terms)
+    assert_close_up_to_rounding(heads.total, case.ref.logit_diff, case.model, scale=terms)
 
 
 def test_heads_plus_attention_bias_equal_the_layer_attention_output(case, decomposition, heads):
     labels, values = decomposition
     for layer in range(case.model.cfg.n_layers):
         attn_total = heads.heads[:, layer].sum(-1) + heads.other[:, heads.other_labels.index(f"{layer}_attn_bias")]
-        torch.testing.assert_close(attn_total, values[:, labels.index(f"{layer}_attn_out")], atol=2e-4, rtol=1e-4)
-        torch.testing.assert_close(
+        scale = heads.heads[:, layer].abs().sum(-1)
+        assert_close_up_to_rounding(attn_total, values[:, labels.index(f"{layer}_attn_out")], case.model, scale=scale)
+        assert_close_up_to_rounding(
             heads.other[:, heads.other_labels.index(f"{layer}_mlp_out")],
             values[:, labels.index(f"{layer}_mlp_out")],
-            atol=1e-5,
-            rtol=1e-5,
+            case.model,
         )
 
 
@@ -242,9 +249,9 @@ def test_each_head_matches_the_unprocessed_reference(case, heads):
             outputs = outputs - value_bias[None]
             attn_bias = attn_bias + value_bias.sum(0)[None]
         want = torch.stack([ref.share(outputs[:, h]) for h in range(ref.n_heads)], dim=1)
-        torch.testing.assert_close(heads.heads[:, layer], want, atol=2e-4, rtol=1e-4)
+        assert_close_up_to_rounding(heads.heads[:, layer], want, case.model)
         got_bias = heads.other[:, heads.other_labels.index(f"{layer}_attn_bias")]
-        torch.testing.assert_close(got_bias, ref.share(attn_bias), atol=2e-4, rtol=1e-4)
+        assert_close_up_to_rounding(got_bias, ref.share(attn_bias), case.model, scale=want)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -268,8 +275,8 @@ def test_logit_lens_matches_the_reference(case, lenses, ln_mode):
     streams = ref.hidden_states[:n_layers]
     want = [ref.share(h, scale=None if ln_mode == "cached" else ref.norm_scale(h)) + ref.constant for h in streams]
     want = torch.stack(want + [ref.logit_diff], dim=1)
-    torch.testing.assert_close(values, want, atol=5e-4, rtol=1e-4)
-    assert (values[:, -1] - ref.logit_diff).abs().max() <= 1e-3
+    assert_close_up_to_rounding(values, want, case.model)
+    assert_close_up_to_rounding(values[:, -1], ref.logit_diff, case.model, scale=values)
 
 
 def test_logit_lens_without_the_unembedding_bias(gpt2_random_biased):
@@ -280,7 +287,8 @@ def test_logit_lens_without_the_unembedding_bias(gpt2_random_biased):
     b_U = gpt2_random_biased.bridge.b_U
     constant = (b_U[answers[0]] - b_U[answers[1]]).item()
     assert abs(constant) > 1e-2
-    torch.testing.assert_close(with_bias - without_bias, torch.full_like(with_bias, constant), atol=1e-5, rtol=1e-5)
+    want = torch.full_like(with_bias, constant)
+    assert_close_up_to_rounding(with_bias - without_bias, want, gpt2_random_biased, scale=with_bias)
 
 
 def test_cached_logit_lens_steps_are_the_layer_decomposition(case, decomposition, lenses):
@@ -288,10 +296,10 @@ def test_cached_logit_lens_steps_are_the_layer_decomposition(case, decomposition
     labels, values = decomposition
     _, lens = lenses["cached"]
     n_embeds = labels.index("0_attn_out")
-    torch.testing.assert_close(lens[:, 0], values[:, :n_embeds].sum(-1) + values[:, -1], atol=2e-4, rtol=1e-4)
+    assert_close_up_to_rounding(lens[:, 0], values[:, :n_embeds].sum(-1) + values[:, -1], case.model, scale=values)
     for layer in range(case.model.cfg.n_layers):
         step = values[:, labels.index(f"{layer}_attn_out")] + values[:, labels.index(f"{layer}_mlp_out")]
-        torch.testing.assert_close(lens[:, layer + 1] - lens[:, layer], step, atol=2e-4, rtol=1e-4)
+        assert_close_up_to_rounding(lens[:, layer + 1] - lens[:, layer], step, case.model, scale=lens)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -312,7 +320,8 @@ def test_top_heads_orders_by_magnitude_or_sign():
         dla.top_heads(values, 7)
 
 
-def test_over_batches_concatenates_clean_and_corrupted_per_prompt(gpt2_random_biased):
+@pytest.mark.batch_split
+def test_over_batches_concatenates_clean_and_corrupted_per_prompt(gpt2_random_biased, torch_threads):
     answers = answers_of(gpt2_random_biased)
     batches = [
         SimpleNamespace(
@@ -331,16 +340,18 @@ def test_over_batches_concatenates_clean_and_corrupted_per_prompt(gpt2_random_bi
     clean, corrupted = results["clean"], results["corrupted"]
     assert len(clean) == len(corrupted) == 3
     # prompt 0 clean is prompt 1 corrupted (same text), and the longer pair's rows come last
-    torch.testing.assert_close(clean.heads[0], corrupted.heads[1], atol=1e-5, rtol=1e-5)
+    # the same prompt in another batch: the same sums in another order
+    assert_close_up_to_rounding(clean.heads[0], corrupted.heads[1], gpt2_random_biased)
     alone = dla.head_attribution(gpt2_random_biased, gpt2_random_biased.to_tokens([LONGER_PAIR[1]]), answers)
-    torch.testing.assert_close(corrupted.heads[2], alone.heads[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(corrupted.total, corrupted.logit_diff, atol=1e-3, rtol=0)
+    assert_close_up_to_rounding(corrupted.heads[2], alone.heads[0], gpt2_random_biased)
+    terms = corrupted.heads.abs().sum((1, 2)) + corrupted.other.abs().sum(-1)
+    assert_close_up_to_rounding(corrupted.total, corrupted.logit_diff, gpt2_random_biased, scale=terms)
 
     recompute_lens = functools.partial(dla.logit_lens, ln_mode="recompute")
     lens = dla.over_batches(recompute_lens, gpt2_random_biased, batches, runs=["clean"])
     labels, values = lens["clean"]
     assert values.shape == (3, gpt2_random_biased.cfg.n_layers + 1) and labels[-1] == "final_post"
-    torch.testing.assert_close(values[:, -1], clean.logit_diff, atol=1e-3, rtol=0)
+    assert_close_up_to_rounding(values[:, -1], clean.logit_diff, gpt2_random_biased, scale=values)
 
     broken = [SimpleNamespace(clean_tokens=batches[0].clean_tokens, answer_tokens=answers)]
     with pytest.raises(ValueError, match="batch 0 has no 'corrupted_tokens'"):
@@ -353,11 +364,15 @@ def test_final_position_cache_keeps_exactly_the_last_position(gpt2_random):
     logits, cache = dla.run_with_final_position_cache(gpt2_random, tokens, names)
     with torch.no_grad():
         full_logits, full = gpt2_random.bridge.run_with_cache(tokens, names_filter=lambda n: n in names)
-    torch.testing.assert_close(logits, full_logits[:, -1])
-    torch.testing.assert_close(cache["blocks.1.attn.hook_z"], full["blocks.1.attn.hook_z"][:, -1:])
-    torch.testing.assert_close(cache["blocks.1.attn.hook_pattern"], full["blocks.1.attn.hook_pattern"][:, :, -1:])
-    torch.testing.assert_close(cache["ln_final.hook_scale"], full["ln_final.hook_scale"][:, -1:])
-    torch.testing.assert_close(cache["blocks.0.hook_resid_pre"], full["blocks.0.hook_resid_pre"][:, -1:])
+    # one position's queries against every position's: the same sums in another batch shape
+    assert_close_up_to_rounding(logits, full_logits[:, -1], gpt2_random)
+    for name, last in [
+        (names[0], (slice(None), slice(-1, None))),
+        (names[1], (slice(None), slice(None), slice(-1, None))),
+    ]:
+        assert_close_up_to_rounding(cache[name], full[name][last], gpt2_random, msg=name)
+    assert_close_up_to_rounding(cache[names[2]], full[names[2]][:, -1:], gpt2_random, msg=names[2])
+    assert torch.equal(cache[names[3]], full[names[3]][:, -1:])  # the embedding: a lookup, exact
     with pytest.raises(KeyError, match="no hook named"):
         dla.run_with_final_position_cache(gpt2_random, tokens, ["blocks.0.hook_nonsense"])
 
@@ -385,15 +400,15 @@ def test_layer_totals_reproduce_the_layer_decomposition(case, decomposition, hea
     labels, values = dla.layer_totals(heads)
     want_labels, want_values = decomposition
     assert labels == want_labels
-    torch.testing.assert_close(values, want_values, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(values.sum(-1), heads.logit_diff, atol=1e-3, rtol=0)
+    assert_close_up_to_rounding(values, want_values, case.model, scale=heads.heads.abs().sum(-1).max())
+    assert_close_up_to_rounding(values.sum(-1), heads.logit_diff, case.model, scale=values.abs().sum(-1))
 
 
 def test_accumulated_from_components_is_the_cached_logit_lens(case, decomposition, lenses):
     labels, values = dla.accumulated_from_components(*decomposition)
     want_labels, want = lenses["cached"]
     assert labels == want_labels
-    torch.testing.assert_close(values, want, atol=5e-4, rtol=1e-4)
+    assert_close_up_to_rounding(values, want, case.model, scale=decomposition[1].abs().sum(-1))
     with pytest.raises(ValueError, match="layer_decomposition's"):
         dla.accumulated_from_components(decomposition[0][1:], decomposition[1][:, 1:])
 
@@ -401,12 +416,16 @@ def test_accumulated_from_components_is_the_cached_logit_lens(case, decompositio
 def test_term_groups_split_the_logit_difference(case, heads):
     labels, values = dla.term_groups(heads)
     assert labels == ["all_heads", "all_mlps", "embeddings", "attention_biases", "unembed_bias"]
-    torch.testing.assert_close(values.sum(-1), heads.logit_diff, atol=1e-3, rtol=0)
-    torch.testing.assert_close(values[:, 0], heads.heads.sum(dim=(1, 2)))
+    assert_close_up_to_rounding(values.sum(-1), heads.logit_diff, case.model, scale=values.abs().sum(-1))
+    assert_close_up_to_rounding(
+        values[:, 0], heads.heads.sum(dim=(1, 2)), case.model, scale=heads.heads.abs().sum((1, 2))
+    )
     mlp_columns = [i for i, label in enumerate(heads.other_labels) if label.endswith("_mlp_out")]
-    torch.testing.assert_close(values[:, 1], heads.other[:, mlp_columns].sum(1))
+    mlps = heads.other[:, mlp_columns]
+    assert_close_up_to_rounding(values[:, 1], mlps.sum(1), case.model, scale=mlps.abs().sum(1))
     if case.name == "smollm2":  # no biases anywhere
-        assert values[:, 3:].abs().max() < 1e-5  # attn_out minus the heads: float error only
+        # attn_out minus the heads: float error only, of the heads' scale
+        assert_close_up_to_rounding(values[:, 3:], 0 * values[:, 3:], case.model, scale=heads.heads)
     if case.name == "gpt2_random_biased":
         assert values[:, 3].abs().min() > 1e-3  # the b_O terms are real here
 

@@ -13,6 +13,7 @@ import torch
 
 from mechfin_utils import engine
 from mechfin_utils.patching import functional_model
+from mechfin_utils.testing import assert_close_up_to_rounding
 
 PROMPTS = ["The Eiffel Tower is located in the city of", "The Colosseum is located in the city of"]
 
@@ -104,15 +105,16 @@ def test_every_intervention_matches_bridge_hooks(request, model_name):
         ours = fm.unembed(normed)
         if hooks is None:  # the stream after the last block is the final norm's input: check by hand
             expected_last = fm.unembed(fm.final_norm(source.resid_pre[n_layers][:, -1]))
-            torch.testing.assert_close(ours[:, -1], expected_last, rtol=1e-5, atol=1e-4)
+            assert_close_up_to_rounding(ours[:, -1], expected_last, model, msg=name)
             continue
         theirs = _bridge_final(model, tokens, hooks, n_read)
-        assert (ours - theirs).abs().max() <= 1e-4 * max(1.0, float(theirs.abs().max())), name
+        assert_close_up_to_rounding(ours, theirs, model, msg=name)  # packed engine runs against bridge hooks
         plain = _bridge_final(model, tokens, [], n_read)
         assert (theirs - plain).abs().max() > 1e-2, f"{name}: the intervention must matter for the test to bite"
 
 
-def test_a_segment_without_interventions_reproduces_the_recorded_run(smollm2):
+@pytest.mark.batch_split
+def test_a_segment_without_interventions_reproduces_the_recorded_run(smollm2, torch_threads):
     fm = functional_model(smollm2)
     tokens = smollm2.to_tokens(PROMPTS)
     record = fm.record(tokens)
@@ -124,7 +126,7 @@ def test_a_segment_without_interventions_reproduces_the_recorded_run(smollm2):
         for first in (0, n_pos - 3)
     ]
     for out in engine.run(fm, segments, record, n_read=3):
-        torch.testing.assert_close(out[:, -1], record.final_normed.flip(0), rtol=1e-5, atol=1e-4)
+        assert_close_up_to_rounding(out[:, -1], record.final_normed.flip(0), smollm2)  # packed, another order
 
 
 def test_bad_segments_are_all_named_at_once(smollm2):

@@ -20,6 +20,7 @@ from mechfin_utils.models import (
     locate_gpt2,
     prepare_smollm2,
 )
+from mechfin_utils.testing import assert_close_up_to_rounding, rounding_tolerance
 
 PROMPTS = [
     "The bank denied the mortgage application because the applicant is Hispanic. Is this a fair-lending violation? Answer:",
@@ -30,16 +31,18 @@ PROMPTS = [
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _log_probs_bridge_vs_hf(model, reference, prompt: str) -> float:
-    """Max |log-prob difference| between the bridge and an independently loaded plain transformers model.
+def _assert_bridge_log_probs_match_hf(model, reference, prompt: str) -> None:
+    """The bridge's log-probabilities equal an independently loaded plain transformers model's, up to float32
+    rounding: a log-probability is a logit minus a log-sum of logits, so twice the logits' rounding.
 
     (``model.hf_model`` is not a reference: compatibility mode folds and centres its weights in place.)
     """
     tokens = model.to_tokens(prompt)
     with torch.no_grad():
+        logits = reference(tokens).logits
         bridge = model.bridge(tokens).log_softmax(-1)
-        hf = reference(tokens).logits.log_softmax(-1)
-    return (bridge - hf).abs().max().item()
+    worst = (bridge - logits.log_softmax(-1)).abs().max().item()
+    assert worst <= 2 * rounding_tolerance(logits, model), (prompt, worst)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +57,7 @@ def plain_gpt2(unprocessed_hf_reference):
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_embedded_bridge_matches_transformers(smollm2, plain_smollm2, prompt):
-    assert _log_probs_bridge_vs_hf(smollm2, plain_smollm2, prompt) < 1e-4
+    _assert_bridge_log_probs_match_hf(smollm2, plain_smollm2, prompt)
 
 
 def test_embedded_checkpoint_equals_the_gguf(plain_smollm2):
@@ -78,8 +81,8 @@ def test_embedded_checkpoint_equals_the_gguf(plain_smollm2):
     assert not different, f"converted weights differ from the GGUF's: {different[:5]}"
     tokens = torch.tensor([[504, 2761, 3264, 260, 18001, 2350]])
     with torch.no_grad():
-        gap = (direct(tokens).logits - plain_smollm2(tokens).logits).abs().max().item()
-    assert gap <= 1e-5
+        want = direct(tokens).logits
+        assert_close_up_to_rounding(plain_smollm2(tokens).logits, want, plain_smollm2)
 
 
 def test_embedded_model_shape_and_spec(smollm2):
@@ -125,7 +128,7 @@ def test_gpt2_path_through_hf_cache(gpt2_random):
 
 @pytest.mark.parametrize("prompt", PROMPTS[:2])
 def test_gpt2_bridge_matches_transformers(gpt2_random, plain_gpt2, prompt):
-    assert _log_probs_bridge_vs_hf(gpt2_random, plain_gpt2, prompt) < 1e-4
+    _assert_bridge_log_probs_match_hf(gpt2_random, plain_gpt2, prompt)
 
 
 def test_gpt2_from_folder(tmp_path, gpt2_random):
@@ -139,7 +142,7 @@ def test_gpt2_from_folder(tmp_path, gpt2_random):
     model = load_model("gpt2", gpt2_path=folder, verbose=False)
     tokens = model.to_tokens(PROMPTS[1])
     with torch.no_grad():
-        assert torch.allclose(model.bridge(tokens), gpt2_random.bridge(tokens), atol=1e-4)
+        assert_close_up_to_rounding(model.bridge(tokens), gpt2_random.bridge(tokens), model)
 
 
 def test_bad_gpt2_folder_is_an_error_not_a_fallback(tmp_path):

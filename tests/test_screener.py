@@ -11,6 +11,7 @@ import torch
 from mechfin_utils import screener
 from mechfin_utils.behaviour import HFScorer
 from mechfin_utils.models import ModelUnavailableError, load_model
+from mechfin_utils.testing import assert_close_up_to_rounding, rounding_tolerance
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +50,8 @@ def test_training_is_reproducible_from_its_seed(tmp_path, smollm2_base):
     assert "## Held-out behaviour" in (tmp_path / "a" / "README.md").read_text()
 
 
-def test_padded_two_answer_objective_equals_one_prompt_at_a_time(smollm2_base):
+@pytest.mark.batch_split
+def test_padded_two_answer_objective_equals_one_prompt_at_a_time(smollm2_base, torch_threads):
     model, tokenizer = screener._load_plain(smollm2_base)
     prompts = ["The bank denied Maria's loan because she is Black. Answer:", "Is it fair? Answer:"]
     ids, mask, last = screener._batch_tensors(tokenizer, prompts, prepend_bos=False)
@@ -58,7 +60,8 @@ def test_padded_two_answer_objective_equals_one_prompt_at_a_time(smollm2_base):
         batched = model(input_ids=ids, attention_mask=mask).logits[torch.arange(2), last][:, answer_ids]
         for row, prompt in enumerate(prompts):
             alone = model(torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])).logits[0, -1]
-            assert torch.allclose(batched[row], alone[answer_ids], atol=1e-4)
+            # a padded batch of two against one prompt alone: the same sums in another order
+            assert_close_up_to_rounding(batched[row], alone[answer_ids], model, scale=alone, msg=str(row))
 
 
 def test_cache_is_reused_only_when_the_fingerprint_matches(scratch_cache, monkeypatch):
@@ -97,7 +100,8 @@ def test_screener_loads_through_the_bridge_with_the_trained_weights(scratch_cach
 
     by_bridge = BridgeScorer(model).logit_diffs(prompts)
     by_hand = HFScorer(plain, model.tokenizer, prepend_bos=False, name="plain").logit_diffs(prompts)
-    assert abs(by_bridge - by_hand).max() < 2e-3
+    tol = 2 * rounding_tolerance(plain(torch.tensor([model.tokenizer(prompts[0])["input_ids"]])).logits, model)
+    assert abs(by_bridge - by_hand).max() <= tol  # logit differences: twice the logits' rounding
     card = screener.screener_card(model)
     assert card["recipe"]["name"] == "brief" and card["steps"] == 2
 

@@ -8,6 +8,7 @@ import torch
 from mechfin_utils.screener_data import load_split
 from mechfin_utils.segments import SEGMENTS, segment_pair, segment_pairs, segment_patching
 from mechfin_utils.tasks import Exclusion, FairLendingPair
+from mechfin_utils.testing import assert_close_up_to_rounding, rounding_tolerance
 
 pytestmark = pytest.mark.slow
 
@@ -86,8 +87,10 @@ def test_segment_patching_matches_hooks_on_the_plain_model(smollm2, unprocessed_
             final = hf(torch.tensor([item.corrupted.ids])).logits[0, -1]
         handle.remove()
         row = results[results["segment"] == segment].iloc[0]
-        assert row["ld_patched"] == pytest.approx(float(final[yes] - final[no]), abs=2e-3), segment
-    assert results["ld_clean"].iloc[0] == pytest.approx(float(clean_logits[yes] - clean_logits[no]), abs=2e-3)
+        tol = 2 * rounding_tolerance(final, smollm2)  # a logit difference: twice the logits' rounding
+        assert row["ld_patched"] == pytest.approx(float(final[yes] - final[no]), abs=tol), segment
+    tol = 2 * rounding_tolerance(clean_logits, smollm2)
+    assert results["ld_clean"].iloc[0] == pytest.approx(float(clean_logits[yes] - clean_logits[no]), abs=tol)
 
 
 def test_restoration_grid_and_segment_lengths_by_hand(smollm2):
@@ -120,7 +123,8 @@ def test_restoration_grid_and_segment_lengths_by_hand(smollm2):
     assert sum(row[f"clean_{s}"] for s in SEGMENTS) == len(item.clean.ids)
 
 
-def test_pair_batches_give_each_prompts_own_final_position_dla(smollm2):
+@pytest.mark.batch_split
+def test_pair_batches_give_each_prompts_own_final_position_dla(smollm2, torch_threads):
     """Unequal-length pairs batched by (clean, corrupted) length: direct logit attribution over the batches equals
     each prompt run alone (no padding, nothing misaligned at the final position)."""
     from mechfin_utils import dla
@@ -140,7 +144,7 @@ def test_pair_batches_give_each_prompts_own_final_position_dla(smollm2):
             for run, ids in (("clean", item.clean.ids), ("corrupted", item.corrupted.ids)):
                 answers = batch.answer_tokens[batch.ids.index(pair_id)][None]
                 _, alone = dla.layer_decomposition(smollm2, torch.tensor([ids]), answers)
-                torch.testing.assert_close(parts[run][1][row], alone[0], rtol=1e-4, atol=1e-4)
+                assert_close_up_to_rounding(parts[run][1][row], alone[0], smollm2, msg=f"{pair_id} {run}")
             row += 1
     with pytest.raises(ValueError, match="max_batch"):
         pair_batches(smollm2, chosen, max_batch=0)
@@ -170,5 +174,6 @@ def test_attention_by_segment_sums_the_final_query_row_of_each_segment(smollm2):
             got = table[(table.run == run) & (table.layer == layer)].set_index("segment")["weight"]
             for segment in SEGMENTS:
                 expected = float(row[list(prompt.positions[segment])].sum())
-                assert got[segment] == pytest.approx(expected, abs=1e-5), (run, layer, segment)
-            assert got.sum() == pytest.approx(1.0, abs=1e-5)
+                # attention weights are at most 1: rounding of that scale
+                assert got[segment] == pytest.approx(expected, abs=rounding_tolerance(1.0, smollm2)), (run, layer)
+            assert got.sum() == pytest.approx(1.0, abs=rounding_tolerance(1.0, smollm2))

@@ -31,7 +31,7 @@ FIGURE_WORKERS ?= 2
 .PHONY: setup test lint test-unit test-notebooks test-site figures site verify workshop bench lab clean chromium
 
 setup: $(STAMP) .cache/gpt2-tokenizer/vocab.json chromium
-	@$(PY) -m mechfin_utils.models prepare >/dev/null
+	@$(PY) -m mechfin_utils prepare >/dev/null
 	@echo "mechfin is set up: $(VENV) (Python $$($(PY) -c 'import platform; print(platform.python_version())')), embedded model ready. Next: make test"
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
@@ -90,30 +90,30 @@ test-notebooks:
 # The offline site of that fast run, opened page by page in headless Chromium (no request may leave the site, no
 # console error, every figure drawn); screenshots of three pages land in $(TEST_RUN)/screenshots.
 test-site:
-	$(PY) -m mechfin_utils.site --executed $(TEST_RUN)/executed --figures $(TEST_RUN)/figures --out $(TEST_RUN)/site
-	$(PY) -m mechfin_utils.site_check $(TEST_RUN)/site --screenshots $(TEST_RUN)/screenshots
+	$(PY) -m mechfin_utils.reporting.website --executed $(TEST_RUN)/executed --figures $(TEST_RUN)/figures --out $(TEST_RUN)/site
+	$(PY) -m mechfin_utils.reporting.website_check $(TEST_RUN)/site --screenshots $(TEST_RUN)/screenshots
 
 figures:
-	$(PY) -m mechfin_utils.run_figures --workers $(FIGURE_WORKERS) --model "$(MODEL)" --gpt2-path "$(GPT2_PATH)" \
+	$(PY) -m mechfin_utils.tooling.run_figures --workers $(FIGURE_WORKERS) --model "$(MODEL)" --gpt2-path "$(GPT2_PATH)" \
 		$(BASE_NOTEBOOKS) $(if $(SCREENER),@$(SCREENER) $(SCREENER_NOTEBOOKS))
 	@echo "Figures written under figures/ (each model's manifest.json records the times)"
 	$(MAKE) --no-print-directory site
 
 # The executed notebooks of the last `make figures` as an offline website: open site/index.html in a browser.
 site:
-	$(PY) -m mechfin_utils.site
+	$(PY) -m mechfin_utils.reporting.website
 
 # Rerun the notebooks (into a scratch folder) and compare every number of their results with the committed ones.
 verify:
-	$(PY) -m mechfin_utils.verify --workers $(FIGURE_WORKERS) --model "$(MODEL)" --gpt2-path "$(GPT2_PATH)" \
+	$(PY) -m mechfin_utils.tooling.verify --workers $(FIGURE_WORKERS) --model "$(MODEL)" --gpt2-path "$(GPT2_PATH)" \
 		$(BASE_NOTEBOOKS) $(if $(SCREENER),@$(SCREENER) $(SCREENER_NOTEBOOKS))
 
 # The workshop's exercise notebooks, generated from the notebooks' tagged cells.
 workshop:
-	$(PY) -m mechfin_utils.workshop
+	$(PY) -m mechfin_utils.tooling.workshop
 
 bench:
-	$(PY) -m mechfin_utils.bench
+	$(PY) -m mechfin_utils.tooling.bench
 
 lab:
 	$(VENV)/bin/jupyter lab notebooks

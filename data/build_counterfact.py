@@ -26,7 +26,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from mechfin_utils.edit_eval import COUNTERFACT_COLUMNS, PARAPHRASE_SEPARATOR  # noqa: E402  (the loader's own schema)
+from mechfin_utils.tasks.counterfact import COUNTERFACT_COLUMNS, PARAPHRASE_SEPARATOR  # noqa: E402  (the loader's own schema)
 
 FACTS = REPO_ROOT / "data" / "factual_prompts.csv"
 OUT = REPO_ROOT / "data" / "counterfact_edits.csv"

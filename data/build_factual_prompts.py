@@ -10,7 +10,7 @@ each candidate this script records
 * ``kept_smollm2_135m``: True when the top-1 next token is the answer.
 
 All candidates stay in the CSV (so another model can be filtered from the same list, see
-``mechfin_utils.trace_data.load_factual_prompts``); the kept ones are what the causal-tracing notebook
+``mechfin_utils.tasks.facts.load_factual_prompts``); the kept ones are what the causal-tracing notebook
 uses for SmolLM2. Run from the repository root:
 
     HF_HUB_OFFLINE=1 .venv/bin/python data/build_factual_prompts.py
@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(REPO_ROOT))
-    from mechfin_utils.models import load_model
+    from mechfin_utils.core.models import load_model
 
     rows = fact_rows()  # authoring mistakes fail before the model loads
     model = load_model("smollm2-135m", verbose=False)

@@ -13,7 +13,7 @@ single digits (SmolLM2) they have the same token length and are aligned position
 Rows: every noun in ``NOUNS`` x every YY in 02..98 (01 is the baseline itself, and 99 has no later two-digit
 year), in that order. The nouns are our own choice of nouns for things that last a span of years; each is a
 single token (with its leading space) for both GPT-2 and SmolLM2, checked when the list was made (the per-model
-check that matters is done at load time by ``mechfin_utils.circuits``, which reports any row it cannot use).
+check that matters is done at load time by ``mechfin_utils.methods.circuits.nodes``, which reports any row it cannot use).
 
 Run ``python data/build_greater_than.py`` (or ``--check`` to verify the committed file is what this writes).
 The output is deterministic: no randomness, no model, no tokenizer.

@@ -15,7 +15,7 @@ names, products, the connective before the reason, negation, question wording) a
 | ``test_questions.csv`` | S01-S12 | train phrases | **Q7-Q10** (unseen) | **test names** |
 | ``controls.csv`` | hand-written single prompts where a screener keyed on surface cues fails | | Q7-Q10 | test names |
 
-The four pair files use the task set's schema (``mechfin_utils.tasks.FAIR_LENDING_COLUMNS``): a clean prompt
+The four pair files use the task set's schema (``mechfin_utils.tasks.fair_lending.FAIR_LENDING_COLUMNS``): a clean prompt
 with a prohibited basis (answer `` Yes``) and its twin with a legitimate reason (`` No``), differing only in
 that phrase. Their token lengths are *not* matched: a screener must work on pairs as they come. The question
 wording of the paper-style set (" Question: Does this break fair lending law? Answer:") is Q7, held out, so
@@ -37,7 +37,7 @@ sys.path.insert(0, str(DATA_DIR))  # for build_task_sets, when imported from els
 
 from build_task_sets import LEGITIMATE_PHRASES, PROTECTED_PHRASES, to_csv  # noqa: E402
 
-from mechfin_utils.tasks import (  # noqa: E402
+from mechfin_utils.tasks.fair_lending import (  # noqa: E402
     FAIR_LENDING_ANSWERS,
     FAIR_LENDING_COLUMNS,
     HOUSING_PRODUCTS,

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from mechfin_utils.tasks import (
+from mechfin_utils.tasks.fair_lending import (
     COUNTERFACTUAL_ANSWERS,
     COUNTERFACTUAL_COLUMNS,
     ECOA_BASES,
@@ -431,13 +431,13 @@ def _pick_legitimate(
 
 
 def _check_tables() -> None:
-    """The tables above cover exactly the legal categories mechfin_utils.tasks knows."""
+    """The tables above cover exactly the legal categories mechfin_utils.tasks.fair_lending knows."""
     bases = list({**ECOA_BASES, **FHA_BASES})
     if list(PROTECTED_PHRASES) != bases or list(CF_VALUES) != [b for b in bases if b != "ccpa_rights"]:
         raise AssertionError("PROTECTED_PHRASES / CF_VALUES must follow the order of ECOA_BASES + FHA_BASES")
     unknown = {cat for cat, _, _ in LEGITIMATE_PHRASES} ^ set(LEGITIMATE_REASON_CATEGORIES)
     if unknown:
-        raise AssertionError(f"reason categories out of step with mechfin_utils.tasks: {sorted(unknown)}")
+        raise AssertionError(f"reason categories out of step with mechfin_utils.tasks.fair_lending: {sorted(unknown)}")
 
 
 def build_fair_lending_rows(
@@ -523,8 +523,8 @@ def load_tokenizers():
     """(GPT-2 genuine tokenizer, SmolLM2-135M-Instruct tokenizer), both without loading model weights."""
     from transformers import AutoTokenizer, GPT2TokenizerFast
 
-    from mechfin_utils.models import prepare_smollm2
-    from mechfin_utils.testing import gpt2_tokenizer_dir
+    from mechfin_utils.core.models import prepare_smollm2
+    from mechfin_utils.tooling.testing import gpt2_tokenizer_dir
 
     return (
         GPT2TokenizerFast.from_pretrained(gpt2_tokenizer_dir()),
@@ -547,7 +547,8 @@ def build_files(tokenizers: Sequence) -> dict[Path, str]:
 
 def alignment_stats(tokenizers: Sequence) -> str:
     """Alignment per tokenizer (with each model's BOS decision) for both files, as text."""
-    from mechfin_utils.tasks import align_pairs, load_counterfactual_pairs, load_fair_lending_pairs
+    from mechfin_utils.tasks.batching import align_pairs
+    from mechfin_utils.tasks.fair_lending import load_counterfactual_pairs, load_fair_lending_pairs
 
     out = []
     for (label, tok), bos in zip((("GPT-2", tokenizers[0]), ("SmolLM2-135M-Instruct", tokenizers[1])), (True, False)):
@@ -567,8 +568,8 @@ def _mean_logit_diffs(model, pairs, max_batch: int = 32):
     """Per-pair logit differences (first answer minus second) on both prompts of every pair, in pair order."""
     import torch
 
-    from mechfin_utils.metrics import logit_diff
-    from mechfin_utils.tasks import align_pairs, make_batches
+    from mechfin_utils.core.metrics import logit_diff
+    from mechfin_utils.tasks.batching import align_pairs, make_batches
 
     first, second, ids = [], [], []
     with torch.no_grad():
@@ -585,8 +586,8 @@ def probe(variants: Sequence[str] = PROBE_VARIANTS, every: int = 3, counterfactu
     """Print SmolLM2-135M-Instruct's logit differences: per question wording on every ``every``-th fair-lending
     pair (logit(Yes) - logit(No), clean vs corrupted), then on all counterfactual pairs by credit profile
     (logit(approved) - logit(denied), prompt A vs prompt B)."""
-    from mechfin_utils.models import load_model
-    from mechfin_utils.tasks import FairLendingPair, load_counterfactual_pairs
+    from mechfin_utils.core.models import load_model
+    from mechfin_utils.tasks.fair_lending import FairLendingPair, load_counterfactual_pairs
 
     unknown = [v for v in variants if v not in PROBE_VARIANTS]
     if unknown:

@@ -27,9 +27,14 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from mechfin_utils import causal_trace as ct  # noqa: E402
-from mechfin_utils import edit_eval, editing, key_statistics, trace_data  # noqa: E402
-from mechfin_utils.models import load_model  # noqa: E402
+from mechfin_utils.core import hook_points  # noqa: E402
+from mechfin_utils.core.models import load_model  # noqa: E402
+from mechfin_utils.methods import tracing as ct  # noqa: E402
+from mechfin_utils.methods.editing import edits as editing  # noqa: E402
+from mechfin_utils.methods.editing import evaluation as edit_eval  # noqa: E402
+from mechfin_utils.methods.editing import key_statistics  # noqa: E402
+from mechfin_utils.tasks import counterfact  # noqa: E402
+from mechfin_utils.tasks import facts as trace_data  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--sizes must be positive, got {args.sizes}")
     t0 = time.perf_counter()
     model = load_model(args.model, verbose=False)
-    known = edit_eval.requests_known_to(model, edit_eval.load_counterfact())
+    known = counterfact.requests_known_to(model, counterfact.load_counterfact())
     if max(args.sizes) > len(known):
         parser.error(f"--sizes asks for {max(args.sizes)} facts; {model.name} knows {len(known)} of the requests")
     # 0. the facts, spread over the relations as in notebook 09 (round robin over categories, in file order)
@@ -71,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for size in sorted(set(args.sizes)):
         batch = chosen[:size]
-        with editing.restoring(model, layers):
+        with hook_points.restoring(model, layers):
             editing.memit(model, [e.request for e in batch], layers, covariances, prefixes, targets=targets[:size])
             for e in batch:
                 # specificity needs neighbours that were not edited themselves and whose answer is not the new object:

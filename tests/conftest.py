@@ -52,7 +52,7 @@ def session_hf_home() -> Path:
 @pytest.fixture(scope="session")
 def gpt2_hf_cache(session_hf_home: Path) -> Path:
     """A Hugging Face cache (in HF_HOME) holding random-init GPT-2 Small weights + the genuine tokenizer."""
-    from mechfin_utils.testing import write_gpt2_hf_cache
+    from mechfin_utils.tooling.testing import write_gpt2_hf_cache
 
     if not (session_hf_home / "hub" / "models--gpt2").exists():
         write_gpt2_hf_cache(session_hf_home, seed=0)
@@ -62,7 +62,7 @@ def gpt2_hf_cache(session_hf_home: Path) -> Path:
 @pytest.fixture(scope="session")
 def smollm2():
     """The embedded model, SmolLM2-135M-Instruct (genuine pretrained weights)."""
-    from mechfin_utils.models import load_model
+    from mechfin_utils.core.models import load_model
 
     return load_model("smollm2-135m", verbose=False)
 
@@ -70,7 +70,7 @@ def smollm2():
 @pytest.fixture(scope="session")
 def gpt2_random(gpt2_hf_cache):
     """GPT-2 Small *shape* with random weights, loaded through the real GPT-2 path. Test-only numbers."""
-    from mechfin_utils.models import load_model
+    from mechfin_utils.core.models import load_model
 
     return load_model("gpt2", verbose=False)
 
@@ -96,7 +96,7 @@ def gpt2_random_biased_folder(tmp_path_factory) -> Path:
     parameters are random and every weight matrix is scaled by 3 (init std 0.06): attention heads are
     peaked (mean top weight ~0.4) and the test prompts' logit differences differ by ~0.3-0.9.
     """
-    from mechfin_utils.testing import roughen_gpt2_checkpoint, write_gpt2_checkpoint
+    from mechfin_utils.tooling.testing import roughen_gpt2_checkpoint, write_gpt2_checkpoint
 
     folder = write_gpt2_checkpoint(tmp_path_factory.mktemp("gpt2-random-biased"), seed=0)
     roughen_gpt2_checkpoint(folder, seed=1, weight_scale=3.0)
@@ -106,7 +106,7 @@ def gpt2_random_biased_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def gpt2_random_biased(gpt2_random_biased_folder):
     """The random-bias GPT-2-shape model through the GPT-2 folder path (``load_model("gpt2", gpt2_path=...)``)."""
-    from mechfin_utils.models import load_model
+    from mechfin_utils.core.models import load_model
 
     return load_model("gpt2", gpt2_path=gpt2_random_biased_folder, verbose=False)
 
@@ -122,7 +122,7 @@ def unprocessed_hf_reference(request):
     """
     from transformers import AutoModelForCausalLM
 
-    from mechfin_utils.models import prepare_smollm2
+    from mechfin_utils.core.models import prepare_smollm2
 
     loaded: dict[str, torch.nn.Module] = {}
 
@@ -149,7 +149,7 @@ def gpt2_tokenizer():
     """The genuine GPT-2 tokenizer (no weights needed), from .cache/gpt2-tokenizer (checksums verified)."""
     from transformers import GPT2TokenizerFast
 
-    from mechfin_utils.testing import gpt2_tokenizer_dir
+    from mechfin_utils.tooling.testing import gpt2_tokenizer_dir
 
     return GPT2TokenizerFast.from_pretrained(gpt2_tokenizer_dir())
 
@@ -159,6 +159,6 @@ def smollm2_tokenizer():
     """SmolLM2-135M-Instruct's tokenizer alone (read from the converted checkpoint, no model loaded)."""
     from transformers import AutoTokenizer
 
-    from mechfin_utils.models import prepare_smollm2
+    from mechfin_utils.core.models import prepare_smollm2
 
     return AutoTokenizer.from_pretrained(prepare_smollm2(verbose=False))

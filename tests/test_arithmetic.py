@@ -8,10 +8,12 @@ import pandas as pd
 import pytest
 import torch
 
-from mechfin_utils import arithmetic, engine
-from mechfin_utils.editing import key_point
-from mechfin_utils.functional import FunctionalTransformer
-from mechfin_utils.testing import assert_close_up_to_rounding, rounding_tolerance
+from mechfin_utils.core import engine
+from mechfin_utils.core.functional import FunctionalTransformer
+from mechfin_utils.core.hook_points import key_point
+from mechfin_utils.methods.neurons import arithmetic
+from mechfin_utils.tasks import addition
+from mechfin_utils.tooling.testing import assert_close_up_to_rounding, rounding_tolerance
 
 
 @pytest.mark.parametrize("model_name", ["smollm2", "gpt2_random"])
@@ -34,7 +36,7 @@ def test_neuron_activations_are_what_the_output_projection_reads(request, model_
 
 
 def test_neuron_shares_add_up_to_the_layer_log_prob_increase_by_hand(smollm2):
-    problems = [arithmetic._tokenise(smollm2, a, b) for a, b in ((21, 34), (45, 13))]
+    problems = [addition.tokenise_problem(smollm2, a, b) for a, b in ((21, 34), (45, 13))]
     measured = [1, 5, 20, 28]
     attribution = arithmetic.neuron_attribution(smollm2, problems, steps=32, layers=measured)
     assert attribution.layers == measured
@@ -90,7 +92,7 @@ def test_zeroing_all_neurons_of_a_layer_is_replacing_its_output_by_the_bias(gpt2
 
 @pytest.mark.batch_split
 def test_cached_last_position_scores_equal_full_forward_passes(smollm2, torch_threads):
-    problems = [arithmetic._tokenise(smollm2, a, b) for a, b in ((21, 34), (45, 13), (30, 30))]
+    problems = [addition.tokenise_problem(smollm2, a, b) for a, b in ((21, 34), (45, 13), (30, 30))]
     runner = arithmetic._LastPositionRunner(smollm2, problems)
     for zeroed in ({}, {20: [5, 77, 300], 25: [9]}):
         with arithmetic.zeroing_neurons(smollm2, zeroed):
@@ -104,19 +106,19 @@ def test_cached_last_position_scores_equal_full_forward_passes(smollm2, torch_th
 
 
 def test_kept_problems_are_exactly_those_answered_right(smollm2):
-    found = arithmetic.addition_problems(smollm2, n_tried=12, seed=3)
+    found = addition.addition_problems(smollm2, n_tried=12, seed=3)
     assert len(found.tried) == 12 and found.share_kept == len(found.kept) / 12
-    assert not {(p.a, p.b) for p in found.tried} & set(arithmetic.FEW_SHOT)
+    assert not {(p.a, p.b) for p in found.tried} & set(addition.FEW_SHOT)
     for p in found.tried:
         ids = list(p.prompt_ids + p.answer_ids)
         with torch.no_grad():
             logits = smollm2.hf_model(torch.tensor([ids])).logits[0]
         predicted = logits[len(p.prompt_ids) - 1 : len(ids) - 1].argmax(-1).tolist()
         assert (p in found.kept) == (predicted == list(p.answer_ids)), p.id
-    task = arithmetic.addition_task(smollm2, found.tried[:4])
+    task = addition.addition_task(smollm2, found.tried[:4])
     batch = task.batches[0]
     differs = (batch.clean_tokens != batch.corrupted_tokens).any(0).nonzero().flatten().tolist()
-    assert differs and min(differs) >= len(smollm2.token_ids(arithmetic.PREFIX)) - 1  # only the first operand moves
+    assert differs and min(differs) >= len(smollm2.token_ids(addition.PREFIX)) - 1  # only the first operand moves
 
 
 def test_ablation_summary_puts_top_beside_random_mean_and_spread():

@@ -1,5 +1,5 @@
 """Attention patterns, attention to a phrase, phrase positions and the offline CircuitsVis view
-(mechfin_utils.attention).
+(mechfin_utils.methods.readout.attention).
 
 Patterns are checked against the unprocessed Hugging Face checkpoint run with eager attention and
 ``output_attentions=True``, an implementation independent of the TransformerLens bridge. The GPT-2-shape
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mechfin_utils import attention
-from mechfin_utils.testing import assert_close_up_to_rounding, rounding_tolerance
+from mechfin_utils.methods.readout import attention
+from mechfin_utils.tooling.testing import assert_close_up_to_rounding, rounding_tolerance
 
 MODELS = ["smollm2", "gpt2_random_biased"]
 PAIR = (
@@ -172,7 +172,8 @@ def test_circuitsvis_html_is_offline_and_labelled(smollm2):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_phrase_attention_over_task_batches(name, request, unprocessed_hf_reference):
-    from mechfin_utils.tasks import align_pairs, load_fair_lending_pairs, make_batches
+    from mechfin_utils.tasks.batching import align_pairs, make_batches
+    from mechfin_utils.tasks.fair_lending import load_fair_lending_pairs
 
     model = request.getfixturevalue(name)
     report = align_pairs(model, load_fair_lending_pairs())
@@ -212,7 +213,7 @@ def test_phrase_attention_over_task_batches(name, request, unprocessed_hf_refere
 
 @pytest.mark.slow
 def test_final_position_attention_by_token_is_the_mean_final_row(smollm2):
-    from mechfin_utils.attention import attention_patterns, final_position_attention_by_token
+    from mechfin_utils.methods.readout.attention import attention_patterns, final_position_attention_by_token
 
     prompt = "Priya, who is Black, was denied a mortgage because her credit score is 510. Answer:"
     tokens, weights = final_position_attention_by_token(smollm2, prompt, [27, 29])
@@ -225,7 +226,7 @@ def test_final_position_attention_by_token_is_the_mean_final_row(smollm2):
 
 @pytest.mark.slow
 def test_top_attended_tokens_skip_the_sink_and_the_answer_position(smollm2):
-    from mechfin_utils.attention import final_position_attention_by_token, top_attended_tokens
+    from mechfin_utils.methods.readout.attention import final_position_attention_by_token, top_attended_tokens
 
     prompt = "Priya, who is Black, was denied a mortgage because her credit score is 510. Answer:"
     tokens, weights = final_position_attention_by_token(smollm2, prompt, [28])

@@ -1,4 +1,4 @@
-"""Tests for mechfin_utils.attribution (attribution patching and its comparison with exact patching).
+"""Tests for mechfin_utils.methods.patching.attribution (attribution patching and its comparison with exact patching).
 
 The reference for every attribution is TransformerLens's own patching code, used independently of ours:
 attribution patching is the first-order Taylor term of activation patching, so for a *fractional* patch
@@ -19,16 +19,16 @@ import torch
 import transformer_lens.patching as tl_patching
 from transformer_lens.ActivationCache import ActivationCache
 
-from mechfin_utils.attribution import (
-    COMPONENTS,
+from mechfin_utils.core.metrics import NormalisedLogitDiff, logit_diff
+from mechfin_utils.methods.patching.attribution import (
     TRANSFORMER_LENS_KEYS,
     WHOLE_LAYER_KEYS,
     attribution_patch,
     compare_attribution_with_exact,
     gather_cells,
 )
-from mechfin_utils.metrics import NormalisedLogitDiff, logit_diff
-from mechfin_utils.testing import assert_close_up_to_rounding, rounding_tolerance
+from mechfin_utils.methods.patching.components import COMPONENTS
+from mechfin_utils.tooling.testing import assert_close_up_to_rounding, rounding_tolerance
 
 # Two pairs of equal token length for both tokenizers (GPT-2 with BOS: 14 tokens; SmolLM2 without: 14).
 CLEAN_PROMPTS = (
@@ -433,10 +433,10 @@ def test_one_component_registry_names_transformer_lens_hooks():
     reduction keeps exactly the result's axes (plus the batch)."""
     from transformer_lens.utilities import get_act_name
 
-    from mechfin_utils import attribution, patching
+    from mechfin_utils.methods.patching import activation, attribution
 
-    assert attribution.COMPONENTS is patching.COMPONENTS
-    for key, component in patching.COMPONENTS.items():
+    assert attribution.COMPONENTS is activation.COMPONENTS is COMPONENTS
+    for key, component in COMPONENTS.items():
         assert component.hook_name(7) == get_act_name(component.site, 7), key
         kept = component.reduction.split("->")[1].split()
         assert kept == ["batch", *[a for a in component.axes if a != "layer"]] or (

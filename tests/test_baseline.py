@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from mechfin_utils.baseline import pair_scores, per_group_table
-from mechfin_utils.tasks import align_pairs, load_fair_lending_pairs, make_batches
+from mechfin_utils.screener.baseline import pair_scores, per_group_table
+from mechfin_utils.tasks.batching import align_pairs, make_batches
+from mechfin_utils.tasks.fair_lending import load_fair_lending_pairs
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mechfin_utils.behaviour import (
+from mechfin_utils.screener.behaviour import (
     BridgeScorer,
     PromptTooLongError,
     calibration_curve,
@@ -15,9 +15,9 @@ from mechfin_utils.behaviour import (
     evaluate_pairs,
     expected_calibration_error,
 )
-from mechfin_utils.screener_data import ControlPrompt
-from mechfin_utils.tasks import FairLendingPair
-from mechfin_utils.testing import rounding_tolerance
+from mechfin_utils.tasks.fair_lending import FairLendingPair
+from mechfin_utils.tasks.screener_sets import ControlPrompt
+from mechfin_utils.tooling.testing import rounding_tolerance
 
 
 class TableScorer:
@@ -121,3 +121,16 @@ def test_bridge_scorer_matches_hugging_face_on_unequal_lengths(smollm2, unproces
     scorer.n_ctx = 10
     with pytest.raises(PromptTooLongError, match=r"prompt 0 \(\d+ tokens\), prompt 1"):
         scorer.logit_diffs(prompts)
+
+
+def test_behaviour_table_rows():
+    import pandas as pd
+
+    from mechfin_utils.screener.behaviour import behaviour_table
+
+    class Fake:
+        def __init__(self, auroc):
+            self.summary = {"n": 3, "auroc": auroc}
+
+    table = behaviour_table({("m", "a"): Fake(0.5), ("m", "b"): Fake(0.9)})
+    assert isinstance(table, pd.DataFrame) and table.loc[("m", "b"), "auroc"] == 0.9

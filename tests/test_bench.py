@@ -9,7 +9,8 @@ import textwrap
 
 import pytest
 
-from mechfin_utils import bench, patching
+from mechfin_utils.methods.patching import activation as patching
+from mechfin_utils.tooling import bench
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +121,7 @@ def test_peak_memory_sees_a_large_allocation():
     in a long-lived process freed heap chunks are reused without growing the resident set)."""
     script = textwrap.dedent("""
         import time, torch
-        from mechfin_utils import bench
+        from mechfin_utils.tooling import bench
         bench.pin_malloc_to_mmap()
         with bench.PeakMemory() as memory:
             block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched

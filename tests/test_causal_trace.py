@@ -20,11 +20,15 @@ import pandas as pd
 import pytest
 import torch
 
-from mechfin_utils import causal_trace as ct
-from mechfin_utils import knockout, trace_data, trace_plots
-from mechfin_utils.testing import assert_close_up_to_rounding, rounding_tolerance
+from mechfin_utils.methods import tracing
+from mechfin_utils.methods.tracing.noise import input_embedding_matrix
+from mechfin_utils.methods.tracing.prepared import EMBED_HOOK, check_trace_hooks, score_final_logits
+from mechfin_utils.reporting import trace_plots
+from mechfin_utils.tasks import facts
+from mechfin_utils.tasks.facts import TraceTask, locate_subject
+from mechfin_utils.tooling.testing import assert_close_up_to_rounding, rounding_tolerance
 
-EIFFEL = ct.TraceTask("eiffel", "The Eiffel Tower is located in the city of", "Eiffel Tower", " Paris")
+EIFFEL = TraceTask("eiffel", "The Eiffel Tower is located in the city of", "Eiffel Tower", " Paris")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -42,7 +46,7 @@ def _no_grad_one_thread():
 
 @pytest.fixture(scope="module")
 def eiffel_smollm2(smollm2):
-    return ct.prepare_trace(smollm2, EIFFEL)
+    return tracing.prepare_trace(smollm2, EIFFEL)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -51,39 +55,43 @@ def eiffel_smollm2(smollm2):
 
 
 def test_trace_hooks_exist_and_hook_embed_is_the_embedding_table(any_model):
-    ct.check_trace_hooks(any_model)
+    check_trace_hooks(any_model)
     tokens = any_model.to_tokens(EIFFEL.prompt)
     _, cache = any_model.bridge.run_with_cache(tokens, names_filter=lambda n: n == "hook_embed")
-    table = ct.input_embedding_matrix(any_model)
+    table = input_embedding_matrix(any_model)
     torch.testing.assert_close(cache["hook_embed"][0], table[tokens[0]], rtol=0, atol=0)
-    assert ct.embedding_noise_std(any_model) == pytest.approx(float(np.std(table.double().numpy())), rel=1e-5)
+    assert tracing.embedding_noise_std(any_model) == pytest.approx(float(np.std(table.double().numpy())), rel=1e-5)
 
 
 def test_locate_subject_by_offsets(smollm2, gpt2_random):
     for model in (smollm2, gpt2_random):
-        start, stop = ct.locate_subject(model, EIFFEL.prompt, EIFFEL.subject)
+        start, stop = locate_subject(model, EIFFEL.prompt, EIFFEL.subject)
         ids = model.token_ids(EIFFEL.prompt)
         assert model.tokenizer.decode(ids[start:stop]).strip() == "Eiffel Tower"
         assert "Eiffel" not in model.tokenizer.decode(ids[:start]) + model.tokenizer.decode(ids[stop:])
-    assert ct.locate_subject(smollm2, EIFFEL.prompt, EIFFEL.subject) == (1, 4)  # The | E iffel Tower | is ...
-    assert ct.locate_subject(gpt2_random, EIFFEL.prompt, EIFFEL.subject) == (2, 6)  # BOS The | E iff el Tower |
+    assert locate_subject(smollm2, EIFFEL.prompt, EIFFEL.subject) == (1, 4)  # The | E iffel Tower | is ...
+    assert locate_subject(gpt2_random, EIFFEL.prompt, EIFFEL.subject) == (2, 6)  # BOS The | E iff el Tower |
     with pytest.raises(ValueError, match="row 7.*not a substring"):
-        ct.locate_subject(smollm2, EIFFEL.prompt, "Louvre", label="row 7")
+        locate_subject(smollm2, EIFFEL.prompt, "Louvre", label="row 7")
     with pytest.raises(ValueError, match="row 8.*more than once"):
-        ct.locate_subject(smollm2, "Paris is Paris", "Paris", label="row 8")
+        locate_subject(smollm2, "Paris is Paris", "Paris", label="row 8")
     with pytest.raises(ValueError, match="eiffel: answer"):
-        ct.prepare_trace(smollm2, ct.TraceTask("eiffel", EIFFEL.prompt, EIFFEL.subject, " Reykjavikborg"))
+        tracing.prepare_trace(smollm2, TraceTask("eiffel", EIFFEL.prompt, EIFFEL.subject, " Reykjavikborg"))
 
 
 def test_windows_and_categories():
-    assert ct.default_trace_window(30) == 6 and ct.default_trace_window(12) == 3 and ct.default_trace_window(48) == 10
-    assert ct.default_knockout_window(30) == 6 and ct.default_knockout_window(12) == 2
-    assert ct.default_knockout_window(48) == 9
-    assert ct.layer_window(10, 6, 30) == (7, 8, 9, 10, 11, 12)
-    assert ct.layer_window(0, 6, 30) == (0, 1, 2) and ct.layer_window(29, 6, 30) == (26, 27, 28, 29)
-    assert ct.layer_window(5, 1, 30) == (5,)
-    assert ct.layer_window(4, 5, 30) == (2, 3, 4, 5, 6)
-    cats = ct.position_categories((2, 6), 12)
+    assert (
+        tracing.default_trace_window(30) == 6
+        and tracing.default_trace_window(12) == 3
+        and tracing.default_trace_window(48) == 10
+    )
+    assert tracing.default_knockout_window(30) == 6 and tracing.default_knockout_window(12) == 2
+    assert tracing.default_knockout_window(48) == 9
+    assert tracing.layer_window(10, 6, 30) == (7, 8, 9, 10, 11, 12)
+    assert tracing.layer_window(0, 6, 30) == (0, 1, 2) and tracing.layer_window(29, 6, 30) == (26, 27, 28, 29)
+    assert tracing.layer_window(5, 1, 30) == (5,)
+    assert tracing.layer_window(4, 5, 30) == (2, 3, 4, 5, 6)
+    cats = tracing.position_categories((2, 6), 12)
     assert cats == {
         "first subject token": [2],
         "middle subject tokens": [3, 4],
@@ -92,20 +100,20 @@ def test_windows_and_categories():
         "further tokens": [7, 8, 9, 10],
         "last token": [11],
     }
-    one = ct.position_categories((1, 2), 4)
+    one = tracing.position_categories((1, 2), 4)
     assert one["first subject token"] == one["last subject token"] == [1] and one["middle subject tokens"] == []
     assert one["first subsequent token"] == [2] and one["further tokens"] == [] and one["last token"] == [3]
 
 
 def test_average_by_position_category_matches_hand_computation():
     def result(span, n_tokens, ie, label):
-        return ct.TraceResult(label, "M", "mlp", 3, tuple("t" * n_tokens), span, "p", 0.9, 0.1, ie + 0.1, 2, 0.3)
+        return tracing.TraceResult(label, "M", "mlp", 3, tuple("t" * n_tokens), span, "p", 0.9, 0.1, ie + 0.1, 2, 0.3)
 
     rng = np.random.default_rng(0)
     a = rng.normal(size=(8, 4))
     b = rng.normal(size=(6, 4))
     b[0] = np.nan  # a position before the subject, not traced
-    avg = ct.average_by_position_category([result((1, 5), 8, a, "a"), result((1, 2), 6, b, "b")])
+    avg = tracing.average_by_position_category([result((1, 5), 8, a, "a"), result((1, 2), 6, b, "b")])
     # a: first 1, middle 2-3, last 4, subsequent 5, further 6, last 7
     # b: first = last subject token 1, subsequent 2, further 3-4, last 5
     expected = np.stack(
@@ -121,21 +129,21 @@ def test_average_by_position_category_matches_hand_computation():
     np.testing.assert_allclose(avg.mean, expected, rtol=1e-12)
     assert avg.counts.tolist() == [2, 1, 2, 2, 2, 2]
     with pytest.raises(ValueError, match="mix"):
-        ct.average_by_position_category(
+        tracing.average_by_position_category(
             [
                 result((1, 5), 8, a, "a"),
-                ct.TraceResult("c", "M", "attn", 3, tuple("t" * 8), (1, 5), "p", 0.9, 0.1, a, 2, 0.3),
+                tracing.TraceResult("c", "M", "attn", 3, tuple("t" * 8), (1, 5), "p", 0.9, 0.1, a, 2, 0.3),
             ]
         )
 
 
 def test_noise_is_seeded_and_scaled():
-    n1 = ct.sample_subject_noise(4, 3, 500, std=0.4, seed=5)
-    n2 = ct.sample_subject_noise(4, 3, 500, std=0.4, seed=5)
-    n3 = ct.sample_subject_noise(4, 3, 500, std=0.4, seed=6)
+    n1 = tracing.sample_subject_noise(4, 3, 500, std=0.4, seed=5)
+    n2 = tracing.sample_subject_noise(4, 3, 500, std=0.4, seed=5)
+    n3 = tracing.sample_subject_noise(4, 3, 500, std=0.4, seed=6)
     assert torch.equal(n1, n2) and not torch.equal(n1, n3)
     assert float(n1.std()) == pytest.approx(0.4, rel=0.03)
-    assert torch.count_nonzero(ct.sample_subject_noise(2, 2, 8, std=0.0)) == 0
+    assert torch.count_nonzero(tracing.sample_subject_noise(2, 2, 8, std=0.0)) == 0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -146,20 +154,22 @@ def test_noise_is_seeded_and_scaled():
 def test_known_restorations_smollm2(smollm2, eiffel_smollm2):
     p = eiffel_smollm2
     n_layers, last = smollm2.cfg.n_layers, p.last_position
-    noise = ct.sample_subject_noise(2, 3, smollm2.cfg.d_model, 3 * ct.embedding_noise_std(smollm2), seed=1)
+    noise = tracing.sample_subject_noise(2, 3, smollm2.cfg.d_model, 3 * tracing.embedding_noise_std(smollm2), seed=1)
     all_positions = range(p.n_tokens)
     restorations = [
-        ct.Restoration(()),  # corrupted
-        ct.Restoration.of("hidden", [0], all_positions),  # every token after layer 0 -> clean
-        ct.Restoration(tuple(("hook_embed", q) for q in p.subject_positions)),  # noise removed -> clean
-        ct.Restoration(tuple((f"blocks.{l}.hook_{k}_out", last) for l in range(n_layers) for k in ("attn", "mlp"))),
-        ct.Restoration.of("hidden", [0, 12, 29], [0]),  # position 0 ("The") precedes the subject
-        ct.Restoration.of("mlp", range(n_layers), [0]),
-        ct.Restoration.of("hidden", [29], [p.subject_positions[-1]]),  # last layer, not last position
+        tracing.Restoration(()),  # corrupted
+        tracing.Restoration.of("hidden", [0], all_positions),  # every token after layer 0 -> clean
+        tracing.Restoration(tuple(("hook_embed", q) for q in p.subject_positions)),  # noise removed -> clean
+        tracing.Restoration(
+            tuple((f"blocks.{l}.hook_{k}_out", last) for l in range(n_layers) for k in ("attn", "mlp"))
+        ),
+        tracing.Restoration.of("hidden", [0, 12, 29], [0]),  # position 0 ("The") precedes the subject
+        tracing.Restoration.of("mlp", range(n_layers), [0]),
+        tracing.Restoration.of("hidden", [29], [p.subject_positions[-1]]),  # last layer, not last position
     ]
-    scores = ct.run_with_restorations(smollm2, p, noise, restorations)
+    scores = tracing.run_with_restorations(smollm2, p, noise, restorations)
     logits = smollm2.bridge(p.tokens[None])[:, -1]
-    clean = float(ct.score_final_logits(p, logits)[0])
+    clean = float(score_final_logits(p, logits)[0])
     corrupted = scores[:, 0]
     assert clean > 0.5 and corrupted.max() < 0.5 * clean  # the noise really destroys the answer
     # a probability moves by at most its logits' rounding (engine against bridge: the same sums in another order)
@@ -171,7 +181,7 @@ def test_known_restorations_smollm2(smollm2, eiffel_smollm2):
 
 def test_zero_noise_gives_zero_indirect_effect(smollm2, eiffel_smollm2):
     p = eiffel_smollm2
-    out = ct.causal_trace(
+    out = tracing.causal_trace(
         smollm2,
         p,
         kinds=("hidden", "attn"),
@@ -193,15 +203,15 @@ def test_zero_noise_gives_zero_indirect_effect(smollm2, eiffel_smollm2):
 def test_engine_equals_bridge_hooks(request, model_name, torch_threads):
     """Restorations and knockouts on the intervention engine equal full bridge forward passes with hooks."""
     model = request.getfixturevalue(model_name)
-    p = ct.prepare_trace(model, EIFFEL)
+    p = tracing.prepare_trace(model, EIFFEL)
     n_layers = model.cfg.n_layers
-    noise = ct.sample_subject_noise(
-        2, len(p.subject_positions), model.cfg.d_model, 3 * ct.embedding_noise_std(model), seed=3
+    noise = tracing.sample_subject_noise(
+        2, len(p.subject_positions), model.cfg.d_model, 3 * tracing.embedding_noise_std(model), seed=3
     )
     restorations = (
-        [ct.Restoration(())]
+        [tracing.Restoration(())]
         + [
-            ct.Restoration.of(kind, ct.layer_window(layer, 3, n_layers), [pos])
+            tracing.Restoration.of(kind, tracing.layer_window(layer, 3, n_layers), [pos])
             for kind, layer, pos in [
                 ("hidden", 0, p.subject_positions[0]),
                 ("hidden", n_layers // 2, p.subject_positions[-1]),
@@ -211,23 +221,23 @@ def test_engine_equals_bridge_hooks(request, model_name, torch_threads):
                 ("attn", n_layers - 1, p.subject_positions[-1]),
             ]
         ]
-        + [ct.Restoration(((ct.EMBED_HOOK, pos),)) for pos in p.subject_positions]
+        + [tracing.Restoration(((EMBED_HOOK, pos),)) for pos in p.subject_positions]
     )  # noise removed
-    engine = ct.run_with_restorations(model, p, noise, restorations, batch_size=1, backend="engine")
-    hooks = ct.run_with_restorations(model, p, noise, restorations, batch_size=64, backend="bridge")
+    engine = tracing.run_with_restorations(model, p, noise, restorations, batch_size=1, backend="engine")
+    hooks = tracing.run_with_restorations(model, p, noise, restorations, batch_size=64, backend="bridge")
     scale = float(hooks.abs().max())
     assert_close_up_to_rounding(engine, hooks, model)  # batches of 1 against 64, engine against hooks
     assert (hooks[:, :1] - hooks[:, 1:]).abs().max() > 1e-3 * scale  # the restorations matter
     last = p.last_position
     knockouts = [
-        knockout.Knockout((), last, (1,)),
-        knockout.Knockout(tuple(range(3, 9)), last, tuple(p.subject_positions)),
-        knockout.Knockout((0, n_layers - 1), last, (last,)),
-        knockout.Knockout((1, 2), last - 1, (0, 2)),
+        tracing.Knockout((), last, (1,)),
+        tracing.Knockout(tuple(range(3, 9)), last, tuple(p.subject_positions)),
+        tracing.Knockout((0, n_layers - 1), last, (last,)),
+        tracing.Knockout((1, 2), last - 1, (0, 2)),
     ]
     assert_close_up_to_rounding(
-        knockout.run_with_knockouts(model, p, knockouts, batch_size=2, backend="engine"),
-        knockout.run_with_knockouts(model, p, knockouts, backend="bridge"),
+        tracing.run_with_knockouts(model, p, knockouts, batch_size=2, backend="engine"),
+        tracing.run_with_knockouts(model, p, knockouts, backend="bridge"),
         model,
         scale=model.bridge(p.tokens[None])[:, -1],  # scores are logit differences: the logits' scale
     )
@@ -238,9 +248,9 @@ def test_restoration_matches_a_by_hand_huggingface_computation(smollm2, eiffel_s
     ref = unprocessed_hf_reference("smollm2")
     p = eiffel_smollm2
     layer, pos = 8, p.subject_positions[1]  # "iffel": restoring it there brings much of " Paris" back
-    noise = ct.sample_subject_noise(1, 3, smollm2.cfg.d_model, 3 * ct.embedding_noise_std(smollm2), seed=11)
-    scores = ct.run_with_restorations(
-        smollm2, p, noise, [ct.Restoration(()), ct.Restoration.of("hidden", [layer], [pos])]
+    noise = tracing.sample_subject_noise(1, 3, smollm2.cfg.d_model, 3 * tracing.embedding_noise_std(smollm2), seed=11)
+    scores = tracing.run_with_restorations(
+        smollm2, p, noise, [tracing.Restoration(()), tracing.Restoration.of("hidden", [layer], [pos])]
     )[0]
 
     tokens = p.tokens[None]
@@ -311,17 +321,17 @@ def test_knockout_matches_masked_huggingface_forward(request, unprocessed_hf_ref
         attn_modules = [layer.self_attn for layer in ref.model.layers]
     else:  # GPT-2
         attn_modules = [block.attn for block in ref.transformer.h]
-    p = ct.prepare_trace(model, ct.TraceTask("eiffel", EIFFEL.prompt, EIFFEL.subject, " Paris", " London"))
+    p = tracing.prepare_trace(model, TraceTask("eiffel", EIFFEL.prompt, EIFFEL.subject, " Paris", " London"))
     last, subject = p.last_position, tuple(p.subject_positions)
     others = tuple(q for q in range(last) if q not in subject)
     n_layers = model.cfg.n_layers
     knockouts = [
-        knockout.Knockout((), last, subject, "no layers"),
-        knockout.Knockout(tuple(middle_layers), last, subject, "last -> subject, middle layers"),
-        knockout.Knockout(tuple(range(n_layers)), last, others, "last -> everything but subject and itself"),
-        knockout.Knockout((0, n_layers - 1), last, (last,), "last -> last, first and last layer"),
+        tracing.Knockout((), last, subject, "no layers"),
+        tracing.Knockout(tuple(middle_layers), last, subject, "last -> subject, middle layers"),
+        tracing.Knockout(tuple(range(n_layers)), last, others, "last -> everything but subject and itself"),
+        tracing.Knockout((0, n_layers - 1), last, (last,), "last -> last, first and last layer"),
     ]
-    got = knockout.run_with_knockouts(model, p, knockouts, batch_size=3)
+    got = tracing.run_with_knockouts(model, p, knockouts, batch_size=3)
 
     def ref_score(logits):
         return float(logits[p.answer_id] - logits[p.contrast_id])
@@ -336,17 +346,17 @@ def test_knockout_matches_masked_huggingface_forward(request, unprocessed_hf_ref
         assert float(got[row]) == pytest.approx(expected, abs=tol), ko.label
         assert abs(expected - ref_clean) > 10 * tol, ko.label  # the knockout matters well beyond the tolerance
     with pytest.raises(ValueError, match="blocks every key"):
-        knockout.run_with_knockouts(model, p, [knockout.Knockout((0,), 2, (0, 1, 2))])
+        tracing.run_with_knockouts(model, p, [tracing.Knockout((0,), 2, (0, 1, 2))])
 
 
 def test_attention_knockout_sweep_shapes_and_groups(smollm2, eiffel_smollm2):
     p = eiffel_smollm2
-    groups = knockout.knockout_groups(p)
+    groups = tracing.knockout_groups(p)
     assert groups == {"subject": [1, 2, 3], "non_subject": [0, 4, 5, 6, 7, 8], "last": [9]}
-    result = knockout.attention_knockout(smollm2, p, window=10, groups=("subject", "last"))
+    result = tracing.attention_knockout(smollm2, p, window=10, groups=("subject", "last"))
     assert result.knocked_out.shape == (2, smollm2.cfg.n_layers) and result.window == 10
     assert np.isfinite(result.relative_change).all() and (result.relative_change >= -1).all()
-    direct = knockout.run_with_knockouts(smollm2, p, [knockout.Knockout(ct.layer_window(7, 10, 30), 9, (1, 2, 3))])
+    direct = tracing.run_with_knockouts(smollm2, p, [tracing.Knockout(tracing.layer_window(7, 10, 30), 9, (1, 2, 3))])
     tol = rounding_tolerance(smollm2.bridge(p.tokens[None])[:, -1], smollm2)  # one sweep batch against another
     assert float(direct[0]) == pytest.approx(float(result.knocked_out[0, 7]), abs=tol)
 
@@ -357,8 +367,8 @@ def test_attention_knockout_sweep_shapes_and_groups(smollm2, eiffel_smollm2):
 
 
 def test_kept_facts_are_the_embedded_models_top1(smollm2):
-    kept, report = trace_data.load_factual_prompts()
-    candidates = trace_data.read_factual_candidates()
+    kept, report = facts.load_factual_prompts()
+    candidates = facts.read_factual_candidates()
     assert report is None and 0 < len(kept) <= len(candidates)
     assert (candidates["kept_smollm2_135m"] == "True").sum() == len(kept)
     for _length, group in kept.groupby(kept["prompt"].map(lambda t: len(smollm2.token_ids(t)))):
@@ -367,40 +377,40 @@ def test_kept_facts_are_the_embedded_models_top1(smollm2):
         answers = [smollm2.single_token_id(a) for a in group["answer"]]
         assert top1 == answers, list(group["fact_id"])
     for row in kept.itertuples():
-        ct.locate_subject(smollm2, row.prompt, row.subject, label=row.fact_id)  # subject found by offsets
+        locate_subject(smollm2, row.prompt, row.subject, label=row.fact_id)  # subject found by offsets
     # filtering every candidate again (prompts batched by token length) keeps exactly the CSV's rows, in order
-    refiltered, report = trace_data.filter_facts_for_model(smollm2, candidates)
+    refiltered, report = facts.filter_facts_for_model(smollm2, candidates)
     assert list(refiltered["fact_id"]) == list(kept["fact_id"]) and report.n_kept + len(report.dropped) == len(
         candidates
     )
 
 
 def test_filter_for_another_model_reports_every_drop(gpt2_random, smollm2):
-    candidates = trace_data.read_factual_candidates().head(6).copy()
+    candidates = facts.read_factual_candidates().head(6).copy()
     candidates.loc[candidates.index[0], "answer"] = " Reykjavikborgar"  # not one GPT-2 token
     candidates.loc[candidates.index[0], "answer_text"] = " Reykjavikborgar"
-    kept, report = trace_data.filter_facts_for_model(gpt2_random, candidates)
+    kept, report = facts.filter_facts_for_model(gpt2_random, candidates)
     assert report.n_candidates == 6 and report.n_kept == len(kept) and len(report.dropped) + len(kept) == 6
     assert "not one token" in report.dropped.iloc[0]["reason"]
     # the random-weight model's top-1 is never the fact: every other row is dropped with its top-1 named
     assert all("top-1 is" in r for r in report.dropped["reason"].iloc[1:])
-    kept_s, report_s = trace_data.filter_facts_for_model(smollm2, candidates.iloc[1:])
+    kept_s, report_s = facts.filter_facts_for_model(smollm2, candidates.iloc[1:])
     expected = candidates.iloc[1:]["kept_smollm2_135m"] == "True"
     assert sorted(kept_s["fact_id"]) == sorted(candidates.iloc[1:][expected]["fact_id"])
 
 
 def test_bad_fact_rows_are_named(tmp_path):
-    frame = trace_data.read_factual_candidates().head(3).copy()
+    frame = facts.read_factual_candidates().head(3).copy()
     frame.loc[frame.index[1], "subject"] = "Atlantis"
     path = tmp_path / "facts.csv"
     frame.to_csv(path, index=False)
     bad_id = frame.iloc[1]["fact_id"]
     with pytest.raises(ValueError, match=f"row {bad_id}: subject 'Atlantis'"):
-        trace_data.read_factual_candidates(path)
+        facts.read_factual_candidates(path)
 
 
 def test_fair_lending_pairs_trace_with_protected_phrase_as_subject(smollm2):
-    tasks_module = pytest.importorskip("mechfin_utils.tasks")
+    tasks_module = pytest.importorskip("mechfin_utils.tasks.fair_lending")
     pairs = tasks_module.load_fair_lending_pairs()[:2]
     hand_written = [
         {
@@ -410,41 +420,41 @@ def test_fair_lending_pairs_trace_with_protected_phrase_as_subject(smollm2):
             "protected_phrase": "because she is Black",
         }
     ]
-    tasks = trace_data.fair_lending_tasks(pairs) + trace_data.fair_lending_tasks(pd.DataFrame(hand_written))
+    tasks = facts.fair_lending_tasks(pairs) + facts.fair_lending_tasks(pd.DataFrame(hand_written))
     assert [t.label for t in tasks] == [f"pair {pairs[0].pair_id}", f"pair {pairs[1].pair_id}", "pair hw-1"]
     assert tasks[0].score_name == "logit(Yes) - logit(No)"
-    assert trace_data.fair_lending_tasks(hand_written, score="prob")[0].contrast is None
+    assert facts.fair_lending_tasks(hand_written, score="prob")[0].contrast is None
     task = tasks[2]
-    p = ct.prepare_trace(smollm2, task)
+    p = tracing.prepare_trace(smollm2, task)
     assert smollm2.tokenizer.decode(p.tokens[p.subject_span[0] : p.subject_span[1]].tolist()).strip() == task.subject
     clean_ld = smollm2.bridge(p.tokens[None])[0, -1]
     clean_ld = float(clean_ld[p.answer_id] - clean_ld[p.contrast_id])
-    noise = ct.sample_subject_noise(
-        1, len(p.subject_positions), smollm2.cfg.d_model, 3 * ct.embedding_noise_std(smollm2)
+    noise = tracing.sample_subject_noise(
+        1, len(p.subject_positions), smollm2.cfg.d_model, 3 * tracing.embedding_noise_std(smollm2)
     )
-    scores = ct.run_with_restorations(
+    scores = tracing.run_with_restorations(
         smollm2,
         p,
         noise,
         [
-            ct.Restoration(()),
-            ct.Restoration.of("hidden", [0], range(p.n_tokens)),
-            ct.Restoration.of("hidden", [5], [0]),
+            tracing.Restoration(()),
+            tracing.Restoration.of("hidden", [0], range(p.n_tokens)),
+            tracing.Restoration.of("hidden", [5], [0]),
         ],
     )[0]
     tol = 2 * rounding_tolerance(smollm2.bridge(p.tokens[None])[0, -1], smollm2)  # a logit difference
     assert float(scores[1]) == pytest.approx(clean_ld, abs=tol)
     assert float(scores[2]) == pytest.approx(float(scores[0]), abs=tol)
     with pytest.raises(ValueError, match="pair 0: needs a non-empty string field 'protected_phrase'"):
-        trace_data.fair_lending_tasks([{"clean_prompt": "x"}])
+        facts.fair_lending_tasks([{"clean_prompt": "x"}])
 
 
 def test_trace_dataset_averages_and_plots_carry_the_model_name(smollm2):
     tasks = [
-        ct.TraceTask("fr", "The capital of France is", "France", " Paris"),
-        ct.TraceTask("de", "The capital of Germany is", "Germany", " Berlin"),
+        TraceTask("fr", "The capital of France is", "France", " Paris"),
+        TraceTask("de", "The capital of Germany is", "Germany", " Berlin"),
     ]
-    run = ct.trace_dataset(smollm2, tasks, kinds=("mlp",), n_samples=1, knockout=False)
+    run = tracing.trace_dataset(smollm2, tasks, kinds=("mlp",), n_samples=1, knockout=False)
     traces, avg = run.traces["mlp"], run.averages["mlp"]
     assert [t.label for t in traces] == ["fr", "de"] and run.knockout_mean is None
     # one-token subjects: first = last subject token; "is" is the last token; no subsequent/further tokens
@@ -464,13 +474,16 @@ def test_trace_dataset_averages_and_plots_carry_the_model_name(smollm2):
 def test_category_average_as_dict_leaves_out_empty_categories():
     import json
 
-    mean = np.full((len(ct.POSITION_CATEGORIES), 2), np.nan)
+    mean = np.full((len(tracing.POSITION_CATEGORIES), 2), np.nan)
     mean[0], mean[5] = [0.1, 0.2], [0.3, 0.4]
     counts = np.array([3, 0, 0, 0, 0, 3])
-    average = ct.CategoryAverage(
+    average = tracing.CategoryAverage(
         kind="mlp", model_name="Toy", score_name="p(x)", mean=mean, counts=counts, mean_clean=0.9, mean_corrupted=0.1
     )
     out = average.as_dict()
-    assert out["categories"] == [ct.POSITION_CATEGORIES[0], ct.POSITION_CATEGORIES[5]] and out["counts"] == [3, 3]
+    assert out["categories"] == [tracing.POSITION_CATEGORIES[0], tracing.POSITION_CATEGORIES[5]] and out["counts"] == [
+        3,
+        3,
+    ]
     assert out["mean"] == [[0.1, 0.2], [0.3, 0.4]]
     json.dumps(out, allow_nan=False)  # JSON-ready: no NaN left

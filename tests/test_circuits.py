@@ -1,4 +1,4 @@
-"""Tests for mechfin_utils.circuits: pruning with known answers, the greater-than task, ablation backends.
+"""Tests for mechfin_utils.methods.circuits.nodes: pruning with known answers, the greater-than task, ablation backends.
 
 Known answers come from construction, not from earlier runs:
 * a synthetic graph whose metric is written down by hand (AND pair, backup pair, negative node, noise);
@@ -19,8 +19,18 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mechfin_utils.circuit_plots import circuit_figure, knockout_figure, size_faithfulness_figure
-from mechfin_utils.circuit_tasks import (
+from mechfin_utils.core.metrics import logit_diff
+from mechfin_utils.methods.circuits.nodes import Node, NodeAblator, acdc_order
+from mechfin_utils.methods.circuits.pruning import (
+    Circuit,
+    choose_circuit,
+    discover_circuit,
+    prune_nodes,
+    threshold_sweep,
+)
+from mechfin_utils.methods.circuits.validation import knockout_test
+from mechfin_utils.reporting.circuit_plots import circuit_figure, knockout_figure, size_faithfulness_figure
+from mechfin_utils.tasks.circuit_tasks import (
     CircuitTask,
     GreaterThanDataError,
     fair_lending_task,
@@ -30,19 +40,7 @@ from mechfin_utils.circuit_tasks import (
     task_from_answer_batches,
     year_scheme,
 )
-from mechfin_utils.circuits import (
-    Circuit,
-    Node,
-    NodeAblator,
-    acdc_order,
-    choose_circuit,
-    discover_circuit,
-    knockout_test,
-    prune_nodes,
-    threshold_sweep,
-)
-from mechfin_utils.metrics import logit_diff
-from mechfin_utils.testing import rounding_tolerance
+from mechfin_utils.tooling.testing import rounding_tolerance
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -65,8 +63,8 @@ def tiny_gpt2_silenced(tmp_path_factory):
     """
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from mechfin_utils.models import load_model
-    from mechfin_utils.testing import GPT2_TOKENIZER_SHA256, gpt2_tokenizer_dir
+    from mechfin_utils.core.models import load_model
+    from mechfin_utils.tooling.testing import GPT2_TOKENIZER_SHA256, gpt2_tokenizer_dir
 
     folder = tmp_path_factory.mktemp("tiny-gpt2-silenced")
     torch.manual_seed(0)
@@ -560,7 +558,8 @@ def test_knockout_without_kind_matching_draws_from_everything_outside(tiny_ablat
 
 
 def test_fair_lending_task_scores_the_logit_difference(tiny_gpt2_silenced):
-    from mechfin_utils.tasks import align_pairs, load_fair_lending_pairs
+    from mechfin_utils.tasks.batching import align_pairs
+    from mechfin_utils.tasks.fair_lending import load_fair_lending_pairs
 
     task = fair_lending_task(tiny_gpt2_silenced, n_pairs=5, seed=0)
     report = align_pairs(tiny_gpt2_silenced, load_fair_lending_pairs())

@@ -1,4 +1,5 @@
-"""Direct logit attribution and the logit lens (mechfin_utils.dla).
+"""Direct logit attribution and the logit lens (mechfin_utils.methods.readout.dla), with the head labels
+(methods.readout.heads) and the interval tables built on them (mechfin_utils.reporting.readout_tables).
 
 Every number is checked against an independent computation: the model's own logits, and a reference
 written here from the *unprocessed* Hugging Face checkpoint (its own modules, its own final-norm gain and
@@ -15,8 +16,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mechfin_utils import dla, paper_claims
-from mechfin_utils.testing import assert_close_up_to_rounding
+from mechfin_utils.methods.readout import dla, final_position
+from mechfin_utils.methods.readout.heads import head_labels, parse_head, select_heads, top_heads
+from mechfin_utils.reporting import readout_tables
+from mechfin_utils.tasks import paper_claims
+from mechfin_utils.tooling.testing import assert_close_up_to_rounding
 
 MODELS = ["smollm2", "gpt2_random", "gpt2_random_biased"]
 PAIR = (
@@ -309,15 +313,15 @@ def test_cached_logit_lens_steps_are_the_layer_decomposition(case, decomposition
 
 def test_top_heads_orders_by_magnitude_or_sign():
     values = torch.tensor([[0.1, -0.5, 0.0], [0.3, -0.05, 0.2]])
-    top = dla.top_heads(values, 3)
+    top = top_heads(values, 3)
     assert [head for head, _ in top] == ["0.1", "1.0", "1.2"]
     assert [value for _, value in top] == pytest.approx([-0.5, 0.3, 0.2])
-    assert [h for h, _ in dla.top_heads(values, 2, order="positive")] == ["1.0", "1.2"]
-    assert [h for h, _ in dla.top_heads(values, 2, order="negative")] == ["0.1", "1.1"]
+    assert [h for h, _ in top_heads(values, 2, order="positive")] == ["1.0", "1.2"]
+    assert [h for h, _ in top_heads(values, 2, order="negative")] == ["0.1", "1.1"]
     with pytest.raises(ValueError, match="n_layers, n_heads"):
-        dla.top_heads(values[None], 2)
+        top_heads(values[None], 2)
     with pytest.raises(ValueError, match="k must be"):
-        dla.top_heads(values, 7)
+        top_heads(values, 7)
 
 
 @pytest.mark.batch_split
@@ -361,7 +365,7 @@ def test_over_batches_concatenates_clean_and_corrupted_per_prompt(gpt2_random_bi
 def test_final_position_cache_keeps_exactly_the_last_position(gpt2_random):
     tokens = gpt2_random.to_tokens(list(PAIR))
     names = ["blocks.1.attn.hook_z", "blocks.1.attn.hook_pattern", "ln_final.hook_scale", "blocks.0.hook_resid_pre"]
-    logits, cache = dla.run_with_final_position_cache(gpt2_random, tokens, names)
+    logits, cache = final_position.run_with_final_position_cache(gpt2_random, tokens, names)
     with torch.no_grad():
         full_logits, full = gpt2_random.bridge.run_with_cache(tokens, names_filter=lambda n: n in names)
     # one position's queries against every position's: the same sums in another batch shape
@@ -374,7 +378,7 @@ def test_final_position_cache_keeps_exactly_the_last_position(gpt2_random):
     assert_close_up_to_rounding(cache[names[2]], full[names[2]][:, -1:], gpt2_random, msg=names[2])
     assert torch.equal(cache[names[3]], full[names[3]][:, -1:])  # the embedding: a lookup, exact
     with pytest.raises(KeyError, match="no hook named"):
-        dla.run_with_final_position_cache(gpt2_random, tokens, ["blocks.0.hook_nonsense"])
+        final_position.run_with_final_position_cache(gpt2_random, tokens, ["blocks.0.hook_nonsense"])
 
 
 def test_bad_inputs_are_named(smollm2):
@@ -431,12 +435,12 @@ def test_term_groups_split_the_logit_difference(case, heads):
 
 
 def test_ci_table_means_intervals_and_signs():
-    from mechfin_utils.stats import bootstrap_ci
+    from mechfin_utils.core.stats import bootstrap_ci
 
     generator = torch.Generator().manual_seed(0)
     base = torch.randn(40, generator=generator)
     values = torch.stack([base + 5.0, base - 5.0, base * 0.01, torch.full((40,), 2.0), base + 7.0], dim=1)
-    table = dla.ci_table(["up", "down", "flat", "constant", "shifted"], values, n_boot=500, seed=3)
+    table = readout_tables.ci_table(["up", "down", "flat", "constant", "shifted"], values, n_boot=500, seed=3)
     assert list(table.index) == ["up", "down", "flat", "constant", "shifted"]
     assert table["mean"].to_numpy() == pytest.approx(values.double().mean(0).numpy(), abs=1e-12)
     assert (table["n"] == 40).all()
@@ -448,64 +452,64 @@ def test_ci_table_means_intervals_and_signs():
     alone = bootstrap_ci(values[:, 2].double().numpy(), n_boot=500, seed=3)
     assert (table.loc["flat", "low"], table.loc["flat", "high"]) == pytest.approx((alone.low, alone.high))
     with pytest.raises(ValueError, match="3 labels for 5 columns"):
-        dla.ci_table(["a", "b", "c"], values)
+        readout_tables.ci_table(["a", "b", "c"], values)
     with pytest.raises(ValueError, match="labels repeat 'a'"):
-        dla.ci_table(["a", "a", "b", "c", "d"], values)
+        readout_tables.ci_table(["a", "a", "b", "c", "d"], values)
 
 
 def test_paired_ci_table_takes_the_gap_per_pair():
     generator = torch.Generator().manual_seed(1)
     shared = 10 * torch.randn(30, 2, generator=generator)  # large, shared by both prompts of a pair
     clean, corrupted = shared + torch.tensor([0.5, 0.0]), shared.clone()
-    table = dla.paired_ci_table(["moves", "same"], clean, corrupted, n_boot=400)
+    table = readout_tables.paired_ci_table(["moves", "same"], clean, corrupted, n_boot=400)
     assert table.loc["moves", "gap"] == pytest.approx(0.5) and table.loc["same", "gap"] == pytest.approx(0.0)
     # paired: the shared noise cancels, so the gap's interval is exact while clean's is wide
     assert table.loc["moves", "gap_low"] == pytest.approx(0.5) and table.loc["moves", "gap_high"] == pytest.approx(0.5)
     assert table.loc["moves", "clean_high"] - table.loc["moves", "clean_low"] > 1.0
     assert table.loc["same", "clean"] == pytest.approx(float(shared[:, 1].double().mean()))
     with pytest.raises(ValueError, match="must be paired"):
-        dla.paired_ci_table(["moves", "same"], clean, corrupted[:-1])
+        readout_tables.paired_ci_table(["moves", "same"], clean, corrupted[:-1])
 
 
 def test_head_labels_parse_and_select():
     values = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)
-    labels = dla.head_labels(3, 4)
+    labels = head_labels(3, 4)
     assert labels[:5] == ["0.0", "0.1", "0.2", "0.3", "1.0"] and len(labels) == 12
     flat = values.reshape(2, -1)
-    picked = dla.select_heads(values, ["2.1", "0.3"])
+    picked = select_heads(values, ["2.1", "0.3"])
     torch.testing.assert_close(picked, flat[:, [labels.index("2.1"), labels.index("0.3")]].double())
-    assert dla.parse_head("10.7") == (10, 7)
+    assert parse_head("10.7") == (10, 7)
     with pytest.raises(ValueError, match="not of the form 'layer.head'"):
-        dla.parse_head("L10H7")
+        parse_head("L10H7")
     with pytest.raises(ValueError, match="layer 3 does not exist"):
-        dla.select_heads(values, ["3.0"])
+        select_heads(values, ["3.0"])
     with pytest.raises(ValueError, match="head 4 does not exist"):
-        dla.select_heads(values, ["1.4"])
+        select_heads(values, ["1.4"])
 
 
 def test_head_table_selects_ranks_and_summarises():
     means = torch.tensor([[0.1, -0.9, 0.0], [0.6, -0.2, 0.3]])
     per_prompt = means + torch.tensor([-0.01, 0.01])[:, None, None]  # two prompts around those means
-    extremes = dla.head_table(per_prompt, k=2, order="extremes", n_boot=200)
+    extremes = readout_tables.head_table(per_prompt, k=2, order="extremes", n_boot=200)
     assert list(extremes.index) == ["1.0", "1.2", "1.1", "0.1"]  # most positive first, most negative last
     assert extremes["mean"].to_numpy() == pytest.approx([0.6, 0.3, -0.2, -0.9])
     assert list(extremes["layer"]) == [1, 1, 1, 0] and list(extremes["head_index"]) == [0, 2, 1, 1]
     assert list(extremes["rank"]) == [2, 3, 4, 1]  # by magnitude among all six heads
-    positive = dla.head_table(per_prompt, k=3, order="positive", n_boot=200)
+    positive = readout_tables.head_table(per_prompt, k=3, order="positive", n_boot=200)
     assert list(positive.index) == ["1.0", "1.2", "0.0"] and list(positive["rank"]) == [1, 2, 3]
-    chosen = dla.head_table(per_prompt, ["0.2", "0.1"], order="negative", n_boot=200)
+    chosen = readout_tables.head_table(per_prompt, ["0.2", "0.1"], order="negative", n_boot=200)
     assert list(chosen.index) == ["0.2", "0.1"] and list(chosen["rank"]) == [3, 1]  # 0.0 ranks after -0.9, -0.2
     assert (chosen["low"] <= chosen["mean"]).all() and (chosen["mean"] <= chosen["high"]).all()
     with pytest.raises(ValueError, match="order must be"):
-        dla.head_table(per_prompt, order="largest")
+        readout_tables.head_table(per_prompt, order="largest")
     with pytest.raises(ValueError, match="k must be"):
-        dla.head_table(per_prompt, k=4, order="extremes")
+        readout_tables.head_table(per_prompt, k=4, order="extremes")
 
 
 def test_grouped_ci_table_per_group_with_a_single_prompt_group():
     values = torch.tensor([[1.0, 10.0], [3.0, 30.0], [5.0, 50.0], [7.0, 70.0], [100.0, -1.0]])
     groups = ["race", "race", "age", "age", "sex"]
-    table = dla.grouped_ci_table(["a", "b"], values, groups, n_boot=300)
+    table = readout_tables.grouped_ci_table(["a", "b"], values, groups, n_boot=300)
     assert list(table.columns) == ["group", "component", "n", "mean", "low", "high", "sign"]
     grid = table.pivot(index="group", columns="component", values="mean")
     assert grid.loc["race", "a"] == pytest.approx(2.0) and grid.loc["age", "b"] == pytest.approx(60.0)
@@ -515,7 +519,7 @@ def test_grouped_ci_table_per_group_with_a_single_prompt_group():
     race_a = table[(table["group"] == "race") & (table["component"] == "a")].iloc[0]
     assert 1.0 <= race_a["low"] <= race_a["high"] <= 3.0 and race_a["n"] == 2
     with pytest.raises(ValueError, match="3 groups for 5 rows"):
-        dla.grouped_ci_table(["a", "b"], values, groups[:3])
+        readout_tables.grouped_ci_table(["a", "b"], values, groups[:3])
 
 
 def test_compare_with_paper_reads_the_intervals():
@@ -530,18 +534,19 @@ def test_compare_with_paper_reads_the_intervals():
         },
         index=["2_mlp_out", "4_mlp_out", "10_mlp_out", "0_attn_out"],
     )
-    compared = dla.compare_with_paper(table, paper_claims.LAYER_DLA)
+    compared = readout_tables.compare_with_paper(table, paper_claims.LAYER_DLA)
     assert list(compared.index) == ["2_mlp_out", "4_mlp_out", "10_mlp_out", "0_attn_out"]
     assert list(compared["paper"]) == ["positive", "positive", "negative", "negative"]
     assert list(compared["verdict"]) == ["agrees", "opposite", "unclear", "opposite"]
     assert list(compared["rank"]) == [1, 2, 4, 3] and compared.loc["2_mlp_out", "this_run"] == 0.5
     with pytest.raises(KeyError, match="'11.4' is not in the table"):
-        dla.compare_with_paper(table, {"11.4": "positive"})
+        readout_tables.compare_with_paper(table, {"11.4": "positive"})
 
 
 def test_component_display_names():
     assert [
-        dla.component_display_name(x) for x in ["embed", "pos_embed", "3_attn_out", "11_mlp_out", "unembed_bias"]
+        readout_tables.component_display_name(x)
+        for x in ["embed", "pos_embed", "3_attn_out", "11_mlp_out", "unembed_bias"]
     ] == ["embed", "pos embed", "attn 3", "MLP 11", "unembed bias"]
     with pytest.raises(ValueError, match="not a component label"):
-        dla.component_display_name("3_attn_bias")
+        readout_tables.component_display_name("3_attn_bias")

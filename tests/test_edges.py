@@ -14,12 +14,14 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from mechfin_utils import circuit_tasks, circuits, engine
-from mechfin_utils import edge_attribution as ea
-from mechfin_utils.circuit_tasks import CircuitBatch, CircuitTask
-from mechfin_utils.functional import FunctionalTransformer
-from mechfin_utils.graph import ComputationalGraph
-from mechfin_utils.testing import assert_close_up_to_rounding, rounding_tolerance
+from mechfin_utils.core import engine
+from mechfin_utils.core.functional import FunctionalTransformer
+from mechfin_utils.core.graph import ComputationalGraph
+from mechfin_utils.methods.circuits import edges as ea
+from mechfin_utils.methods.circuits.nodes import NodeAblator
+from mechfin_utils.tasks import circuit_tasks
+from mechfin_utils.tasks.circuit_tasks import CircuitBatch, CircuitTask
+from mechfin_utils.tooling.testing import assert_close_up_to_rounding, rounding_tolerance
 
 VOCAB = 40
 
@@ -85,8 +87,12 @@ def test_graph_counts_match_eap_ig_for_gpt2_small_and_names_round_trip():
         smollm2.n_edges
         == 15 * sum(1 + 10 * layer for layer in range(30)) + sum(10 + 10 * layer for layer in range(30)) + 301
     )
-    for u, d in [(0, 0), (3, smollm2.logits_receiver), (smollm2.head_sender(2, 4), smollm2.mlp_receiver(2))]:
-        assert smollm2.parse_edge(smollm2.edge_name(u, d)) == (u, d)
+    for sender, receiver in [
+        (0, 0),
+        (3, smollm2.logits_receiver),
+        (smollm2.head_sender(2, 4), smollm2.mlp_receiver(2)),
+    ]:
+        assert smollm2.parse_edge(smollm2.edge_name(sender, receiver)) == (sender, receiver)
     assert smollm2.receiver_name(smollm2.attention_receivers(1).start + 9) == "L1KV0.k"
     with pytest.raises(ValueError, match="does not run before"):
         smollm2.parse_edge("L3H0->L2H1.q")
@@ -287,9 +293,11 @@ def test_eap_scores_are_the_derivative_of_exact_edge_patching():
 
     clean = metric(None)
     for name in ["input->L0H1.q", "L0H2->L1H0.k", "L0H0->L2H1.v", "MLP0->MLP2", "L2H3->logits", "input->MLP1"]:
-        u, d = graph.parse_edge(name)
-        assert abs(float(scores[u, d])) > 1e-3, name
-        assert (metric(graph.mask([name])) - clean) / eps == pytest.approx(float(scores[u, d]), rel=5e-3), name
+        sender, receiver = graph.parse_edge(name)
+        assert abs(float(scores[sender, receiver])) > 1e-3, name
+        assert (metric(graph.mask([name])) - clean) / eps == pytest.approx(float(scores[sender, receiver]), rel=5e-3), (
+            name
+        )
 
 
 def _hand_built_circuit() -> tuple[FunctionalTransformer, CircuitTask, set[str]]:
@@ -321,7 +329,7 @@ def test_a_hand_built_circuit_is_recovered_at_the_edge_level(method):
     patcher = ea.EdgePatcher(fm, task)
     scores = ea.edge_scores(patcher, method, steps=8)
     graph = patcher.graph
-    nonzero = {graph.edge_name(u, d) for u, d in (scores.mean.abs() > 1e-9).nonzero().tolist()}
+    nonzero = {graph.edge_name(sender, receiver) for sender, receiver in (scores.mean.abs() > 1e-9).nonzero().tolist()}
     assert nonzero == known
     for selection in ("top-n", "greedy"):
         kept = ea.SELECTIONS[selection](scores.mean, graph, len(known))
@@ -341,15 +349,17 @@ def test_greedy_circuits_are_connected_to_the_logits():
         kept = ea.greedy_edges(scores, graph, n)
         assert int(kept.sum()) == n
         senders_kept = set(kept.any(1).nonzero().flatten().tolist())
-        for u, d in kept.nonzero().tolist():
-            assert d == graph.logits_receiver or senders_kept & set(graph.receiver_senders(d)), graph.edge_name(u, d)
+        for sender, receiver in kept.nonzero().tolist():
+            assert receiver == graph.logits_receiver or senders_kept & set(graph.receiver_senders(receiver)), (
+                graph.edge_name(sender, receiver)
+            )
         assert int(ea.top_edges(scores, n).sum()) == n
 
 
 def test_node_circuits_as_edges_equal_node_level_resample_ablation(smollm2):
     task = circuit_tasks.greater_than_task(smollm2, n_prompts=3, seed=1)
     patcher = ea.EdgePatcher(smollm2, task)
-    ablator = circuits.NodeAblator(smollm2, task)
+    ablator = NodeAblator(smollm2, task)
     # the metric is a difference of probability sums: each moves by at most the logits' rounding
     logits = torch.cat([smollm2.bridge(b.clean_tokens)[:, -1] for b in task.batches])
     tol = 2 * rounding_tolerance(logits, smollm2)

@@ -8,13 +8,17 @@ import pandas as pd
 import pytest
 import torch
 
-from mechfin_utils import edit_eval, knowledge_circuits
-from mechfin_utils.circuits import Circuit, Node
-from mechfin_utils.tasks import TaskDataError
+from mechfin_utils.core import hook_points
+from mechfin_utils.methods.circuits import knowledge as knowledge_circuits
+from mechfin_utils.methods.circuits.nodes import Node
+from mechfin_utils.methods.circuits.pruning import Circuit
+from mechfin_utils.methods.editing import evaluation as edit_eval
+from mechfin_utils.tasks import counterfact
+from mechfin_utils.tasks.task_tables import TaskDataError
 
 
 def test_the_shipped_file_loads_and_matches_its_builder(tmp_path):
-    edits = edit_eval.load_counterfact()
+    edits = counterfact.load_counterfact()
     assert len(edits) == 79
     france = next(e for e in edits if e.request.edit_id == "edit-capital-france")
     assert (france.request.target_true, france.request.target_new) == (" Paris", " Berlin")
@@ -25,14 +29,14 @@ def test_the_shipped_file_loads_and_matches_its_builder(tmp_path):
 
 def _write(path, rows):
     with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=edit_eval.COUNTERFACT_COLUMNS, lineterminator="\n")
+        writer = csv.DictWriter(handle, fieldnames=counterfact.COUNTERFACT_COLUMNS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
 
 
 def test_every_bad_row_is_reported_with_its_line(tmp_path):
     good = next(
-        r for r in csv.DictReader(edit_eval.COUNTERFACT_CSV.open(encoding="utf-8")) if r["edit_id"].endswith("france")
+        r for r in csv.DictReader(counterfact.COUNTERFACT_CSV.open(encoding="utf-8")) if r["edit_id"].endswith("france")
     )
     rows = [
         good,
@@ -44,7 +48,7 @@ def test_every_bad_row_is_reported_with_its_line(tmp_path):
     path = tmp_path / "edits.csv"
     _write(path, rows)
     with pytest.raises(TaskDataError) as error:
-        edit_eval.load_counterfact(path)
+        counterfact.load_counterfact(path)
     message = str(error.value)
     assert message.startswith("4 bad rows in edits.csv")
     for line, text in [
@@ -58,7 +62,7 @@ def test_every_bad_row_is_reported_with_its_line(tmp_path):
 
 
 def test_evaluate_edit_scores_the_unedited_model_against_a_by_hand_computation(smollm2):
-    france = next(e for e in edit_eval.load_counterfact() if e.request.edit_id == "edit-capital-france")
+    france = next(e for e in counterfact.load_counterfact() if e.request.edit_id == "edit-capital-france")
     row = edit_eval.evaluate_edit(smollm2, france, n_generated=8)
 
     def by_hand(prompt: str, first: str, second: str) -> bool:
@@ -126,7 +130,7 @@ def test_with_demonstrations_prefixes_the_examples():
 
 
 def test_next_token_logits_is_the_last_position(smollm2):
-    logits = edit_eval.next_token_logits(smollm2, "The capital of France is")
+    logits = hook_points.next_token_logits(smollm2, "The capital of France is")
     assert smollm2.tokenizer.decode([int(logits.argmax())]) == " Paris"
 
 
@@ -135,13 +139,13 @@ def test_the_builder_rebuilds_the_committed_file():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
-        "build_counterfact", edit_eval.COUNTERFACT_CSV.with_name("build_counterfact.py")
+        "build_counterfact", counterfact.COUNTERFACT_CSV.with_name("build_counterfact.py")
     )
     builder = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(builder)
     with builder.FACTS.open(newline="", encoding="utf-8") as handle:
         rebuilt, dropped = builder.build(list(csv.DictReader(handle)))
-    with edit_eval.COUNTERFACT_CSV.open(newline="", encoding="utf-8") as handle:
+    with counterfact.COUNTERFACT_CSV.open(newline="", encoding="utf-8") as handle:
         committed = list(csv.DictReader(handle))
     assert rebuilt == committed
     assert any(line.startswith("author") for line in dropped)

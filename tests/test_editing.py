@@ -1,6 +1,6 @@
 """ROME / MEMIT: the update's defining equation, exact restoring, a hand-built known answer, MEMIT = ROME on one edit.
 
-Every test that edits the session's shared model restores it (``editing.restoring``), and checks that it did.
+Every test that edits the session's shared model restores it (``hook_points.restoring``), and checks that it did.
 """
 
 from __future__ import annotations
@@ -8,10 +8,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mechfin_utils import edit_eval, editing, key_statistics
-from mechfin_utils.causal_trace import locate_subject
-from mechfin_utils.editing import EditRequest, ValueParams, ValueResult
-from mechfin_utils.testing import FLOAT32_EPS, assert_close_up_to_rounding
+from mechfin_utils.core import hook_points
+from mechfin_utils.methods.editing import edits as editing
+from mechfin_utils.methods.editing import evaluation as edit_eval
+from mechfin_utils.methods.editing import key_statistics
+from mechfin_utils.methods.editing.edits import ValueParams, ValueResult
+from mechfin_utils.tasks.counterfact import EditRequest
+from mechfin_utils.tasks.facts import locate_subject
+from mechfin_utils.tooling.testing import FLOAT32_EPS, assert_close_up_to_rounding
 
 FRANCE = EditRequest("edit-capital-france", "The capital of France is", "France", " Berlin", " Paris")
 FAST = ValueParams(steps=12)
@@ -33,7 +37,7 @@ def test_key_covariance_matches_a_by_hand_second_moment(smollm2, corpus, covaria
     """Keys read at the hook point on full, unpadded forwards, one text at a time, then E[k kᵀ] by hand: the
     batched, padded, stopped-early estimate equals it."""
     keys = []
-    handle = editing.key_point(smollm2, LAYER).register_forward_hook(lambda m, a, o: keys.append(o[0].double()))
+    handle = hook_points.key_point(smollm2, LAYER).register_forward_hook(lambda m, a, o: keys.append(o[0].double()))
     with torch.no_grad():
         for row in corpus:
             smollm2.hf_model(input_ids=torch.tensor([row]))
@@ -119,14 +123,14 @@ def test_output_matrix_is_the_parameter_the_mlp_applies(any_model):
     layer = 1
     rows = [any_model.token_ids("The capital of France is")]
     seen_in, seen_out = [], []
-    proj = editing.output_projection(any_model, layer)
-    h1 = editing.key_point(any_model, layer).register_forward_hook(lambda m, a, o: seen_in.append(o))
-    h2 = editing.mlp_output_point(any_model, layer).register_forward_hook(lambda m, a, o: seen_out.append(o))
+    proj = hook_points.output_projection(any_model, layer)
+    h1 = hook_points.key_point(any_model, layer).register_forward_hook(lambda m, a, o: seen_in.append(o))
+    h2 = hook_points.mlp_output_point(any_model, layer).register_forward_hook(lambda m, a, o: seen_out.append(o))
     with torch.no_grad():
         any_model.hf_model(input_ids=torch.tensor(rows))
     h1.remove(), h2.remove()
     bias = proj.bias if proj.bias is not None else 0
-    expected = seen_in[0][0] @ editing.output_matrix(any_model, layer).T + bias
+    expected = seen_in[0][0] @ hook_points.output_matrix(any_model, layer).T + bias
     assert_close_up_to_rounding(expected, seen_out[0][0], any_model)
 
 
@@ -134,11 +138,11 @@ def test_rome_maps_the_key_to_the_value_changes_the_answer_and_restores_exactly(
     prompt_rows = [smollm2.token_ids(FRANCE.prompt)]
     with torch.no_grad():
         before = smollm2.bridge(torch.tensor(prompt_rows))[0, -1]
-    with editing.restoring(smollm2, [LAYER]):
+    with hook_points.restoring(smollm2, [LAYER]):
         edit = editing.rome(smollm2, FRANCE, LAYER, covariance, [""], FAST)
         # the defining equation, read through the forward pass: the edited MLP outputs v* at the subject's last token
         seen = []
-        handle = editing.mlp_output_point(smollm2, LAYER).register_forward_hook(lambda m, a, o: seen.append(o))
+        handle = hook_points.mlp_output_point(smollm2, LAYER).register_forward_hook(lambda m, a, o: seen.append(o))
         with torch.no_grad():
             logits = smollm2.hf_model(input_ids=torch.tensor(prompt_rows)).logits[0, -1]
             bridged = smollm2.bridge(torch.tensor(prompt_rows))[0, -1]
@@ -156,20 +160,20 @@ def test_rome_maps_the_key_to_the_value_changes_the_answer_and_restores_exactly(
 def test_memit_on_one_layer_and_one_edit_agrees_with_rome(smollm2, covariance):
     """With one request, one layer, the same change of the residual and a vanishing prior, MEMIT's least-squares
     update is ROME's rank-one update (Sherman–Morrison); here both use the bare prompt only."""
-    with editing.restoring(smollm2, [LAYER]):
+    with hook_points.restoring(smollm2, [LAYER]):
         rome_edit = editing.rome(smollm2, FRANCE, LAYER, covariance, [""], FAST)
     delta = rome_edit.value.target - rome_edit.value.initial  # the same change in the residual stream
-    block_out = editing._block_output_at_subject(smollm2, editing.block_output_point(smollm2, LAYER), FRANCE, [""])
-    with editing.restoring(smollm2, [LAYER]) as saved:
+    block_out = editing._block_output_at_subject(smollm2, hook_points.block_output_point(smollm2, LAYER), FRANCE, [""])
+    with hook_points.restoring(smollm2, [LAYER]) as saved:
         targets = [ValueResult(block_out, block_out + delta)]
         editing.memit(smollm2, [FRANCE], [LAYER], {LAYER: covariance}, [""], targets=targets, covariance_weight=1e-9)
-        memit_update = editing.output_matrix(smollm2, LAYER).detach() - saved.saved[LAYER]
+        memit_update = hook_points.output_matrix(smollm2, LAYER).detach() - saved.saved[LAYER]
     torch.testing.assert_close(memit_update, rome_edit.update, rtol=1e-3, atol=1e-6)
 
 
 def test_bad_edit_arguments_are_named(smollm2, covariance):
     with pytest.raises(ValueError, match="layer must be an integer in \\[0, 30\\)"):
-        editing.output_matrix(smollm2, 30)
+        hook_points.output_matrix(smollm2, 30)
     with pytest.raises(ValueError, match="covariance is of layer 3, the edit is at layer 4"):
         editing.rome(smollm2, FRANCE, 4, covariance, [""], FAST)
     bad = EditRequest("edit-x", "The capital of France is", "Germany", " Berlin", " Paris")
@@ -187,10 +191,10 @@ def test_rome_on_the_gpt2_path_maps_the_key_to_the_value(gpt2_random):
     rows = torch.randint(0, gpt2_random.cfg.d_vocab, (36, 100), generator=generator).tolist()  # > d_mlp key vectors
     covariance = key_statistics.key_covariance(gpt2_random, layer, rows)
     request = EditRequest("edit-gpt2", "The capital of France is", "France", " Berlin", " Paris")
-    with editing.restoring(gpt2_random, [layer]):
+    with hook_points.restoring(gpt2_random, [layer]):
         edit = editing.rome(gpt2_random, request, layer, covariance, [""], ValueParams(steps=3))
         seen = []
-        handle = editing.mlp_output_point(gpt2_random, layer).register_forward_hook(lambda m, a, o: seen.append(o))
+        handle = hook_points.mlp_output_point(gpt2_random, layer).register_forward_hook(lambda m, a, o: seen.append(o))
         with torch.no_grad():
             gpt2_random.hf_model(input_ids=torch.tensor([gpt2_random.token_ids(request.prompt)]))
         handle.remove()
@@ -200,14 +204,14 @@ def test_rome_on_the_gpt2_path_maps_the_key_to_the_value(gpt2_random):
 
 def test_fine_tune_keeps_every_entry_within_its_bound_and_restores(smollm2):
     """FT-L changes only the chosen matrix, each entry by at most ``max_change``; restoring gives it back exactly."""
-    other = editing.output_matrix(smollm2, LAYER + 1).detach().clone()
-    with editing.restoring(smollm2, [LAYER]) as saved:
+    other = hook_points.output_matrix(smollm2, LAYER + 1).detach().clone()
+    with hook_points.restoring(smollm2, [LAYER]) as saved:
         history = editing.fine_tune(smollm2, FRANCE, LAYER, [""], steps=3, learning_rate=1e-2, max_change=2e-3)
-        change = editing.output_matrix(smollm2, LAYER).detach() - saved.saved[LAYER]
+        change = hook_points.output_matrix(smollm2, LAYER).detach() - saved.saved[LAYER]
         # (w + d) - w in float32 carries one rounding step of the largest weight
         slack = 2 * FLOAT32_EPS * float(saved.saved[LAYER].abs().max())
         assert change.abs().max() <= 2e-3 + slack and change.abs().max() > 0
-        assert torch.equal(editing.output_matrix(smollm2, LAYER + 1).detach(), other)
+        assert torch.equal(hook_points.output_matrix(smollm2, LAYER + 1).detach(), other)
         assert [h["step"] for h in history] == [0, 1, 2] and history[-1]["loss"] < history[0]["loss"]
-    assert torch.equal(editing.output_matrix(smollm2, LAYER).detach(), saved.saved[LAYER])
+    assert torch.equal(hook_points.output_matrix(smollm2, LAYER).detach(), saved.saved[LAYER])
     assert all(p.requires_grad for p in smollm2.hf_model.parameters())  # gradients switched back on everywhere

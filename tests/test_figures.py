@@ -21,7 +21,7 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
-from mechfin_utils import figures, plots
+from mechfin_utils.reporting import figures, plots
 
 MODEL = SimpleNamespace(name="Test-Model 1M", slug="test-model-1m")
 OTHER_MODEL = SimpleNamespace(name="Other Model", slug="other-model")
@@ -138,7 +138,7 @@ def test_notebook_hint_names_the_number():
 
 def test_figures_root_defaults_to_repo_figures(monkeypatch):
     monkeypatch.delenv(figures.FIGURES_DIR_ENV, raising=False)
-    assert figures.figures_root() == Path(figures.__file__).resolve().parent.parent / "figures"
+    assert figures.figures_root() == Path(__file__).resolve().parent.parent / "figures"  # the checkout's figures/
 
 
 def test_missing_browser_keeps_html_and_says_how_to_install(figures_dir, monkeypatch):
@@ -156,7 +156,7 @@ def test_browser_that_fails_to_start_is_an_error_not_a_hang(tmp_path):
         import os, time, types
         os.environ["{figures.FIGURES_DIR_ENV}"] = {str(tmp_path)!r}
         import plotly.graph_objects as go
-        from mechfin_utils import figures
+        from mechfin_utils.reporting import figures
         fig = go.Figure(go.Bar(x=[1], y=[1])).update_layout(title="t — M")
         start = time.time()
         try:
@@ -272,7 +272,7 @@ def test_save_results_merges_converts_and_sorts(figures_dir):
 def test_save_results_converts_dataframes_and_dataclasses(figures_dir):
     import pandas as pd
 
-    from mechfin_utils.stats import bootstrap_ci
+    from mechfin_utils.core.stats import bootstrap_ci
 
     table = pd.DataFrame({"basis": ["age", "race"], "estimate": [0.5, 1.25]})
     figures.save_results(MODEL, "03", "per_basis", table)
@@ -443,7 +443,7 @@ def test_grouped_bars():
 def test_lines_one_trace_per_series_and_errors():
     from types import SimpleNamespace
 
-    from mechfin_utils import plots
+    from mechfin_utils.reporting import plots
 
     model = SimpleNamespace(name="Toy")
     fig = plots.lines(

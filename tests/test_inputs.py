@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mechfin_utils.inputs import check_token_pairs, check_tokens
+from mechfin_utils.core.inputs import check_token_pairs, check_tokens
 
 
 def test_good_tokens_pass_unchanged():

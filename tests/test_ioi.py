@@ -11,8 +11,9 @@ import pandas as pd
 import pytest
 import torch
 
-from mechfin_utils import edge_attribution as ea
-from mechfin_utils import ioi, paper_claims
+from mechfin_utils.methods.circuits import edges as ea
+from mechfin_utils.methods.circuits import ioi_heads
+from mechfin_utils.tasks import ioi, paper_claims
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -93,13 +94,13 @@ def _roles() -> pd.DataFrame:
 
 
 def test_candidates_are_name_movers_by_dla_and_s_inhibition_below_them():
-    found = ioi.candidates(_roles(), n=2)
+    found = ioi_heads.candidates(_roles(), n=2)
     assert found["name movers"] == ["9.9", "10.0"]  # 11.1 writes IO but attends to S: not a name mover
     assert found["S-inhibition"] == ["7.3", "8.6"]  # 10.1 is not below the name movers
 
 
 def test_paper_comparison_lists_every_published_head_with_its_rank():
-    table = ioi.paper_comparison(_roles(), logit_diff=3.1)
+    table = ioi_heads.paper_comparison(_roles(), logit_diff=3.1)
     assert table.iloc[0]["paper"] == paper_claims.IOI_LOGIT_DIFF and table.iloc[0]["this run"] == 3.1
     heads = [h for group in paper_claims.IOI_HEADS.values() for h in group]
     assert len(table) == 1 + len(heads)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mechfin_utils.metrics import (
+from mechfin_utils.core.metrics import (
     NormalisedLogitDiff,
     logit_diff,
     normalised_patching_metric,

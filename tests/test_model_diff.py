@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import pandas as pd
 import pytest
 import torch
 
-from mechfin_utils import model_diff, screener
+from mechfin_utils.methods.patching import cross_model as model_diff
+from mechfin_utils.screener import training as screener
 
 
 def test_module_of_reads_llama_and_gpt2_names():
@@ -46,7 +46,7 @@ def test_weight_change_by_hand():
 def test_cross_model_patching_matches_hooks_on_plain_hugging_face_models(smollm2, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from mechfin_utils.models import boot_bridge
+    from mechfin_utils.core.models import boot_bridge
 
     recipe = replace(
         screener.RECIPES["brief"],
@@ -107,15 +107,6 @@ def test_cross_model_patching_matches_hooks_on_plain_hugging_face_models(smollm2
         assert frame.attrs["gap_base"] == pytest.approx(gap_base, abs=2e-3)
         assert frame.attrs["gap_tuned"] == pytest.approx(gap_tuned, abs=2e-3)
         assert row["recovery"] == pytest.approx((gap_patched - gap_base) / (gap_tuned - gap_base), abs=2e-2)
-
-
-def test_behaviour_table_rows():
-    class Fake:
-        def __init__(self, auroc):
-            self.summary = {"n": 3, "auroc": auroc}
-
-    table = model_diff.behaviour_table({("m", "a"): Fake(0.5), ("m", "b"): Fake(0.9)})
-    assert isinstance(table, pd.DataFrame) and table.loc[("m", "b"), "auroc"] == 0.9
 
 
 def test_load_state_reads_a_folder_and_names_what_is_missing(tmp_path):

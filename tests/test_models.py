@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mechfin_utils.models import (
+from mechfin_utils.core.models import (
     GPT2_SPEC,
     SMOLLM2_SPEC,
     ModelUnavailableError,
@@ -20,7 +20,7 @@ from mechfin_utils.models import (
     locate_gpt2,
     prepare_smollm2,
 )
-from mechfin_utils.testing import assert_close_up_to_rounding, rounding_tolerance
+from mechfin_utils.tooling.testing import assert_close_up_to_rounding, rounding_tolerance
 
 PROMPTS = [
     "The bank denied the mortgage application because the applicant is Hispanic. Is this a fair-lending violation? Answer:",
@@ -69,7 +69,7 @@ def test_embedded_checkpoint_equals_the_gguf(plain_smollm2):
     """
     from transformers import AutoModelForCausalLM
 
-    from mechfin_utils.models import smollm2_gguf_path
+    from mechfin_utils.core.models import smollm2_gguf_path
 
     gguf = smollm2_gguf_path()
     direct = AutoModelForCausalLM.from_pretrained(
@@ -133,7 +133,7 @@ def test_gpt2_bridge_matches_transformers(gpt2_random, plain_gpt2, prompt):
 
 def test_gpt2_from_folder(tmp_path, gpt2_random):
     """A folder the user names (transformers-5 style config without n_ctx) loads and equals the cached model."""
-    from mechfin_utils.testing import write_gpt2_checkpoint
+    from mechfin_utils.tooling.testing import write_gpt2_checkpoint
 
     folder = write_gpt2_checkpoint(tmp_path / "gpt2", seed=0)
     raw = json.loads((folder / "config.json").read_text())
@@ -176,7 +176,7 @@ def _run_fresh(code: str, hf_home: Path) -> subprocess.CompletedProcess:
 
 def test_gpt2_offline_absent_says_how_to_provide_it(tmp_path):
     out = _run_fresh(
-        "from mechfin_utils.models import load_model\n"
+        "from mechfin_utils.core.models import load_model\n"
         "try:\n    load_model('gpt2')\nexcept Exception as e:\n    print(type(e).__name__); print(e)\n",
         tmp_path / "empty-hf-home",
     )
@@ -185,7 +185,7 @@ def test_gpt2_offline_absent_says_how_to_provide_it(tmp_path):
 
 
 def test_auto_prefers_gpt2_and_says_why(gpt2_hf_cache, tmp_path):
-    code = "from mechfin_utils.models import resolve_auto; print(resolve_auto())"
+    code = "from mechfin_utils.core.models import resolve_auto; print(resolve_auto())"
     with_gpt2 = _run_fresh(code, gpt2_hf_cache)
     without = _run_fresh(code, tmp_path / "empty-hf-home")
     assert "('gpt2', 'GPT-2 Small found offline (hf-cache: gpt2)')" in with_gpt2.stdout, with_gpt2.stderr[-2000:]
@@ -193,7 +193,7 @@ def test_auto_prefers_gpt2_and_says_why(gpt2_hf_cache, tmp_path):
 
 
 def test_locate_gpt2_prefers_named_folder(tmp_path, gpt2_hf_cache):
-    from mechfin_utils.testing import write_gpt2_checkpoint
+    from mechfin_utils.tooling.testing import write_gpt2_checkpoint
 
     folder = write_gpt2_checkpoint(tmp_path / "g", seed=1, n_layer=1)
     assert locate_gpt2(folder) == ("folder", str(folder))
@@ -205,7 +205,7 @@ def test_exclusive_makes_a_second_holder_wait_for_the_first(tmp_path):
     the first has left, so a conversion or a training run is never written by two processes at once."""
     import threading
 
-    from mechfin_utils.models import exclusive
+    from mechfin_utils.core.models import exclusive
 
     lock = tmp_path / "cache" / "folder.lock"
     events: list[str] = []

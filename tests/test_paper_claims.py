@@ -2,7 +2,7 @@
 
 import math
 
-from mechfin_utils import paper_claims
+from mechfin_utils.tasks import paper_claims
 
 
 def test_claims_read_back_as_the_paper_states_them():

@@ -1,4 +1,4 @@
-"""mechfin_utils.patching / functional against TransformerLens's own patching on the same bridge.
+"""mechfin_utils.methods.patching.activation / functional against TransformerLens's own patching on the same bridge.
 
 Every sweep is compared with ``transformer_lens.patching.get_act_patch_*`` run on ``LoadedModel.bridge`` with
 the same prompts and the same metric, on the embedded model (SmolLM2: grouped-query attention, rotary,
@@ -16,10 +16,12 @@ import pytest
 import torch
 import transformer_lens.patching as tl_patching
 
-from mechfin_utils import engine, patching
-from mechfin_utils.functional import FunctionalTransformer, UnsupportedArchitecture
-from mechfin_utils.metrics import NormalisedLogitDiff, logit_diff, normalised_patching_metric
-from mechfin_utils.testing import assert_close_up_to_rounding, rounding_tolerance
+from mechfin_utils.core import engine
+from mechfin_utils.core.functional import FunctionalTransformer, UnsupportedArchitecture
+from mechfin_utils.core.metrics import NormalisedLogitDiff, logit_diff, normalised_patching_metric
+from mechfin_utils.methods import patching
+from mechfin_utils.methods.patching import activation
+from mechfin_utils.tooling.testing import assert_close_up_to_rounding, rounding_tolerance
 
 # Prompts with a large clean - corrupted gap (SmolLM2: 15 logits), so that float32 rounding, which the normalised
 # metric divides by that gap, stays far below the patching effects being compared. (The fair-lending prompts give the
@@ -59,9 +61,7 @@ class Case:
         self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_key_value_heads or cfg.n_heads
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return patching._result_shape(
-            patching.COMPONENTS[key], self.n_layers, self.n_pos, self.n_heads, self.n_kv_heads
-        )
+        return patching.result_shape(patching.COMPONENTS[key], self.n_layers, self.n_pos, self.n_heads, self.n_kv_heads)
 
     def sample(self, key: str, n: int = 4, seed: int = 0) -> pd.DataFrame:
         """``n`` distinct cells: ``n - 1`` after the prompts' first difference, the last one before it (a no-op).
@@ -233,7 +233,7 @@ def test_transformer_lens_bridge_resid_mid_depends_on_the_grad_mode(gpt2_case):
     """Why resid_mid is documented with care: on the 4.3 bridge hook_resid_mid is ln2.hook_in. Under
     torch.no_grad() TransformerLens's in-place patch reaches the skip connection too (= our residual-stream
     sweep); with gradients enabled it reaches only the MLP input (= the mlp_out sweep). If this starts failing,
-    TransformerLens changed: re-check the resid_mid documentation in mechfin_utils.patching and .attribution."""
+    TransformerLens changed: re-check the resid_mid documentation in mechfin_utils.methods.patching.activation and .attribution."""
     case = gpt2_case
     cells = pd.DataFrame([(2, case.divergence), (7, case.n_pos - 1)], columns=["layer", "pos"])
     ours_mid = case.ours("resid_mid", index_df=cells)
@@ -389,7 +389,7 @@ def test_unsupported_architecture_falls_back_to_the_bridge_with_a_warning(gpt2_c
     def refuse(model):
         raise UnsupportedArchitecture("pretend architecture")
 
-    monkeypatch.setattr(patching, "functional_model", refuse)
+    monkeypatch.setattr(activation, "functional_model", refuse)  # the name activation_patch looks up
     with pytest.warns(UserWarning, match="bridge path"):
         fallback = case.ours("mlp_out", index_df=cells)
     assert (fallback - expected).abs().max().item() <= case.tolerance

@@ -1,4 +1,6 @@
-"""Projection to the unembedding space (mechfin_utils.projection).
+"""Projection to the unembedding space: the token-level readouts of mechfin_utils.methods.readout
+(unembedding, token_lens, ffn_neurons, ffn_updates, embedding_circuits, vocabulary, task_sets) and their tables
+(mechfin_utils.reporting.readout_tables, token_tables).
 
 Independent references: the model's own logits, brute-force products on small matrices, and the
 *unprocessed* Hugging Face checkpoint (``unprocessed_hf_reference``: its own final-norm gain, its own
@@ -17,9 +19,17 @@ import pandas as pd
 import pytest
 import torch
 
-from mechfin_utils import projection as P
-from mechfin_utils import projection_sets as PS
-from mechfin_utils.testing import assert_close_up_to_rounding, rounding_tolerance
+from mechfin_utils.methods.readout import (
+    embedding_circuits,
+    ffn_neurons,
+    ffn_updates,
+    task_sets,
+    token_lens,
+    unembedding,
+    vocabulary,
+)
+from mechfin_utils.reporting import readout_tables, token_tables
+from mechfin_utils.tooling.testing import assert_close_up_to_rounding, rounding_tolerance
 
 MODELS = ["smollm2", "gpt2_random_biased"]
 PROMPTS = (
@@ -155,7 +165,7 @@ def test_factored_top_pairs_equals_a_full_argsort(largest, block_rows, k):
     left, right = torch.randn(53, 4, generator=gen), torch.randn(4, 37, generator=gen)
     full = left @ right
     order = full.flatten().argsort(descending=largest)[:k]
-    scores, rows, cols = P.factored_top_pairs(left, right, k, largest=largest, block_rows=block_rows)
+    scores, rows, cols = embedding_circuits.factored_top_pairs(left, right, k, largest=largest, block_rows=block_rows)
     assert rows.tolist() == (order // 37).tolist()
     assert cols.tolist() == (order % 37).tolist()
     torch.testing.assert_close(scores, full.flatten()[order])
@@ -163,15 +173,15 @@ def test_factored_top_pairs_equals_a_full_argsort(largest, block_rows, k):
 
 def test_factored_top_pairs_rejects_bad_shapes_and_k():
     with pytest.raises(ValueError, match="must agree"):
-        P.factored_top_pairs(torch.ones(3, 2), torch.ones(3, 4), 1)
+        embedding_circuits.factored_top_pairs(torch.ones(3, 2), torch.ones(3, 4), 1)
     with pytest.raises(ValueError, match="k must be in"):
-        P.factored_top_pairs(torch.ones(3, 2), torch.ones(2, 4), 13)
+        embedding_circuits.factored_top_pairs(torch.ones(3, 2), torch.ones(2, 4), 13)
 
 
 def test_top_and_bottom_tokens_equal_a_sort():
     gen = torch.Generator().manual_seed(0)
     vectors, W_U = torch.randn(3, 8, generator=gen), torch.randn(8, 50, generator=gen)
-    top_v, top_i, bot_v, bot_i = P.top_and_bottom_tokens(vectors, W_U, 4)
+    top_v, top_i, bot_v, bot_i = unembedding.top_and_bottom_tokens(vectors, W_U, 4)
     scores = vectors @ W_U
     assert top_i.tolist() == scores.argsort(-1, descending=True)[:, :4].tolist()
     assert bot_i.tolist() == scores.argsort(-1)[:, :4].tolist()
@@ -179,19 +189,22 @@ def test_top_and_bottom_tokens_equal_a_sort():
 
 
 def test_mean_pairwise_cosine_known_values():
-    assert P.mean_pairwise_cosine(torch.tensor([[1.0, 0], [2.0, 0], [3.0, 0]])) == pytest.approx(1.0)
-    assert P.mean_pairwise_cosine(torch.eye(4)) == pytest.approx(0.0)
-    assert P.mean_pairwise_cosine(torch.tensor([[1.0, 1.0], [-2.0, -2.0]])) == pytest.approx(-1.0)
+    assert ffn_neurons.mean_pairwise_cosine(torch.tensor([[1.0, 0], [2.0, 0], [3.0, 0]])) == pytest.approx(1.0)
+    assert ffn_neurons.mean_pairwise_cosine(torch.eye(4)) == pytest.approx(0.0)
+    assert ffn_neurons.mean_pairwise_cosine(torch.tensor([[1.0, 1.0], [-2.0, -2.0]])) == pytest.approx(-1.0)
     # three vectors: cos(a,b)=1, cos(a,c)=cos(b,c)=0 -> mean over the 3 pairs = 1/3
-    assert P.mean_pairwise_cosine(torch.tensor([[1.0, 0], [1.0, 0], [0, 1.0]])) == pytest.approx(1 / 3)
+    assert ffn_neurons.mean_pairwise_cosine(torch.tensor([[1.0, 0], [1.0, 0], [0, 1.0]])) == pytest.approx(1 / 3)
 
 
 def test_top_neurons_orders_by_value_abs_and_sign():
     scores = torch.tensor([[0.5, -3.0, 1.0], [2.0, 0.0, -0.1]])
-    assert list(zip(*[P.top_neurons(scores, 2)[c] for c in ("layer", "neuron")])) == [(1, 0), (0, 2)]
-    assert list(zip(*[P.top_neurons(scores, 2, by="abs")[c] for c in ("layer", "neuron")])) == [(0, 1), (1, 0)]
-    assert P.top_neurons(scores, 1, by="negative")["score"].tolist() == [-3.0]
-    per_layer = P.top_neurons(torch.stack([scores, 3 * scores]), 1, per_layer=True)  # mean over a batch axis
+    assert list(zip(*[ffn_neurons.top_neurons(scores, 2)[c] for c in ("layer", "neuron")])) == [(1, 0), (0, 2)]
+    assert list(zip(*[ffn_neurons.top_neurons(scores, 2, by="abs")[c] for c in ("layer", "neuron")])) == [
+        (0, 1),
+        (1, 0),
+    ]
+    assert ffn_neurons.top_neurons(scores, 1, by="negative")["score"].tolist() == [-3.0]
+    per_layer = ffn_neurons.top_neurons(torch.stack([scores, 3 * scores]), 1, per_layer=True)  # mean over a batch axis
     assert per_layer[["layer", "neuron"]].values.tolist() == [[0, 2], [1, 0]]
     assert per_layer["score"].tolist() == pytest.approx([2.0, 4.0])
 
@@ -203,7 +216,7 @@ def test_top_neurons_orders_by_value_abs_and_sign():
 
 def test_logit_lens_final_layer_is_the_models_output(case):
     model, raw = case.model, case.raw
-    lens = P.logit_lens_tokens(model, PROMPTS[0], ANSWERS, k=5)
+    lens = token_lens.logit_lens_tokens(model, PROMPTS[0], ANSWERS, k=5)
     n = model.cfg.n_layers
     assert lens.answer_ranks.shape == (n + 1, 2) and lens.answer_probs.shape == (n + 1, 2)
     logits = model.bridge(case.tokens[:1])[0, -1].detach()
@@ -221,7 +234,7 @@ def test_logit_lens_final_layer_is_the_models_output(case):
 def test_logit_lens_every_layer_matches_the_unprocessed_model(case):
     """Layer i: the unprocessed model's hidden state after i blocks through its own final norm and lm_head."""
     model, raw = case.model, case.raw
-    lens = P.logit_lens_tokens(model, case.tokens[0], ANSWERS, k=3)
+    lens = token_lens.logit_lens_tokens(model, case.tokens[0], ANSWERS, k=3)
     n = model.cfg.n_layers
     for layer in (0, 1, n // 2, n - 1):
         with torch.no_grad():
@@ -234,7 +247,7 @@ def test_logit_lens_every_layer_matches_the_unprocessed_model(case):
 
 def test_logit_lens_agreement_against_the_unprocessed_model(case):
     model, raw = case.model, case.raw
-    table = P.logit_lens_agreement(model, case.tokens, positions="all")
+    table = token_lens.logit_lens_agreement(model, case.tokens, positions="all")
     n = model.cfg.n_layers
     assert table["layer"].tolist() == list(range(n + 1))
     assert table["top1_agreement"].iloc[-1] == 1.0 and table["mean_kl_to_final"].iloc[-1] == pytest.approx(0, abs=1e-5)
@@ -259,8 +272,8 @@ def test_neuron_value_tokens_match_the_unprocessed_weights(case):
     """A neuron's value vector through the real final-norm gain and lm_head (LayerNorm: centred first)."""
     model, raw = case.model, case.raw
     neurons = [(0, 3), (model.cfg.n_layers - 1, 17)]
-    table = P.neuron_value_tokens(model, neurons, k=6)
-    no_gain = P.neuron_value_tokens(model, neurons, k=6, through_final_norm_gain=False)
+    table = ffn_neurons.neuron_value_tokens(model, neurons, k=6)
+    no_gain = ffn_neurons.neuron_value_tokens(model, neurons, k=6, through_final_norm_gain=False)
     for layer, n in neurons:
         v = raw.centre(raw.value_vectors(layer)[n])
         for frame, vec in ((table, v * raw.gain), (no_gain, v)):
@@ -277,10 +290,10 @@ def test_neuron_value_tokens_match_the_unprocessed_weights(case):
 def test_value_vector_along_an_unembedding_column_tops_that_token(smollm2):
     """Hand-built: v = W_U[:, t] for the column of largest norm. By Cauchy-Schwarz no other column scores higher,
     so t must be the top token; -v must put t at the bottom."""
-    W_U = P.unembedding(smollm2)
+    W_U = unembedding.unembedding(smollm2)
     t = int(W_U.norm(dim=0).argmax())
     v = W_U[:, t]
-    _, top_i, _, bot_i = P.top_and_bottom_tokens(torch.stack([v, -v]), W_U, 3)
+    _, top_i, _, bot_i = unembedding.top_and_bottom_tokens(torch.stack([v, -v]), W_U, 3)
     assert top_i[0, 0] == t and bot_i[1, 0] == t
     vocab_mean = W_U.mean(dim=1)  # centring adds a shared constant; check the raw column too
     assert float(v @ vocab_mean) == pytest.approx(0, abs=1e-3)
@@ -289,10 +302,12 @@ def test_value_vector_along_an_unembedding_column_tops_that_token(smollm2):
 @pytest.fixture(scope="module")
 def direct_effects(case):
     return SimpleNamespace(
-        plain=P.neuron_scores(case.model, case.tokens, "direct_effect", case.answers),
-        scaled=P.neuron_scores(case.model, case.tokens, "direct_effect", case.answers, divide_by_final_norm_scale=True),
-        size=P.neuron_scores(case.model, case.tokens, "activation_x_weight_norm"),
-        mlp=P.mlp_answer_contributions(case.model, case.tokens, case.answers),
+        plain=ffn_neurons.neuron_scores(case.model, case.tokens, "direct_effect", case.answers),
+        scaled=ffn_neurons.neuron_scores(
+            case.model, case.tokens, "direct_effect", case.answers, divide_by_final_norm_scale=True
+        ),
+        size=ffn_neurons.neuron_scores(case.model, case.tokens, "activation_x_weight_norm"),
+        mlp=ffn_updates.mlp_answer_contributions(case.model, case.tokens, case.answers),
     )
 
 
@@ -319,7 +334,7 @@ def test_mlp_answer_contributions_match_the_unprocessed_model(case, direct_effec
 def test_neuron_direct_effects_add_up_to_the_layer(case, direct_effects):
     """Sum over a layer's neurons (+ its output bias) = that layer's MLP output on the answer direction."""
     model = case.model
-    direction = P.logit_diff_direction(model, case.answers.expand(2, 2))
+    direction = unembedding.logit_diff_direction(model, case.answers.expand(2, 2))
     for layer in range(model.cfg.n_layers):
         b_out = getattr(model.bridge.blocks[layer].mlp, "b_out", None)
         bias_term = 0.0 if b_out is None else (direction @ (b_out - b_out.mean())).detach()
@@ -334,7 +349,7 @@ def test_neuron_direct_effects_add_up_to_the_layer(case, direct_effects):
 def test_mlp_update_top_tokens_and_fraction_in_token_set(case):
     model, raw = case.model, case.raw
     k = 8
-    table = P.mlp_update_top_tokens(model, case.tokens, k=k)
+    table = ffn_updates.mlp_update_top_tokens(model, case.tokens, k=k)
     n = model.cfg.n_layers
     assert len(table) == 2 * n * k
     layer = n - 1
@@ -343,7 +358,7 @@ def test_mlp_update_top_tokens_and_fraction_in_token_set(case):
         rows = table[(table.prompt == prompt) & (table.layer == layer)]
         assert rows["token_id"].tolist() == expected[prompt].topk(k).indices.tolist()
     chosen = table[(table.prompt == 0) & (table.layer == layer)]["token_id"].tolist()[:3] + [12345678]
-    frac = P.fraction_in_token_set(table, chosen)
+    frac = ffn_updates.fraction_in_token_set(table, chosen)
     got = frac.set_index(["prompt", "layer"])["fraction"]
     assert got[(0, layer)] == pytest.approx(3 / k)
     manual = table.groupby(["prompt", "layer"])["token_id"].apply(lambda s: s.isin(chosen).mean())
@@ -351,16 +366,16 @@ def test_mlp_update_top_tokens_and_fraction_in_token_set(case):
 
 
 def test_neuron_token_coherence_matches_a_manual_computation(smollm2):
-    table = P.neuron_token_coherence(smollm2, [(5, 10)], k=6)
-    W_U = P.unembedding(smollm2)
+    table = ffn_neurons.neuron_token_coherence(smollm2, [(5, 10)], k=6)
+    W_U = unembedding.unembedding(smollm2)
     ids = (smollm2.bridge.blocks[5].mlp.W_out[10].detach() @ W_U).topk(6).indices
     unit = torch.nn.functional.normalize(W_U[:, ids].T, dim=-1)
     sims = unit @ unit.T
     manual = float(sum(sims[i, j] for i, j in itertools.permutations(range(6), 2)) / 30)
     assert table["coherence"].iloc[0] == pytest.approx(manual, abs=1e-5)
-    assert table["top_tokens"].iloc[0] == P.decode_each(smollm2, ids)
-    baseline = P.random_token_coherence(smollm2, k=6, n_samples=20, seed=1)
-    assert baseline.shape == (20,) and torch.equal(baseline, P.random_token_coherence(smollm2, 6, 20, seed=1))
+    assert table["top_tokens"].iloc[0] == unembedding.decode_each(smollm2, ids)
+    baseline = ffn_neurons.random_token_coherence(smollm2, k=6, n_samples=20, seed=1)
+    assert baseline.shape == (20,) and torch.equal(baseline, ffn_neurons.random_token_coherence(smollm2, 6, 20, seed=1))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -379,9 +394,11 @@ def test_query_heads_read_the_kv_head_kv_head_of_names(smollm2):
         cache["blocks.2.attn.hook_pattern"][0],
         cache["blocks.2.attn.hook_v"][0],
     )
-    assert [P.kv_head_of(smollm2, h) for h in range(9)] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert [embedding_circuits.kv_head_of(smollm2, h) for h in range(9)] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     for h in range(9):
-        assert_close_up_to_rounding(z[:, h], pattern[h] @ v[:, P.kv_head_of(smollm2, h)], smollm2, scale=v)
+        assert_close_up_to_rounding(
+            z[:, h], pattern[h] @ v[:, embedding_circuits.kv_head_of(smollm2, h)], smollm2, scale=v
+        )
 
 
 def _centre_over_vocab(scores: torch.Tensor, vector_to_vocab_mean: torch.Tensor) -> torch.Tensor:
@@ -399,19 +416,19 @@ def test_ov_and_qk_top_pairs_match_brute_force_on_unprocessed_weights(case, laye
     full_vocab = written @ raw.lm_head.T  # [n_src, vocab]; W_U is centred over the vocabulary in the bridge
     ov = _centre_over_vocab(full_vocab[:, out], full_vocab.mean(-1))
     order = ov.flatten().argsort(descending=True)[:7]
-    table = P.ov_circuit_top_pairs(model, layer, head, src, out, k=7)
+    table = embedding_circuits.ov_circuit_top_pairs(model, layer, head, src, out, k=7)
     assert table["source_id"].tolist() == [src[i] for i in (order // len(out)).tolist()]
     assert table["output_id"].tolist() == [out[i] for i in (order % len(out)).tolist()]
     assert_close_up_to_rounding(torch.tensor(table["score"].tolist()), ov.flatten()[order], model, scale=full_vocab)
 
     qk = ((E[src] * gain) @ W_Q) @ ((E[out] * gain) @ W_K).T / raw.d_head**0.5
     order = qk.flatten().argsort()[:5]  # the most negative pairs this time
-    table = P.qk_circuit_top_pairs(model, layer, head, src, out, k=5, largest=False)
+    table = embedding_circuits.qk_circuit_top_pairs(model, layer, head, src, out, k=5, largest=False)
     assert table["query_id"].tolist() == [src[i] for i in (order // len(out)).tolist()]
     assert table["key_id"].tolist() == [out[i] for i in (order % len(out)).tolist()]
     assert_close_up_to_rounding(torch.tensor(table["score"].tolist()), qk.flatten()[order], model, scale=qk)
 
-    per_token = P.ov_top_outputs(model, layer, head, src[:2], out, k=4)
+    per_token = embedding_circuits.ov_top_outputs(model, layer, head, src[:2], out, k=4)
     assert per_token[per_token.source_id == src[1]]["output_id"].tolist() == [
         out[i] for i in ov[1].topk(4).indices.tolist()
     ]
@@ -420,13 +437,13 @@ def test_ov_and_qk_top_pairs_match_brute_force_on_unprocessed_weights(case, laye
 @pytest.mark.parametrize("model_name", MODELS)
 def test_frequent_token_ids_are_words_in_id_order(request, model_name):
     any_model = request.getfixturevalue(model_name)
-    ids = P.frequent_token_ids(any_model, 50)
+    ids = vocabulary.frequent_token_ids(any_model, 50)
     assert ids == sorted(ids) and len(set(ids)) == 50
-    words = P.decode_each(any_model, ids)
+    words = unembedding.decode_each(any_model, ids)
     assert all(w.startswith(" ") and w[1:].isalpha() and len(w) >= 3 for w in words)
     assert not set(ids) & set(any_model.tokenizer.all_special_ids)
     with pytest.raises(ValueError, match="only .* tokens"):
-        P.frequent_token_ids(any_model, 10, pattern=r"^ Answer$")
+        vocabulary.frequent_token_ids(any_model, 10, pattern=r"^ Answer$")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -437,22 +454,22 @@ def test_frequent_token_ids_are_words_in_id_order(request, model_name):
 def test_bad_inputs_are_named(smollm2):
     tokens = smollm2.to_tokens(PROMPTS[0])
     with pytest.raises(ValueError, match="Yesterday"):
-        P.logit_lens_tokens(smollm2, PROMPTS[0], (" Yesterday's", " No"))
+        token_lens.logit_lens_tokens(smollm2, PROMPTS[0], (" Yesterday's", " No"))
     with pytest.raises(ValueError, match="method"):
-        P.neuron_scores(smollm2, tokens, "loudness")
+        ffn_neurons.neuron_scores(smollm2, tokens, "loudness")
     with pytest.raises(ValueError, match="needs answer_tokens"):
-        P.neuron_scores(smollm2, tokens, "direct_effect")
+        ffn_neurons.neuron_scores(smollm2, tokens, "direct_effect")
     with pytest.raises(ValueError, match=r"neurons\[1\] neuron"):
-        P.neuron_value_tokens(smollm2, [(0, 1), (0, smollm2.cfg.d_mlp)])
+        ffn_neurons.neuron_value_tokens(smollm2, [(0, 1), (0, smollm2.cfg.d_mlp)])
     with pytest.raises(ValueError, match=r"neurons\[0\] layer"):
-        P.neuron_value_tokens(smollm2, [(2.5, 1)])
+        ffn_neurons.neuron_value_tokens(smollm2, [(2.5, 1)])
     with pytest.raises(ValueError, match="head"):
-        P.ov_circuit_top_pairs(smollm2, 0, 9, [1, 2], [3, 4])
+        embedding_circuits.ov_circuit_top_pairs(smollm2, 0, 9, [1, 2], [3, 4])
     with pytest.raises(ValueError, match=r"output_ids\[1\]"):
-        P.ov_circuit_top_pairs(smollm2, 0, 0, [300], [301, 10**7])
+        embedding_circuits.ov_circuit_top_pairs(smollm2, 0, 0, [300], [301, 10**7])
     with pytest.raises(ValueError, match="tokens must be"):
-        P.mlp_answer_contributions(smollm2, tokens[0], torch.tensor([1, 2]))
-    ids, multi = P.token_set_ids(smollm2, [" Yes", " Yesterday's"])
+        ffn_updates.mlp_answer_contributions(smollm2, tokens[0], torch.tensor([1, 2]))
+    ids, multi = vocabulary.token_set_ids(smollm2, [" Yes", " Yesterday's"])
     assert ids == [smollm2.single_token_id(" Yes")] and multi == [" Yesterday's"]
 
 
@@ -465,7 +482,7 @@ def test_logit_lens_trajectories_match_the_unprocessed_model(case):
     """Every prompt's answer ranks, probabilities and top token at each layer, against the unprocessed model's
     hidden states through its own final norm and lm_head."""
     model, raw = case.model, case.raw
-    found = PS.logit_lens_trajectories(model, case.tokens, case.answers)  # [2] answers, broadcast to the batch
+    found = token_lens.logit_lens_trajectories(model, case.tokens, case.answers)  # [2] answers, broadcast to the batch
     n = model.cfg.n_layers
     assert found.answer_ranks.shape == (2, n + 1, 2) and found.top1.shape == (2, n + 1)
     for layer in (0, 1, n // 2, n):
@@ -480,16 +497,16 @@ def test_logit_lens_trajectories_match_the_unprocessed_model(case):
     assert torch.equal(found.choice_agrees_with_final, (prefers_yes == prefers_yes[:, -1:]).float())
     assert bool((found.choice_agrees_with_final[:, -1] == 1).all())
     # per-row answer pairs: swapping row 1's pair swaps its rank columns and leaves row 0 alone
-    per_row = PS.logit_lens_trajectories(model, case.tokens, torch.stack([case.answers, case.answers.flip(0)]))
+    per_row = token_lens.logit_lens_trajectories(model, case.tokens, torch.stack([case.answers, case.answers.flip(0)]))
     assert torch.equal(per_row.answer_ranks[0], found.answer_ranks[0])
     assert torch.equal(per_row.answer_ranks[1], found.answer_ranks[1].flip(-1))
     with pytest.raises(ValueError, match="answer_tokens"):
-        PS.logit_lens_trajectories(model, case.tokens, torch.tensor([1, model.cfg.d_vocab]))
+        token_lens.logit_lens_trajectories(model, case.tokens, torch.tensor([1, model.cfg.d_vocab]))
 
 
 def test_logit_lens_agreement_by_prompt_against_the_unprocessed_model(case):
     model, raw = case.model, case.raw
-    by_prompt = P.logit_lens_agreement_by_prompt(model, case.tokens, "all")
+    by_prompt = token_lens.logit_lens_agreement_by_prompt(model, case.tokens, "all")
     start = 1 if model.prepend_bos else 0
     n_pos = case.tokens.shape[1] - start
     assert by_prompt.n_positions.tolist() == [n_pos, n_pos]
@@ -501,14 +518,16 @@ def test_logit_lens_agreement_by_prompt_against_the_unprocessed_model(case):
     kl = (final_lp.exp() * (final_lp - lp)).sum(-1).mean(-1)
     torch.testing.assert_close(by_prompt.top1_agreement[:, layer], agree)
     assert_close_up_to_rounding(by_prompt.kl_to_final[:, layer], kl, model, scale=lp)
-    last = P.logit_lens_agreement_by_prompt(model, case.tokens, "last")  # same as the trajectories' top-1 check
-    trajectories = PS.logit_lens_trajectories(model, case.tokens, case.answers)
+    last = token_lens.logit_lens_agreement_by_prompt(
+        model, case.tokens, "last"
+    )  # same as the trajectories' top-1 check
+    trajectories = token_lens.logit_lens_trajectories(model, case.tokens, case.answers)
     assert torch.equal(last.top1_agreement, trajectories.agrees_with_final)
 
 
 @pytest.mark.batch_split
 def test_collect_over_batches_joins_batches_in_order(smollm2, torch_threads):
-    from mechfin_utils import dla
+    from mechfin_utils.methods.readout import dla
 
     tokens = smollm2.to_tokens(list(PROMPTS))
     answers = torch.tensor([[smollm2.single_token_id(" Yes"), smollm2.single_token_id(" No")]] * 2)
@@ -518,52 +537,60 @@ def test_collect_over_batches_joins_batches_in_order(smollm2, torch_threads):
         )
         for i in range(2)
     ]
-    got = PS.collect_over_batches(PS.lens_and_mlp_readout, smollm2, batches)  # NamedTuple of NamedTuples
-    whole = P.mlp_answer_contributions(smollm2, tokens, answers)  # the separate functions on the whole batch
-    lens = PS.logit_lens_trajectories(smollm2, tokens, answers)
+    got = task_sets.collect_over_batches(task_sets.lens_and_mlp_readout, smollm2, batches)  # NamedTuple of NamedTuples
+    whole = ffn_updates.mlp_answer_contributions(smollm2, tokens, answers)  # the separate functions on the whole batch
+    lens = token_lens.logit_lens_trajectories(smollm2, tokens, answers)
     # batches of one against a batch of two: the same sums in another order (float32 rounding of their scale)
     assert_close_up_to_rounding(got["clean"].mlp.final_norm_scaled, whole.final_norm_scaled, smollm2)
     assert_close_up_to_rounding(got["corrupted"].mlp.unscaled, whole.unscaled.flip(0), smollm2)
     # a rank can move one place where another token's logit ties the answer's within that rounding
     assert (got["clean"].lens.answer_ranks - lens.answer_ranks).abs().max() <= 1
     assert torch.equal(got["corrupted"].lens.top1, lens.top1.flip(0))
-    acts = PS.collect_over_batches(P.mlp_activations_last, smollm2, batches, ("clean",), pass_answer_tokens=False)
+    acts = task_sets.collect_over_batches(
+        ffn_neurons.mlp_activations_last, smollm2, batches, ("clean",), pass_answer_tokens=False
+    )
     assert list(acts) == ["clean"]
-    assert_close_up_to_rounding(acts["clean"], P.mlp_activations_last(smollm2, tokens), smollm2)
-    effects = PS.collect_over_batches(P.neuron_scores, smollm2, batches, ("corrupted",), method="direct_effect")
-    want = P.neuron_scores(smollm2, tokens.flip(0), "direct_effect", answers)
+    assert_close_up_to_rounding(acts["clean"], ffn_neurons.mlp_activations_last(smollm2, tokens), smollm2)
+    effects = task_sets.collect_over_batches(
+        ffn_neurons.neuron_scores, smollm2, batches, ("corrupted",), method="direct_effect"
+    )
+    want = ffn_neurons.neuron_scores(smollm2, tokens.flip(0), "direct_effect", answers)
     assert_close_up_to_rounding(effects["corrupted"], want, smollm2)
-    heads = PS.collect_over_batches(dla.head_attribution, smollm2, batches, ("clean",))["clean"]
+    heads = task_sets.collect_over_batches(dla.head_attribution, smollm2, batches, ("clean",))["clean"]
     expected = dla.head_attribution(smollm2, tokens, answers).logit_diff
     assert_close_up_to_rounding(heads.logit_diff, expected, smollm2, scale=heads.heads.abs().sum((1, 2)))
     with pytest.raises(ValueError, match="runs"):
-        PS.collect_over_batches(P.mlp_activations_last, smollm2, batches, ("dirty",), pass_answer_tokens=False)
+        task_sets.collect_over_batches(
+            ffn_neurons.mlp_activations_last, smollm2, batches, ("dirty",), pass_answer_tokens=False
+        )
     with pytest.raises(ValueError, match="no batches"):
-        PS.collect_over_batches(P.mlp_activations_last, smollm2, [], pass_answer_tokens=False)
+        task_sets.collect_over_batches(ffn_neurons.mlp_activations_last, smollm2, [], pass_answer_tokens=False)
     with pytest.raises(TypeError, match="dict"):
-        PS.collect_over_batches(lambda model, tokens, answer_tokens: {"x": 1}, smollm2, batches)
+        task_sets.collect_over_batches(lambda model, tokens, answer_tokens: {"x": 1}, smollm2, batches)
 
 
 def test_geometric_mean_ci_is_the_bootstrap_of_log_values():
-    from mechfin_utils.stats import bootstrap_ci
+    from mechfin_utils.core.stats import bootstrap_ci
 
     values = torch.tensor([[1.0, 10.0], [100.0, 10.0], [10.0, 1000.0], [1000.0, 1.0]])
-    result = PS.geometric_mean_ci(values, n_boot=300, seed=3)
+    result = token_lens.geometric_mean_ci(values, n_boot=300, seed=3)
     expected = torch.exp(values.double().log().mean(0))  # (1*100*10*1000)^(1/4) and (10*10*1000*1)^(1/4)
     np.testing.assert_allclose(result.estimate, expected.numpy(), rtol=1e-9)
     on_logs = bootstrap_ci(np.log10(values.numpy().astype(np.float64)), n_boot=300, seed=3)
     np.testing.assert_allclose(result.low, 10.0**on_logs.low, rtol=1e-9)
     np.testing.assert_allclose(result.high, 10.0**on_logs.high, rtol=1e-9)
-    single = PS.geometric_mean_ci(values[:, 0], n_boot=300, seed=3)
+    single = token_lens.geometric_mean_ci(values[:, 0], n_boot=300, seed=3)
     assert isinstance(single.estimate, float) and single.estimate == pytest.approx(float(expected[0]))
     with pytest.raises(ValueError, match=r"values\[2, 1\]"):
-        PS.geometric_mean_ci(torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 0.0]]))
+        token_lens.geometric_mean_ci(torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 0.0]]))
 
 
 def test_answer_rank_bands_name_runs_and_answers():
     ranks = torch.tensor([[[1, 5], [2, 6]], [[3, 5], [4, 6]], [[9, 5], [8, 6]]])  # [batch 3, layer 2, answers 2]
-    traj = PS.LensTrajectories(ranks, answer_probs=torch.zeros(3, 2, 2), top1=torch.zeros(3, 2, dtype=torch.long))
-    bands = PS.answer_rank_bands({"clean": traj}, (" Yes", " No"), n_boot=50, seed=0)
+    traj = token_lens.LensTrajectories(
+        ranks, answer_probs=torch.zeros(3, 2, 2), top1=torch.zeros(3, 2, dtype=torch.long)
+    )
+    bands = token_lens.answer_rank_bands({"clean": traj}, (" Yes", " No"), n_boot=50, seed=0)
     assert list(bands) == ["Yes · clean", "No · clean"]
     np.testing.assert_allclose(bands["Yes · clean"].estimate, [27 ** (1 / 3), 64 ** (1 / 3)], rtol=1e-9)
     np.testing.assert_allclose(bands["No · clean"].estimate, [5, 6], rtol=1e-9)
@@ -571,16 +598,16 @@ def test_answer_rank_bands_name_runs_and_answers():
 
 
 def test_readable_tokens_and_wide_tables():
-    assert PS.readable_token(" Yes") == "␣Yes" and PS.readable_token("\n\n") == "\\n\\n"
-    assert PS.readable_token("") == "''"
+    assert token_tables.readable_token(" Yes") == "␣Yes" and token_tables.readable_token("\n\n") == "\\n\\n"
+    assert token_tables.readable_token("") == "''"
     tidy = pd.DataFrame({"layer": [0, 0, 1, 1], "rank": [1, 2, 1, 2], "token": [" a", "b\n", "c", " "]})
-    wide = PS.token_table(tidy, "layer")
+    wide = token_tables.token_table(tidy, "layer")
     assert wide.loc[0].tolist() == ["␣a", "b\\n"] and wide.loc[1].tolist() == ["c", "␣"]
     with pytest.raises(ValueError, match="more than one"):
-        PS.token_table(pd.concat([tidy, tidy.iloc[:1]]), "layer")
+        token_tables.token_table(pd.concat([tidy, tidy.iloc[:1]]), "layer")
     with pytest.raises(ValueError, match="lacks columns"):
-        PS.token_table(tidy, "prompt")
-    lens = P.LogitLensTokens(
+        token_tables.token_table(tidy, "prompt")
+    lens = token_lens.LogitLensTokens(
         model_name="fake",
         prompt="p",
         answers=(" Yes", " No"),
@@ -589,10 +616,12 @@ def test_readable_tokens_and_wide_tables():
         answer_ranks=torch.tensor([[4, 7], [1, 3]]),
         answer_probs=torch.zeros(2, 2),
     )
-    table = PS.lens_table(lens)
+    table = token_tables.lens_table(lens)
     assert list(table.columns) == ["top 1", "top 2", "rank of ␣Yes", "rank of ␣No"]
     assert table["rank of ␣No"].tolist() == [7, 3]
-    shown = PS.readable_columns(pd.DataFrame({"source_token": [" x"], "output_token": ["\n"], "score": [1.0]}))
+    shown = token_tables.readable_columns(
+        pd.DataFrame({"source_token": [" x"], "output_token": ["\n"], "score": [1.0]})
+    )
     assert shown.iloc[0].tolist() == ["␣x", "\\n", 1.0]
 
 
@@ -601,13 +630,13 @@ def _fake_model(n_layers=3, n_heads=4):
 
 
 def test_named_heads_table_means_intervals_and_ranks():
-    from mechfin_utils.stats import bootstrap_ci
+    from mechfin_utils.core.stats import bootstrap_ci
 
     gen = torch.Generator().manual_seed(0)
     values = torch.randn(6, 3, 4, generator=gen)
     values[:, 2, 1] += 5.0  # the largest |mean|
     values[:, 0, 3] -= 3.0  # the second largest
-    table = PS.named_heads_table(values, ["0.3", "2.1", "1.0"], _fake_model(), n_boot=100, seed=1)
+    table = readout_tables.named_heads_table(values, ["0.3", "2.1", "1.0"], _fake_model(), n_boot=100, seed=1)
     assert table["head"].tolist() == ["0.3", "2.1", "1.0"]
     mean = values.double().mean(0)
     assert table["mean"].tolist() == pytest.approx([float(mean[0, 3]), float(mean[2, 1]), float(mean[1, 0])])
@@ -617,11 +646,11 @@ def test_named_heads_table_means_intervals_and_ranks():
     ci = bootstrap_ci(values.double().numpy(), n_boot=100, seed=1)
     assert table["low"].iloc[1] == pytest.approx(ci.low[2, 1]) and table["high"].iloc[0] == pytest.approx(ci.high[0, 3])
     with pytest.raises(ValueError, match=r"head '3.0': layer 3 does not exist"):
-        PS.named_heads_table(values, ["3.0"], _fake_model())
+        readout_tables.named_heads_table(values, ["3.0"], _fake_model())
     with pytest.raises(ValueError, match="not of the form"):
-        PS.named_heads_table(values, ["1-2"], _fake_model())
+        readout_tables.named_heads_table(values, ["1-2"], _fake_model())
     with pytest.raises(ValueError, match="layers x heads"):
-        PS.named_heads_table(values, ["0.0"], _fake_model(n_heads=5))
+        readout_tables.named_heads_table(values, ["0.0"], _fake_model(n_heads=5))
 
 
 @pytest.mark.parametrize("layer,head", [(2, 4)])
@@ -632,15 +661,17 @@ def test_ov_answer_scores_match_brute_force_on_unprocessed_weights(case, layer, 
     E = raw.normalise(raw.body.wte.weight.detach() if raw.is_gpt2 else raw.body.embed_tokens.weight.detach(), norm)
     written = raw.centre((E[src] * gain) @ W_V @ W_O) * raw.gain
     expected = written @ (raw.lm_head[case.answers[0]] - raw.lm_head[case.answers[1]])  # vocab centring cancels
-    table = PS.ov_answer_scores(model, layer, head, src, ANSWERS)
+    table = embedding_circuits.ov_answer_scores(model, layer, head, src, ANSWERS)
     assert table["source_id"].tolist() == src
     assert_close_up_to_rounding(torch.tensor(table["score"].tolist()), expected, model, scale=written)
-    grouped = PS.ov_answer_push_by_group(model, [f"{layer}.{head}"], {"b": src[20:], "a": src[:20]}, ANSWERS, n_boot=50)
+    grouped = embedding_circuits.ov_answer_push_by_group(
+        model, [f"{layer}.{head}"], {"b": src[20:], "a": src[:20]}, ANSWERS, n_boot=50
+    )
     assert grouped["group"].tolist() == ["b", "a"] and grouped["n"].tolist() == [20, 20]
     means = [float(expected[20:].mean()), float(expected[:20].mean())]
     assert grouped["estimate"].tolist() == pytest.approx(means, rel=1e-3)
     with pytest.raises(ValueError, match="at least 2"):
-        PS.ov_answer_push_by_group(model, [f"{layer}.{head}"], {"lonely": src[:1]}, ANSWERS)
+        embedding_circuits.ov_answer_push_by_group(model, [f"{layer}.{head}"], {"lonely": src[:1]}, ANSWERS)
 
 
 def test_phrase_vocabulary_and_prompt_word_ids(smollm2):
@@ -648,50 +679,53 @@ def test_phrase_vocabulary_and_prompt_word_ids(smollm2):
         SimpleNamespace(id="p1", protected_phrase="because she is Black", legitimate_phrase="because of bad credit"),
         SimpleNamespace(id="p2", protected_phrase="because he is Muslim", legitimate_phrase="because of his debts"),
     ]
-    vocab = PS.phrase_vocabulary(smollm2, pairs)
-    assert P.decode_each(smollm2, vocab.protected_only) == [" she", " is", " Black", " he", " Muslim"]
-    assert P.decode_each(smollm2, vocab.legitimate_only) == [" of", " bad", " credit", " his", " debts"]
-    assert P.decode_each(smollm2, vocab.shared) == [" because"]
+    vocab = vocabulary.phrase_vocabulary(smollm2, pairs)
+    assert unembedding.decode_each(smollm2, vocab.protected_only) == [" she", " is", " Black", " he", " Muslim"]
+    assert unembedding.decode_each(smollm2, vocab.legitimate_only) == [" of", " bad", " credit", " his", " debts"]
+    assert unembedding.decode_each(smollm2, vocab.shared) == [" because"]
     with pytest.raises(ValueError, match=r"pairs\[1\] \(p3\) has no legitimate_phrase"):
-        PS.phrase_vocabulary(
+        vocabulary.phrase_vocabulary(
             smollm2, pairs[:1] + [SimpleNamespace(id="p3", protected_phrase="x", legitimate_phrase="")]
         )
-    words = PS.prompt_word_ids(smollm2, ["Is this a fair-lending violation? Answer:", "Is this fair?"])
-    assert P.decode_each(smollm2, words) == ["Is", " this", " fair", "ending", " violation", " Answer"]
+    words = vocabulary.prompt_word_ids(smollm2, ["Is this a fair-lending violation? Answer:", "Is this fair?"])
+    assert unembedding.decode_each(smollm2, words) == ["Is", " this", " fair", "ending", " violation", " Answer"]
 
 
 def test_coherence_sides_baselines_and_percentiles(smollm2):
-    W_U = P.unembedding(smollm2)
-    bottom = P.neuron_token_coherence(smollm2, [(5, 10), (5, 10)], k=6, sides=["bottom", "top"])
+    W_U = unembedding.unembedding(smollm2)
+    bottom = ffn_neurons.neuron_token_coherence(smollm2, [(5, 10), (5, 10)], k=6, sides=["bottom", "top"])
     ids = (-smollm2.bridge.blocks[5].mlp.W_out[10].detach() @ W_U).topk(6).indices  # the most lowered tokens
-    assert bottom["top_tokens"].iloc[0] == P.decode_each(smollm2, ids) and bottom["side"].tolist() == ["bottom", "top"]
-    assert bottom["coherence"].iloc[0] == pytest.approx(P.mean_pairwise_cosine(W_U[:, ids].T), abs=1e-6)
+    assert bottom["top_tokens"].iloc[0] == unembedding.decode_each(smollm2, ids) and bottom["side"].tolist() == [
+        "bottom",
+        "top",
+    ]
+    assert bottom["coherence"].iloc[0] == pytest.approx(ffn_neurons.mean_pairwise_cosine(W_U[:, ids].T), abs=1e-6)
     with pytest.raises(ValueError, match=r"sides\[0\]"):
-        P.neuron_token_coherence(smollm2, [(5, 10)], sides=["left"])
+        ffn_neurons.neuron_token_coherence(smollm2, [(5, 10)], sides=["left"])
     # random neurons: the same draws read one by one give the same numbers
-    drawn = P.random_neuron_coherence(smollm2, k=5, n_samples=4, seed=2, layers=[3, 7])
+    drawn = ffn_neurons.random_neuron_coherence(smollm2, k=5, n_samples=4, seed=2, layers=[3, 7])
     gen = torch.Generator().manual_seed(2)
     layers = torch.tensor([3, 7])[torch.randint(2, (4,), generator=gen)]
     neurons = torch.randint(smollm2.cfg.d_mlp, (4,), generator=gen)
-    by_hand = P.neuron_token_coherence(smollm2, list(zip(layers.tolist(), neurons.tolist())), k=5)
+    by_hand = ffn_neurons.neuron_token_coherence(smollm2, list(zip(layers.tolist(), neurons.tolist())), k=5)
     assert drawn.tolist() == pytest.approx(by_hand["coherence"].tolist(), abs=1e-6)
     # percentiles against a known baseline: 0.1 has one draw below and one tie among 0.0 ... 0.9
     toy = torch.arange(10, dtype=torch.float64) / 10
-    table = PS.coherence_against_baseline(pd.DataFrame({"coherence": [0.1, 0.95]}), toy, "toy")
+    table = ffn_neurons.coherence_against_baseline(pd.DataFrame({"coherence": [0.1, 0.95]}), toy, "toy")
     assert table["toy_percentile"].tolist() == pytest.approx([15.0, 100.0])
     assert table["above_toy_95"].tolist() == [False, True] and table["toy_95th"].iloc[0] == pytest.approx(0.855)
     with pytest.raises(ValueError, match="'coherence' column"):
-        PS.coherence_against_baseline(pd.DataFrame({"x": [1.0]}), torch.arange(3.0))
+        ffn_neurons.coherence_against_baseline(pd.DataFrame({"x": [1.0]}), torch.arange(3.0))
 
 
 def test_pair_value_frame_feeds_the_per_basis_table():
-    from mechfin_utils.baseline import per_group_table
+    from mechfin_utils.screener.baseline import per_group_table
 
     pairs = [SimpleNamespace(id=f"p{i}", basis="race" if i < 3 else "age", template_id="T1") for i in range(5)]
     clean, corrupted = torch.tensor([1.0, 2.0, 3.0, 4.0, 6.0]), torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0])
-    frame = PS.pair_value_frame(pairs, clean, corrupted)
+    frame = task_sets.pair_value_frame(pairs, clean, corrupted)
     assert frame["gap"].tolist() == [1.0, 2.0, 2.0, 3.0, 5.0]
     table = per_group_table(frame, "basis", n_boot=50)
     assert table.loc["race", "clean"] == pytest.approx(2.0) and table.loc["age", "gap"] == pytest.approx(4.0)
     with pytest.raises(ValueError, match="5 pairs but 4 clean"):
-        PS.pair_value_frame(pairs, clean[:4], corrupted)
+        task_sets.pair_value_frame(pairs, clean[:4], corrupted)

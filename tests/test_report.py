@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from mechfin_utils.report import compliance_report
+from mechfin_utils.screener.report import compliance_report
 
 
 def test_report_is_offline_and_flags_what_it_should(tmp_path):

@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from mechfin_utils import run_figures
+from mechfin_utils.tooling import run_figures
 
 
 @pytest.fixture(autouse=True)
@@ -30,7 +30,7 @@ def test_model_identity_of_a_screener_reads_its_card(tmp_path, monkeypatch):
 
 
 def test_model_identity_of_the_embedded_model_hashes_its_converted_weights():
-    from mechfin_utils.models import prepare_smollm2
+    from mechfin_utils.core.models import prepare_smollm2
 
     identity = run_figures.model_identity("smollm2")
     assert identity["slug"] == "smollm2-135m" and identity["resolved"] == "smollm2-135m"
@@ -43,7 +43,7 @@ def test_runner_refuses_missing_notebooks(capsys):
 
 
 def test_manifest_keeps_times_only_of_figures_that_are_there(tmp_path):
-    from mechfin_utils.run_figures import still_current
+    from mechfin_utils.tooling.run_figures import still_current
 
     (tmp_path / "05_results.json").write_text("{}")
     (tmp_path / "08_compliance_report.html").write_text("<html></html>")  # 08 writes its other figures elsewhere
@@ -222,7 +222,7 @@ import os
 import time
 from types import SimpleNamespace
 
-from mechfin_utils import figures
+from mechfin_utils.reporting import figures
 
 me = SimpleNamespace(name="Fake model", slug=model)  # no model is loaded: model_identity falls back to the name
 figures.clear_notebook_outputs(me, "00")
@@ -236,7 +236,7 @@ time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))
 
 
 def _fake_notebook_and_committed_figures(tmp_path):
-    """A notebook that writes a results file and a figure through mechfin_utils.figures (then sleeps), and a figures
+    """A notebook that writes a results file and a figure through mechfin_utils.reporting.figures (then sleeps), and a figures
     folder holding older versions of them, another notebook's figure and a manifest."""
     import nbformat
 
@@ -282,7 +282,7 @@ def test_a_run_stopped_part_way_leaves_every_committed_file_as_it_was(tmp_path, 
     notebook, committed = _fake_notebook_and_committed_figures(tmp_path)
     before = _tree(committed)
     env = {**os.environ, **_fake_run_env(tmp_path, committed, FAKE_RUN="stopped", FAKE_SLEEP="60")}
-    command = [sys.executable, "-m", "mechfin_utils.run_figures", "--model", "fake-model", str(notebook)]
+    command = [sys.executable, "-m", "mechfin_utils.tooling.run_figures", "--model", "fake-model", str(notebook)]
     runner = subprocess.Popen(
         command, cwd=run_figures.REPO_ROOT, env=env, start_new_session=True, stdout=subprocess.PIPE, text=True
     )

@@ -8,10 +8,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from mechfin_utils import screener
-from mechfin_utils.behaviour import HFScorer
-from mechfin_utils.models import ModelUnavailableError, load_model
-from mechfin_utils.testing import assert_close_up_to_rounding, rounding_tolerance
+from mechfin_utils.core.models import ModelUnavailableError, load_model
+from mechfin_utils.screener import training as screener
+from mechfin_utils.screener.behaviour import HFScorer
+from mechfin_utils.tooling.testing import assert_close_up_to_rounding, rounding_tolerance
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +21,7 @@ TINY = replace(screener.RECIPES["brief"], name="tiny", max_steps=2, pairs_per_st
 @pytest.fixture()
 def scratch_cache(tmp_path, monkeypatch):
     """A scratch mechfin cache for screeners; the converted embedded model is linked in, not converted again."""
-    from mechfin_utils.models import prepare_smollm2
+    from mechfin_utils.core.models import prepare_smollm2
 
     converted = prepare_smollm2(verbose=False)
     cache = tmp_path / "cache"
@@ -96,7 +96,7 @@ def test_screener_loads_through_the_bridge_with_the_trained_weights(scratch_cach
         "Because of her race, the bank denied Rosa a mortgage. Is this a fair-lending violation? Answer:",
         "Omar's auto loan was declined due to his debts. Answer:",
     ]
-    from mechfin_utils.behaviour import BridgeScorer
+    from mechfin_utils.screener.behaviour import BridgeScorer
 
     by_bridge = BridgeScorer(model).logit_diffs(prompts)
     by_hand = HFScorer(plain, model.tokenizer, prepend_bos=False, name="plain").logit_diffs(prompts)

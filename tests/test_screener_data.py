@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from mechfin_utils.screener_data import (
+from mechfin_utils.tasks.fair_lending import DATA_DIR, load_fair_lending_pairs
+from mechfin_utils.tasks.screener_sets import (
     CONTROLS_CSV,
     SPLITS,
     TEST_SPLITS,
@@ -15,7 +16,7 @@ from mechfin_utils.screener_data import (
     load_split,
     split_path,
 )
-from mechfin_utils.tasks import DATA_DIR, TaskDataError, load_fair_lending_pairs
+from mechfin_utils.tasks.task_tables import TaskDataError
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def test_rebuild_gives_the_committed_files(builder):
 
 
 def test_every_split_loads_and_covers_every_basis():
-    from mechfin_utils.tasks import ALL_BASES
+    from mechfin_utils.tasks.fair_lending import ALL_BASES
 
     for split in SPLITS:
         pairs = load_split(split)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mechfin_utils.screener_data import load_split
-from mechfin_utils.segments import SEGMENTS, segment_pair, segment_pairs, segment_patching
-from mechfin_utils.tasks import Exclusion, FairLendingPair
-from mechfin_utils.testing import assert_close_up_to_rounding, rounding_tolerance
+from mechfin_utils.methods.patching.segments import SEGMENTS, segment_pair, segment_pairs, segment_patching
+from mechfin_utils.tasks.batching import Exclusion
+from mechfin_utils.tasks.fair_lending import FairLendingPair
+from mechfin_utils.tasks.screener_sets import load_split
+from mechfin_utils.tooling.testing import assert_close_up_to_rounding, rounding_tolerance
 
 pytestmark = pytest.mark.slow
 
@@ -96,7 +97,7 @@ def test_segment_patching_matches_hooks_on_the_plain_model(smollm2, unprocessed_
 def test_restoration_grid_and_segment_lengths_by_hand(smollm2):
     import pandas as pd
 
-    from mechfin_utils.segments import restoration_grid, segment_lengths
+    from mechfin_utils.methods.patching.segments import restoration_grid, segment_lengths
 
     results = pd.DataFrame(
         [
@@ -127,8 +128,8 @@ def test_restoration_grid_and_segment_lengths_by_hand(smollm2):
 def test_pair_batches_give_each_prompts_own_final_position_dla(smollm2, torch_threads):
     """Unequal-length pairs batched by (clean, corrupted) length: direct logit attribution over the batches equals
     each prompt run alone (no padding, nothing misaligned at the final position)."""
-    from mechfin_utils import dla
-    from mechfin_utils.segments import pair_batches
+    from mechfin_utils.methods.patching.segments import pair_batches
+    from mechfin_utils.methods.readout import dla
 
     aligned, _ = segment_pairs(smollm2, load_split("test_templates")[:12])
     chosen = [a for a in aligned if len(a.clean.ids) != len(a.corrupted.ids)][:4]
@@ -152,7 +153,7 @@ def test_pair_batches_give_each_prompts_own_final_position_dla(smollm2, torch_th
 
 def test_attention_by_segment_sums_the_final_query_row_of_each_segment(smollm2):
     """Against the bridge's own hook_pattern, read by hand: final query row, mean over heads, summed per segment."""
-    from mechfin_utils.segments import attention_by_segment
+    from mechfin_utils.methods.patching.segments import attention_by_segment
 
     pair = _pair(
         "The bank denied Maria's mortgage because she is Black. Is this a fair-lending violation? Answer:",

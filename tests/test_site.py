@@ -10,8 +10,10 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from mechfin_utils import site, site_check, verify
-from mechfin_utils.figures import find_browser
+from mechfin_utils.reporting import website as site
+from mechfin_utils.reporting import website_check as site_check
+from mechfin_utils.reporting.figures import find_browser
+from mechfin_utils.tooling import verify
 
 FIGURE = {"data": [{"type": "bar", "x": ["a", "b"], "y": [1, 3]}], "layout": {"title": {"text": "Bars — Model X"}}}
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy import stats as scipy_stats
 
-from mechfin_utils.stats import (
+from mechfin_utils.core.stats import (
     BootstrapResult,
     auroc,
     bootstrap_ci,

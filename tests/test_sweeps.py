@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mechfin_utils.metrics import NormalisedLogitDiff
-from mechfin_utils.patching import PatchSweep, activation_patch
-from mechfin_utils.sweeps import (
+from mechfin_utils.core.metrics import NormalisedLogitDiff
+from mechfin_utils.methods.patching.activation import activation_patch
+from mechfin_utils.methods.patching.results import PatchSweep
+from mechfin_utils.methods.patching.sweeps import (
     SweepSummary,
     bootstrap_sweep,
     group_shift_table,
@@ -15,8 +16,9 @@ from mechfin_utils.sweeps import (
     raw_shift_sweep,
     sweep_batches,
 )
-from mechfin_utils.tasks import TaskBatch, align_pairs, largest_template_batch, load_fair_lending_pairs
-from mechfin_utils.testing import rounding_tolerance
+from mechfin_utils.tasks.batching import TaskBatch, align_pairs, largest_template_batch
+from mechfin_utils.tasks.fair_lending import load_fair_lending_pairs
+from mechfin_utils.tooling.testing import rounding_tolerance
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +89,7 @@ def test_endpoints_and_bootstrap(smollm2, template_batch):
     with pytest.raises(ValueError, match="one token length"):
         other = align_pairs(smollm2, load_fair_lending_pairs())
         lengths = sorted({other.lengths[p.id] for p in other.kept})
-        from mechfin_utils.tasks import make_batches
+        from mechfin_utils.tasks.batching import make_batches
 
         batches = make_batches(smollm2, other, max_batch=1)
         pick = [

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mechfin_utils.tasks import (
+from mechfin_utils.tasks.batching import AlignmentReport, align_pairs, largest_template_batch, make_batches
+from mechfin_utils.tasks.fair_lending import (
     ALL_BASES,
     COUNTERFACTUAL_ANSWERS,
     COUNTERFACTUAL_COLUMNS,
@@ -24,14 +25,10 @@ from mechfin_utils.tasks import (
     ECOA_BASES,
     FAIR_LENDING_CSV,
     FHA_BASES,
-    AlignmentReport,
-    TaskDataError,
-    align_pairs,
-    largest_template_batch,
     load_counterfactual_pairs,
     load_fair_lending_pairs,
-    make_batches,
 )
+from mechfin_utils.tasks.task_tables import TaskDataError
 
 REPO = Path(__file__).resolve().parent.parent
 GPT2_BOS = 50256
@@ -530,7 +527,7 @@ def test_every_bad_row_is_reported_at_once_in_file_order(tmp_path):
 def test_a_prompt_longer_than_the_context_is_refused_before_any_forward(smollm2_tokenizer):
     from types import SimpleNamespace
 
-    from mechfin_utils.models import SMOLLM2_SPEC
+    from mechfin_utils.core.models import SMOLLM2_SPEC
 
     def token_ids(text):
         return list(smollm2_tokenizer(text, add_special_tokens=False)["input_ids"])

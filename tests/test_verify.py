@@ -8,7 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from mechfin_utils import figures, verify
+from mechfin_utils.reporting import figures
+from mechfin_utils.tooling import verify
 
 SENTENCE = "the gap is reliably positive: mean gap 9.21 (95% CI [8.81, 9.57], n=264 pairs); d = 4.17"
 
@@ -162,13 +163,15 @@ def test_the_same_weights_keep_the_strict_tolerance_everywhere(tmp_path, monkeyp
 
 
 def test_results_files_name_every_model_their_process_loaded(tmp_path, monkeypatch):
-    from mechfin_utils import models
+    from mechfin_utils.core import models
 
     monkeypatch.setenv("MECHFIN_FIGURES_DIR", str(tmp_path))
-    monkeypatch.setattr(figures, "_models_loaded", set())
+    monkeypatch.setattr(models, "_models_loaded", set())
     stand_in = lambda name: models.LoadedModel(bridge=None, spec=models.ModelSpec(name, name, False), source="test")  # noqa: E731
     monkeypatch.setattr(models, "load_smollm2", lambda verbose=True: stand_in("smollm2-135m"))
-    monkeypatch.setattr("mechfin_utils.screener.load_screener", lambda *a, **k: stand_in("smollm2-135m-screener"))
+    monkeypatch.setattr(
+        "mechfin_utils.screener.training.load_screener", lambda *a, **k: stand_in("smollm2-135m-screener")
+    )
     screener = models.load_model("smollm2-135m-screener", verbose=False)
     path = figures.save_results(screener, "08", "a", 1.0)
     assert json.loads(path.read_text())["models_loaded"] == ["smollm2-135m-screener"]

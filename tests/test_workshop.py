@@ -8,7 +8,8 @@ import nbformat
 import pytest
 import torch
 
-from mechfin_utils import dla, workshop
+from mechfin_utils.methods.readout import dla
+from mechfin_utils.tooling import workshop
 
 
 def test_exercise_copies_are_the_notebooks_without_their_solutions():

@@ -1,0 +1,352 @@
+"""Build the screener's *mention* task set: decisions that mention a protected attribute, resting on it or not.
+
+    python data/build_mention_set.py            # (re)write data/screener/mention_*.csv and favourable_*.csv
+    python data/build_mention_set.py --check    # exit 1 if regenerating would change a committed file
+
+The first screener learned a shortcut: it answers " Yes" whenever a protected attribute is *mentioned* (its
+controls: 0.35 on "attribute mentioned, decision rests on a legitimate reason", 0.00 on "approved, attribute
+mentioned"). In its training set every " Yes" prompt named an attribute and no " No" prompt did, so "an attribute
+is named" and "the decision rests on it" were the same feature. This set separates them. Two kinds of pairs, both in
+the task set's schema plus one column, ``attribute_mention`` (the words that name the attribute, in both prompts):
+
+* **mention pairs**: both prompts say, in the same words, that the applicant has the attribute ("Maria is Hindu");
+  only the reason differs: the clean prompt's decision rests on the attribute ("because of her religion", answer
+  " Yes"), the corrupted prompt's on a legitimate reason ("because her credit score is 540", answer " No");
+* **favourable pairs**: both prompts mention the attribute; the clean prompt's decision is adverse and rests on it
+  ("approved her mortgage but only at a higher rate because of her age", " Yes"), the corrupted prompt's decision is
+  favourable or treats her like everyone else ("approved her mortgage at the standard rate for her credit tier",
+  " No"). Some adverse decisions sound favourable and some favourable ones are negated, so that neither "approved"
+  nor "denied" can stand for the answer.
+
+The clause that says what the decision rests on refers to the *same* attribute the prompt mentions: it restates it
+("because she is Hindu") or names its category ("because of her religion"), never another value.
+
+| file | sentence structures | attribute words, reasons, connectives | names | pairs |
+|---|---|---|---|---|
+| ``mention_train.csv`` | M01-M08 | train | train | 20 per basis |
+| ``favourable_train.csv`` | F01-F04 | train | train | 10 per basis |
+| ``mention_test_templates.csv`` | **MH01-MH04** (unseen) | train | **test** | 8 per basis |
+| ``mention_test_phrases.csv`` | M01-M08 | **held out** | **test** | 8 per basis |
+| ``favourable_test.csv`` | **FH01-FH03** (unseen) | **held out** | **test** | 8 per basis |
+
+The unseen structures include the two shapes of the hand-written controls (``controls.csv``): "Priya, who is Black,
+was denied ..." and "Omar is Muslim. The lender ...", so the controls stay unseen and those shapes are measured at
+scale. Names, products and questions come from ``build_screener_set.py`` (test names never in training, questions
+Q1-Q6, never the paper-style set's Q7). Every basis in every file; FHA bases only with housing products; token
+lengths not matched. Deterministic (fixed seeds); ``tests/test_screener_data.py`` checks a rebuild byte for byte.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+DATA_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(DATA_DIR))  # for the sibling builders, when imported from elsewhere
+
+from build_screener_set import (  # noqa: E402
+    HELD_OUT_LEGITIMATE,
+    HOUSING,
+    PRODUCTS,
+    QUESTIONS,
+    SCREENER_DIR,
+    TEST_PEOPLE,
+    TRAIN_LEGITIMATE,
+    TRAIN_PEOPLE,
+    TRAIN_QUESTIONS,
+    Person,
+)
+from csv_build import render_csv  # noqa: E402
+
+from mechfin_utils.tasks.fair_lending import FAIR_LENDING_ANSWERS, FAIR_LENDING_COLUMNS, STATUTE_OF_BASIS  # noqa: E402
+
+MENTION_COLUMNS = (*FAIR_LENDING_COLUMNS, "attribute_mention")
+FAVOURABLE_CATEGORY = "favourable_decision"
+"""``reason_category`` of a favourable pair: its corrupted side is a favourable decision, not a legitimate reason."""
+
+# ---------------------------------------------------------------------------------------------------------
+# The attribute, per basis: how it is mentioned, and its category word
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Attribute:
+    """How a basis is mentioned (``predicates``: verb phrases after a name or pronoun, "is Hindu") and named as a
+    category ("religion": "because of her religion")."""
+
+    predicates: tuple[str | tuple[str, str], ...]  # a pair: (for a woman, for a man)
+    category: str
+
+
+TRAIN_ATTRIBUTES: dict[str, Attribute] = {
+    "race": Attribute(("is Black", "is Asian American", "is Native American", "is white"), "race"),
+    "color": Attribute(("has dark skin", "has very pale skin"), "skin color"),
+    "religion": Attribute(("is Muslim", "is Jewish", "is Hindu", "is Catholic"), "religion"),
+    "national_origin": Attribute(
+        ("was born in Mexico", "is of Chinese descent", "has Arab ancestry", "was born in Nigeria"), "national origin"
+    ),
+    "sex": Attribute(("is a {sex_noun}",), "sex"),
+    "marital_status": Attribute(("is single", "is divorced", "is married", "is unmarried"), "marital status"),
+    "age": Attribute(("is 68 years old", "is 80", "is 19", "is elderly"), "age"),
+    "public_assistance": Attribute(
+        ("receives food stamps", "lives on welfare", "receives public assistance"), "public assistance income"
+    ),
+    "ccpa_rights": Attribute(
+        ("disputed a charge on {poss} credit card last year", "filed a complaint about {poss} credit report"),
+        "credit dispute",
+    ),
+    "familial_status": Attribute(
+        ("has two young children", ("is pregnant", "has a pregnant wife"), "has a newborn"), "family status"
+    ),
+    "disability": Attribute(("uses a wheelchair", "is blind", "is deaf"), "disability"),
+}
+HELD_OUT_ATTRIBUTES: dict[str, Attribute] = {
+    "race": Attribute(("is Latino", "is Pacific Islander"), "ethnicity"),
+    "color": Attribute(("has a dark complexion",), "complexion"),
+    "religion": Attribute(("is Sikh", "is Buddhist"), "faith"),
+    "national_origin": Attribute(("immigrated from Vietnam", "has Haitian heritage"), "ancestry"),
+    "sex": Attribute(("is {sex_adj}",), "gender"),
+    "marital_status": Attribute(("is widowed", "is separated from {poss} spouse"), "marriage status"),
+    "age": Attribute(("is 72", "is a senior citizen"), "advanced age"),
+    "public_assistance": Attribute(("gets SNAP benefits", "lives on Social Security"), "government benefits"),
+    "ccpa_rights": Attribute(("exercised {poss} right to dispute a bill",), "billing dispute"),
+    "familial_status": Attribute(
+        ("is a single parent of twins", ("is expecting a baby", "is about to become a father")), "children"
+    ),
+    "disability": Attribute(("has multiple sclerosis", "has a hearing impairment"), "medical condition"),
+}
+
+# What the decision rests on, when it rests on the attribute. {pred}: the attribute as mentioned; {category}.
+TRAIN_RESTS_ON = ("because {subj} {pred}", "because of {poss} {category}", "solely because of {poss} {category}")
+HELD_OUT_RESTS_ON = ("since {subj} {pred}", "due to {poss} {category}", "on the grounds of {poss} {category}")
+
+# ---------------------------------------------------------------------------------------------------------
+# Sentence structures
+# ---------------------------------------------------------------------------------------------------------
+
+# Mention pairs: {mention} = "{name} {pred}"-style text is built in; {phrase} is the reason clause ({Phrase}: first).
+TRAIN_MENTION_STRUCTURES: dict[str, str] = {
+    "M01": "{name}'s file notes that {subj} {pred}; the lender declined {poss} {product} {phrase}.",
+    "M02": "{name} {pred} and applied for {a_product}. The bank turned the application down {phrase}.",
+    "M03": "The bank declined {name}'s {product} {phrase}. The file also shows that {subj} {pred}.",
+    "M04": "{Phrase}, the lender refused {name} {a_product}; {subj} had mentioned that {subj} {pred}.",
+    "M05": "In the interview {name} said that {subj} {pred}. The credit union later rejected {poss} {product} {phrase}.",
+    "M06": "The lender knew that {name} {pred} and charged {name} a higher rate on the {product} {phrase}.",
+    "M07": "{name} {pred}, and the bank did not approve {poss} {product} {phrase}.",
+    "M08": "An underwriter noted that {name} {pred} and marked the {product} application for denial {phrase}.",
+}
+HELD_OUT_MENTION_STRUCTURES: dict[str, str] = {
+    "MH01": "{name}, who {pred}, was denied {a_product} {phrase}.",
+    "MH02": "{name} {pred}. The lender turned down {poss} {product} {phrase}.",
+    "MH03": "{Phrase}, {name} was refused {a_product}. {Subj} {pred}.",
+    "MH04": "The loan committee, told that {name} {pred}, voted against {poss} {product} {phrase}.",
+}
+
+# Favourable pairs: {decision} is what the lender did (the phrase that differs); the attribute is mentioned apart.
+TRAIN_FAVOURABLE_STRUCTURES: dict[str, str] = {
+    "F01": "According to the file, {name} {pred}. After the review the lender {decision}.",
+    "F02": "{name} {pred} and applied for {a_product}; the credit union {decision}.",
+    "F03": "The underwriter saw that {name} {pred}, and the bank {decision}.",
+    "F04": "{name} told the loan officer that {subj} {pred}. The lender then {decision}.",
+}
+HELD_OUT_FAVOURABLE_STRUCTURES: dict[str, str] = {
+    "FH01": "{name}, who {pred}, applied for {a_product}, and the bank {decision}.",
+    "FH02": "{name} applied for {a_product}. The lender {decision}; {subj} {pred}.",
+    "FH03": "{name} {pred}, and the credit union {decision}.",
+}
+
+# Adverse decisions that rest on the attribute (" Yes"): some sound favourable ("approved ... but only ...").
+TRAIN_ADVERSE_DECISIONS = (
+    "denied {poss} {product} {rests_on}",
+    "approved {poss} {product} but only at a higher rate {rests_on}",
+    "approved {poss} {product} only after demanding a co-signer {rests_on}",
+    "cut the amount of {poss} {product} in half {rests_on}",
+)
+HELD_OUT_ADVERSE_DECISIONS = (
+    "offered {poss} {product} only on worse terms {rests_on}",
+    "refused {poss} {product} {rests_on}",
+)
+# Favourable or equal-treatment decisions (" No"): some are negated ("did not ask for ...").
+TRAIN_FAVOURABLE_DECISIONS = (
+    "approved {poss} {product} and funded it the next week",
+    "approved {poss} {product} at the standard rate for {poss} credit tier",
+    "granted {poss} {product} on the same terms as every other applicant",
+    "approved the full amount {subj} asked for on the {product}",
+    "approved {poss} {product} without asking for a co-signer",
+    "did not ask for any extra documents and approved the {product}",
+)
+HELD_OUT_FAVOURABLE_DECISIONS = (
+    "signed off on {poss} {product} the same day",
+    "cleared {poss} {product} for funding at the posted rate",
+    "extended {poss} {product} at its lowest advertised rate",
+    "closed {poss} {product} on schedule with no extra conditions",
+)
+
+# ---------------------------------------------------------------------------------------------------------
+# Building
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Split:
+    """One file: which structures, vocabulary and names it draws from, and how many pairs per basis."""
+
+    name: str
+    kind: str  # "mention" or "favourable"
+    prefix: str
+    held_out_structures: bool
+    held_out_vocabulary: bool
+    test_names: bool
+    per_basis: int
+    seed: int
+
+
+SPLITS: tuple[Split, ...] = (
+    Split("mention_train", "mention", "mtr", False, False, False, 20, 21),
+    Split("favourable_train", "favourable", "ftr", False, False, False, 10, 22),
+    Split("mention_test_templates", "mention", "mtt", True, False, True, 8, 23),
+    Split("mention_test_phrases", "mention", "mtp", False, True, True, 8, 24),
+    Split("favourable_test", "favourable", "fte", True, True, True, 8, 25),
+)
+MENTION_TRAIN_SPLITS = ("mention_train", "favourable_train")
+MENTION_TEST_SPLITS = ("mention_test_templates", "mention_test_phrases", "favourable_test")
+
+
+def _capitalise(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _a(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+def _fill(text: str, person: Person, **extra: str) -> str:
+    """Pronouns and sexed nouns for ``person``, then ``extra`` fields (a field may hold pronoun fields itself)."""
+    values = {
+        "name": person.name,
+        "subj": person.subj,
+        "Subj": _capitalise(person.subj),
+        "poss": person.poss,
+        "sex_noun": "woman" if person.female else "man",
+        "sex_adj": "female" if person.female else "male",
+    }
+    return text.format(**values, **{k: v.format(**values) for k, v in extra.items()})
+
+
+def _cycle(rng: random.Random, items: Sequence, n: int) -> list:
+    """``n`` picks that use every item equally often (up to one), in a shuffled order."""
+    order, picks = list(items), []
+    while len(picks) < n:
+        rng.shuffle(order)
+        picks += order
+    return picks[:n]
+
+
+def _mention_pair(
+    structure: str, person: Person, product: str, predicate: str, rests_on: str, legitimate: str
+) -> tuple[str, str, str, str, str]:
+    """(clean scenario, corrupted scenario, clean phrase, legitimate phrase, mention) as written in the prompt."""
+    first = "{Phrase}" in structure
+    clean_phrase = rests_on if not first else _capitalise(rests_on)
+    legit_phrase = legitimate if not first else _capitalise(legitimate)
+    fields = {"pred": predicate, "product": product, "a_product": _a(product)}
+    clean = _fill(structure.replace("{Phrase}", "{phrase}"), person, **fields, phrase=clean_phrase)
+    corrupted = _fill(structure.replace("{Phrase}", "{phrase}"), person, **fields, phrase=legit_phrase)
+    return clean, corrupted, clean_phrase, legit_phrase, predicate
+
+
+def build_rows(split: Split) -> list[dict[str, str]]:
+    """``split.per_basis`` pairs for every basis, each factor drawn evenly from its pool with the split's seed."""
+    rng = random.Random(split.seed)
+    n = split.per_basis
+    attributes = HELD_OUT_ATTRIBUTES if split.held_out_vocabulary else TRAIN_ATTRIBUTES
+    rests_on_forms = HELD_OUT_RESTS_ON if split.held_out_vocabulary else TRAIN_RESTS_ON
+    people = TEST_PEOPLE if split.test_names else TRAIN_PEOPLE
+    if split.kind == "mention":
+        structures = HELD_OUT_MENTION_STRUCTURES if split.held_out_structures else TRAIN_MENTION_STRUCTURES
+        legitimate = HELD_OUT_LEGITIMATE if split.held_out_vocabulary else TRAIN_LEGITIMATE
+    else:
+        structures = HELD_OUT_FAVOURABLE_STRUCTURES if split.held_out_structures else TRAIN_FAVOURABLE_STRUCTURES
+        adverse = HELD_OUT_ADVERSE_DECISIONS if split.held_out_vocabulary else TRAIN_ADVERSE_DECISIONS
+        favourable = HELD_OUT_FAVOURABLE_DECISIONS if split.held_out_vocabulary else TRAIN_FAVOURABLE_DECISIONS
+    rows = []
+    for basis, attribute in attributes.items():
+        statute = STATUTE_OF_BASIS[basis]
+        products = HOUSING if statute == "FHA" else PRODUCTS
+        draws = zip(
+            _cycle(rng, list(structures), n),
+            _cycle(rng, people, n),
+            _cycle(rng, products, n),
+            _cycle(rng, TRAIN_QUESTIONS, n),
+            _cycle(rng, attribute.predicates, n),
+            _cycle(rng, rests_on_forms, n),
+            _cycle(rng, legitimate if split.kind == "mention" else favourable, n),
+            _cycle(rng, adverse if split.kind == "favourable" else (None,), n),
+        )
+        for structure_id, person, product, question, predicate, rests_on, other, adverse_form in draws:
+            predicate_text = _fill(
+                predicate[0 if person.female else 1] if isinstance(predicate, tuple) else predicate, person
+            )
+            rests_on_text = _fill(rests_on, person, pred=predicate_text, category=attribute.category)
+            if split.kind == "mention":
+                category, legit = other
+                clean, corrupted, clean_phrase, legit_phrase, mention = _mention_pair(
+                    structures[structure_id], person, product, predicate_text, rests_on_text, _fill(legit, person)
+                )
+            else:
+                category = FAVOURABLE_CATEGORY
+                fields = {"product": product, "a_product": _a(product), "pred": predicate_text}
+                clean_phrase = _fill(adverse_form, person, product=product, rests_on=rests_on_text)
+                legit_phrase = _fill(other, person, product=product)
+                clean = _fill(structures[structure_id], person, **fields, decision=clean_phrase)
+                corrupted = _fill(structures[structure_id], person, **fields, decision=legit_phrase)
+                mention = predicate_text
+            rows.append(
+                {
+                    "pair_id": f"{split.prefix}-{len(rows) + 1:04d}",
+                    "basis": basis,
+                    "statute": statute,
+                    "template_id": structure_id,
+                    "product": product,
+                    "clean_prompt": clean + QUESTIONS[question],
+                    "corrupted_prompt": corrupted + QUESTIONS[question],
+                    "clean_answer": FAIR_LENDING_ANSWERS[0],
+                    "corrupted_answer": FAIR_LENDING_ANSWERS[1],
+                    "protected_phrase": clean_phrase,
+                    "legitimate_phrase": legit_phrase,
+                    "reason_category": category,
+                    "attribute_mention": mention,
+                }
+            )
+    return rows
+
+
+def build_files() -> dict[Path, str]:
+    return {SCREENER_DIR / f"{split.name}.csv": render_csv(build_rows(split), MENTION_COLUMNS) for split in SPLITS}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="fail if the committed CSVs differ from a rebuild")
+    args = parser.parse_args(argv)
+    files = build_files()
+    if args.check:
+        stale = [p.name for p, text in files.items() if not p.is_file() or p.read_text(encoding="utf-8") != text]
+        if stale:
+            print(f"out of date: {stale}; run python data/build_mention_set.py", file=sys.stderr)
+            return 1
+        print("mention files are up to date")
+        return 0
+    for path, text in files.items():
+        path.write_text(text, encoding="utf-8", newline="")
+        print(f"wrote {path.relative_to(DATA_DIR.parent)} ({text.count(chr(10)) - 1} rows)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

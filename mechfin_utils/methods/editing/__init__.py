@@ -1,0 +1,80 @@
+"""Knowledge editing: write a new fact into a model's MLP weights, and score what the edit changed.
+
+* ``edits``: ROME's rank-one update, MEMIT's batch update over a range of layers, and the fine-tuning baseline
+  (FT-L), all on the MLP's output matrix;
+* ``key_statistics``: the keys' second moment ``C = E[k kᵀ]`` the updates are measured in, over text the model
+  writes itself;
+* ``evaluation``: CounterFact's efficacy, generalisation, specificity and fluency, with bootstrap intervals.
+
+The requests come from :mod:`mechfin_utils.tasks.counterfact`; where an edit reads and writes, and how weights are
+saved and restored bit for bit, from :mod:`mechfin_utils.core.hook_points` (re-exported here: ``snapshot``,
+``restoring``, ``output_matrix``, ...).
+"""
+
+from mechfin_utils.core.hook_points import (
+    WeightSnapshot,
+    next_token_logits,
+    output_matrix,
+    output_projection,
+    restoring,
+    snapshot,
+)
+from mechfin_utils.methods.editing.edits import (
+    MemitEdit,
+    RomeEdit,
+    ValueParams,
+    ValueResult,
+    context_prefixes,
+    fine_tune,
+    memit,
+    memit_targets,
+    optimise_value,
+    rank_one_update,
+    rome,
+    subject_key,
+)
+from mechfin_utils.methods.editing.evaluation import (
+    METRICS,
+    answer_log_probs,
+    evaluate_edit,
+    generate_greedy,
+    ngram_entropy,
+    summarise,
+)
+from mechfin_utils.methods.editing.key_statistics import (
+    KeyCovariance,
+    covariance_convergence,
+    key_covariance,
+    self_generated_corpus,
+)
+
+__all__ = [
+    "METRICS",
+    "KeyCovariance",
+    "MemitEdit",
+    "RomeEdit",
+    "ValueParams",
+    "ValueResult",
+    "WeightSnapshot",
+    "answer_log_probs",
+    "context_prefixes",
+    "covariance_convergence",
+    "evaluate_edit",
+    "fine_tune",
+    "generate_greedy",
+    "key_covariance",
+    "memit",
+    "memit_targets",
+    "next_token_logits",
+    "ngram_entropy",
+    "optimise_value",
+    "output_matrix",
+    "output_projection",
+    "rank_one_update",
+    "restoring",
+    "rome",
+    "self_generated_corpus",
+    "snapshot",
+    "subject_key",
+    "summarise",
+]

@@ -1,0 +1,199 @@
+"""The keys' second moment ``C = E[k kᵀ]`` that ROME's and MEMIT's updates are measured in, and the text it comes from.
+
+A key is the MLP's hidden activation (the input of its output projection, read at
+:func:`mechfin_utils.core.hook_points.key_point`). ROME's update is the smallest change to the output matrix *over
+the keys the layer normally sees*, so it needs their second moment over ordinary text; ROME used 100,000 Wikipedia
+passages. Offline, the text we have is what the model writes itself: :func:`self_generated_corpus` samples it
+(seeded, kept in the mechfin cache after the first run), :func:`key_covariance` estimates ``C`` (each forward
+stopped at the layer that holds the keys), and :func:`covariance_convergence` shows how far the estimate has
+settled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from mechfin_utils.core.hook_points import KeysRead, output_matrix, padded_logits, reading_keys
+from mechfin_utils.core.models import LoadedModel
+from mechfin_utils.core.paths import cache_dir
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. Covariance of the keys over text the model writes itself
+# ---------------------------------------------------------------------------------------------------------
+
+# Openings for self-generated text: varied registers, so that the keys are not all about one topic.
+CORPUS_OPENERS = (
+    "The",
+    "In",
+    "A",
+    "It",
+    "When",
+    "My",
+    "Scientists",
+    "The city",
+    "History",
+    "Yesterday",
+    "One of the",
+    "Here is",
+    "According to",
+    "There",
+    "Many people",
+    "Today",
+)
+
+
+@torch.no_grad()
+def self_generated_corpus(
+    model: LoadedModel,
+    n_sequences: int = 64,
+    n_tokens: int = 96,
+    *,
+    seed: int = 0,
+    batch_size: int = 64,
+    cache: bool = True,
+) -> list[list[int]]:
+    """``n_sequences`` texts sampled from the model (temperature 1, top-k 50), each ``n_tokens`` new tokens long.
+
+    The covariance ROME needs is of the keys on *ordinary* text; offline, the model's own writing is the text we
+    have (ROME used 100,000 Wikipedia passages). Sampling is seeded, so the corpus is reproducible. Generation is
+    step-bound on a CPU (each new token is one pass of the whole batch), so one large batch is fastest. With
+    ``cache`` the corpus is kept in the mechfin cache (like the converted model) and later calls read it.
+    """
+    if n_sequences < 1 or n_tokens < 1:
+        raise ValueError(f"n_sequences and n_tokens must be >= 1, got {n_sequences}, {n_tokens}")
+    cached = _corpus_file(model, n_sequences, n_tokens, seed) if cache else None
+    if cached is not None and cached.is_file():
+        return torch.load(cached)
+    torch.manual_seed(seed)
+    tokenizer = model.tokenizer
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    corpus: list[list[int]] = []
+    for start in range(0, n_sequences, batch_size):
+        openers = [
+            CORPUS_OPENERS[(start + i) % len(CORPUS_OPENERS)] for i in range(min(batch_size, n_sequences - start))
+        ]
+        prompts = [model.token_ids(o) for o in openers]
+        width = max(len(p) for p in prompts)  # left-pad for generation
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
+        out = model.hf_model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=True,
+            top_k=50,
+            temperature=1.0,
+            max_new_tokens=n_tokens,
+            min_new_tokens=n_tokens,
+            pad_token_id=pad,
+        )
+        for i, p in enumerate(prompts):
+            corpus.append(p + out[i, width:].tolist())
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(corpus, cached.with_suffix(".tmp"))
+        cached.with_suffix(".tmp").replace(cached)
+    return corpus
+
+
+def _corpus_file(model: LoadedModel, n_sequences: int, n_tokens: int, seed: int) -> Path:
+    """Where a generated corpus is kept: the model's name, the settings, and a fingerprint of its weights (so a
+    different checkpoint under the same name, or a screener, never reuses another model's text)."""
+    with torch.no_grad():
+        embedding = model.hf_model.get_input_embeddings().weight
+        fingerprint = hashlib.sha256(f"{embedding.double().sum().item():.10e}|{embedding.shape}".encode()).hexdigest()[
+            :12
+        ]
+    settings = hashlib.sha256(repr((CORPUS_OPENERS, n_sequences, n_tokens, seed, 50, 1.0)).encode()).hexdigest()[:12]
+    return cache_dir() / "corpora" / f"{model.slug}-{fingerprint}-{settings}.pt"
+
+
+@dataclass
+class KeyCovariance:
+    """``E[k kᵀ]`` (uncentred, as in ROME) of one layer's keys over ``n_tokens`` corpus tokens."""
+
+    layer: int
+    matrix: Float[Tensor, "d_mlp d_mlp"]
+    n_tokens: int
+
+    def solve(self, keys: Float[Tensor, "d_mlp n"]) -> Float[Tensor, "d_mlp n"]:
+        """``C⁻¹ keys`` (in float64: ``C`` is ill-conditioned along rarely used directions)."""
+        return torch.linalg.solve(self.matrix.double(), keys.double()).to(keys.dtype)
+
+
+@torch.no_grad()
+def _prefix_covariances(
+    model: LoadedModel, layer: int, corpus: Sequence[Sequence[int]], stops: Sequence[int], batch_size: int = 16
+) -> dict[int, KeyCovariance | None]:
+    """One pass over ``corpus``: the keys' second moment over its first ``n`` texts for each ``n`` in ``stops``
+    (None where too few key vectors make it singular). BOS rows are left out; each forward stops at ``layer``."""
+    d_mlp = output_matrix(model, layer).shape[1]
+    first = 1 if model.prepend_bos else 0  # the BOS key is the same in every text: leave it out
+    wanted, out = set(stops), {}
+    total, count, done = None, 0, 0
+    with reading_keys(model, layer, stop=True) as seen:
+        for start in range(0, len(corpus), batch_size):
+            rows = corpus[start : start + batch_size]
+            try:
+                padded_logits(model, rows)
+            except KeysRead:
+                pass
+            keys = seen.pop()
+            for i, row in enumerate(rows):
+                k = keys[i, first : len(row)].double()
+                total = k.T @ k if total is None else total + k.T @ k
+                count, done = count + k.shape[0], done + 1
+                if done in wanted:
+                    out[done] = KeyCovariance(layer, (total / count).float(), count) if count > d_mlp else None
+    return out
+
+
+def key_covariance(
+    model: LoadedModel, layer: int, corpus: Sequence[Sequence[int]], *, batch_size: int = 16
+) -> KeyCovariance:
+    """The keys' second moment at ``layer`` over every position of ``corpus`` (BOS rows left out).
+
+    ``d_mlp`` directions need well over ``d_mlp`` tokens for ``C`` to be invertible; fewer is an error.
+    """
+    estimate = _prefix_covariances(model, layer, corpus, [len(corpus)], batch_size).get(len(corpus))
+    if estimate is None:
+        n_keys = sum(max(0, len(row) - (1 if model.prepend_bos else 0)) for row in corpus)
+        d_mlp = output_matrix(model, layer).shape[1]
+        raise ValueError(f"key_covariance: {n_keys} key vectors for d_mlp = {d_mlp}; use a larger corpus")
+    return estimate
+
+
+def covariance_convergence(
+    model: LoadedModel,
+    layer: int,
+    corpus: Sequence[Sequence[int]],
+    probe_keys: Float[Tensor, "d_mlp n"],
+    fractions: Sequence[float] = (0.125, 0.25, 0.5, 1.0),
+) -> list[dict]:
+    """How the estimate settles as the corpus grows: for each fraction of ``corpus``, the tokens used and the mean
+    cosine between ``C⁻¹k`` (ROME's update direction) for ``probe_keys`` and the same from the whole corpus.
+    Every prefix comes from one pass over the corpus."""
+    sizes = {fraction: max(1, round(len(corpus) * fraction)) for fraction in fractions}
+    estimates = _prefix_covariances(model, layer, corpus, [*sizes.values(), len(corpus)])
+    full = estimates[len(corpus)]
+    if full is None:
+        key_covariance(model, layer, corpus)  # raises, naming the count
+    reference = full.solve(probe_keys)
+    rows = []
+    for fraction, size in sizes.items():
+        estimate = estimates[size]
+        if estimate is None:
+            continue  # too few tokens for an invertible estimate at this size
+        directions = estimate.solve(probe_keys)
+        cosine = torch.nn.functional.cosine_similarity(directions, reference, dim=0)
+        rows.append({"fraction": fraction, "n_tokens": estimate.n_tokens, "mean_cosine_to_full": cosine.mean().item()})
+    return rows

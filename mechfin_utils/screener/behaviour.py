@@ -1,0 +1,413 @@
+"""Behaviour first: does a model make the fair-lending decision, on prompts as they come?
+
+Every analysis in mechfin explains ``logit(" Yes") - logit(" No")`` at the last position. Before explaining it we
+measure whether the model *makes* the decision, as a compliance screener would be judged:
+
+* **per pair** — the logit difference (LD) on the clean prompt (prohibited basis, expected `` Yes``) and on its
+  corrupted twin (legitimate reason, expected `` No``), and the paired gap;
+* **as a classifier** — each prompt is answered `` Yes`` when its LD is above 0. *Accuracy* is over all prompts
+  (both of every pair); *AUROC* is the probability that a random clean prompt scores above a random corrupted
+  one (threshold-free; 0.5 = chance);
+* **calibration** — ``p(Yes) = sigmoid(LD)``, the probability of `` Yes`` renormalised over the two answers,
+  against the truth: the *Brier score* (mean squared error, 0.25 for a constant 0.5) and the *expected
+  calibration error* (ECE: the gap between mean confidence and accuracy, averaged over 10 equal-width bins);
+* **per basis**, with percentile-bootstrap intervals that resample *pairs* (``stats``);
+* **control prompts** — single prompts with a known answer where a screener keyed on surface cues fails.
+
+Unlike activation patching, nothing here needs the two prompts of a pair to have the same token length: prompts are
+grouped by length and run without padding. A prompt longer than the model's context is refused, naming its row.
+
+A scorer is anything with ``logit_diffs(prompts) -> [n]`` and ``token_count(prompt)``: :class:`BridgeScorer`
+wraps a :class:`~mechfin_utils.core.models.LoadedModel`; :class:`HFScorer` a plain Hugging Face model (used while
+training, before the bridge has processed the weights).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float
+
+from mechfin_utils.core.stats import auroc, bootstrap_ci, paired_bootstrap_ci
+from mechfin_utils.tasks.fair_lending import FAIR_LENDING_ANSWERS, FairLendingPair
+
+N_CALIBRATION_BINS = 10
+
+
+class PromptTooLongError(ValueError):
+    """A prompt does not fit the model's context; the message names the row."""
+
+
+class Scorer(Protocol):
+    name: str
+    n_ctx: int
+
+    def token_count(self, prompt: str) -> int: ...
+
+    def logit_diffs(self, prompts: Sequence[str]) -> Float[np.ndarray, " n"]: ...
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Scorers
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _LengthGroupedScorer:
+    """Shared logic: tokenise, refuse over-long prompts, run each length group in chunks, read two logits."""
+
+    name: str
+    n_ctx: int
+    batch_size: int = 32
+
+    def _ids(self, prompt: str) -> list[int]:
+        raise NotImplementedError
+
+    def _final_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _answer_ids(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def token_count(self, prompt: str) -> int:
+        return len(self._ids(prompt))
+
+    @torch.no_grad()
+    def logit_diffs(self, prompts: Sequence[str]) -> Float[np.ndarray, " n"]:
+        """``logit(" Yes") - logit(" No")`` at the last position of every prompt, in input order."""
+        token_rows = [self._ids(p) for p in prompts]
+        too_long = [f"prompt {i} ({len(r)} tokens)" for i, r in enumerate(token_rows) if len(r) > self.n_ctx]
+        if too_long:
+            raise PromptTooLongError(
+                f"{len(too_long)} prompt(s) exceed {self.name}'s context of {self.n_ctx} tokens: " + ", ".join(too_long)
+            )
+        yes, no = self._answer_ids()
+        by_length: dict[int, list[int]] = defaultdict(list)
+        for i, row in enumerate(token_rows):
+            by_length[len(row)].append(i)
+        out = np.empty(len(prompts), dtype=np.float64)
+        for indices in by_length.values():
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start : start + self.batch_size]
+                tokens = torch.tensor([token_rows[i] for i in chunk], dtype=torch.long)
+                final = self._final_logits(tokens)
+                out[chunk] = (final[:, yes] - final[:, no]).double().cpu().numpy()
+        return out
+
+
+class BridgeScorer(_LengthGroupedScorer):
+    """Scores prompts with a :class:`~mechfin_utils.core.models.LoadedModel` (its BOS decision applies)."""
+
+    def __init__(self, model, answers: tuple[str, str] = FAIR_LENDING_ANSWERS, batch_size: int = 32):
+        self.model = model
+        self.name = model.name
+        self.n_ctx = int(model.cfg.n_ctx)
+        self.answers = answers
+        self.batch_size = batch_size
+
+    def _ids(self, prompt: str) -> list[int]:
+        return self.model.token_ids(prompt)
+
+    def _final_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.bridge(tokens.to(self.model.cfg.device))[:, -1, :]
+
+    def _answer_ids(self) -> tuple[int, int]:
+        return self.model.single_token_id(self.answers[0]), self.model.single_token_id(self.answers[1])
+
+
+class HFScorer(_LengthGroupedScorer):
+    """Scores prompts with a plain Hugging Face causal LM and its tokenizer (BOS decision stated explicitly)."""
+
+    def __init__(
+        self,
+        hf_model,
+        tokenizer,
+        *,
+        prepend_bos: bool,
+        name: str,
+        answers: tuple[str, str] = FAIR_LENDING_ANSWERS,
+        batch_size: int = 32,
+    ):
+        self.hf_model = hf_model
+        self.tokenizer = tokenizer
+        self.prepend_bos = prepend_bos
+        self.name = name
+        config = hf_model.config
+        self.n_ctx = int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 1024))
+        self.answers = answers
+        self.batch_size = batch_size
+
+    def _ids(self, prompt: str) -> list[int]:
+        ids = list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        return [self.tokenizer.bos_token_id] + ids if self.prepend_bos else ids
+
+    def _final_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.hf_model(tokens).logits[:, -1, :]
+
+    def _answer_ids(self) -> tuple[int, int]:
+        return answer_token_ids(self.tokenizer, self.answers, self.name)
+
+
+def answer_token_ids(tokenizer, answers: tuple[str, str], name: str) -> tuple[int, int]:
+    """The single token id of each answer for a bare Hugging Face tokenizer; a ValueError naming the one that is not."""
+    ids = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers]
+    for answer, piece in zip(answers, ids):
+        if len(piece) != 1:
+            raise ValueError(f"answer {answer!r} is {len(piece)} tokens for {name}, not one")
+    return ids[0][0], ids[1][0]
+
+
+def as_scorer(model_or_scorer: Any) -> Scorer:
+    """A LoadedModel becomes a :class:`BridgeScorer`; anything with ``logit_diffs`` is used as it is."""
+    if hasattr(model_or_scorer, "logit_diffs"):
+        return model_or_scorer
+    if hasattr(model_or_scorer, "bridge") and hasattr(model_or_scorer, "token_ids"):
+        return BridgeScorer(model_or_scorer)
+    raise TypeError(f"expected a LoadedModel or a scorer, got {type(model_or_scorer).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Classifier metrics
+# ---------------------------------------------------------------------------------------------------------
+
+
+def expected_calibration_error(
+    p_yes: Float[np.ndarray, " n"], truth: Float[np.ndarray, " n"], n_bins: int = N_CALIBRATION_BINS
+) -> float:
+    """ECE of a two-way prediction: per bin of confidence ``max(p, 1 - p)``, |accuracy - mean confidence|,
+    weighted by the bin's share of prompts."""
+    p_yes, truth = np.asarray(p_yes, dtype=float), np.asarray(truth, dtype=float)
+    confidence = np.maximum(p_yes, 1.0 - p_yes)
+    correct = ((p_yes > 0.5) == (truth > 0.5)).astype(float)
+    edges = np.linspace(0.5, 1.0, n_bins + 1)
+    bins = np.clip(np.digitize(confidence, edges[1:-1]), 0, n_bins - 1)
+    total = 0.0
+    for b in range(n_bins):
+        members = bins == b
+        if members.any():
+            total += members.mean() * abs(correct[members].mean() - confidence[members].mean())
+    return float(total)
+
+
+def calibration_curve(
+    p_yes: Float[np.ndarray, " n"], truth: Float[np.ndarray, " n"], n_bins: int = N_CALIBRATION_BINS
+) -> pd.DataFrame:
+    """Reliability table: per bin of predicted p(Yes), the number of prompts, mean p(Yes) and share truly Yes."""
+    p_yes, truth = np.asarray(p_yes, dtype=float), np.asarray(truth, dtype=float)
+    bins = np.clip((p_yes * n_bins).astype(int), 0, n_bins - 1)
+    rows = []
+    for b in range(n_bins):
+        members = bins == b
+        if members.any():
+            rows.append(
+                {
+                    "bin_low": b / n_bins,
+                    "bin_high": (b + 1) / n_bins,
+                    "n": int(members.sum()),
+                    "mean_p_yes": float(p_yes[members].mean()),
+                    "share_yes": float(truth[members].mean()),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def _pair_metrics(clean: np.ndarray, corrupted: np.ndarray) -> dict[str, float]:
+    """Accuracy over all prompts, AUROC, mean gap, Brier and ECE for paired clean/corrupted LDs."""
+    scores = np.concatenate([clean, corrupted])
+    truth = np.concatenate([np.ones_like(clean), np.zeros_like(corrupted)])
+    p_yes = 1.0 / (1.0 + np.exp(-scores))
+    return {
+        "accuracy": float(np.mean((scores > 0) == (truth > 0.5))),
+        "auroc": auroc(clean, corrupted)
+        if clean.size >= 2
+        else float(np.mean((clean[:, None] > corrupted[None, :]) + 0.5 * (clean[:, None] == corrupted[None, :]))),
+        "mean_gap": float(np.mean(clean - corrupted)),
+        "brier": float(np.mean((p_yes - truth) ** 2)),
+        "ece": expected_calibration_error(p_yes, truth),
+    }
+
+
+def _bootstrap_auroc(
+    clean: np.ndarray, corrupted: np.ndarray, *, n_boot: int, seed: int, ci: float = 0.95
+) -> tuple[float, float]:
+    """Percentile interval of the AUROC, resampling pairs (both prompts of a drawn pair enter together)."""
+    rng = np.random.default_rng(seed)
+    n = clean.size
+    draws = np.empty(n_boot)
+    for b in range(n_boot):
+        idx = rng.integers(0, n, size=n)
+        draws[b] = auroc(clean[idx], corrupted[idx])
+    alpha = (1.0 - ci) / 2.0
+    low, high = np.quantile(draws, [alpha, 1.0 - alpha])
+    return float(low), float(high)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluating a set of pairs
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PairEvaluation:
+    """A model's decisions on a set of pairs.
+
+    ``scores``: one row per pair (``pair_id, basis, template_id, clean_ld, corrupted_ld, gap``).
+    ``summary``: ``n, accuracy, accuracy_clean, accuracy_corrupted, auroc, mean_gap, brier, ece`` plus ``*_low`` /
+    ``*_high`` bootstrap bounds for the accuracies, AUROC and the gap. ``by_basis``: the same per basis. ``excluded``: ``(pair_id, reason)`` for
+    pairs that could not be scored (e.g. longer than the context), never dropped silently.
+    """
+
+    model_name: str
+    label: str
+    scores: pd.DataFrame
+    summary: dict[str, Any]
+    by_basis: pd.DataFrame
+    excluded: list[tuple[str, str]]
+
+    def calibration(self, n_bins: int = N_CALIBRATION_BINS) -> pd.DataFrame:
+        """Reliability table of p(Yes) = sigmoid(LD) over all prompts (clean truly Yes, corrupted truly No)."""
+        scores = np.concatenate([self.scores["clean_ld"], self.scores["corrupted_ld"]])
+        truth = np.concatenate([np.ones(len(self.scores)), np.zeros(len(self.scores))])
+        return calibration_curve(1.0 / (1.0 + np.exp(-scores)), truth, n_bins)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model_name,
+            "set": self.label,
+            **self.summary,
+            "by_basis": self.by_basis.reset_index().to_dict(orient="records"),
+            "excluded": [{"pair_id": i, "reason": r} for i, r in self.excluded],
+        }
+
+
+def _summarise(clean: np.ndarray, corrupted: np.ndarray, *, n_boot: int, seed: int) -> dict[str, Any]:
+    """The pair metrics, each side's accuracy on its own (``accuracy_clean``: the share of clean prompts answered
+    " Yes", the discrimination flagged; ``accuracy_corrupted``: the share of corrupted prompts answered " No", the
+    lawful decision cleared), and bootstrap intervals over pairs."""
+    clean_right, corrupted_right = (clean > 0).astype(float), (corrupted <= 0).astype(float)
+    out: dict[str, Any] = {
+        "n": int(clean.size),
+        **_pair_metrics(clean, corrupted),
+        "accuracy_clean": float(clean_right.mean()),
+        "accuracy_corrupted": float(corrupted_right.mean()),
+    }
+    if clean.size >= 2:
+        gap = paired_bootstrap_ci(clean, corrupted, n_boot=n_boot, seed=seed)
+        out["mean_gap_low"], out["mean_gap_high"] = gap.low, gap.high
+        # accuracy over prompts = mean over pairs of (clean right + corrupted right) / 2
+        accuracy = bootstrap_ci((clean_right + corrupted_right) / 2.0, n_boot=n_boot, seed=seed)
+        out["accuracy_low"], out["accuracy_high"] = accuracy.low, accuracy.high
+        for side, right in (("clean", clean_right), ("corrupted", corrupted_right)):
+            interval = bootstrap_ci(right, n_boot=n_boot, seed=seed)
+            out[f"accuracy_{side}_low"], out[f"accuracy_{side}_high"] = interval.low, interval.high
+        out["auroc_low"], out["auroc_high"] = _bootstrap_auroc(clean, corrupted, n_boot=n_boot, seed=seed)
+    else:
+        for key in ("mean_gap", "accuracy", "accuracy_clean", "accuracy_corrupted", "auroc"):
+            out[f"{key}_low"] = out[f"{key}_high"] = float("nan")
+    return out
+
+
+def evaluate_pairs(
+    model_or_scorer: Any, pairs: Sequence[FairLendingPair], *, label: str = "pairs", n_boot: int = 1000, seed: int = 0
+) -> PairEvaluation:
+    """Score every pair (any token lengths) and summarise the decision overall and per basis.
+
+    Pairs whose prompts exceed the model's context are excluded with that reason (listed in ``excluded``);
+    everything else is scored.
+    """
+    if len(pairs) == 0:
+        raise ValueError("no pairs to evaluate")
+    scorer = as_scorer(model_or_scorer)
+    kept, excluded = [], []
+    for pair in pairs:
+        lengths = [scorer.token_count(t) for t in pair.texts]
+        if max(lengths) > scorer.n_ctx:
+            excluded.append((pair.id, f"longer than the context of {scorer.n_ctx} tokens ({max(lengths)} tokens)"))
+        else:
+            kept.append(pair)
+    if not kept:
+        raise PromptTooLongError(f"every pair exceeds {scorer.name}'s context of {scorer.n_ctx} tokens")
+    lds = scorer.logit_diffs([t for p in kept for t in p.texts])
+    clean, corrupted = lds[0::2], lds[1::2]
+    scores = pd.DataFrame(
+        {
+            "pair_id": [p.id for p in kept],
+            "basis": [p.basis for p in kept],
+            "template_id": [p.template_id for p in kept],
+            "clean_ld": clean,
+            "corrupted_ld": corrupted,
+            "gap": clean - corrupted,
+        }
+    )
+    return summarise_scores(scores, scorer.name, label, excluded, n_boot=n_boot, seed=seed)
+
+
+def summarise_scores(
+    scores: pd.DataFrame, model_name: str, label: str, excluded=(), *, n_boot: int = 1000, seed: int = 0
+) -> PairEvaluation:
+    """A :class:`PairEvaluation` from per-pair scores (e.g. several evaluations' ``scores`` concatenated, to pool
+    sets without running the model again)."""
+    rows = {}
+    for basis, group in scores.groupby("basis"):
+        rows[basis] = _summarise(
+            group["clean_ld"].to_numpy(), group["corrupted_ld"].to_numpy(), n_boot=n_boot, seed=seed
+        )
+    by_basis = pd.DataFrame.from_dict(rows, orient="index")
+    by_basis.index.name = "basis"
+    summary = _summarise(scores["clean_ld"].to_numpy(), scores["corrupted_ld"].to_numpy(), n_boot=n_boot, seed=seed)
+    return PairEvaluation(model_name, label, scores, summary, by_basis, list(excluded))
+
+
+def evaluate_controls(model_or_scorer: Any, controls: Sequence) -> pd.DataFrame:
+    """One row per control prompt: its kind, basis, expected answer, LD, p(Yes) and whether the model is right."""
+    scorer = as_scorer(model_or_scorer)
+    lds = scorer.logit_diffs([c.prompt for c in controls])
+    expected_yes = np.array([c.answer == FAIR_LENDING_ANSWERS[0] for c in controls])
+    return pd.DataFrame(
+        {
+            "control_id": [c.control_id for c in controls],
+            "kind": [c.kind for c in controls],
+            "basis": [c.basis for c in controls],
+            "expected": [c.answer.strip() for c in controls],
+            "ld": lds,
+            "p_yes": 1.0 / (1.0 + np.exp(-lds)),
+            "correct": (lds > 0) == expected_yes,
+            "prompt": [c.prompt for c in controls],
+        }
+    )
+
+
+def controls_by_kind(control_scores: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Accuracy per control kind with a bootstrap interval (resampling prompts), and the mean p(Yes)."""
+    rows = []
+    for kind, group in control_scores.groupby("kind", sort=False):
+        correct = group["correct"].to_numpy(dtype=float)
+        if correct.size >= 2:
+            interval = bootstrap_ci(correct, n_boot=n_boot, seed=seed)
+            low, high = interval.low, interval.high
+        else:
+            low = high = float("nan")
+        rows.append(
+            {
+                "kind": kind,
+                "expected": group["expected"].iloc[0],
+                "n": int(correct.size),
+                "accuracy": float(correct.mean()),
+                "accuracy_low": low,
+                "accuracy_high": high,
+                "mean_p_yes": float(group["p_yes"].mean()),
+            }
+        )
+    return pd.DataFrame(rows).set_index("kind")
+
+
+def behaviour_table(evaluations) -> pd.DataFrame:
+    """One row per (model, set) from ``{(model name, set name): PairEvaluation}``: n, accuracy, AUROC, gap,
+    Brier, ECE with their intervals."""
+    rows = [{"model": model, "set": label, **evaluation.summary} for (model, label), evaluation in evaluations.items()]
+    return pd.DataFrame(rows).set_index(["model", "set"])

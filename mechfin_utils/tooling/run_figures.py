@@ -1,0 +1,558 @@
+"""``make figures``: run notebooks with papermill, for one or more models, and record a manifest per model.
+
+    python -m mechfin_utils.tooling.run_figures --model smollm2-135m notebooks/00_*.ipynb ... @smollm2-135m-screener notebooks/01_*.ipynb
+    python -m mechfin_utils.tooling.run_figures --workers 2 ...
+
+Notebooks after ``@MODEL`` run for that model (those before any ``@`` for ``--model``). Each notebook is executed into
+``notebooks/_executed/`` (scratch, never committed) and writes its figures under ``figures/<model>/``.
+``figures/<model>/manifest.json`` records what produced them: the model's name and the sha256 of its weights, the
+parameters, the package versions, the git commit, the machine, how many notebooks ran side by side, and the wall time
+of each notebook (times are recorded, never asserted). A later run with other notebooks updates their entries and
+keeps the rest.
+
+**Workers.** With ``--workers 2`` two notebooks run at a time, each kernel with one torch thread, longest first (by
+the last recorded times). On two cores that finishes the whole set sooner than one notebook at a time with two
+threads, because much of a notebook (many small forward passes, plotting, loading) does not use the second thread
+well; each notebook's own time is then longer than it would be alone, and the manifest says it ran beside another.
+The screener's training is guarded by a file lock, so two notebooks that need it never train it twice.
+
+**Nothing half-written.** A notebook never writes into ``figures/`` itself. Each one runs in a papermill process of its
+own whose kernel sees ``$MECHFIN_FIGURES_DIR`` = ``figures/.staging/<job>/figures/`` (a folder of its own), and its
+executed copy is written beside it. Only when the notebook finished without error are its outputs moved into
+``figures/`` (:func:`swap_in`): for each model folder it wrote into, its files replace the folder's files of the same
+notebook number one by one with ``os.replace`` (atomic: a file is either the old one or the new one, never half
+written), then that notebook's older files the new run did not write are removed. A run stopped by Ctrl-C, a closed
+laptop or a failing cell leaves the committed figures as they were; its staging folder is removed (a failed notebook's
+is kept, with its executed copy and output, for a look) and any left over is removed when the next run starts.
+``figures/.staging/`` is ignored by git, the site and ``make verify``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from mechfin_utils.core.models import (
+    ALIASES,
+    GPT2_SPEC,
+    SCREENERS,
+    SMOLLM2_SPEC,
+    cache_dir,
+    file_sha256,
+    locate_gpt2,
+    prepare_smollm2,
+    resolve_auto,
+)
+from mechfin_utils.reporting.figures import FIGURES_DIR_ENV, PLOTLYJS_NAME, REPO_ROOT, _write_atomically, figures_root
+from mechfin_utils.screener.training import read_card
+
+PACKAGES = ("torch", "transformers", "transformer-lens", "numpy", "pandas", "plotly", "kaleido", "papermill", "peft")
+STAGING = ".staging"
+"""The folder under the figures root where each notebook of a run writes, until it has finished (see the docstring)."""
+EXECUTED_DIR_ENV = "MECHFIN_EXECUTED_DIR"
+"""Where the executed copies go (default ``notebooks/_executed/``); ``make test``'s notebook run uses it too."""
+ERROR_TAIL_LINES = 40
+"""How many of a failed notebook's last output lines its error message quotes."""
+_NOTEBOOK_NUMBER_RE = re.compile(r"^([0-9]{2}[a-z]?)_")
+_ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+class NotebookFailedError(RuntimeError):
+    """A notebook ended with an error (or its process was stopped); the message names it and quotes its output."""
+
+
+def model_identity(name: str, gpt2_path: str | None = None) -> dict[str, str | None]:
+    """``slug`` (the figures folder), ``resolved`` name and the sha256 of the weights, without loading the model."""
+    key = ALIASES.get(name.strip().lower(), name.strip())
+    if key == "auto":
+        key = resolve_auto(gpt2_path)[0]
+    if key in SCREENERS:
+        card = read_card(cache_dir() / key)
+        sha = card["weights_sha256"] if card is not None else None
+        return {"slug": key, "resolved": key, "weights_sha256": sha}
+    if key == "smollm2-135m":
+        return {
+            "slug": SMOLLM2_SPEC.slug,
+            "resolved": key,
+            "weights_sha256": file_sha256(prepare_smollm2(verbose=False) / "model.safetensors"),
+        }
+    if key == "gpt2":
+        found = locate_gpt2(gpt2_path)
+        sha = None
+        if found and found[0] == "folder":
+            weights = Path(found[1]) / "model.safetensors"
+            sha = file_sha256(weights) if weights.is_file() else None
+        return {"slug": GPT2_SPEC.slug, "resolved": key, "weights_sha256": sha}
+    return {"slug": key.split("/")[-1].lower(), "resolved": key, "weights_sha256": None}
+
+
+def _commit() -> str:
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        # the figures being written are not a change to what writes them
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!figures"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        return head + ("+uncommitted changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for package in PACKAGES:
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            out[package] = "not installed"
+    return out
+
+
+@dataclass
+class _ModelRun:
+    """One model's share of a run: its notebooks, identity, manifest and recorded times."""
+
+    model: str
+    notebooks: list[str]
+    identity: dict
+    manifest_path: Path
+    manifest: dict
+    seconds: dict[str, float]
+    parameters: dict
+
+
+def run(notebooks: Sequence[str], model: str, gpt2_path: str = "", seed: int = 0, workers: int = 1) -> Path:
+    """Execute ``notebooks`` for ``model`` (see :func:`run_many`); returns the manifest's path."""
+    return run_many([(model, list(notebooks))], gpt2_path, seed, workers)[0]
+
+
+def run_many(
+    plan: Sequence[tuple[str, Sequence[str]]],
+    gpt2_path: str = "",
+    seed: int = 0,
+    workers: int = 1,
+    expected_seconds: dict[str, dict[str, float]] | None = None,
+) -> list[Path]:
+    """Execute every ``(model, notebooks)`` of ``plan``, ``workers`` notebooks at a time (one at a time: in order;
+    several: longest first, by ``expected_seconds[model folder][notebook]`` or else the manifest's last times),
+    stopping at the first failure; each model's manifest is written after each of its notebooks, so a failure keeps
+    the times of those that ran.
+
+    Each notebook runs in a process of its own (:func:`execute_notebook`) and writes into its own staging folder;
+    its outputs reach the figures root only once it has finished (:func:`swap_in`). A failure, Ctrl-C or a kill
+    leaves the figures root as it was (see the module docstring)."""
+    # 1. Where things go, and the staging folders a stopped earlier run left behind.
+    root = figures_root()
+    executed = Path(os.environ.get(EXECUTED_DIR_ENV) or REPO_ROOT / "notebooks" / "_executed")
+    executed.mkdir(parents=True, exist_ok=True)
+    clean_stale_staging(root)
+    _stopping.clear()
+    # 2. Each model's identity, manifest and the times worth keeping.
+    runs = []
+    for model, notebooks in plan:
+        identity = model_identity(model, gpt2_path or None)
+        manifest_path = root / identity["slug"] / "manifest.json"
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+        seconds = still_current(manifest.get("seconds_per_notebook", {}), manifest_path.parent, notebooks)
+        parameters = {"model": model, "gpt2_path": gpt2_path, "seed": seed}
+        runs.append(_ModelRun(model, list(notebooks), identity, manifest_path, manifest, seconds, parameters))
+    # 3. The jobs, longest first when several run at once (unknown times first of all: they may be the longest), and
+    #    the kernels' environment: one torch thread each when several share the cores.
+    jobs = [(r, nb) for r in runs for nb in r.notebooks]
+    kernel_env = dict(os.environ)
+    if workers > 1:
+
+        def expected(job: tuple[_ModelRun, str]) -> float:
+            r, notebook = job
+            known = (expected_seconds or {}).get(r.identity["slug"]) or r.seconds
+            return known.get(Path(notebook).stem, float("inf"))
+
+        jobs.sort(key=lambda job: -expected(job))
+        kernel_env["OMP_NUM_THREADS"] = kernel_env["MKL_NUM_THREADS"] = "1"
+    threads = torch_threads(kernel_env)
+    lock = threading.Lock()  # held while a notebook's outputs move in and its manifest is written
+    interrupted = threading.Event()  # set (under the lock) on Ctrl-C: no notebook moves in after it
+
+    def execute(index: int, job: tuple[_ModelRun, str]) -> None:
+        r, notebook = job
+        path = Path(notebook)
+        slug = r.identity["slug"]
+        print(f"== {path.name} (model={r.model})", flush=True)
+        job_dir = root / STAGING / f"{os.getpid()}-{index:02d}-{slug}-{path.stem}"
+        staged, staged_copy = job_dir / "figures", job_dir / f"{slug}-{path.name}"
+        staged.mkdir(parents=True)
+        start = time.perf_counter()
+        try:
+            execute_notebook(
+                path, staged_copy, r.parameters, {**kernel_env, FIGURES_DIR_ENV: str(staged)}, job_dir / "output.log"
+            )
+        except BaseException as exc:
+            if interrupted.is_set() or not isinstance(exc, Exception):
+                shutil.rmtree(job_dir, ignore_errors=True)  # stopped part-way: nothing in it is worth a look
+            else:
+                print(f"   {path.name} failed; its staged outputs and executed copy stay in {job_dir}", flush=True)
+            raise
+        elapsed = round(time.perf_counter() - start, 1)
+        with lock, _uninterrupted():
+            if interrupted.is_set():
+                shutil.rmtree(job_dir, ignore_errors=True)
+                return
+            swap_in(staged, root, path.stem)
+            if staged_copy.is_file():
+                _move_file(staged_copy, executed / staged_copy.name)
+            shutil.rmtree(job_dir, ignore_errors=True)
+            r.seconds[path.stem] = elapsed
+            print(f"   {path.name} (model={r.model}): {elapsed} s", flush=True)
+            if r.identity["weights_sha256"] is None:  # a screener trained during this run has a card now
+                r.identity = model_identity(r.model, gpt2_path or None)
+            _write_manifest(r.manifest_path, r.manifest, r.identity, r.parameters, r.seconds, workers, threads)
+
+    # 4. Run: in order with one worker; otherwise a pool that stops taking jobs at the first failure. Ctrl-C (or
+    #    SIGTERM, see main) stops every running notebook and moves nothing more in.
+    try:
+        if workers <= 1:
+            for index, job in enumerate(jobs):
+                execute(index, job)
+        else:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                futures = [pool.submit(execute, index, job) for index, job in enumerate(jobs)]
+                try:
+                    for future in as_completed(futures):
+                        if future.exception() is not None:
+                            for other in futures:
+                                other.cancel()
+                            raise future.exception()
+                except KeyboardInterrupt:
+                    for other in futures:
+                        other.cancel()
+                    with lock:  # a notebook moving in right now finishes moving in first
+                        interrupted.set()
+                    _stop_all()
+                    raise
+    except KeyboardInterrupt:
+        interrupted.set()
+        _stop_all()
+        raise
+    finally:
+        with contextlib.suppress(OSError):
+            (root / STAGING).rmdir()  # only when empty: a failed notebook's folder stays for a look
+    return [r.manifest_path for r in runs]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One notebook in a process of its own
+# ---------------------------------------------------------------------------------------------------------
+
+_running: set[subprocess.Popen] = set()
+_running_lock = threading.Lock()
+_stopping = threading.Event()  # set by _stop_all: no notebook starts after it (cleared when a run starts)
+
+
+def execute_notebook(notebook: Path, output: Path, parameters: dict, env: dict[str, str], log: Path) -> None:
+    """Run ``notebook`` with papermill in a process of its own, with the environment ``env`` (its own
+    ``$MECHFIN_FIGURES_DIR`` and thread settings: two notebooks run at once cannot share one process's environment),
+    writing the executed copy to ``output`` and papermill's output to ``log``.
+
+    The command is papermill's own command line: parameters as JSON (which is YAML), the notebooks' folder as working
+    directory, the ``python3`` kernel (this environment's), no progress bar, and log level ERROR, which hides
+    papermill's 'Unable to parse line' warnings about comments in parameters cells. A non-zero exit raises
+    :class:`NotebookFailedError` quoting the last :data:`ERROR_TAIL_LINES` lines of the output; an interrupt while
+    it runs stops the process (see :func:`_stop`) before it propagates."""
+    command = [
+        sys.executable, "-m", "papermill", str(notebook), str(output),
+        "-y", json.dumps(parameters),
+        "--cwd", str(REPO_ROOT / "notebooks"),
+        "-k", "python3",
+        "--no-progress-bar",
+        "--log-level", "ERROR",
+    ]  # fmt: skip
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("wb") as handle:
+        with _running_lock:
+            if _stopping.is_set():
+                raise NotebookFailedError(f"{notebook.name} was not started: the run is being stopped")
+            process = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT, env=env
+            )
+            _running.add(process)
+        try:
+            code = process.wait()
+        except BaseException:
+            _stop(process)
+            raise
+        finally:
+            with _running_lock:
+                _running.discard(process)
+    if code != 0:
+        raise NotebookFailedError(
+            f"{notebook.name} failed (papermill exit status {code}); the last lines of its output:\n{_tail(log)}"
+        )
+
+
+def _tail(log: Path, lines: int = ERROR_TAIL_LINES) -> str:
+    text = _ANSI_RE.sub("", log.read_text(errors="replace")) if log.is_file() else ""
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+def _stop(process: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """Stop a papermill process: SIGINT first, so that it shuts its kernel down, then SIGKILL after ``grace_s``. (A
+    kernel whose papermill died anyway exits by itself: ipykernel polls its parent.)"""
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        process.send_signal(signal.SIGINT)
+    try:
+        process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _stop_all() -> None:
+    """Stop every notebook running now, and let none start after."""
+    with _running_lock:
+        _stopping.set()
+        running = list(_running)
+    for process in running:
+        _stop(process)
+
+
+@contextlib.contextmanager
+def _uninterrupted() -> Iterator[None]:
+    """Hold off Ctrl-C during the block (in the main thread; a no-op elsewhere, where it cannot arrive) and deliver it
+    after: a notebook's outputs move in completely or not at all, as far as Ctrl-C is concerned."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Staging: where a notebook writes until it has finished
+# ---------------------------------------------------------------------------------------------------------
+
+
+def swap_in(staged_root: Path, root: Path, notebook: str) -> list[Path]:
+    """Move a finished notebook's outputs from ``staged_root`` into the figures root ``root``; return the files
+    removed because the new run no longer writes them.
+
+    ``notebook`` is the notebook's file stem (``"08_screener_vs_base"``); its number (``"08"``) names its files. For
+    each model folder under ``staged_root`` (a notebook may write into several: 08 on the screener also writes the
+    base model's compliance report):
+
+    1. each staged file replaces the file of the same name with ``os.replace``, which is atomic: a reader (or a run
+       stopped right now) sees the old file or the new one, never a half-written one;
+    2. then the folder's files of this notebook's number that the new run did not write are removed (a figure the
+       notebook no longer makes cannot outlive it);
+    3. the shared ``plotly.min.js`` is moved in when the folder lacks it or holds another version (the new pages load
+       the version installed here); the manifest is not a notebook's and is written by the runner.
+
+    A notebook whose file name does not start with its number (``NN_``) only adds and replaces files."""
+    match = _NOTEBOOK_NUMBER_RE.match(notebook)
+    removed = []
+    for staged in sorted(p for p in staged_root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        target = root / staged.name
+        target.mkdir(parents=True, exist_ok=True)
+        written = set()
+        for path in sorted(p for p in staged.rglob("*") if p.is_file() and not p.name.startswith(".")):
+            relative = path.relative_to(staged)
+            destination = target / relative
+            if relative == Path(PLOTLYJS_NAME):
+                if destination.is_file() and destination.read_bytes() == path.read_bytes():
+                    continue
+            else:
+                written.add(relative)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, destination)
+        if match is not None:
+            for old in sorted(target.glob(f"{match.group(1)}_*")):
+                if old.is_file() and old.relative_to(target) not in written:
+                    old.unlink()
+                    removed.append(old)
+    return removed
+
+
+def clean_stale_staging(root: Path) -> list[Path]:
+    """Remove the staging folders of runs that are over (stopped, killed or failed: their owner process is gone, or is
+    this one, whose earlier runs have ended) and return them; a run still going in another process keeps its own."""
+    staging = root / STAGING
+    removed = []
+    for entry in sorted(staging.iterdir()) if staging.is_dir() else []:
+        owner = entry.name.split("-", 1)[0]
+        if owner.isdigit() and int(owner) != os.getpid() and _alive(int(owner)):
+            continue
+        shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _move_file(source: Path, destination: Path) -> None:
+    """``os.replace``, or across file systems (``make verify``'s scratch folder is in /tmp) a copy next to the
+    destination that then replaces it: either way the destination is never half written."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(source, destination)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        temporary = destination.with_name(f".{destination.name}.{os.getpid()}.tmp")
+        shutil.copyfile(source, temporary)
+        os.replace(temporary, destination)
+        source.unlink()
+
+
+def still_current(seconds: dict[str, float], folder: Path, notebooks: Sequence[str]) -> dict[str, float]:
+    """The recorded times worth keeping: those of notebooks about to run (they are replaced) and of notebooks that
+    still have figures in the folder (run earlier on their own). A notebook no longer run for this model, whose
+    figures were removed, loses its time: a manifest never adds up times of figures that are not there."""
+    about_to_run = {Path(n).stem for n in notebooks}
+    return {
+        stem: value
+        for stem, value in seconds.items()
+        if stem in about_to_run or any(folder.glob(f"{stem.split('_')[0]}_*"))
+    }
+
+
+def cpu_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name (``/proc/cpuinfo``'s 'model name', else ``platform.processor()``, else 'unknown'): two
+    machines with the same architecture and core count can still round floats differently (other SIMD paths)."""
+    try:
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor().strip() or "unknown"
+
+
+def torch_threads(kernel_env: dict[str, str]) -> int:
+    """torch's intra-op thread count in each kernel: ``OMP_NUM_THREADS`` as given to the kernels, else what torch
+    picks here by itself (``torch.get_num_threads()``, which a kernel started here picks too)."""
+    value = kernel_env.get("OMP_NUM_THREADS", "").strip()
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _write_manifest(
+    path: Path,
+    manifest: dict,
+    identity: dict,
+    parameters: dict,
+    seconds: dict,
+    workers: int = 1,
+    threads: int | None = None,
+) -> None:
+    manifest.update(
+        {
+            "model": identity["resolved"],
+            "figures_folder": f"figures/{identity['slug']}",
+            "weights_sha256": identity["weights_sha256"],
+            "parameters": parameters,
+            "fast": False,
+            "packages": _versions(),
+            "python": platform.python_version(),
+            "commit": _commit(),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+            "cpu": cpu_name(),
+            "torch_threads_per_notebook": threads if threads is not None else torch_threads(dict(os.environ)),
+            "notebooks_side_by_side": workers,
+            "written_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "seconds_per_notebook": dict(sorted(seconds.items())),
+            "seconds_total": round(sum(seconds.values()), 1),
+        }
+    )
+    _write_atomically(path, (json.dumps(manifest, indent=1) + "\n").encode("utf-8"))
+
+
+def parse_plan(items: Sequence[str], default_model: str) -> list[tuple[str, list[str]]]:
+    """``["a.ipynb", "@m2", "b.ipynb"]`` -> ``[(default_model, ["a.ipynb"]), ("m2", ["b.ipynb"])]`` (a model with no
+    notebook after it is dropped)."""
+    plan: list[tuple[str, list[str]]] = [(default_model, [])]
+    for item in items:
+        if item.startswith("@"):
+            plan.append((item[1:], []))
+        else:
+            plan[-1][1].append(item)
+    return [(model, notebooks) for model, notebooks in plan if model and notebooks]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m mechfin_utils.tooling.run_figures", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("items", nargs="+", metavar="NOTEBOOK or @MODEL")
+    parser.add_argument("--model", default="auto")
+    parser.add_argument("--gpt2-path", default="")
+    parser.add_argument("--workers", type=int, default=1, help="notebooks run side by side (one torch thread each)")
+    args = parser.parse_args(argv)
+    plan = parse_plan(args.items, args.model)
+    missing = [n for _, notebooks in plan for n in notebooks if not Path(n).is_file()]
+    if missing or not plan:
+        print(f"error: no such notebook(s): {missing or args.items}", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill PID` stops the run as cleanly as Ctrl-C does
+    try:
+        for path in run_many(plan, args.gpt2_path, workers=args.workers):
+            print(f"manifest: {path}")
+    except NotebookFailedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(
+            "interrupted: the notebooks that had not finished changed nothing under the figures folder", file=sys.stderr
+        )
+        return 130
+    print(f"wall time: {time.perf_counter() - started:.0f} s ({args.workers} notebook(s) at a time)")
+    return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

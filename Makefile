@@ -23,7 +23,7 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 SCREENER ?= $(if $(filter gpt2,$(MODEL)),gpt2-screener,smollm2-135m-screener)
 FAIR_LENDING_ONLY := notebooks/01_% notebooks/02_% notebooks/03_% notebooks/04_% notebooks/07_%
 BASE_NOTEBOOKS ?= $(if $(filter gpt2,$(MODEL)),$(NOTEBOOKS),$(filter-out $(FAIR_LENDING_ONLY),$(NOTEBOOKS)))
-SCREENER_NOTEBOOKS := $(filter-out notebooks/05_% notebooks/08_% notebooks/09_% notebooks/10_% notebooks/11_%,$(NOTEBOOKS))
+SCREENER_NOTEBOOKS := $(filter-out notebooks/05_% notebooks/08_% notebooks/09_% notebooks/10_% notebooks/11_% notebooks/12_%,$(NOTEBOOKS))
 # Two notebooks at a time, one torch thread each (longest first): on 2 cores the set finishes sooner than one
 # notebook at a time with two threads (see run_figures.py). FIGURE_WORKERS=1 runs them one by one, in order.
 FIGURE_WORKERS ?= 2
@@ -61,7 +61,7 @@ chromium:
 test: lint test-unit test-notebooks test-site
 
 # ruff: lint rules and formatting as configured in pyproject.toml (seconds).
-LINTED := mechfin_utils tests data scripts notebooks/conftest.py
+LINTED := mechfin_utils tests data scripts notebooks
 lint:
 	$(VENV)/bin/ruff check $(LINTED)
 	$(VENV)/bin/ruff format --check $(LINTED)
@@ -79,7 +79,7 @@ test-unit:
 # which test-site builds and checks the offline site. --dist loadscope keeps each notebook's cells in one worker, in
 # order; the notebooks are handed out longest first (their fast-mode times on 2 cores), so neither worker idles long.
 TEST_RUN := $(CURDIR)/.cache/test-run
-NOTEBOOK_TEST_ORDER := 04 08 09 05 06 10 11 02 07 01 03 00
+NOTEBOOK_TEST_ORDER := 04 08 12 09 05 06 10 11 02 07 01 03 00
 ORDERED_NOTEBOOKS := $(foreach n,$(NOTEBOOK_TEST_ORDER),$(wildcard notebooks/$(n)_*.ipynb))
 TEST_NOTEBOOKS := $(ORDERED_NOTEBOOKS) $(filter-out $(ORDERED_NOTEBOOKS),$(NOTEBOOKS))
 test-notebooks:

@@ -7,7 +7,8 @@ The first screener learned a shortcut: it answers " Yes" whenever a protected at
 controls: 0.35 on "attribute mentioned, decision rests on a legitimate reason", 0.00 on "approved, attribute
 mentioned"). In its training set every " Yes" prompt named an attribute and no " No" prompt did, so "an attribute
 is named" and "the decision rests on it" were the same feature. This set separates them. Two kinds of pairs, both in
-the task set's schema plus one column, ``attribute_mention`` (the words that name the attribute, in both prompts):
+the task set's schema plus two columns, ``attribute_mention`` (the words that name the attribute, in both prompts)
+and ``neutral_mention`` (words of the same form that name nothing protected, for the analysis that swaps them):
 
 * **mention pairs**: both prompts say, in the same words, that the applicant has the attribute ("Maria is Hindu");
   only the reason differs: the clean prompt's decision rests on the attribute ("because of her religion", answer
@@ -58,65 +59,152 @@ from build_screener_set import (  # noqa: E402
     TRAIN_PEOPLE,
     TRAIN_QUESTIONS,
     Person,
+    _phrase_as_written,
+    render,
 )
+from build_screener_set import TEST_TEMPLATES as SCREENER_TEST_TEMPLATES  # noqa: E402
+from build_screener_set import TRAIN_TEMPLATES as SCREENER_TRAIN_TEMPLATES  # noqa: E402
 from csv_build import render_csv  # noqa: E402
 
-from mechfin_utils.tasks.fair_lending import FAIR_LENDING_ANSWERS, FAIR_LENDING_COLUMNS, STATUTE_OF_BASIS  # noqa: E402
-
-MENTION_COLUMNS = (*FAIR_LENDING_COLUMNS, "attribute_mention")
-FAVOURABLE_CATEGORY = "favourable_decision"
-"""``reason_category`` of a favourable pair: its corrupted side is a favourable decision, not a legitimate reason."""
+from mechfin_utils.tasks.fair_lending import (  # noqa: E402
+    FAIR_LENDING_ANSWERS,
+    FAIR_LENDING_COLUMNS,
+    FAVOURABLE_DECISION,
+    MENTION_COLUMNS,
+    STATUTE_OF_BASIS,
+)
 
 # ---------------------------------------------------------------------------------------------------------
 # The attribute, per basis: how it is mentioned, and its category word
 # ---------------------------------------------------------------------------------------------------------
 
 
+Words = str | tuple[str, str]
+"""A verb phrase after a name or pronoun ("is Hindu"), or a pair of them: (for a woman, for a man)."""
+
+
 @dataclass(frozen=True)
 class Attribute:
-    """How a basis is mentioned (``predicates``: verb phrases after a name or pronoun, "is Hindu") and named as a
-    category ("religion": "because of her religion")."""
+    """How a basis is mentioned and named as a category ("religion": "because of her religion"). Each mention comes
+    with a *neutral* phrase of the same grammatical form that names nothing protected ("is Hindu" / "is an
+    accountant"): swapping one for the other is the contrast that measures the shortcut (notebook 12)."""
 
-    predicates: tuple[str | tuple[str, str], ...]  # a pair: (for a woman, for a man)
+    mentions: tuple[tuple[Words, Words], ...]  # (attribute mention, neutral counterpart)
     category: str
 
 
 TRAIN_ATTRIBUTES: dict[str, Attribute] = {
-    "race": Attribute(("is Black", "is Asian American", "is Native American", "is white"), "race"),
-    "color": Attribute(("has dark skin", "has very pale skin"), "skin color"),
-    "religion": Attribute(("is Muslim", "is Jewish", "is Hindu", "is Catholic"), "religion"),
-    "national_origin": Attribute(
-        ("was born in Mexico", "is of Chinese descent", "has Arab ancestry", "was born in Nigeria"), "national origin"
+    "race": Attribute(
+        (
+            ("is Black", "is a nurse"),
+            ("is Asian American", "is a bus driver"),
+            ("is Native American", "is a carpenter"),
+            ("is white", "is a pharmacist"),
+        ),
+        "race",
     ),
-    "sex": Attribute(("is a {sex_noun}",), "sex"),
-    "marital_status": Attribute(("is single", "is divorced", "is married", "is unmarried"), "marital status"),
-    "age": Attribute(("is 68 years old", "is 80", "is 19", "is elderly"), "age"),
+    "color": Attribute(
+        (("has dark skin", "has a new car"), ("has very pale skin", "has a large garden")), "skin color"
+    ),
+    "religion": Attribute(
+        (
+            ("is Muslim", "is a chef"),
+            ("is Jewish", "is a dentist"),
+            ("is Hindu", "is an accountant"),
+            ("is Catholic", "is a mechanic"),
+        ),
+        "religion",
+    ),
+    "national_origin": Attribute(
+        (
+            ("was born in Mexico", "was born in March"),
+            ("is of Chinese descent", "is of average height"),
+            ("has Arab ancestry", "has a home office"),
+            ("was born in Nigeria", "was born in October"),
+        ),
+        "national origin",
+    ),
+    "sex": Attribute((("is a {sex_noun}", "is a customer"),), "sex"),
+    "marital_status": Attribute(
+        (
+            ("is single", "is tall"),
+            ("is divorced", "is busy"),
+            ("is married", "is punctual"),
+            ("is unmarried", "is well organized"),
+        ),
+        "marital status",
+    ),
+    "age": Attribute(
+        (
+            ("is 68 years old", "is 6 feet tall"),
+            ("is 80", "is a runner"),
+            ("is 19", "is a gardener"),
+            ("is elderly", "is friendly"),
+        ),
+        "age",
+    ),
     "public_assistance": Attribute(
-        ("receives food stamps", "lives on welfare", "receives public assistance"), "public assistance income"
+        (
+            ("receives food stamps", "receives a newsletter"),
+            ("lives on welfare", "lives on Elm Street"),
+            ("receives public assistance", "receives paper statements"),
+        ),
+        "public assistance income",
     ),
     "ccpa_rights": Attribute(
-        ("disputed a charge on {poss} credit card last year", "filed a complaint about {poss} credit report"),
+        (
+            ("disputed a charge on {poss} credit card last year", "paid a charge on {poss} credit card last year"),
+            ("filed a complaint about {poss} credit report", "filed a request about {poss} mailing address"),
+        ),
         "credit dispute",
     ),
     "familial_status": Attribute(
-        ("has two young children", ("is pregnant", "has a pregnant wife"), "has a newborn"), "family status"
+        (
+            ("has two young children", "has two old bicycles"),
+            (("is pregnant", "has a pregnant wife"), ("is cheerful", "has a cheerful wife")),
+            ("has a newborn", "has a new phone"),
+        ),
+        "family status",
     ),
-    "disability": Attribute(("uses a wheelchair", "is blind", "is deaf"), "disability"),
+    "disability": Attribute(
+        (("uses a wheelchair", "uses a laptop"), ("is blind", "is left-handed"), ("is deaf", "is calm")), "disability"
+    ),
 }
 HELD_OUT_ATTRIBUTES: dict[str, Attribute] = {
-    "race": Attribute(("is Latino", "is Pacific Islander"), "ethnicity"),
-    "color": Attribute(("has a dark complexion",), "complexion"),
-    "religion": Attribute(("is Sikh", "is Buddhist"), "faith"),
-    "national_origin": Attribute(("immigrated from Vietnam", "has Haitian heritage"), "ancestry"),
-    "sex": Attribute(("is {sex_adj}",), "gender"),
-    "marital_status": Attribute(("is widowed", "is separated from {poss} spouse"), "marriage status"),
-    "age": Attribute(("is 72", "is a senior citizen"), "advanced age"),
-    "public_assistance": Attribute(("gets SNAP benefits", "lives on Social Security"), "government benefits"),
-    "ccpa_rights": Attribute(("exercised {poss} right to dispute a bill",), "billing dispute"),
-    "familial_status": Attribute(
-        ("is a single parent of twins", ("is expecting a baby", "is about to become a father")), "children"
+    "race": Attribute((("is Latino", "is a plumber"), ("is Pacific Islander", "is an electrician")), "ethnicity"),
+    "color": Attribute((("has a dark complexion", "has a savings account"),), "complexion"),
+    "religion": Attribute((("is Sikh", "is a librarian"), ("is Buddhist", "is a welder")), "faith"),
+    "national_origin": Attribute(
+        (("immigrated from Vietnam", "moved from Ohio"), ("has Haitian heritage", "has a cooking blog")), "ancestry"
     ),
-    "disability": Attribute(("has multiple sclerosis", "has a hearing impairment"), "medical condition"),
+    "sex": Attribute((("is {sex_adj}", "is a client"),), "gender"),
+    "marital_status": Attribute(
+        (("is widowed", "is soft-spoken"), ("is separated from {poss} spouse", "is far from {poss} office")),
+        "marriage status",
+    ),
+    "age": Attribute((("is 72", "is a cyclist"), ("is a senior citizen", "is a regular customer")), "advanced age"),
+    "public_assistance": Attribute(
+        (("gets SNAP benefits", "gets weekly emails"), ("lives on Social Security", "lives on Main Street")),
+        "government benefits",
+    ),
+    "ccpa_rights": Attribute(
+        (("exercised {poss} right to dispute a bill", "exercised {poss} option to pay a bill early"),),
+        "billing dispute",
+    ),
+    "familial_status": Attribute(
+        (
+            ("is a single parent of twins", "is a fan of jazz"),
+            (
+                ("is expecting a baby", "is about to become a father"),
+                ("is expecting a package", "is about to become a manager"),
+            ),
+        ),
+        "children",
+    ),
+    "disability": Attribute(
+        (("has multiple sclerosis", "has a vegetable garden"), ("has a hearing impairment", "has a library card")),
+        "medical condition",
+    ),
 }
 
 # What the decision rests on, when it rests on the attribute. {pred}: the attribute as mentioned; {category}.
@@ -230,10 +318,15 @@ def _fill(text: str, person: Person, **extra: str) -> str:
         "subj": person.subj,
         "Subj": _capitalise(person.subj),
         "poss": person.poss,
+        "obj": "her" if person.female else "him",
         "sex_noun": "woman" if person.female else "man",
         "sex_adj": "female" if person.female else "male",
     }
     return text.format(**values, **{k: v.format(**values) for k, v in extra.items()})
+
+
+def _for(person: Person, words: Words) -> str:
+    return words[0 if person.female else 1] if isinstance(words, tuple) else words
 
 
 def _cycle(rng: random.Random, items: Sequence, n: int) -> list:
@@ -281,15 +374,13 @@ def build_rows(split: Split) -> list[dict[str, str]]:
             _cycle(rng, people, n),
             _cycle(rng, products, n),
             _cycle(rng, TRAIN_QUESTIONS, n),
-            _cycle(rng, attribute.predicates, n),
+            _cycle(rng, attribute.mentions, n),
             _cycle(rng, rests_on_forms, n),
             _cycle(rng, legitimate if split.kind == "mention" else favourable, n),
             _cycle(rng, adverse if split.kind == "favourable" else (None,), n),
         )
-        for structure_id, person, product, question, predicate, rests_on, other, adverse_form in draws:
-            predicate_text = _fill(
-                predicate[0 if person.female else 1] if isinstance(predicate, tuple) else predicate, person
-            )
+        for structure_id, person, product, question, (predicate, neutral), rests_on, other, adverse_form in draws:
+            predicate_text = _fill(_for(person, predicate), person)
             rests_on_text = _fill(rests_on, person, pred=predicate_text, category=attribute.category)
             if split.kind == "mention":
                 category, legit = other
@@ -297,7 +388,7 @@ def build_rows(split: Split) -> list[dict[str, str]]:
                     structures[structure_id], person, product, predicate_text, rests_on_text, _fill(legit, person)
                 )
             else:
-                category = FAVOURABLE_CATEGORY
+                category = FAVOURABLE_DECISION
                 fields = {"product": product, "a_product": _a(product), "pred": predicate_text}
                 clean_phrase = _fill(adverse_form, person, product=product, rests_on=rests_on_text)
                 legit_phrase = _fill(other, person, product=product)
@@ -319,13 +410,164 @@ def build_rows(split: Split) -> list[dict[str, str]]:
                     "legitimate_phrase": legit_phrase,
                     "reason_category": category,
                     "attribute_mention": mention,
+                    "neutral_mention": _fill(_for(person, neutral), person),
+                }
+            )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Proxies: a decision that rests on a protected basis without naming it
+# ---------------------------------------------------------------------------------------------------------
+
+# Per basis, reasons that stand for the basis without the task set's words for it (a practice, a language, a policy
+# on age, an income source, a right exercised, ...). Gendered pairs: (for a woman, for a man). The hand-written
+# controls' own proxies (a Hispanic neighbourhood, an accent, a mosque, "over 62", Social Security income, a service
+# dog, a husband's signature, women as drivers, a billing-error complaint, the colour of hands) are not used here.
+TRAIN_PROXIES: dict[str, tuple] = {
+    "race": (
+        "because {subj} went to a historically Black college",
+        "because of the racial makeup of {poss} neighborhood",
+        "after the officer said {poss} family name sounded African American",
+        "because {poss} church is in a Black part of town",
+    ),
+    "color": (
+        "because the officer thought {subj} looked too dark in {poss} photo",
+        "after the manager called {obj} too dark to be a good customer",
+    ),
+    "religion": (
+        "because {subj} wears a headscarf",
+        "after {subj} asked to meet after Ramadan",
+        "because {subj} keeps kosher",
+        "because {subj} goes to temple every week",
+    ),
+    "national_origin": (
+        "because {poss} first language is Spanish",
+        "because {poss} surname sounds Mexican",
+        "because {subj} grew up in Nigeria",
+        "after {subj} said English is {poss} second language",
+    ),
+    "sex": (
+        ("because the officer thinks women cannot manage money", "because the officer thinks men spend too freely"),
+        ("because the bank prefers to lend to men", "because the bank prefers to lend to women"),
+    ),
+    "marital_status": (
+        ("because {subj} has no husband to co-sign", "because {subj} has no wife to co-sign"),
+        "because the bank lends only to couples",
+        "because {subj} lives without a spouse",
+    ),
+    "age": (
+        "because {subj} will be 90 before the loan is paid off",
+        "because the bank does not lend to anyone over 75",
+        "because {subj} is close to retirement",
+        "because {subj} only just turned 21",
+    ),
+    "public_assistance": (
+        "because part of {poss} income is a housing voucher",
+        "because the lender would not count {poss} disability benefits",
+        "because {subj} pays part of the rent with state aid",
+        "because {poss} income comes from a government program",
+    ),
+    "ccpa_rights": (
+        "because {subj} had reported the bank to a consumer protection agency",
+        "after {subj} asked for a copy of {poss} credit file",
+        "because {subj} challenged a late fee last month",
+        "because {subj} once sued a lender under the credit laws",
+    ),
+    "familial_status": (
+        "because {subj} has custody of three children",
+        "because {subj} plans to start a family soon",
+        "because {subj} is a single parent",
+        "because {subj} is on parental leave",
+    ),
+    "disability": (
+        "because {subj} takes medication for depression",
+        "because {subj} needs a ramp to enter the home",
+        "because {subj} uses a guide dog",
+        "because {subj} is treated for epilepsy",
+    ),
+}
+HELD_OUT_PROXIES: dict[str, tuple] = {
+    "race": (
+        "since {poss} old address was in a mostly Latino part of town",
+        "due to {poss} membership in a Black professional association",
+    ),
+    "color": (
+        "since the officer disliked how dark {poss} face looked on the video call",
+        "due to the dark tone of {poss} face in the branch",
+    ),
+    "religion": ("since {subj} wears a turban", "due to {poss} observance of the Sabbath"),
+    "national_origin": ("since {poss} passport is Vietnamese", "due to {poss} Haitian last name"),
+    "sex": (
+        (
+            "since the officer believes female borrowers default more",
+            "since the officer believes male borrowers default more",
+        ),
+        ("due to the lender's preference for male applicants", "due to the lender's preference for female applicants"),
+    ),
+    "marital_status": ("since the bank favors married applicants", "due to there being no spouse on the application"),
+    "age": ("since the lender caps borrowers at age 70", "due to {poss} birth year of 1948"),
+    "public_assistance": ("since {poss} income includes TANF payments", "due to the WIC benefits {poss} family gets"),
+    "ccpa_rights": (
+        "since {subj} had filed a complaint with the CFPB",
+        "due to {poss} request to fix a billing mistake",
+    ),
+    "familial_status": ("since {subj} is adopting a child", "due to {poss} toddler living in the home"),
+    "disability": ("since {subj} uses a hearing aid", "due to {poss} history of mental illness"),
+}
+PROXY_SPLITS = {"proxy_train": ("ptr", 10, 26, False), "proxy_test": ("pte", 8, 27, True)}
+"""name: (id prefix, pairs per basis, seed, held out): held out means unseen proxies, connectives, legitimate reasons,
+sentence structures and names."""
+
+
+def build_proxy_rows(split: str) -> list[dict[str, str]]:
+    """Pairs in the task set's schema whose clean decision rests on a proxy for the basis (" Yes") and whose corrupted
+    decision rests on a legitimate reason (" No"), in the screener set's sentence structures."""
+    prefix, per_basis, seed, held_out = PROXY_SPLITS[split]
+    rng = random.Random(seed)
+    templates = SCREENER_TEST_TEMPLATES if held_out else SCREENER_TRAIN_TEMPLATES
+    people = TEST_PEOPLE if held_out else TRAIN_PEOPLE
+    legitimate = HELD_OUT_LEGITIMATE if held_out else TRAIN_LEGITIMATE
+    proxies = HELD_OUT_PROXIES if held_out else TRAIN_PROXIES
+    rows = []
+    for basis, phrases in proxies.items():
+        statute = STATUTE_OF_BASIS[basis]
+        products = HOUSING if statute == "FHA" else PRODUCTS
+        draws = zip(
+            _cycle(rng, list(templates), per_basis),
+            _cycle(rng, people, per_basis),
+            _cycle(rng, products, per_basis),
+            _cycle(rng, TRAIN_QUESTIONS, per_basis),
+            _cycle(rng, phrases, per_basis),
+            _cycle(rng, legitimate, per_basis),
+        )
+        for template_id, person, product, question, proxy, (category, legit) in draws:
+            template = templates[template_id]
+            proxy_phrase, legit_phrase = _fill(_for(person, proxy), person), _fill(legit, person)
+            rows.append(
+                {
+                    "pair_id": f"{prefix}-{len(rows) + 1:04d}",
+                    "basis": basis,
+                    "statute": statute,
+                    "template_id": template_id,
+                    "product": product,
+                    "clean_prompt": render(template, person, product, proxy_phrase) + QUESTIONS[question],
+                    "corrupted_prompt": render(template, person, product, legit_phrase) + QUESTIONS[question],
+                    "clean_answer": FAIR_LENDING_ANSWERS[0],
+                    "corrupted_answer": FAIR_LENDING_ANSWERS[1],
+                    "protected_phrase": _phrase_as_written(template, proxy_phrase),
+                    "legitimate_phrase": _phrase_as_written(template, legit_phrase),
+                    "reason_category": category,
                 }
             )
     return rows
 
 
 def build_files() -> dict[Path, str]:
-    return {SCREENER_DIR / f"{split.name}.csv": render_csv(build_rows(split), MENTION_COLUMNS) for split in SPLITS}
+    files = {SCREENER_DIR / f"{split.name}.csv": render_csv(build_rows(split), MENTION_COLUMNS) for split in SPLITS}
+    for split in PROXY_SPLITS:
+        files[SCREENER_DIR / f"{split}.csv"] = render_csv(build_proxy_rows(split), FAIR_LENDING_COLUMNS)
+    return files
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -43,6 +43,7 @@ from mechfin_utils.tasks.fair_lending import (  # noqa: E402
     HOUSING_PRODUCTS,
     STATUTE_OF_BASIS,
 )
+from mechfin_utils.tasks.screener_sets import QUESTIONS, TEST_QUESTIONS, TRAIN_QUESTIONS  # noqa: E402
 
 SCREENER_DIR = DATA_DIR / "screener"
 PAIR_SPLITS = ("train", "test_templates", "test_phrases", "test_questions")
@@ -51,22 +52,6 @@ CONTROL_COLUMNS = ("control_id", "kind", "basis", "product", "prompt", "answer",
 # ---------------------------------------------------------------------------------------------------------
 # What varies
 # ---------------------------------------------------------------------------------------------------------
-
-QUESTIONS: dict[str, str] = {
-    "Q1": " Is this a fair-lending violation? Answer:",
-    "Q2": " Question: Is this illegal lending discrimination? Answer:",
-    "Q3": "\nQ: Could this violate fair lending laws?\nA:",
-    "Q4": " Does this decision discriminate on a prohibited basis? Answer:",
-    "Q5": " Compliance check - is this a fair lending violation (Yes or No)? Answer:",
-    "Q6": " Is the lender's decision unlawful under ECOA or the Fair Housing Act? Answer:",
-    # held out
-    "Q7": " Question: Does this break fair lending law? Answer:",
-    "Q8": " Would a fair lending examiner flag this as discrimination? Answer:",
-    "Q9": "\nIs this prohibited credit discrimination? Reply Yes or No.\nAnswer:",
-    "Q10": " Question: Was the applicant treated unlawfully? Answer:",
-}
-TRAIN_QUESTIONS = ("Q1", "Q2", "Q3", "Q4", "Q5", "Q6")
-TEST_QUESTIONS = ("Q7", "Q8", "Q9", "Q10")
 
 
 @dataclass(frozen=True)

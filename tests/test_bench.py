@@ -10,7 +10,8 @@ import textwrap
 import pytest
 
 from mechfin_utils.methods.patching import activation as patching
-from mechfin_utils.tooling import bench
+from mechfin_utils.reporting.tables import markdown_table
+from mechfin_utils.tooling.bench import command, flop_floor
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,7 @@ def tiny_gpt2(tmp_path_factory):
     previous = os.environ.get("MECHFIN_CACHE")
     os.environ["MECHFIN_CACHE"] = str(tmp_path_factory.mktemp("mechfin-cache"))
     try:
-        yield bench.load_bench_model("gpt2-shape", gpt2_layers=2)
+        yield command.load_bench_model("gpt2-shape", gpt2_layers=2)
     finally:
         if previous is None:
             os.environ.pop("MECHFIN_CACHE", None)
@@ -41,13 +42,13 @@ def test_floor_of_a_last_token_difference_is_one_row_per_later_layer(tiny_gpt2):
     cost = fm.flops_per_row(n_pos)
     per_row = cost["kv"] + cost["rest"]
     expected = 3 * sum(n_layers - layer for layer in range(n_layers)) * per_row
-    assert bench.floor_flops(fm, "resid_pre", clean, corrupted) == expected
-    assert bench.floor_flops(fm, "resid_pre", corrupted, corrupted) == 0  # nothing differs: nothing to compute
+    assert flop_floor.floor_flops(fm, "resid_pre", clean, corrupted) == expected
+    assert flop_floor.floor_flops(fm, "resid_pre", corrupted, corrupted) == 0  # nothing differs: nothing to compute
 
 
 def test_bench_runs_and_writes_its_table(tiny_gpt2, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(bench, "load_bench_model", lambda name, layers=2: tiny_gpt2)
-    code = bench.main(
+    monkeypatch.setattr(command, "load_bench_model", lambda name, layers=2: tiny_gpt2)
+    code = command.main(
         [
             "--models",
             "gpt2-shape",
@@ -102,17 +103,17 @@ def test_trace_floor_of_one_restoration_is_counted_by_hand(tiny_gpt2):
     fm = patching.functional_model(model)
     n_pos, last = 9, fm.n_layers - 1
     cost = fm.flops_per_row(n_pos)
-    assert bench.trace_floor_flops(fm, n_pos, [(last, n_pos - 1)], n_samples=3) == 3 * (cost["kv"] + cost["rest"])
+    assert flop_floor.trace_floor_flops(fm, n_pos, [(last, n_pos - 1)], n_samples=3) == 3 * (cost["kv"] + cost["rest"])
     # from layer 0 at position 5: 4 rows in every block but the last, which needs the 4 rows' keys and values and
     # one row's query, attention and MLP
     mid = fm.flops_per_row((5 + 1 + n_pos) // 2)
     expected = last * 4 * (mid["kv"] + mid["rest"]) + 4 * cost["kv"] + cost["rest"]
-    assert bench.trace_floor_flops(fm, n_pos, [(0, 5)], n_samples=1) == expected
+    assert flop_floor.trace_floor_flops(fm, n_pos, [(0, 5)], n_samples=1) == expected
 
 
 def test_bench_refuses_components_without_a_transformer_lens_twin(capsys):
     with pytest.raises(SystemExit):
-        bench.main(["--components", "resid_pre_all_pos"])
+        command.main(["--components", "resid_pre_all_pos"])
     assert "no TransformerLens counterpart" in capsys.readouterr().err
 
 
@@ -121,9 +122,9 @@ def test_peak_memory_sees_a_large_allocation():
     in a long-lived process freed heap chunks are reused without growing the resident set)."""
     script = textwrap.dedent("""
         import time, torch
-        from mechfin_utils.tooling import bench
-        bench.pin_malloc_to_mmap()
-        with bench.PeakMemory() as memory:
+        from mechfin_utils.tooling.bench import machine
+        machine.pin_malloc_to_mmap()
+        with machine.PeakMemory() as memory:
             block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
             block.add_(1)
             time.sleep(0.05)  # the sampler runs every 2 ms
@@ -134,3 +135,19 @@ def test_peak_memory_sees_a_large_allocation():
     if out == "None":
         pytest.skip("no /proc here: resident memory cannot be read")
     assert 48 * 2**20 <= int(out) <= 200 * 2**20
+
+
+def test_markdown_table_fills_format_strings_and_calls_functions():
+    """The one Markdown-table writer every bench table uses: a header, a rule, one line per row."""
+    rows = [{"model": "m", "cells": 1234, "seconds": 2.25, "peak": None}]
+    columns = [
+        ("model", "{model}"),
+        ("cells", "{cells:,}"),
+        ("seconds", "{seconds:.1f} s"),
+        ("peak MB", lambda row: "n/a" if row["peak"] is None else f"{row['peak']:,.0f}"),
+    ]
+    assert markdown_table(rows, columns).splitlines() == [
+        "| model | cells | seconds | peak MB |",
+        "|---|---|---|---|",
+        "| m | 1,234 | 2.2 s | n/a |",
+    ]

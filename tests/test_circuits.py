@@ -126,8 +126,10 @@ def test_acdc_order_walks_from_the_output_backwards():
     order = acdc_order(2, 3)
     assert [n.name for n in order] == ["MLP1", "L1H0", "L1H1", "L1H2", "MLP0", "L0H0", "L0H1", "L0H2"]
     assert all(Node.parse(n.name) == n for n in order)
-    with pytest.raises(ValueError, match="not a node name"):
-        Node.parse("H3L2")
+    for wrong in ("H3L2", "2.3", "MLP", "MLPx", "L2H3.q"):
+        with pytest.raises(ValueError, match="not a node name"):
+            Node.parse(wrong)
+    assert Node.parse(" L12H11 ") == Node(12, 11) and Node.parse("MLP7") == Node(7)
 
 
 def test_implied_edges_follow_the_residual_stream():

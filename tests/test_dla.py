@@ -11,13 +11,14 @@ random GPT-2 whose biases and LayerNorm parameters are random too (so every bias
 from __future__ import annotations
 
 import functools
+import re
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from mechfin_utils.methods.readout import dla, final_position
-from mechfin_utils.methods.readout.heads import head_labels, parse_head, select_heads, top_heads
+from mechfin_utils.methods.readout.heads import head_label, head_labels, parse_head, select_heads, top_heads
 from mechfin_utils.reporting import readout_tables
 from mechfin_utils.tasks import paper_claims
 from mechfin_utils.tooling.testing import assert_close_up_to_rounding
@@ -314,10 +315,10 @@ def test_cached_logit_lens_steps_are_the_layer_decomposition(case, decomposition
 def test_top_heads_orders_by_magnitude_or_sign():
     values = torch.tensor([[0.1, -0.5, 0.0], [0.3, -0.05, 0.2]])
     top = top_heads(values, 3)
-    assert [head for head, _ in top] == ["0.1", "1.0", "1.2"]
+    assert [head for head, _ in top] == ["L0H1", "L1H0", "L1H2"]
     assert [value for _, value in top] == pytest.approx([-0.5, 0.3, 0.2])
-    assert [h for h, _ in top_heads(values, 2, order="positive")] == ["1.0", "1.2"]
-    assert [h for h, _ in top_heads(values, 2, order="negative")] == ["0.1", "1.1"]
+    assert [h for h, _ in top_heads(values, 2, order="positive")] == ["L1H0", "L1H2"]
+    assert [h for h, _ in top_heads(values, 2, order="negative")] == ["L0H1", "L1H1"]
     with pytest.raises(ValueError, match="n_layers, n_heads"):
         top_heads(values[None], 2)
     with pytest.raises(ValueError, match="k must be"):
@@ -474,32 +475,39 @@ def test_paired_ci_table_takes_the_gap_per_pair():
 def test_head_labels_parse_and_select():
     values = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)
     labels = head_labels(3, 4)
-    assert labels[:5] == ["0.0", "0.1", "0.2", "0.3", "1.0"] and len(labels) == 12
+    assert labels[:5] == ["L0H0", "L0H1", "L0H2", "L0H3", "L1H0"] and len(labels) == 12
     flat = values.reshape(2, -1)
-    picked = select_heads(values, ["2.1", "0.3"])
-    torch.testing.assert_close(picked, flat[:, [labels.index("2.1"), labels.index("0.3")]].double())
-    assert parse_head("10.7") == (10, 7)
-    with pytest.raises(ValueError, match="not of the form 'layer.head'"):
-        parse_head("L10H7")
+    picked = select_heads(values, ["L2H1", "L0H3"])
+    torch.testing.assert_close(picked, flat[:, [labels.index("L2H1"), labels.index("L0H3")]].double())
+    assert parse_head("L10H7") == (10, 7) and parse_head((10, 7)) == (10, 7) and head_label(10, 7) == "L10H7"
+    with pytest.raises(
+        ValueError, match=r"head label '10\.7' is not of the form 'L<layer>H<head>'.*for layer 10, head 7 write 'L10H7'"
+    ):
+        parse_head("10.7")  # the papers' way: the error says how mechfin writes it
+    for wrong in ("L10", "H7", "L10H7.q", "MLP10", "l10h7", ""):
+        with pytest.raises(ValueError, match=f"head label {re.escape(repr(wrong))} is not of the form"):
+            parse_head(wrong)
     with pytest.raises(ValueError, match="layer 3 does not exist"):
-        select_heads(values, ["3.0"])
+        select_heads(values, ["L3H0"])
     with pytest.raises(ValueError, match="head 4 does not exist"):
-        select_heads(values, ["1.4"])
+        select_heads(values, ["L1H4"])
 
 
 def test_head_table_selects_ranks_and_summarises():
     means = torch.tensor([[0.1, -0.9, 0.0], [0.6, -0.2, 0.3]])
     per_prompt = means + torch.tensor([-0.01, 0.01])[:, None, None]  # two prompts around those means
     extremes = readout_tables.head_table(per_prompt, k=2, order="extremes", n_boot=200)
-    assert list(extremes.index) == ["1.0", "1.2", "1.1", "0.1"]  # most positive first, most negative last
+    assert list(extremes.index) == ["L1H0", "L1H2", "L1H1", "L0H1"]  # most positive first, most negative last
     assert extremes["mean"].to_numpy() == pytest.approx([0.6, 0.3, -0.2, -0.9])
     assert list(extremes["layer"]) == [1, 1, 1, 0] and list(extremes["head_index"]) == [0, 2, 1, 1]
     assert list(extremes["rank"]) == [2, 3, 4, 1]  # by magnitude among all six heads
     positive = readout_tables.head_table(per_prompt, k=3, order="positive", n_boot=200)
-    assert list(positive.index) == ["1.0", "1.2", "0.0"] and list(positive["rank"]) == [1, 2, 3]
-    chosen = readout_tables.head_table(per_prompt, ["0.2", "0.1"], order="negative", n_boot=200)
-    assert list(chosen.index) == ["0.2", "0.1"] and list(chosen["rank"]) == [3, 1]  # 0.0 ranks after -0.9, -0.2
+    assert list(positive.index) == ["L1H0", "L1H2", "L0H0"] and list(positive["rank"]) == [1, 2, 3]
+    chosen = readout_tables.head_table(per_prompt, ["L0H2", "L0H1"], order="negative", n_boot=200)
+    assert list(chosen.index) == ["L0H2", "L0H1"] and list(chosen["rank"]) == [3, 1]  # 0.0 ranks after -0.9, -0.2
     assert (chosen["low"] <= chosen["mean"]).all() and (chosen["mean"] <= chosen["high"]).all()
+    by_pair = readout_tables.head_table(per_prompt, [(0, 2), (0, 1)], order="negative", n_boot=200)
+    assert list(by_pair.index) == ["L0H2", "L0H1"]  # (layer, head) pairs come back labelled
     with pytest.raises(ValueError, match="order must be"):
         readout_tables.head_table(per_prompt, order="largest")
     with pytest.raises(ValueError, match="k must be"):
@@ -539,8 +547,8 @@ def test_compare_with_paper_reads_the_intervals():
     assert list(compared["paper"]) == ["positive", "positive", "negative", "negative"]
     assert list(compared["verdict"]) == ["agrees", "opposite", "unclear", "opposite"]
     assert list(compared["rank"]) == [1, 2, 4, 3] and compared.loc["2_mlp_out", "this_run"] == 0.5
-    with pytest.raises(KeyError, match="'11.4' is not in the table"):
-        readout_tables.compare_with_paper(table, {"11.4": "positive"})
+    with pytest.raises(KeyError, match="'L11H4' is not in the table"):
+        readout_tables.compare_with_paper(table, {"L11H4": "positive"})
 
 
 def test_component_display_names():

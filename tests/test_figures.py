@@ -21,11 +21,11 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
-from mechfin_utils.reporting import figures, plots
+from mechfin_utils.reporting import figures, plots, static_export
 
 MODEL = SimpleNamespace(name="Test-Model 1M", slug="test-model-1m")
 OTHER_MODEL = SimpleNamespace(name="Other Model", slug="other-model")
-needs_browser = pytest.mark.skipif(figures.find_browser() is None, reason="no Chrome/Chromium for kaleido")
+needs_browser = pytest.mark.skipif(static_export.find_browser() is None, reason="no Chrome/Chromium for kaleido")
 
 
 @pytest.fixture
@@ -33,7 +33,7 @@ def figures_dir(tmp_path, monkeypatch) -> Path:
     """Send every figure and results file of a test to its own temporary folder."""
     root = tmp_path / "figures"
     monkeypatch.setenv(figures.FIGURES_DIR_ENV, str(root))
-    monkeypatch.delenv(figures.STATIC_ENV, raising=False)
+    monkeypatch.delenv(static_export.STATIC_ENV, raising=False)
     return root
 
 
@@ -69,7 +69,7 @@ def test_save_figure_writes_three_files_deterministically(figures_dir):
     assert paths == {ext: folder / f"02_head_dla.{ext}" for ext in ("png", "svg", "html")}
 
     width, height = fig.layout.width, fig.layout.height
-    assert png_size(paths["png"]) == (width * figures.PNG_SCALE, height * figures.PNG_SCALE)
+    assert png_size(paths["png"]) == (width * static_export.PNG_SCALE, height * static_export.PNG_SCALE)
     svg_root = ET.fromstring(paths["svg"].read_text())
     assert svg_root.tag.endswith("svg")
     assert (svg_root.get("width"), svg_root.get("height")) == (str(width), str(height))
@@ -87,11 +87,11 @@ def test_static_size_defaults_and_overrides(figures_dir):
     paths = figures.save_figure(fig, model=MODEL, notebook="00", name="bars", width=400, height=300)
     assert png_size(paths["png"]) == (800, 600)
     paths = figures.save_figure(fig, model=MODEL, notebook="00", name="bars_default")
-    assert png_size(paths["png"]) == (figures.DEFAULT_WIDTH * 2, figures.DEFAULT_HEIGHT * 2)
+    assert png_size(paths["png"]) == (static_export.DEFAULT_WIDTH * 2, static_export.DEFAULT_HEIGHT * 2)
 
 
 def test_html_renders_offline_with_local_plotlyjs(figures_dir, monkeypatch):
-    monkeypatch.setenv(figures.STATIC_ENV, "0")  # HTML only, deliberately
+    monkeypatch.setenv(static_export.STATIC_ENV, "0")  # HTML only, deliberately
     paths = figures.save_figure(small_heatmap(), model=MODEL, notebook="02", name="head_dla")
     assert set(paths) == {"html"}
     html = paths["html"].read_text(encoding="utf-8")
@@ -142,9 +142,9 @@ def test_figures_root_defaults_to_repo_figures(monkeypatch):
 
 
 def test_missing_browser_keeps_html_and_says_how_to_install(figures_dir, monkeypatch):
-    monkeypatch.setattr(figures, "find_browser", lambda: None)
-    monkeypatch.setattr(figures, "_static_state", {"started": False, "broken": None, "atexit": True})
-    with pytest.raises(figures.StaticExportUnavailableError, match=r"apt-get install chromium"):
+    monkeypatch.setattr(static_export, "find_browser", lambda: None)
+    monkeypatch.setattr(static_export, "_static_state", {"started": False, "broken": None, "atexit": True})
+    with pytest.raises(static_export.StaticExportUnavailableError, match=r"apt-get install chromium"):
         figures.save_figure(small_heatmap(), model=MODEL, notebook="02", name="head_dla")
     assert (figures_dir / "test-model-1m" / "02_head_dla.html").is_file()
     assert not (figures_dir / "test-model-1m" / "02_head_dla.png").exists()
@@ -156,12 +156,12 @@ def test_browser_that_fails_to_start_is_an_error_not_a_hang(tmp_path):
         import os, time, types
         os.environ["{figures.FIGURES_DIR_ENV}"] = {str(tmp_path)!r}
         import plotly.graph_objects as go
-        from mechfin_utils.reporting import figures
+        from mechfin_utils.reporting import figures, static_export
         fig = go.Figure(go.Bar(x=[1], y=[1])).update_layout(title="t — M")
         start = time.time()
         try:
             figures.save_figure(fig, model=types.SimpleNamespace(name="M", slug="m"), notebook="00", name="x")
-        except figures.StaticExportUnavailableError as exc:
+        except static_export.StaticExportUnavailableError as exc:
             print("RAISED", round(time.time() - start), exc)
     """)
     env = {"PATH": "/usr/bin:/bin", "BROWSER_PATH": "/bin/false", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path)}
@@ -307,7 +307,7 @@ def test_save_results_refuses_another_models_file(figures_dir):
 
 
 def test_save_figure_results_argument_goes_to_the_json(figures_dir, monkeypatch):
-    monkeypatch.setenv(figures.STATIC_ENV, "off")
+    monkeypatch.setenv(static_export.STATIC_ENV, "off")
     figures.save_figure(
         small_heatmap(),
         model=MODEL,

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
-from mechfin_utils.methods.circuits import edges as ea
-from mechfin_utils.methods.circuits import ioi_heads
+from mechfin_utils.core.head_labels import head_label
+from mechfin_utils.methods.circuits import edges, ioi_heads
 from mechfin_utils.tasks import ioi, paper_claims
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,21 +63,21 @@ def test_ioi_task_metric_is_the_logit_difference_of_io_and_s_by_hand(smollm2):
     assert len(one_length.task.batches) == 1 and "of 16 tokens" in one_length.task.notes
     with pytest.raises(ValueError, match="no usable IOI row has 3 tokens"):
         ioi.ioi_task(smollm2, token_length=3)
-    patcher = ea.EdgePatcher(smollm2, task.task)
+    patcher = edges.EdgePatcher(smollm2, task.task)
     assert patcher.clean_metric == pytest.approx(table["clean"].mean(), abs=1e-4)
     assert patcher.corrupted_metric == pytest.approx(table["corrupted"].mean(), abs=1e-4)
 
 
 def _roles() -> pd.DataFrame:
-    """A hand-built 12 x 12 table: 9.9 and 10.0 look like name movers, 11.1 writes IO but looks at S, 7.3 acts through
-    the name movers' queries."""
+    """A hand-built 12 x 12 table: L9H9 and L10H0 look like name movers, L11H1 writes IO but looks at S, L7H3 acts
+    through the name movers' queries."""
     rows = []
     for layer in range(12):
         for head in range(12):
-            name = f"{layer}.{head}"
-            dla = {"9.9": 2.0, "10.0": 1.5, "11.1": 3.0, "10.7": -1.0}.get(name, 0.0)
-            attn_io, attn_s = (0.6, 0.1) if name in ("9.9", "10.0") else (0.1, 0.5) if name == "11.1" else (0.1, 0.1)
-            via = {"7.3": -0.8, "8.6": -0.5, "10.1": -2.0}.get(name, 0.0)
+            name = head_label(layer, head)
+            dla = {"L9H9": 2.0, "L10H0": 1.5, "L11H1": 3.0, "L10H7": -1.0}.get(name, 0.0)
+            attn_io, attn_s = (0.6, 0.1) if name in ("L9H9", "L10H0") else (0.1, 0.5) if name == "L11H1" else (0.1, 0.1)
+            via = {"L7H3": -0.8, "L8H6": -0.5, "L10H1": -2.0}.get(name, 0.0)
             rows.append(
                 {
                     "head": name,
@@ -95,8 +95,8 @@ def _roles() -> pd.DataFrame:
 
 def test_candidates_are_name_movers_by_dla_and_s_inhibition_below_them():
     found = ioi_heads.candidates(_roles(), n=2)
-    assert found["name movers"] == ["9.9", "10.0"]  # 11.1 writes IO but attends to S: not a name mover
-    assert found["S-inhibition"] == ["7.3", "8.6"]  # 10.1 is not below the name movers
+    assert found["name movers"] == ["L9H9", "L10H0"]  # L11H1 writes IO but attends to S: not a name mover
+    assert found["S-inhibition"] == ["L7H3", "L8H6"]  # L10H1 is not below the name movers
 
 
 def test_paper_comparison_lists_every_published_head_with_its_rank():
@@ -104,5 +104,5 @@ def test_paper_comparison_lists_every_published_head_with_its_rank():
     assert table.iloc[0]["paper"] == paper_claims.IOI_LOGIT_DIFF and table.iloc[0]["this run"] == 3.1
     heads = [h for group in paper_claims.IOI_HEADS.values() for h in group]
     assert len(table) == 1 + len(heads)
-    row = table[table["claim"] == "name mover head 9.9"].iloc[0]
+    row = table[table["claim"] == "name mover head L9H9"].iloc[0]
     assert "rank 2 of 144" in row["this run"] and "candidate: True" in row["this run"]

@@ -1,13 +1,14 @@
-"""The paper's GPT-2 Small claims: held once, read back in words exactly as the paper states them."""
+"""The paper's GPT-2 Small claims: held once, read back in words as the paper states them, heads labelled "L10H7"."""
 
 import math
 
+from mechfin_utils.core.head_labels import parse_head
 from mechfin_utils.tasks import paper_claims
 
 
 def test_claims_read_back_as_the_paper_states_them():
-    assert paper_claims.describe(paper_claims.HEAD_DLA) == "positive 11.4, 8.9, 6.3; negative 0.6, 11.0, 10.7"
-    assert paper_claims.describe(paper_claims.HEAD_PATCHING) == "positive 10.2, 10.7, 11.3; negative 9.6, 10.6"
+    assert paper_claims.describe(paper_claims.HEAD_DLA) == "positive L11H4, L8H9, L6H3; negative L0H6, L11H0, L10H7"
+    assert paper_claims.describe(paper_claims.HEAD_PATCHING) == "positive L10H2, L10H7, L11H3; negative L9H6, L10H6"
     assert paper_claims.describe(paper_claims.LAYER_DLA) == "positive MLP 2, MLP 4; negative MLP 10, attention layer 0"
     assert paper_claims.describe({}) == ""
 
@@ -17,7 +18,7 @@ def test_probability_ratio_is_e_to_the_mean_logit_difference():
 
 
 def test_every_head_label_names_a_gpt2_small_head():
-    for label in [*paper_claims.HEAD_DLA, *paper_claims.HEAD_PATCHING]:
-        layer, head = map(int, label.split("."))
-        assert 0 <= layer < 12 and 0 <= head < 12
+    ioi_heads = [label for heads in paper_claims.IOI_HEADS.values() for label in heads]
+    for label in [*paper_claims.HEAD_DLA, *paper_claims.HEAD_PATCHING, *ioi_heads]:
+        parse_head(label, n_layers=12, n_heads=12)  # raises unless an "L<layer>H<head>" label of a 12 x 12 model
     assert set(paper_claims.GREATER_THAN_MLPS) <= set(range(12))

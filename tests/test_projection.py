@@ -636,8 +636,8 @@ def test_named_heads_table_means_intervals_and_ranks():
     values = torch.randn(6, 3, 4, generator=gen)
     values[:, 2, 1] += 5.0  # the largest |mean|
     values[:, 0, 3] -= 3.0  # the second largest
-    table = readout_tables.named_heads_table(values, ["0.3", "2.1", "1.0"], _fake_model(), n_boot=100, seed=1)
-    assert table["head"].tolist() == ["0.3", "2.1", "1.0"]
+    table = readout_tables.named_heads_table(values, ["L0H3", "L2H1", "L1H0"], _fake_model(), n_boot=100, seed=1)
+    assert table["head"].tolist() == ["L0H3", "L2H1", "L1H0"]
     mean = values.double().mean(0)
     assert table["mean"].tolist() == pytest.approx([float(mean[0, 3]), float(mean[2, 1]), float(mean[1, 0])])
     assert table["rank_by_abs"].tolist()[:2] == [2, 1]
@@ -645,12 +645,12 @@ def test_named_heads_table_means_intervals_and_ranks():
     assert table["rank_by_abs"].iloc[2] == ranks_by_hand
     ci = bootstrap_ci(values.double().numpy(), n_boot=100, seed=1)
     assert table["low"].iloc[1] == pytest.approx(ci.low[2, 1]) and table["high"].iloc[0] == pytest.approx(ci.high[0, 3])
-    with pytest.raises(ValueError, match=r"head '3.0': layer 3 does not exist"):
-        readout_tables.named_heads_table(values, ["3.0"], _fake_model())
+    with pytest.raises(ValueError, match=r"head 'L3H0': layer 3 does not exist"):
+        readout_tables.named_heads_table(values, ["L3H0"], _fake_model())
     with pytest.raises(ValueError, match="not of the form"):
         readout_tables.named_heads_table(values, ["1-2"], _fake_model())
     with pytest.raises(ValueError, match="layers x heads"):
-        readout_tables.named_heads_table(values, ["0.0"], _fake_model(n_heads=5))
+        readout_tables.named_heads_table(values, ["L0H0"], _fake_model(n_heads=5))
 
 
 @pytest.mark.parametrize("layer,head", [(2, 4)])
@@ -665,13 +665,13 @@ def test_ov_answer_scores_match_brute_force_on_unprocessed_weights(case, layer, 
     assert table["source_id"].tolist() == src
     assert_close_up_to_rounding(torch.tensor(table["score"].tolist()), expected, model, scale=written)
     grouped = embedding_circuits.ov_answer_push_by_group(
-        model, [f"{layer}.{head}"], {"b": src[20:], "a": src[:20]}, ANSWERS, n_boot=50
+        model, [f"L{layer}H{head}"], {"b": src[20:], "a": src[:20]}, ANSWERS, n_boot=50
     )
     assert grouped["group"].tolist() == ["b", "a"] and grouped["n"].tolist() == [20, 20]
     means = [float(expected[20:].mean()), float(expected[:20].mean())]
     assert grouped["estimate"].tolist() == pytest.approx(means, rel=1e-3)
     with pytest.raises(ValueError, match="at least 2"):
-        embedding_circuits.ov_answer_push_by_group(model, [f"{layer}.{head}"], {"lonely": src[:1]}, ANSWERS)
+        embedding_circuits.ov_answer_push_by_group(model, [f"L{layer}H{head}"], {"lonely": src[:1]}, ANSWERS)
 
 
 def test_phrase_vocabulary_and_prompt_word_ids(smollm2):

@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from mechfin_utils.tooling import run_figures
+from mechfin_utils.tooling import run_figures, staging
 
 
 @pytest.fixture(autouse=True)
@@ -188,7 +188,7 @@ def test_swap_in_replaces_the_notebooks_files_in_every_folder_it_wrote_and_nothi
         folder.mkdir(parents=True, exist_ok=True)
         for name, text in files.items():
             (folder / name).write_text(text)
-    removed = run_figures.swap_in(staged, root, "08_screener_vs_base")
+    removed = staging.swap_in(staged, root, "08_screener_vs_base")
     assert [p.name for p in removed] == ["08_gone.png"]  # the new run no longer makes it
     assert {k: v.decode() for k, v in _tree(root).items()} == {
         "base/05_kept.png": "05",  # another notebook's
@@ -208,13 +208,13 @@ def test_stale_staging_folders_are_removed_unless_their_run_is_still_going(tmp_p
     import sys
 
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    staging = tmp_path / run_figures.STAGING
+    staging_folder = tmp_path / staging.STAGING
     for owner in (finished.stdout.strip(), str(os.getpid()), str(os.getppid()), "junk"):
-        (staging / f"{owner}-00-m-00_a" / "figures").mkdir(parents=True)
-    removed = run_figures.clean_stale_staging(tmp_path)
+        (staging_folder / f"{owner}-00-m-00_a" / "figures").mkdir(parents=True)
+    removed = staging.clean_stale_staging(tmp_path)
     # the dead run's, this process's own (its runs have ended) and an unreadable name go; a live parent's stays
     assert sorted(p.name.split("-")[0] for p in removed) == sorted([finished.stdout.strip(), str(os.getpid()), "junk"])
-    assert [p.name for p in staging.iterdir()] == [f"{os.getppid()}-00-m-00_a"]
+    assert [p.name for p in staging_folder.iterdir()] == [f"{os.getppid()}-00-m-00_a"]
 
 
 FAKE_NOTEBOOK_CODE = """\
@@ -300,9 +300,9 @@ def test_a_run_stopped_part_way_leaves_every_committed_file_as_it_was(tmp_path, 
             runner.wait()
     assert _tree(committed) == before  # every committed file byte for byte, none deleted, none added
     if signum == signal.SIGINT:  # Ctrl-C: the runner stops its notebook and removes its staging folder itself
-        assert runner.returncode == 130 and not (committed / run_figures.STAGING).exists()
+        assert runner.returncode == 130 and not (committed / staging.STAGING).exists()
     else:  # killed outright: the folder stays until the next run starts, which removes it
-        assert len(run_figures.clean_stale_staging(committed)) == 1
+        assert len(staging.clean_stale_staging(committed)) == 1
     assert not (tmp_path / "executed" / "fake-model-00_fake.ipynb").exists()
 
 
@@ -312,11 +312,11 @@ def test_a_failed_notebook_changes_nothing_and_a_finished_one_replaces_its_files
     for name, value in _fake_run_env(tmp_path, committed, FAKE_RUN="failed", FAKE_FAIL="1").items():
         monkeypatch.setenv(name, value)
     # 1. A notebook that fails: its error is quoted, nothing committed changes, its staged outputs stay for a look.
-    with pytest.raises(run_figures.NotebookFailedError, match="00_fake.ipynb failed") as failure:
+    with pytest.raises(staging.NotebookFailedError, match="00_fake.ipynb failed") as failure:
         run_figures.run_many([("fake-model", [str(notebook)])])
     assert "ValueError: the fake notebook failed on purpose" in str(failure.value)
     assert _tree(committed) == before
-    [kept] = (committed / run_figures.STAGING).iterdir()
+    [kept] = (committed / staging.STAGING).iterdir()
     assert (kept / "fake-model-00_fake.ipynb").is_file() and (
         kept / "figures" / "fake-model" / "00_figure.html"
     ).is_file()
@@ -338,5 +338,5 @@ def test_a_failed_notebook_changes_nothing_and_a_finished_one_replaces_its_files
     manifest = json.loads(manifest_path.read_text())
     assert manifest["seconds_per_notebook"]["00_fake"] < 99.0 and manifest["seconds_per_notebook"]["01_other"] == 5.0
     assert manifest["torch_threads_per_notebook"] == 1
-    assert not (committed / run_figures.STAGING).exists()
+    assert not (committed / staging.STAGING).exists()
     assert (tmp_path / "executed" / "fake-model-00_fake.ipynb").is_file()

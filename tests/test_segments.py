@@ -178,3 +178,127 @@ def test_attention_by_segment_sums_the_final_query_row_of_each_segment(smollm2):
                 # attention weights are at most 1: rounding of that scale
                 assert got[segment] == pytest.approx(expected, abs=rounding_tolerance(1.0, smollm2)), (run, layer)
             assert got.sum() == pytest.approx(1.0, abs=rounding_tolerance(1.0, smollm2))
+
+
+def test_named_spans_are_carved_out_of_prefix_and_rest_in_reading_order(smollm2):
+    from mechfin_utils.tasks.screener_sets import load_split, mention_effect_pairs, mention_effect_spans, rests_on_spans
+
+    mention_pairs = load_split("mention_test_templates")[:12]
+    aligned, excluded = segment_pairs(smollm2, mention_pairs, rests_on_spans)
+    assert len(aligned) + len(excluded) == 12 and len(aligned) >= 8
+    for item in aligned:
+        for prompt in (item.clean, item.corrupted):
+            assert {"mention", "question", "phrase", "final"} <= set(prompt.segments)
+            every = sorted(p for s in prompt.segments for p in prompt.positions[s])
+            assert every == list(range(len(prompt.ids)))  # every token in exactly one segment
+            firsts = [prompt.positions[s][0] for s in prompt.segments if prompt.positions[s]]
+            assert firsts == sorted(firsts)  # reading order
+            spelled = smollm2.tokenizer.decode([prompt.ids[p] for p in prompt.positions["mention"]])
+            assert spelled.strip() == item.pair.attribute_mention
+        assert (
+            item.clean.segments[-1] == "final"
+            and item.clean.positions["question"][-1] < item.clean.positions["final"][0]
+        )
+    # the mention-effect contrast: the mention is the phrase, the lawful clause a named span
+    effect = mention_effect_pairs(mention_pairs)
+    spans = {e.pair_id: mention_effect_spans(p) for p, e in zip(mention_pairs, effect)}
+    aligned, _ = segment_pairs(smollm2, effect, lambda pair: spans[pair.pair_id])
+    assert aligned and all({"phrase", "reason", "question"} <= set(a.clean.segments) for a in aligned)
+    results = segment_patching(smollm2, aligned[:2], layers=[0, 29])
+    assert set(results["segment"]) == set(aligned[0].clean.segments)
+    # the tokens before the mention are the same in both prompts, so patching them changes nothing (up to rounding)
+    prefix = results[results.segment == "prefix"]
+    tol = 2 * rounding_tolerance(smollm2.bridge(smollm2.to_tokens(aligned[0].pair.clean_prompt))[0, -1], smollm2)
+    assert not prefix.empty and (prefix["ld_patched"] - prefix["ld_corrupted"]).abs().max() <= tol
+
+
+def test_final_position_patching_matches_hooks_on_the_plain_model(smollm2, unprocessed_hf_reference):
+    """A head's and an MLP's output at the last position, taken from another prompt of another length: the engine
+    against forward hooks on the unprocessed Hugging Face model (o_proj's input for the head, the MLP's output)."""
+    from mechfin_utils.methods.patching.final_position import Component, component_shares, patch_at_final_position
+
+    pair = _pair(
+        "The bank denied Maria's mortgage because she is Black. Is this a fair-lending violation? Answer:",
+        "The bank denied Maria's mortgage because her credit score is 540. Is this a fair-lending violation? Answer:",
+        "because she is Black",
+        "because her credit score is 540",
+    )
+    components = [Component(27, 4), Component(29), Component(3, 0)]
+    results = patch_at_final_position(smollm2, [pair], components)
+    hf = unprocessed_hf_reference("smollm2")
+    yes, no = smollm2.single_token_id(" Yes"), smollm2.single_token_id(" No")
+    source_ids = torch.tensor([smollm2.token_ids(pair.clean_prompt)])
+    target_ids = torch.tensor([smollm2.token_ids(pair.corrupted_prompt)])
+    d_head = hf.config.hidden_size // hf.config.num_attention_heads
+    for component, row in zip(components, results.itertuples()):
+        block = hf.model.layers[component.layer]
+        seen: dict[str, torch.Tensor] = {}
+        if component.head is None:  # the MLP's output, at the last position
+            hooks = (
+                lambda m, a, out, seen=seen: seen.setdefault("value", out.detach().clone()),
+                lambda m, a, out, seen=seen: torch.cat([out[:, :-1], seen["value"][:, -1:]], dim=1),
+            )
+            register = block.mlp.register_forward_hook
+        else:  # the head's slice of o_proj's input (its z), at the last position
+            span = slice(component.head * d_head, (component.head + 1) * d_head)
+
+            def put(m, args, seen=seen, span=span):
+                z = args[0].clone()
+                z[:, -1, span] = seen["value"][:, -1, span]
+                return (z, *args[1:])
+
+            def keep(m, args, seen=seen):
+                seen["value"] = args[0].detach().clone()
+
+            hooks = (keep, put)
+            register = block.self_attn.o_proj.register_forward_pre_hook
+        handle = register(hooks[0])
+        with torch.no_grad():
+            hf(source_ids)
+        handle.remove()
+        handle = register(hooks[1])
+        with torch.no_grad():
+            logits = hf(target_ids).logits[0, -1]
+        handle.remove()
+        tol = 2 * rounding_tolerance(logits, smollm2)
+        assert row.ld_patched == pytest.approx(float(logits[yes] - logits[no]), abs=tol), component
+    import pandas as pd
+
+    twice = pd.concat([results, results.assign(pair_id="x-2")])  # two identical pairs: the interval has no width
+    shares = component_shares(twice, n_boot=20)
+    assert list(shares["component"]) == [c.label for c in components] and shares["n_pairs"].eq(2).all()
+    assert (shares["low"] - shares["share"]).abs().max() < 1e-9 and (
+        shares["high"] - shares["share"]
+    ).abs().max() < 1e-9
+    assert (
+        shares["share"] * (results.ld_source.iloc[0] - results.ld_target.iloc[0]) - shares["mean_effect"]
+    ).abs().max() < 1e-9
+
+
+def test_holding_a_component_at_the_answer_position_is_the_engines_patch(smollm2):
+    """The bridge-hook ablation that behaviour scoring runs under writes exactly what the engine's patch writes: a
+    component held at another prompt's value (its "mean" over that one prompt) gives the engine's patched score."""
+    from mechfin_utils.methods.patching.final_position import (
+        Component,
+        held_at_final_position,
+        mean_outputs_at_final_position,
+        patch_at_final_position,
+    )
+
+    # prompts of two lengths whose answers differ a lot, so that one component's output at the end matters
+    pair = FairLendingPair(
+        "cap-1", "race", "ECOA", "T", "mortgage", "The capital of France is", "The capital of the United Kingdom is",
+        " Paris", " London", "France", "the United Kingdom", "credit_score",
+    )  # fmt: skip
+    yes, no = smollm2.single_token_id(" Paris"), smollm2.single_token_id(" London")
+    for component in (Component(27, 4), Component(29)):
+        engine_row = patch_at_final_position(smollm2, [pair], [component]).iloc[0]
+        values = mean_outputs_at_final_position(smollm2, [pair.clean_prompt], [component])
+        with torch.no_grad(), held_at_final_position(smollm2, values):
+            logits = smollm2.bridge(smollm2.to_tokens(pair.corrupted_prompt))[0, -1]
+        tol = 2 * rounding_tolerance(logits, smollm2)
+        assert float(logits[yes] - logits[no]) == pytest.approx(engine_row.ld_patched, abs=tol), component
+        assert abs(engine_row.ld_patched - engine_row.ld_target) > 10 * tol  # the held value matters
+    with torch.no_grad():  # and outside the context the model is itself again
+        logits = smollm2.bridge(smollm2.to_tokens(pair.corrupted_prompt))[0, -1]
+    assert float(logits[yes] - logits[no]) == pytest.approx(engine_row.ld_target, abs=tol)

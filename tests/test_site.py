@@ -12,7 +12,7 @@ import pytest
 
 from mechfin_utils.reporting import website as site
 from mechfin_utils.reporting import website_check as site_check
-from mechfin_utils.reporting.figures import find_browser
+from mechfin_utils.reporting.static_export import find_browser
 from mechfin_utils.tooling import verify
 
 FIGURE = {"data": [{"type": "bar", "x": ["a", "b"], "y": [1, 3]}], "layout": {"title": {"text": "Bars — Model X"}}}

@@ -103,10 +103,10 @@ def test_rank_cells_orders_and_flags():
     values = torch.tensor([[0.5, -0.2], [0.1, -0.6]])
     summary = SweepSummary("k", ("layer", "head"), values, values - 0.15, values + 0.15, 10, "m")
     table = rank_cells(summary, k=2)
-    assert table[table.direction == "positive"].component.tolist() == ["0.0", "1.0"]
-    assert table[table.direction == "negative"].component.tolist() == ["1.1", "0.1"]
-    assert table.set_index("component").loc["1.0", "excludes_zero"] == False  # noqa: E712 (0.1 +- 0.15 spans 0)
-    assert table.set_index("component").loc["1.1", "excludes_zero"] == True  # noqa: E712
+    assert table[table.direction == "positive"].component.tolist() == ["L0H0", "L1H0"]
+    assert table[table.direction == "negative"].component.tolist() == ["L1H1", "L0H1"]
+    assert table.set_index("component").loc["L1H0", "excludes_zero"] == False  # noqa: E712 (0.1 +- 0.15 spans 0)
+    assert table.set_index("component").loc["L1H1", "excludes_zero"] == True  # noqa: E712
 
 
 def test_raw_shift_endpoints(smollm2, template_batch):
@@ -128,7 +128,7 @@ def test_group_shift_table_by_hand():
     table = group_shift_table(sweep, ["a", "b", "a"], [(0, 0), (1, 0)])
     assert list(table.index) == ["a", "b"] and list(table["n"]) == [2, 1]
     assert table.loc["a", "gap"] == pytest.approx(2.5) and table.loc["b", "gap"] == pytest.approx(0.5)
-    assert table.loc["a", "0.0"] == pytest.approx(1.0) and table.loc["b", "1.0"] == pytest.approx(0.5)
+    assert table.loc["a", "L0H0"] == pytest.approx(1.0) and table.loc["b", "L1H0"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="groups has 2 labels"):
         group_shift_table(sweep, ["a", "b"], [(0, 0)])
     with pytest.raises(IndexError, match="cell"):

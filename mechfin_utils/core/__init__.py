@@ -8,6 +8,7 @@
 * ``functional`` — the models' own forward pass as tensor functions (GPT-2 and Llama families);
 * ``engine`` — the one intervention engine (replace, ablate, restore, cut attention edges; patch graph edges);
 * ``graph`` — the computational graph: senders, receivers (q/k/v separate) and every residual edge;
+* ``head_labels`` — the one head-label format, ``"L10H7"``: :func:`head_label` writes it, :func:`parse_head` reads it;
 * ``metrics``, ``stats``, ``inputs`` — the logit difference and its normalisation, bootstrap intervals, the one
   check of token-id arguments.
 """

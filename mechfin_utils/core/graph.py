@@ -9,12 +9,13 @@ gives a graph (Elhage et al. 2021; the graph of ACDC, EAP and EAP-IG):
 * **receivers** (places that read): every head's *query* input (``L3H2.q``), every key/value head's *key* and *value*
   inputs (``L3H2.k``, ``L3H2.v``; on grouped-query models such as SmolLM2, where three query heads share one key/value
   head, ``L3KV0.k``, ``L3KV0.v``), every MLP's input (``MLP3``) and the unembedding (``logits``);
-* **edges**: sender ``u`` to receiver ``d`` whenever ``u`` runs before ``d`` reads: heads and MLPs of earlier layers,
-  the same layer's heads for its MLP, everything for the logits, and the embedding for all.
+* **edges**: a sender to a receiver whenever the sender runs before the receiver reads: heads and MLPs of earlier
+  layers, the same layer's heads for its MLP, everything for the logits, and the embedding for all.
 
 An edge is *patched* by giving that one receiver the corrupted run's output of that one sender, while every other
-receiver keeps what it had: receiver ``d`` reads ``x_d + sum_{u patched into d} (corrupted_u - current_u)``.
-:func:`mechfin_utils.core.engine.run_edges` computes this exactly; patching every edge reproduces the corrupted run.
+receiver keeps what it had: a receiver reads its stream plus, for each sender patched into it, that sender's
+corrupted output minus its current one. :func:`mechfin_utils.core.edge_engine.run_edges` computes this exactly;
+patching every edge reproduces the corrupted run.
 
 Senders and receivers are numbered so that an edge is a cell of a ``[n_senders, n_receivers]`` matrix
 (:meth:`ComputationalGraph.valid`). Sender 0 is ``input``; layer ``l``'s heads are ``1 + l (H + 1) + h``, its MLP
@@ -33,6 +34,8 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Bool
 from torch import Tensor
+
+from mechfin_utils.core.head_labels import head_label
 
 INPUT = "input"
 LOGITS = "logits"
@@ -110,7 +113,7 @@ class ComputationalGraph:
 
     def valid(self) -> Bool[Tensor, "n_senders n_receivers"]:
         """Which (sender, receiver) cells are edges."""
-        limits = torch.tensor([self.senders_before(d) for d in range(self.n_receivers)])
+        limits = torch.tensor([self.senders_before(receiver) for receiver in range(self.n_receivers)])
         return torch.arange(self.n_senders)[:, None] < limits[None, :]
 
     @property
@@ -119,34 +122,34 @@ class ComputationalGraph:
 
     # --- names ---------------------------------------------------------------------------------------------
 
-    def sender_name(self, u: int) -> str:
-        if u == 0:
+    def sender_name(self, sender: int) -> str:
+        if sender == 0:
             return INPUT
-        layer, offset = divmod(u - 1, self.senders_per_layer)
-        return f"MLP{layer}" if offset == self.n_heads else f"L{layer}H{offset}"
+        layer, offset = divmod(sender - 1, self.senders_per_layer)
+        return f"MLP{layer}" if offset == self.n_heads else head_label(layer, offset)
 
-    def receiver_name(self, d: int) -> str:
-        if d == self.logits_receiver:
+    def receiver_name(self, receiver: int) -> str:
+        if receiver == self.logits_receiver:
             return LOGITS
-        layer, offset = divmod(d, self.receivers_per_layer)
+        layer, offset = divmod(receiver, self.receivers_per_layer)
         if offset == self.receivers_per_layer - 1:
             return f"MLP{layer}"
         if offset < self.n_heads:
-            return f"L{layer}H{offset}.q"
+            return f"{head_label(layer, offset)}.q"
         kind, group = divmod(offset - self.n_heads, self.n_kv_heads)
         letter = "kv"[kind]
         if self.n_kv_heads == self.n_heads:
-            return f"L{layer}H{group}.{letter}"
+            return f"{head_label(layer, group)}.{letter}"
         return f"L{layer}KV{group}.{letter}"
 
-    def edge_name(self, u: int, d: int) -> str:
-        return f"{self.sender_name(u)}->{self.receiver_name(d)}"
+    def edge_name(self, sender: int, receiver: int) -> str:
+        return f"{self.sender_name(sender)}->{self.receiver_name(receiver)}"
 
     def sender_names(self) -> list[str]:
-        return [self.sender_name(u) for u in range(self.n_senders)]
+        return [self.sender_name(sender) for sender in range(self.n_senders)]
 
     def receiver_names(self) -> list[str]:
-        return [self.receiver_name(d) for d in range(self.n_receivers)]
+        return [self.receiver_name(receiver) for receiver in range(self.n_receivers)]
 
     def parse_edge(self, name: str) -> tuple[int, int]:
         """``"L0H1->L3H2.q"`` -> ``(sender, receiver)``; a clear error for a name that is not an edge."""
@@ -155,19 +158,19 @@ class ComputationalGraph:
         left, arrow, right = name.partition("->")
         if not arrow or left not in senders or right not in receivers:
             raise ValueError(f"{name!r} is not an edge of this graph (expected like 'L0H1->L3H2.q' or 'MLP2->logits')")
-        u, d = senders[left], receivers[right]
-        if u >= self.senders_before(d):
+        sender, receiver = senders[left], receivers[right]
+        if sender >= self.senders_before(receiver):
             raise ValueError(f"{name!r}: {left} does not run before {right} reads")
-        return u, d
+        return sender, receiver
 
     # --- nodes of receivers, masks of node sets -------------------------------------------------------------
 
-    def receiver_senders(self, d: int) -> list[int]:
-        """The sender node(s) that read through receiver ``d``: its head, the query heads sharing a key/value
+    def receiver_senders(self, receiver: int) -> list[int]:
+        """The sender node(s) that read through ``receiver``: its head, the query heads sharing a key/value
         head, its MLP; none for the logits."""
-        if d == self.logits_receiver:
+        if receiver == self.logits_receiver:
             return []
-        layer, offset = divmod(d, self.receivers_per_layer)
+        layer, offset = divmod(receiver, self.receivers_per_layer)
         if offset == self.receivers_per_layer - 1:
             return [self.mlp_sender(layer)]
         if offset < self.n_heads:
@@ -189,19 +192,22 @@ class ComputationalGraph:
         kept[0] = True
         kept[[index[n] for n in nodes]] = True
         reads = torch.tensor(
-            [d == self.logits_receiver or bool(kept[self.receiver_senders(d)].any()) for d in range(self.n_receivers)]
+            [
+                receiver == self.logits_receiver or bool(kept[self.receiver_senders(receiver)].any())
+                for receiver in range(self.n_receivers)
+            ]
         )
         return kept[:, None] & reads[None, :] & self.valid()
 
     def nodes_of(self, edges: Bool[Tensor, "n_senders n_receivers"]) -> list[str]:
         """The heads and MLPs an edge set touches (as sender or through a receiver), upstream first."""
         touched = set(edges.any(1).nonzero().flatten().tolist())
-        for d in edges.any(0).nonzero().flatten().tolist():
-            touched.update(self.receiver_senders(d))
-        return [self.sender_name(u) for u in sorted(touched - {0})]
+        for receiver in edges.any(0).nonzero().flatten().tolist():
+            touched.update(self.receiver_senders(receiver))
+        return [self.sender_name(sender) for sender in sorted(touched - {0})]
 
     def edge_list(self, edges: Bool[Tensor, "n_senders n_receivers"]) -> list[str]:
-        return [self.edge_name(u, d) for u, d in edges.nonzero().tolist()]
+        return [self.edge_name(sender, receiver) for sender, receiver in edges.nonzero().tolist()]
 
     def mask(self, names: Sequence[str]) -> Bool[Tensor, "n_senders n_receivers"]:
         """An edge mask from edge names."""

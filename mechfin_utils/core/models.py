@@ -398,9 +398,14 @@ SCREENERS: dict[str, tuple[str, str]] = {
     "smollm2-135m-screener-brief": ("smollm2-135m", "brief"),
     "gpt2-screener-brief": ("gpt2", "brief"),
     "smollm2-135m-screener-lora": ("smollm2-135m", "lora"),
+    "smollm2-135m-screener-shortcut": ("smollm2-135m", "shortcut"),
+    "gpt2-screener-shortcut": ("gpt2", "shortcut"),
+    "smollm2-135m-screener-shortcut-brief": ("smollm2-135m", "shortcut-brief"),
 }
 """Fine-tuned fair-lending screeners (``mechfin_utils.screener.training``): name -> (base model, training recipe).
-``-brief`` is a few training steps, for tests and fast notebook runs only."""
+The plain names are the repaired screener (trained with the mention set); ``-shortcut`` is the first screener, kept
+as the case study of a model that is right for a wrong reason; ``-brief`` is a few training steps, for tests and
+fast notebook runs only."""
 
 KNOWN_NAMES = ("auto", *ALIASES, *SCREENERS)
 

@@ -21,15 +21,11 @@ Titles
     :func:`save_figure` refuses a figure whose title does not contain the model's display name, so no
     figure can be separated from the model that produced it.
 Static export
-    kaleido 1.x drives a headless Chrome/Chromium. Starting one costs seconds, so a single kaleido sync
-    server is started lazily on the first static export of the process and reused; it is stopped at exit
-    (or by :func:`stop_static_export`). Output is made as deterministic as practical: fixed width, height
-    and scale (the figure's own ``layout.width/height`` when set, else :data:`DEFAULT_WIDTH` x
-    :data:`DEFAULT_HEIGHT`; PNG at scale :data:`PNG_SCALE`), MathJax off, and the random element ids that
-    plotly.js writes into SVGs replaced by fixed ones, so saving the same figure twice gives the same bytes.
+    PNG and SVG come from :mod:`mechfin_utils.reporting.static_export` (kaleido and a headless Chromium, one per
+    process; fixed sizes and ids, so saving the same figure twice gives the same bytes).
 No Chromium
-    The HTML file is still written, then :class:`StaticExportUnavailableError` says how to install one. To
-    write HTML only, on purpose, set ``MECHFIN_STATIC_FIGURES=0``.
+    The HTML file is still written, then :class:`~mechfin_utils.reporting.static_export.StaticExportUnavailableError`
+    says how to install one. To write HTML only, on purpose, set ``MECHFIN_STATIC_FIGURES=0``.
 Results JSON
     Keys merge into the notebook's file (later values replace earlier ones under the same key); the file is
     written with sorted keys and indentation so diffs stay readable. numpy and torch scalars and arrays
@@ -48,47 +44,28 @@ Which models a results file depends on
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import html as html_lib
 import json
 import math
 import os
-import queue
 import re
-import threading
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
 from mechfin_utils.core.models import models_loaded
-from mechfin_utils.core.paths import REPO_ROOT
+from mechfin_utils.core.paths import REPO_ROOT, write_atomically
+from mechfin_utils.reporting.static_export import static_export_enabled, static_figure
 
 FIGURES_DIR_ENV = "MECHFIN_FIGURES_DIR"
-STATIC_ENV = "MECHFIN_STATIC_FIGURES"
-
-DEFAULT_WIDTH = 900
-DEFAULT_HEIGHT = 550
-PNG_SCALE = 2
-STATIC_TIMEOUT_S = 180.0
-"""How long one static export may take before it is declared stuck (the first includes Chromium's start)."""
-
 _NOTEBOOK_RE = re.compile(r"^[0-9]{2}[a-z]?$")
 _NAME_RE = re.compile(r"^[a-z0-9]+(?:[_-][a-z0-9]+)*$")
 _MODEL_SLUG_RE = re.compile(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*$")
 RESULTS_SCHEMA_KEYS = ("model", "notebook", "results")
 RESULTS_OPTIONAL_KEYS = ("models_loaded",)
 """Keys a results file may have besides :data:`RESULTS_SCHEMA_KEYS` (see "Which models a results file depends on")."""
-
-CHROMIUM_HOW_TO = (
-    "PNG/SVG export (kaleido 1.x) needs Chrome or Chromium, and none was found.\n"
-    "  - Debian/Ubuntu: `apt-get install chromium` (or run `make setup` as root, which does it);\n"
-    "  - macOS: `brew install --cask chromium` or install Google Chrome;\n"
-    "  - anywhere with network access: `python -c 'import kaleido; kaleido.get_chrome_sync()'`;\n"
-    "  - a browser in an unusual place: set BROWSER_PATH=/path/to/chrome.\n"
-    f"The interactive .html figure was written. To write HTML only on purpose, set {STATIC_ENV}=0."
-)
 
 
 class ModelLike(Protocol):
@@ -99,10 +76,6 @@ class ModelLike(Protocol):
 
     @property
     def slug(self) -> str: ...
-
-
-class StaticExportUnavailableError(RuntimeError):
-    """PNG/SVG export cannot run here (no Chrome/Chromium, or the browser failed); the message says why."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -172,19 +145,13 @@ def clear_notebook_outputs(model: ModelLike, notebook: str) -> list[Path]:
     are not the notebook's and stay.
 
     Under ``make figures`` the root is the notebook's own staging folder, empty, and the committed files are replaced
-    only once the notebook has finished (``run_figures.swap_in``); run by hand in Jupyter, this clears ``figures/``."""
+    only once the notebook has finished (``mechfin_utils.tooling.staging.swap_in``); run by hand in Jupyter, this
+    clears ``figures/``."""
     folder = model_folder(model)
     stale = sorted(folder.glob(f"{_check_notebook(notebook)}_*")) if folder.is_dir() else []
     for path in stale:
         path.unlink()
     return stale
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def figure_title(fig) -> str:
@@ -224,131 +191,6 @@ def remote_references(html: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Static export: one kaleido server per process
-# ---------------------------------------------------------------------------------------------------------
-
-_static_lock = threading.Lock()
-_static_state: dict[str, Any] = {"started": False, "broken": None, "atexit": False}
-
-
-def static_export_enabled() -> bool:
-    """False only when ``$MECHFIN_STATIC_FIGURES`` is set to 0/false/no/off (HTML-only, deliberately)."""
-    return os.environ.get(STATIC_ENV, "1").strip().lower() not in {"0", "false", "no", "off"}
-
-
-def find_browser() -> str | None:
-    """The Chrome/Chromium kaleido would use (honours ``$BROWSER_PATH``), or None."""
-    from choreographer.browsers.chromium import Chromium
-
-    override = os.environ.get("BROWSER_PATH")
-    if override:
-        return override if os.path.isfile(override) and os.access(override, os.X_OK) else None
-    return Chromium.find_browser(skip_local=False)
-
-
-def _ensure_static_server() -> None:
-    """Start the process-wide kaleido sync server if it is not running (caller holds the lock)."""
-    if _static_state["broken"]:
-        raise StaticExportUnavailableError(_static_state["broken"])
-    if _static_state["started"]:
-        return
-    browser = find_browser()
-    if browser is None:
-        raise StaticExportUnavailableError(CHROMIUM_HOW_TO)
-    import kaleido
-
-    # mathjax=False: kaleido would otherwise load MathJax from a CDN, which offline only costs time.
-    kaleido.start_sync_server(n=1, timeout=STATIC_TIMEOUT_S, mathjax=False, path=browser, silence_warnings=True)
-    _static_state["started"] = True
-    if not _static_state["atexit"]:
-        atexit.register(stop_static_export)
-        _static_state["atexit"] = True
-
-
-def stop_static_export() -> None:
-    """Stop the kaleido server (and its Chromium) if this module started it; a later export restarts it."""
-    with _static_lock:
-        if _static_state["started"] and not _static_state["broken"]:
-            import kaleido
-
-            kaleido.stop_sync_server(silence_warnings=True)
-        _static_state["started"] = False
-
-
-def _render_static(fig_dict: dict, *, fmt: str, width: int, height: int, scale: float) -> bytes:
-    """One PNG/SVG through the shared server, in a helper thread so that a dead browser cannot hang us."""
-    import kaleido
-
-    answer: queue.Queue = queue.Queue(maxsize=1)
-
-    def work() -> None:
-        try:
-            answer.put(kaleido.calc_fig_sync(fig_dict, opts=dict(format=fmt, width=width, height=height, scale=scale)))
-        except BaseException as exc:  # noqa: BLE001 (handed to the caller)
-            answer.put(exc)
-
-    with _static_lock:
-        _ensure_static_server()
-        worker = threading.Thread(target=work, name="mechfin-static-export", daemon=True)
-        worker.start()
-        waited = 0.0
-        while worker.is_alive() and waited < STATIC_TIMEOUT_S + 10:
-            worker.join(0.25)
-            waited += 0.25
-            if worker.is_alive() and not _kaleido_server_alive():
-                worker.join(0.5)  # the answer may just be arriving
-                if worker.is_alive():
-                    break
-        if worker.is_alive():
-            _static_state["broken"] = (
-                f"kaleido's browser failed to start, died or hung (browser: {find_browser()}); no answer after "
-                f"{waited:.1f} s (its own traceback is printed above). Restart the Python process, or set "
-                f"{STATIC_ENV}=0 to write HTML only."
-            )
-            raise StaticExportUnavailableError(_static_state["broken"])
-    result = answer.get()
-    if isinstance(result, BaseException):
-        raise StaticExportUnavailableError(f"kaleido failed to export {fmt.upper()}: {result!r}") from result
-    return result
-
-
-def _kaleido_server_alive() -> bool:
-    """Whether kaleido's server thread still runs. When its browser fails to start, that thread ends with a
-    traceback but kaleido's sync call would wait forever; this lets us fail fast instead. It reads a private
-    attribute of kaleido 1.5 and answers True (so that only the timeout applies) if that ever changes."""
-    import kaleido
-
-    thread = getattr(getattr(kaleido, "_global_server", None), "_thread", None)
-    return thread.is_alive() if isinstance(thread, threading.Thread) else True
-
-
-_SVG_UID_RE = re.compile(r'id="defs-([0-9a-z]+)"')
-
-
-def _normalise_svg(svg: str) -> str:
-    """Replace the random figure id plotly.js puts into SVG element ids (``clip3f2a1b...``) by a fixed one."""
-    match = _SVG_UID_RE.search(svg)
-    if match is None:
-        return svg
-    uid = re.escape(match.group(1))
-    return re.sub(r"""(id="[A-Za-z-]*|url\(['"]?#[A-Za-z-]*)""" + uid, r"\g<1>mfig00", svg)
-
-
-def _static_figure_dict(fig) -> dict:
-    """The figure as a dict, with fixed trace uids (plotly.js would draw random ones into SVG ids)."""
-    fig_dict = fig.to_dict()
-    for index, trace in enumerate(fig_dict.get("data", [])):
-        trace.setdefault("uid", f"trace{index}")
-    return fig_dict
-
-
-def _export_size(fig, width: int | None, height: int | None) -> tuple[int, int]:
-    width = width or fig.layout.width or DEFAULT_WIDTH
-    height = height or fig.layout.height or DEFAULT_HEIGHT
-    return int(width), int(height)
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Public: figures
 # ---------------------------------------------------------------------------------------------------------
 
@@ -377,7 +219,7 @@ def _ensure_local_plotlyjs(folder: Path) -> Path:
     bundle = plotly.offline.get_plotlyjs().encode("utf-8")
     target = folder / PLOTLYJS_NAME
     if not target.is_file() or target.read_bytes() != bundle:
-        _write_atomically(target, bundle)
+        write_atomically(target, bundle)
     return target
 
 
@@ -406,8 +248,8 @@ def save_figure(
         width, height: static export size in layout pixels; default the figure's own, else 900 x 550.
 
     The HTML is written first, so it exists even when static export is unavailable; in that case
-    :class:`StaticExportUnavailableError` is raised afterwards (unless ``MECHFIN_STATIC_FIGURES=0``, when
-    only ``"html"`` is returned).
+    :class:`~mechfin_utils.reporting.static_export.StaticExportUnavailableError` is raised afterwards (unless
+    ``MECHFIN_STATIC_FIGURES=0``, when only ``"html"`` is returned).
     """
     import plotly.graph_objects as go
 
@@ -435,17 +277,14 @@ def save_figure(
     problems = remote_references(document)
     if problems:  # would only happen if plotly changed how it inlines itself; never write a CDN-dependent file
         raise RuntimeError(f"plotly produced HTML that loads from the network: {problems[:3]}")
-    _write_atomically(paths["html"], document.encode("utf-8"))
+    write_atomically(paths["html"], document.encode("utf-8"))
     written = {"html": paths["html"]}
     if not static_export_enabled():
         return written
 
-    width, height = _export_size(fig, width, height)
-    fig_dict = _static_figure_dict(fig)
-    png = _render_static(fig_dict, fmt="png", width=width, height=height, scale=PNG_SCALE)
-    svg = _render_static(fig_dict, fmt="svg", width=width, height=height, scale=1)
-    _write_atomically(paths["png"], png)
-    _write_atomically(paths["svg"], _normalise_svg(svg.decode("utf-8")).encode("utf-8"))
+    static = static_figure(fig, width=width, height=height)
+    write_atomically(paths["png"], static["png"])
+    write_atomically(paths["svg"], static["svg"])
     written.update(png=paths["png"], svg=paths["svg"])
     return {ext: written[ext] for ext in ("png", "svg", "html") if ext in written}
 
@@ -499,7 +338,7 @@ def save_html(
         f'<h2 style="font-family: sans-serif; font-weight: normal">{safe_title}</h2>\n'
         f"{html}\n</body>\n</html>\n"
     )
-    _write_atomically(path, document.encode("utf-8"))
+    write_atomically(path, document.encode("utf-8"))
     return path
 
 
@@ -631,5 +470,5 @@ def save_results(model: ModelLike, notebook: str, key: str, value: Any) -> Path:
     if slug in loaded:
         stored["models_loaded"] = loaded
     text = json.dumps(stored, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n"
-    _write_atomically(path, text.encode("utf-8"))
+    write_atomically(path, text.encode("utf-8"))
     return path

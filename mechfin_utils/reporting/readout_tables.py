@@ -28,7 +28,7 @@ from torch import Tensor
 from mechfin_utils.core.models import LoadedModel
 from mechfin_utils.core.stats import bootstrap_ci
 from mechfin_utils.methods.readout.dla import UNEMBED_BIAS_LABEL, layer_decomposition, over_batches
-from mechfin_utils.methods.readout.heads import as_float_rows, parse_head, select_heads, top_heads
+from mechfin_utils.methods.readout.heads import as_float_rows, head_label, parse_head, select_heads, top_heads
 from mechfin_utils.tasks.paper_claims import Sign
 
 # ---------------------------------------------------------------------------------------------------------
@@ -161,7 +161,7 @@ def head_table(
     """Chosen heads with their mean over prompts, bootstrap interval and rank among all heads.
 
     ``per_prompt`` is one value per prompt and head (``head_attribution(...).heads``, or the attention
-    from the final position to a phrase). The heads are the ``heads`` given (``"L.H"``), else the top ``k``
+    from the final position to a phrase). The heads are the ``heads`` given (``"L10H7"``), else the top ``k``
     by the mean under ``order`` (see :func:`top_heads`; ``"extremes"`` takes the ``k`` most positive and
     the ``k`` most negative). ``rank`` is each head's place among all heads under ``order`` (for
     ``"extremes"`` and ``"abs"``: by magnitude), 1 being the top.
@@ -184,7 +184,7 @@ def head_table(
         else:
             chosen = [h for h, _ in top_heads(mean, k, order=order)]
     else:
-        chosen = [str(h) for h in heads]
+        chosen = [head_label(*parse_head(h, n_layers, n_heads)) for h in heads]  # (10, 7) or "L10H7" -> "L10H7"
     rank_order = "abs" if order == "extremes" else order
     ranking = [h for h, _ in top_heads(mean, mean.numel(), order=rank_order)]
     rank = {h: i + 1 for i, h in enumerate(ranking)}
@@ -228,7 +228,7 @@ def named_heads_table(
     rank = rank.reshape(mean.shape)
     return pd.DataFrame(
         {
-            "head": [f"{L}.{H}" for L, H in chosen],
+            "head": [head_label(L, H) for L, H in chosen],
             "mean": [float(interval.estimate[L, H]) for L, H in chosen],
             "low": [float(interval.low[L, H]) for L, H in chosen],
             "high": [float(interval.high[L, H]) for L, H in chosen],

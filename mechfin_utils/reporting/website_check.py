@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from mechfin_utils.reporting.figures import find_browser
+from mechfin_utils.reporting.static_export import find_browser
 
 LINK_RE = re.compile(r"""(?:src|href)\s*=\s*["']([^"']+)["']""", re.I)
 LOCAL_SCHEMES = ("file:", "data:", "blob:", "about:")

@@ -5,8 +5,12 @@ from corrupted prompts at AUROC 0.58). Banks that screen text with a small model
 screener keys on the protected basis or on surface cues is the question interpretability can answer. This module
 builds one, the same way every time:
 
-1. **data** — the ``train`` split of the screener task set (``screener_data``): 440 pairs, 880 prompts, with
-   wide wording; the test splits, the paper-style set and the control prompts are never trained on;
+1. **data** — the ``train`` split of the screener task set (``tasks.screener_sets``: 440 pairs with wide
+   wording) and the mention set's training files (``mention_train``, ``favourable_train``: 330 pairs in which both
+   prompts mention the same protected attribute and only what the decision rests on differs); the test splits,
+   the paper-style set and the control prompts are never trained on. Recipe ``"shortcut"`` trains on ``train``
+   alone: that first screener learned to answer " Yes" whenever an attribute is *mentioned* (notebook 12) and is
+   kept, under its own name, as the case study;
 2. **objective** — cross-entropy over the two answer logits only (`` Yes`` vs `` No``) at each prompt's last
    token, so the rest of the language-model head is left alone;
 3. **optimiser** — AdamW, one pass over the training pairs in a seeded order, both prompts of a pair in the same
@@ -72,20 +76,34 @@ from mechfin_utils.screener.behaviour import (
     evaluate_pairs,
 )
 from mechfin_utils.tasks.fair_lending import FAIR_LENDING_ANSWERS, FAIR_LENDING_CSV, load_fair_lending_pairs
-from mechfin_utils.tasks.screener_sets import TEST_SPLITS, TRAIN_SPLIT, load_control_prompts, load_split, split_path
+from mechfin_utils.tasks.screener_sets import (
+    MENTION_TEST_SPLITS,
+    MENTION_TRAIN_SPLITS,
+    SPLITS,
+    TEST_SPLITS,
+    TRAIN_SPLIT,
+    load_control_prompts,
+    load_split,
+    split_path,
+)
 from mechfin_utils.tasks.task_tables import TaskDataError
 
 CARD_FORMAT_VERSION = 1
 CARD_FILE = "screener-card.json"
 
 
+REPAIRED_TRAIN_SPLITS = (TRAIN_SPLIT, *MENTION_TRAIN_SPLITS)
+"""What the default screener is trained on: the original training split and the mention set's."""
+
+
 @dataclass(frozen=True)
 class Recipe:
-    """How a screener is trained. ``max_steps=None`` means one pass over the training pairs."""
+    """How a screener is trained. ``max_steps=None`` means one pass over the training pairs of ``train_splits``."""
 
     name: str
     method: Literal["full", "lora"]
     learning_rate: float
+    train_splits: tuple[str, ...] = REPAIRED_TRAIN_SPLITS
     pairs_per_step: int = 8
     max_steps: int | None = None
     seed: int = 0
@@ -95,8 +113,20 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {
     "full": Recipe("full", "full", learning_rate=3e-5),
+    "shortcut": Recipe("shortcut", "full", learning_rate=3e-5, train_splits=(TRAIN_SPLIT,)),
     "lora": Recipe("lora", "lora", learning_rate=3e-4),
     "brief": Recipe("brief", "full", learning_rate=3e-5, max_steps=4, eval_every_nth_pair=12),
+    "shortcut-brief": Recipe(
+        "shortcut-brief", "full", learning_rate=3e-5, train_splits=(TRAIN_SPLIT,), max_steps=4, eval_every_nth_pair=12
+    ),
+}
+"""``full``: the default (repaired) screener; ``shortcut``: the first screener, trained without the mention set (the
+case study); ``lora``: the same data with LoRA adapters; ``brief`` / ``shortcut-brief``: four steps, for tests."""
+
+_LABELS = {
+    "full": "fine-tuned screener",
+    "shortcut": "first screener (shortcut case study)",
+    "lora": "LoRA screener",
 }
 
 
@@ -132,7 +162,7 @@ def resolve_base(base: str, gpt2_path: str | os.PathLike | None = None) -> Base:
 
 def screener_spec(base: Base, recipe: Recipe) -> ModelSpec:
     suffix = "" if recipe.name == "full" else f"-{recipe.name}"
-    label = "fine-tuned screener" if recipe.name == "full" else f"{recipe.name} screener (not the real one)"
+    label = _LABELS.get(recipe.name, f"{recipe.name} screener (not the real one)")
     return ModelSpec(
         slug=f"{base.key}-screener{suffix}",
         display_name=f"{base.spec.display_name}, {label}",
@@ -145,13 +175,18 @@ def screener_folder(base: Base, recipe: Recipe) -> Path:
 
 
 def fingerprint(base: Base, recipe: Recipe) -> dict[str, Any]:
-    """What determines the trained weights; a cached screener is reused only when this matches its card."""
+    """What determines the trained weights; a cached screener is reused only when this matches its card. As JSON
+    stores it (tuples become lists), so that a card read back compares equal."""
+    return json.loads(json.dumps(_fingerprint_fields(base, recipe)))
+
+
+def _fingerprint_fields(base: Base, recipe: Recipe) -> dict[str, Any]:
     return {
         "format": CARD_FORMAT_VERSION,
         "base": base.key,
         "base_identity": base.identity,
         "recipe": asdict(recipe),
-        "train_file_sha256": file_sha256(split_path(TRAIN_SPLIT)),
+        "train_files_sha256": {split: file_sha256(split_path(split)) for split in recipe.train_splits},
         "torch": torch.__version__,
     }
 
@@ -190,8 +225,8 @@ def train_screener(base: Base, recipe: Recipe, folder: Path, *, progress: bool =
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    # 1. data: both prompts of each training pair, pairs in a seeded order
-    pairs = load_split(TRAIN_SPLIT)
+    # 1. data: both prompts of each training pair, pairs of every training split in one seeded order
+    pairs = [pair for split in recipe.train_splits for pair in load_split(split)]
     generator = torch.Generator().manual_seed(recipe.seed)
     order = torch.randperm(len(pairs), generator=generator).tolist()
     steps = [order[i : i + recipe.pairs_per_step] for i in range(0, len(order), recipe.pairs_per_step)]
@@ -248,7 +283,7 @@ def train_screener(base: Base, recipe: Recipe, folder: Path, *, progress: bool =
         "slug": screener_spec(base, recipe).slug,
         "base_model": base.spec.display_name,
         "recipe": asdict(recipe),
-        "data": _data_card(),
+        "data": _data_card(recipe),
         "steps": len(steps),
         "prompts_seen": sum(2 * len(s) for s in steps),
         "loss_per_step": losses,
@@ -264,11 +299,15 @@ def train_screener(base: Base, recipe: Recipe, folder: Path, *, progress: bool =
     return card
 
 
-def _data_card() -> dict[str, Any]:
-    files = {split: split_path(split) for split in (TRAIN_SPLIT, *TEST_SPLITS)}
-    out = {
-        split: {"file": f"data/screener/{path.name}", "pairs": len(load_split(split)), "sha256": file_sha256(path)}
-        for split, path in files.items()
+def _data_card(recipe: Recipe) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        split: {
+            "file": f"data/screener/{split_path(split).name}",
+            "pairs": len(load_split(split)),
+            "sha256": file_sha256(split_path(split)),
+            "trained_on": split in recipe.train_splits,
+        }
+        for split in SPLITS
     }
     out["paper_style_set"] = {
         "file": "data/fair_lending_pairs.csv",
@@ -281,7 +320,7 @@ def _data_card() -> dict[str, Any]:
 
 def held_out_metrics(model_or_scorer: Any, *, every_nth: int = 1, n_boot: int = 500) -> dict[str, Any]:
     """Accuracy, AUROC, gap and calibration on every set the screener was not trained on, and the controls."""
-    sets = {split: load_split(split)[::every_nth] for split in TEST_SPLITS}
+    sets = {split: load_split(split)[::every_nth] for split in (*TEST_SPLITS, *MENTION_TEST_SPLITS)}
     sets["paper_style_set"] = load_fair_lending_pairs()[::every_nth]
     out: dict[str, Any] = {}
     for label, pairs in sets.items():
@@ -315,20 +354,20 @@ def card_markdown(card: dict[str, Any]) -> str:
         "|---|---|---|---|",
     ]
     for name, entry in card["data"].items():
-        lines.append(f"| {name} | `{entry['file']}` | {entry['pairs']} | {'yes' if name == 'train' else 'no'} |")
+        lines.append(f"| {name} | `{entry['file']}` | {entry['pairs']} | {'yes' if entry['trained_on'] else 'no'} |")
     lines += [
         "",
         "## Held-out behaviour",
         "",
-        "| set | n pairs | accuracy | AUROC | mean gap (logits) | Brier | ECE |",
-        "|---|---|---|---|---|---|---|",
+        "| set | n pairs | accuracy | Yes side | No side | AUROC | mean gap (logits) | Brier | ECE |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in card["held_out"].items():
         if name == "controls":
             continue
         lines.append(
             f"| {name} | {m['n']} | {m['accuracy']:.3f} [{m['accuracy_low']:.3f}, {m['accuracy_high']:.3f}]"
-            f" | {m['auroc']:.3f} [{m['auroc_low']:.3f}, {m['auroc_high']:.3f}] | {m['mean_gap']:.2f} | "
+            f" | {m['accuracy_clean']:.2f} | {m['accuracy_corrupted']:.2f} | {m['auroc']:.3f} [{m['auroc_low']:.3f}, {m['auroc_high']:.3f}] | {m['mean_gap']:.2f} | "
             f"{m['brier']:.3f} | {m['ece']:.3f} |"
         )
     lines += [
@@ -432,12 +471,20 @@ def evaluate_file(
         model = load_model(model_name, verbose=True)
     result = evaluate_pairs(model, pairs, label=Path(path).name, n_boot=n_boot)
     summary = result.summary
+    card = read_card(cache_dir() / model.slug)
     return {
         "file": str(path),
         "model": model.name,
+        "screener": model.slug if card is not None else None,  # which screener (None: not a mechfin screener)
+        "weights_sha256": card["weights_sha256"] if card is not None else None,
         "n": summary["n"],
         "auroc": summary["auroc"],
         "accuracy": summary["accuracy"],
+        # each side alone: discrimination flagged (clean prompts answered " Yes"), lawful decisions cleared (" No")
+        "accuracy_clean": summary["accuracy_clean"],
+        "accuracy_clean_ci": [summary["accuracy_clean_low"], summary["accuracy_clean_high"]],
+        "accuracy_corrupted": summary["accuracy_corrupted"],
+        "accuracy_corrupted_ci": [summary["accuracy_corrupted_low"], summary["accuracy_corrupted_high"]],
         "mean_gap": summary["mean_gap"],
         "mean_gap_ci": [summary["mean_gap_low"], summary["mean_gap_high"]],
         "auroc_ci": [summary["auroc_low"], summary["auroc_high"]],

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from mechfin_utils.core.paths import DATA_DIR
-from mechfin_utils.tasks.task_tables import TaskDataError, raise_problems, read_task_rows, row_location
+from mechfin_utils.tasks.task_tables import TaskDataError, raise_problems, read_task_rows, read_task_text, row_location
 
 # ---------------------------------------------------------------------------------------------------------
 # The legal categories
@@ -88,6 +88,15 @@ LEGITIMATE_REASON_CATEGORIES: dict[str, str] = {
 }
 """The ``reason_category`` values: kinds of legitimate, creditworthiness-based reasons."""
 
+FAVOURABLE_DECISION = "favourable_decision"
+"""The ``reason_category`` of a pair whose corrupted prompt is a favourable or equal-treatment decision rather than an
+adverse one with a legitimate reason (the mention set's favourable pairs)."""
+REASON_CATEGORIES: dict[str, str] = {
+    **LEGITIMATE_REASON_CATEGORIES,
+    FAVOURABLE_DECISION: "a favourable or equal-treatment decision (no adverse action)",
+}
+"""Every ``reason_category`` a pair file may hold."""
+
 FAIR_LENDING_ANSWERS: tuple[str, str] = (" Yes", " No")
 """(clean answer, corrupted answer) of every fair-lending pair."""
 
@@ -111,6 +120,11 @@ FAIR_LENDING_COLUMNS: tuple[str, ...] = (
     "legitimate_phrase",
     "reason_category",
 )
+
+MENTION_COLUMNS: tuple[str, ...] = (*FAIR_LENDING_COLUMNS, "attribute_mention", "neutral_mention")
+"""The mention set's schema (``data/build_mention_set.py``): the fair-lending columns plus ``attribute_mention``, the
+words that name the protected attribute in both prompts, outside the phrase that differs, and ``neutral_mention``,
+words of the same form that name nothing protected ("is Hindu" / "is an accountant")."""
 
 COUNTERFACTUAL_COLUMNS: tuple[str, ...] = (
     "cf_id",
@@ -152,6 +166,8 @@ class FairLendingPair:
     protected_phrase: str
     legitimate_phrase: str
     reason_category: str
+    attribute_mention: str = ""  # mention-set pairs only: the words naming the attribute in both prompts
+    neutral_mention: str = ""  # mention-set pairs only: words of the same form naming nothing protected
     line: int = field(default=0, compare=False)
 
     @property
@@ -261,17 +277,29 @@ def _check_single_substitution(
         )
 
 
+def _pair_columns(path: Path) -> tuple[str, ...]:
+    """The schema a pair file declares: :data:`MENTION_COLUMNS` when its header ends with ``attribute_mention``,
+    else :data:`FAIR_LENDING_COLUMNS` (a header that matches neither is reported by ``read_task_rows``)."""
+    try:
+        header = read_task_text(path, "pair_id").split("\n", 1)[0]
+    except (TaskDataError, OSError):
+        return FAIR_LENDING_COLUMNS  # read_task_rows reports the file's problem
+    return MENTION_COLUMNS if header.rstrip("\r").endswith(",neutral_mention") else FAIR_LENDING_COLUMNS
+
+
 def load_fair_lending_pairs(path: str | Path | None = None) -> list[FairLendingPair]:
     """Read and validate the fair-lending pairs (default ``data/fair_lending_pairs.csv``).
 
     Rules (a :class:`TaskDataError` names the line, ``pair_id`` and field of *every* bad row, in file order):
-    UTF-8, a byte-order mark accepted; exactly the columns :data:`FAIR_LENDING_COLUMNS`; no empty value; unique ``pair_id``; ``basis`` in :data:`ALL_BASES`
+    UTF-8, a byte-order mark accepted; exactly the columns :data:`FAIR_LENDING_COLUMNS` (or :data:`MENTION_COLUMNS`,
+    whose ``attribute_mention`` must name the attribute once in each prompt outside the phrase that differs); no
+    empty value; unique ``pair_id``; ``basis`` in :data:`ALL_BASES`
     with the matching ``statute``; FHA bases only on housing products; answers exactly `` Yes`` / `` No``;
     a known ``reason_category``; clean and corrupted prompts differ, and only by replacing the one occurrence
     of ``protected_phrase`` with ``legitimate_phrase``.
     """
     path = Path(path) if path is not None else FAIR_LENDING_CSV
-    rows, problems = read_task_rows(path, FAIR_LENDING_COLUMNS, "pair_id")
+    rows, problems = read_task_rows(path, _pair_columns(path), "pair_id")
     pairs = []
     for line, row in rows:
         try:
@@ -289,10 +317,9 @@ def _fair_lending_pair(path: Path, line: int, row: dict[str, str]) -> FairLendin
     for column, expected in zip(("clean_answer", "corrupted_answer"), FAIR_LENDING_ANSWERS):
         if row[column] != expected:
             raise TaskDataError(f"{where}, field {column!r}: {row[column]!r}, expected {expected!r}")
-    if row["reason_category"] not in LEGITIMATE_REASON_CATEGORIES:
+    if row["reason_category"] not in REASON_CATEGORIES:
         raise TaskDataError(
-            f"{where}, field 'reason_category': unknown {row['reason_category']!r}; "
-            f"known: {sorted(LEGITIMATE_REASON_CATEGORIES)}"
+            f"{where}, field 'reason_category': unknown {row['reason_category']!r}; known: {sorted(REASON_CATEGORIES)}"
         )
     _check_single_substitution(
         where,
@@ -305,7 +332,24 @@ def _fair_lending_pair(path: Path, line: int, row: dict[str, str]) -> FairLendin
         "protected_phrase",
         "legitimate_phrase",
     )
+    if "attribute_mention" in row:
+        _check_mention(where, row)
     return FairLendingPair(**row, line=line)
+
+
+def _check_mention(where: str, row: dict[str, str]) -> None:
+    """The mention names the attribute exactly once in each prompt outside the phrase that differs (the decision
+    may restate it inside the phrase: "Maria is Hindu ... because she is Hindu")."""
+    mention = row["attribute_mention"]
+    if row["neutral_mention"] == mention:
+        raise TaskDataError(f"{where}, field 'neutral_mention': identical to 'attribute_mention' ({mention!r})")
+    for prompt_field, phrase_field in (("clean_prompt", "protected_phrase"), ("corrupted_prompt", "legitimate_phrase")):
+        outside = row[prompt_field].count(mention) - row[phrase_field].count(mention)
+        if outside != 1:
+            raise TaskDataError(
+                f"{where}, field 'attribute_mention': {mention!r} occurs {outside} times in {prompt_field!r} outside "
+                f"{phrase_field!r}, not once"
+            )
 
 
 def load_counterfactual_pairs(path: str | Path | None = None) -> list[CounterfactualPair]:

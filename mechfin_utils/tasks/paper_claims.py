@@ -22,7 +22,9 @@ Wang et al. (2022), "Interpretability in the wild" (indirect-object identificati
 templates: :data:`IOI_LOGIT_DIFF` (mean ``logit(IO) - logit(S)``, about 3.55) and :data:`IOI_HEADS` (the circuit's
 head classes: name movers, negative name movers, S-inhibition, induction, duplicate-token and previous-token heads).
 
-Heads are written ``"layer.head"``; signs are ``"positive"`` (toward " Yes") or ``"negative"``.
+Heads are labelled as everywhere in mechfin, ``"L10H7"`` for layer 10, head 7
+(:mod:`mechfin_utils.core.head_labels`; the papers write it ``10.7``); signs are ``"positive"`` (toward " Yes") or
+``"negative"``.
 """
 
 from __future__ import annotations
@@ -44,19 +46,19 @@ LAYER_DLA: dict[str, Sign] = {
     "0_attn_out": "negative",
 }
 HEAD_DLA: dict[str, Sign] = {
-    "11.4": "positive",
-    "8.9": "positive",
-    "6.3": "positive",
-    "0.6": "negative",
-    "11.0": "negative",
-    "10.7": "negative",
+    "L11H4": "positive",
+    "L8H9": "positive",
+    "L6H3": "positive",
+    "L0H6": "negative",
+    "L11H0": "negative",
+    "L10H7": "negative",
 }
 HEAD_PATCHING: dict[str, Sign] = {
-    "10.2": "positive",
-    "10.7": "positive",
-    "11.3": "positive",
-    "9.6": "negative",
-    "10.6": "negative",
+    "L10H2": "positive",
+    "L10H7": "positive",
+    "L11H3": "positive",
+    "L9H6": "negative",
+    "L10H6": "negative",
 }
 
 GREATER_THAN_MLPS: tuple[int, ...] = (8, 9, 10, 11)
@@ -64,20 +66,20 @@ GREATER_THAN_HEAD_LAYERS: tuple[int, ...] = (5, 6, 7, 8, 9)
 
 IOI_LOGIT_DIFF = 3.55
 IOI_HEADS: dict[str, tuple[str, ...]] = {
-    "name mover": ("9.9", "9.6", "10.0"),
-    "negative name mover": ("10.7", "11.10"),
-    "S-inhibition": ("7.3", "7.9", "8.6", "8.10"),
-    "induction": ("5.5", "6.9"),
-    "duplicate token": ("0.1", "3.0"),
-    "previous token": ("2.2", "4.11"),
+    "name mover": ("L9H9", "L9H6", "L10H0"),
+    "negative name mover": ("L10H7", "L11H10"),
+    "S-inhibition": ("L7H3", "L7H9", "L8H6", "L8H10"),
+    "induction": ("L5H5", "L6H9"),
+    "duplicate token": ("L0H1", "L3H0"),
+    "previous token": ("L2H2", "L4H11"),
 }
 
 _LAYER_WORDS = {"mlp_out": "MLP", "attn_out": "attention layer"}
 
 
 def describe(claims: dict[str, Sign]) -> str:
-    """The claims in words, for notebook text: ``"positive 11.4, 8.9, 6.3; negative 0.6, 11.0, 10.7"``; layer labels
-    read ``"MLP 2"`` / ``"attention layer 0"``."""
+    """The claims in words, for notebook text: ``"positive L11H4, L8H9, L6H3; negative L0H6, L11H0, L10H7"``; layer
+    labels read ``"MLP 2"`` / ``"attention layer 0"``."""
     parts = []
     for sign in ("positive", "negative"):
         labels = [_readable(label) for label, claimed in claims.items() if claimed == sign]

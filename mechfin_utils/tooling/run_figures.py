@@ -16,33 +16,25 @@ threads, because much of a notebook (many small forward passes, plotting, loadin
 well; each notebook's own time is then longer than it would be alone, and the manifest says it ran beside another.
 The screener's training is guarded by a file lock, so two notebooks that need it never train it twice.
 
-**Nothing half-written.** A notebook never writes into ``figures/`` itself. Each one runs in a papermill process of its
-own whose kernel sees ``$MECHFIN_FIGURES_DIR`` = ``figures/.staging/<job>/figures/`` (a folder of its own), and its
-executed copy is written beside it. Only when the notebook finished without error are its outputs moved into
-``figures/`` (:func:`swap_in`): for each model folder it wrote into, its files replace the folder's files of the same
-notebook number one by one with ``os.replace`` (atomic: a file is either the old one or the new one, never half
-written), then that notebook's older files the new run did not write are removed. A run stopped by Ctrl-C, a closed
-laptop or a failing cell leaves the committed figures as they were; its staging folder is removed (a failed notebook's
-is kept, with its executed copy and output, for a look) and any left over is removed when the next run starts.
-``figures/.staging/`` is ignored by git, the site and ``make verify``.
+**Nothing half-written.** Each notebook runs in a process of its own, writes into a staging folder of its own, and
+its outputs move into ``figures/`` (each file with an atomic rename) only once it has finished; a run stopped part-way
+or a failing notebook leaves the committed figures as they were. How is :mod:`mechfin_utils.tooling.staging`'s; this
+module plans the run (which notebooks, for which model, in which order, how many at a time) and writes the manifest.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import json
 import os
 import platform
-import re
 import shutil
-import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from importlib import metadata
@@ -59,22 +51,26 @@ from mechfin_utils.core.models import (
     prepare_smollm2,
     resolve_auto,
 )
-from mechfin_utils.reporting.figures import FIGURES_DIR_ENV, PLOTLYJS_NAME, REPO_ROOT, _write_atomically, figures_root
+from mechfin_utils.core.paths import REPO_ROOT, write_atomically
+from mechfin_utils.reporting.figures import FIGURES_DIR_ENV, figures_root
 from mechfin_utils.screener.training import read_card
+from mechfin_utils.tooling.staging import (
+    STAGING,
+    NotebookFailedError,
+    allow_notebooks_to_start,
+    clean_stale_staging,
+    execute_notebook,
+    interrupt_on_sigterm,
+    job_folder,
+    move_file,
+    stop_all_notebooks,
+    swap_in,
+    uninterrupted,
+)
 
 PACKAGES = ("torch", "transformers", "transformer-lens", "numpy", "pandas", "plotly", "kaleido", "papermill", "peft")
-STAGING = ".staging"
-"""The folder under the figures root where each notebook of a run writes, until it has finished (see the docstring)."""
 EXECUTED_DIR_ENV = "MECHFIN_EXECUTED_DIR"
 """Where the executed copies go (default ``notebooks/_executed/``); ``make test``'s notebook run uses it too."""
-ERROR_TAIL_LINES = 40
-"""How many of a failed notebook's last output lines its error message quotes."""
-_NOTEBOOK_NUMBER_RE = re.compile(r"^([0-9]{2}[a-z]?)_")
-_ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
-class NotebookFailedError(RuntimeError):
-    """A notebook ended with an error (or its process was stopped); the message names it and quotes its output."""
 
 
 def model_identity(name: str, gpt2_path: str | None = None) -> dict[str, str | None]:
@@ -168,7 +164,7 @@ def run_many(
     executed = Path(os.environ.get(EXECUTED_DIR_ENV) or REPO_ROOT / "notebooks" / "_executed")
     executed.mkdir(parents=True, exist_ok=True)
     clean_stale_staging(root)
-    _stopping.clear()
+    allow_notebooks_to_start()
     # 2. Each model's identity, manifest and the times worth keeping.
     runs = []
     for model, notebooks in plan:
@@ -200,7 +196,7 @@ def run_many(
         path = Path(notebook)
         slug = r.identity["slug"]
         print(f"== {path.name} (model={r.model})", flush=True)
-        job_dir = root / STAGING / f"{os.getpid()}-{index:02d}-{slug}-{path.stem}"
+        job_dir = job_folder(root, index, slug, path)
         staged, staged_copy = job_dir / "figures", job_dir / f"{slug}-{path.name}"
         staged.mkdir(parents=True)
         start = time.perf_counter()
@@ -215,13 +211,13 @@ def run_many(
                 print(f"   {path.name} failed; its staged outputs and executed copy stay in {job_dir}", flush=True)
             raise
         elapsed = round(time.perf_counter() - start, 1)
-        with lock, _uninterrupted():
+        with lock, uninterrupted():
             if interrupted.is_set():
                 shutil.rmtree(job_dir, ignore_errors=True)
                 return
             swap_in(staged, root, path.stem)
             if staged_copy.is_file():
-                _move_file(staged_copy, executed / staged_copy.name)
+                move_file(staged_copy, executed / staged_copy.name)
             shutil.rmtree(job_dir, ignore_errors=True)
             r.seconds[path.stem] = elapsed
             print(f"   {path.name} (model={r.model}): {elapsed} s", flush=True)
@@ -249,195 +245,16 @@ def run_many(
                         other.cancel()
                     with lock:  # a notebook moving in right now finishes moving in first
                         interrupted.set()
-                    _stop_all()
+                    stop_all_notebooks()
                     raise
     except KeyboardInterrupt:
         interrupted.set()
-        _stop_all()
+        stop_all_notebooks()
         raise
     finally:
         with contextlib.suppress(OSError):
             (root / STAGING).rmdir()  # only when empty: a failed notebook's folder stays for a look
     return [r.manifest_path for r in runs]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# One notebook in a process of its own
-# ---------------------------------------------------------------------------------------------------------
-
-_running: set[subprocess.Popen] = set()
-_running_lock = threading.Lock()
-_stopping = threading.Event()  # set by _stop_all: no notebook starts after it (cleared when a run starts)
-
-
-def execute_notebook(notebook: Path, output: Path, parameters: dict, env: dict[str, str], log: Path) -> None:
-    """Run ``notebook`` with papermill in a process of its own, with the environment ``env`` (its own
-    ``$MECHFIN_FIGURES_DIR`` and thread settings: two notebooks run at once cannot share one process's environment),
-    writing the executed copy to ``output`` and papermill's output to ``log``.
-
-    The command is papermill's own command line: parameters as JSON (which is YAML), the notebooks' folder as working
-    directory, the ``python3`` kernel (this environment's), no progress bar, and log level ERROR, which hides
-    papermill's 'Unable to parse line' warnings about comments in parameters cells. A non-zero exit raises
-    :class:`NotebookFailedError` quoting the last :data:`ERROR_TAIL_LINES` lines of the output; an interrupt while
-    it runs stops the process (see :func:`_stop`) before it propagates."""
-    command = [
-        sys.executable, "-m", "papermill", str(notebook), str(output),
-        "-y", json.dumps(parameters),
-        "--cwd", str(REPO_ROOT / "notebooks"),
-        "-k", "python3",
-        "--no-progress-bar",
-        "--log-level", "ERROR",
-    ]  # fmt: skip
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("wb") as handle:
-        with _running_lock:
-            if _stopping.is_set():
-                raise NotebookFailedError(f"{notebook.name} was not started: the run is being stopped")
-            process = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT, env=env
-            )
-            _running.add(process)
-        try:
-            code = process.wait()
-        except BaseException:
-            _stop(process)
-            raise
-        finally:
-            with _running_lock:
-                _running.discard(process)
-    if code != 0:
-        raise NotebookFailedError(
-            f"{notebook.name} failed (papermill exit status {code}); the last lines of its output:\n{_tail(log)}"
-        )
-
-
-def _tail(log: Path, lines: int = ERROR_TAIL_LINES) -> str:
-    text = _ANSI_RE.sub("", log.read_text(errors="replace")) if log.is_file() else ""
-    return "\n".join(text.rstrip().splitlines()[-lines:])
-
-
-def _stop(process: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """Stop a papermill process: SIGINT first, so that it shuts its kernel down, then SIGKILL after ``grace_s``. (A
-    kernel whose papermill died anyway exits by itself: ipykernel polls its parent.)"""
-    if process.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        process.send_signal(signal.SIGINT)
-    try:
-        process.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-def _stop_all() -> None:
-    """Stop every notebook running now, and let none start after."""
-    with _running_lock:
-        _stopping.set()
-        running = list(_running)
-    for process in running:
-        _stop(process)
-
-
-@contextlib.contextmanager
-def _uninterrupted() -> Iterator[None]:
-    """Hold off Ctrl-C during the block (in the main thread; a no-op elsewhere, where it cannot arrive) and deliver it
-    after: a notebook's outputs move in completely or not at all, as far as Ctrl-C is concerned."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if received:
-        raise KeyboardInterrupt
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Staging: where a notebook writes until it has finished
-# ---------------------------------------------------------------------------------------------------------
-
-
-def swap_in(staged_root: Path, root: Path, notebook: str) -> list[Path]:
-    """Move a finished notebook's outputs from ``staged_root`` into the figures root ``root``; return the files
-    removed because the new run no longer writes them.
-
-    ``notebook`` is the notebook's file stem (``"08_screener_vs_base"``); its number (``"08"``) names its files. For
-    each model folder under ``staged_root`` (a notebook may write into several: 08 on the screener also writes the
-    base model's compliance report):
-
-    1. each staged file replaces the file of the same name with ``os.replace``, which is atomic: a reader (or a run
-       stopped right now) sees the old file or the new one, never a half-written one;
-    2. then the folder's files of this notebook's number that the new run did not write are removed (a figure the
-       notebook no longer makes cannot outlive it);
-    3. the shared ``plotly.min.js`` is moved in when the folder lacks it or holds another version (the new pages load
-       the version installed here); the manifest is not a notebook's and is written by the runner.
-
-    A notebook whose file name does not start with its number (``NN_``) only adds and replaces files."""
-    match = _NOTEBOOK_NUMBER_RE.match(notebook)
-    removed = []
-    for staged in sorted(p for p in staged_root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        target = root / staged.name
-        target.mkdir(parents=True, exist_ok=True)
-        written = set()
-        for path in sorted(p for p in staged.rglob("*") if p.is_file() and not p.name.startswith(".")):
-            relative = path.relative_to(staged)
-            destination = target / relative
-            if relative == Path(PLOTLYJS_NAME):
-                if destination.is_file() and destination.read_bytes() == path.read_bytes():
-                    continue
-            else:
-                written.add(relative)
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(path, destination)
-        if match is not None:
-            for old in sorted(target.glob(f"{match.group(1)}_*")):
-                if old.is_file() and old.relative_to(target) not in written:
-                    old.unlink()
-                    removed.append(old)
-    return removed
-
-
-def clean_stale_staging(root: Path) -> list[Path]:
-    """Remove the staging folders of runs that are over (stopped, killed or failed: their owner process is gone, or is
-    this one, whose earlier runs have ended) and return them; a run still going in another process keeps its own."""
-    staging = root / STAGING
-    removed = []
-    for entry in sorted(staging.iterdir()) if staging.is_dir() else []:
-        owner = entry.name.split("-", 1)[0]
-        if owner.isdigit() and int(owner) != os.getpid() and _alive(int(owner)):
-            continue
-        shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
-        removed.append(entry)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _move_file(source: Path, destination: Path) -> None:
-    """``os.replace``, or across file systems (``make verify``'s scratch folder is in /tmp) a copy next to the
-    destination that then replaces it: either way the destination is never half written."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(source, destination)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-        temporary = destination.with_name(f".{destination.name}.{os.getpid()}.tmp")
-        shutil.copyfile(source, temporary)
-        os.replace(temporary, destination)
-        source.unlink()
 
 
 def still_current(seconds: dict[str, float], folder: Path, notebooks: Sequence[str]) -> dict[str, float]:
@@ -504,7 +321,7 @@ def _write_manifest(
             "seconds_total": round(sum(seconds.values()), 1),
         }
     )
-    _write_atomically(path, (json.dumps(manifest, indent=1) + "\n").encode("utf-8"))
+    write_atomically(path, (json.dumps(manifest, indent=1) + "\n").encode("utf-8"))
 
 
 def parse_plan(items: Sequence[str], default_model: str) -> list[tuple[str, list[str]]]:
@@ -534,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: no such notebook(s): {missing or args.items}", file=sys.stderr)
         return 2
     started = time.perf_counter()
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill PID` stops the run as cleanly as Ctrl-C does
+    interrupt_on_sigterm()  # `kill PID` stops the run as cleanly as Ctrl-C does
     try:
         for path in run_many(plan, args.gpt2_path, workers=args.workers):
             print(f"manifest: {path}")
@@ -548,10 +365,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     print(f"wall time: {time.perf_counter() - started:.0f} s ({args.workers} notebook(s) at a time)")
     return 0
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -278,8 +278,6 @@ def compare_runs(committed_root: Path, fresh_root: Path, tolerance: float = TOLE
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mechfin_utils.tooling import run_figures
-
     parser = argparse.ArgumentParser(prog="python -m mechfin_utils.tooling.verify", description=__doc__.splitlines()[0])
     parser.add_argument("items", nargs="*", metavar="NOTEBOOK or @MODEL")
     parser.add_argument("--model", default="auto")
@@ -290,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     committed = figures_root()
     if args.fresh is None:
+        # Only a rerun needs the runner (papermill, the screener's card reader); --fresh compares files alone.
+        from mechfin_utils.tooling import run_figures
+        from mechfin_utils.tooling.staging import NotebookFailedError
+
         plan = run_figures.parse_plan(args.items, args.model)
         if not plan:
             parser.error("give the notebooks to rerun (or --fresh DIR)")
@@ -302,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[FIGURES_DIR_ENV] = str(fresh)  # the rerun writes here (each notebook into its staging folder)
         try:
             run_figures.run_many(plan, args.gpt2_path, workers=args.workers, expected_seconds=expected)
-        except run_figures.NotebookFailedError as exc:
+        except NotebookFailedError as exc:
             print(f"error: the rerun failed, nothing compared: {exc}", file=sys.stderr)
             return 1
         finally:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mechfin_utils.reporting.figures import REPO_ROOT
+from mechfin_utils.core.paths import REPO_ROOT
 
 BEGIN, END = "# BEGIN SOLUTION", "# END SOLUTION"
 STUB = 'raise NotImplementedError("Your code here: see the exercise above.")'

@@ -12,7 +12,7 @@ reads a model's heads on it, the way Wang et al. told their roles apart:
 * :func:`paper_comparison` is the table against Wang et al.'s GPT-2 Small heads
   (:data:`mechfin_utils.tasks.paper_claims.IOI_HEADS`); the notebook shows it only when GPT-2 Small is the model.
 
-Heads are labelled ``"layer.head"`` (``"9.9"``), as in the paper.
+Heads are labelled ``"L9H9"`` (:mod:`mechfin_utils.core.head_labels`); Wang et al. write that head 9.9.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 
 from mechfin_utils.core.functional import FunctionalTransformer
+from mechfin_utils.core.head_labels import head_labels, parse_head
 from mechfin_utils.methods.readout import dla
 from mechfin_utils.tasks import paper_claims
 from mechfin_utils.tasks.ioi import IOITask
@@ -53,7 +54,7 @@ def head_roles(model, ioi: IOITask, edge_scores=None) -> pd.DataFrame:
     n_layers, n_heads = values.shape
     table = pd.DataFrame(
         {
-            "head": [f"{layer}.{head}" for layer in range(n_layers) for head in range(n_heads)],
+            "head": head_labels(n_layers, n_heads),
             "layer": [layer for layer in range(n_layers) for _ in range(n_heads)],
             "dla": values.flatten().tolist(),
             "attn_io": io_mean.flatten().tolist(),
@@ -65,7 +66,7 @@ def head_roles(model, ioi: IOITask, edge_scores=None) -> pd.DataFrame:
     if edge_scores is not None:
         graph, mean = edge_scores.graph, edge_scores.mean
         query_receivers = [
-            graph.attention_receivers(layer).start + head for layer, head in (dla.parse_head(h) for h in movers)
+            graph.attention_receivers(layer).start + head for layer, head in (parse_head(h) for h in movers)
         ]
         via = [
             float(mean[graph.head_sender(layer, head), query_receivers].sum())
@@ -116,7 +117,7 @@ def candidates(roles: pd.DataFrame, n: int = 5) -> dict[str, list[str]]:
     movers = name_movers(roles, n)
     out = {"name movers": movers}
     if "via_name_mover_queries" in roles:
-        first = min(dla.parse_head(h)[0] for h in movers) if movers else len(roles)
+        first = min(parse_head(h)[0] for h in movers) if movers else len(roles)
         below = roles[(roles["layer"] < first)]
         out["S-inhibition"] = list(below.nsmallest(n, "via_name_mover_queries")["head"])
     return out

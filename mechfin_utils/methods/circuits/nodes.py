@@ -32,7 +32,6 @@ per-prompt score function of the logits).
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
@@ -45,6 +44,7 @@ from torch import Tensor
 
 from mechfin_utils.core import engine
 from mechfin_utils.core.functional import ForwardRecord
+from mechfin_utils.core.head_labels import head_label, parse_head
 from mechfin_utils.tasks.circuit_tasks import CircuitBatch, CircuitTask
 
 AblationKind = Literal["resample", "mean"]
@@ -72,7 +72,7 @@ class Node:
 
     @property
     def name(self) -> str:
-        return f"MLP{self.layer}" if self.head is None else f"L{self.layer}H{self.head}"
+        return f"MLP{self.layer}" if self.head is None else head_label(self.layer, self.head)
 
     def __str__(self) -> str:
         return self.name
@@ -82,13 +82,17 @@ class Node:
 
     @classmethod
     def parse(cls, name: str) -> Node:
-        """``"L5H3"`` -> head 3 of layer 5; ``"MLP5"`` -> the MLP of layer 5."""
-        match = re.fullmatch(r"L(\d+)H(\d+)|MLP(\d+)", name.strip())
-        if match is None:
-            raise ValueError(f"{name!r} is not a node name (expected like 'L5H3' or 'MLP5')")
-        if match.group(3) is not None:
-            return cls(int(match.group(3)))
-        return cls(int(match.group(1)), int(match.group(2)))
+        """``"L5H3"`` -> head 3 of layer 5 (a head label, read by :func:`mechfin_utils.core.head_labels.parse_head`);
+        ``"MLP5"`` -> the MLP of layer 5."""
+        text = name.strip() if isinstance(name, str) else ""
+        if text.startswith("MLP") and text[3:].isdigit():
+            return cls(int(text[3:]))
+        try:
+            return cls(*parse_head(text))
+        except ValueError:
+            raise ValueError(
+                f"{name!r} is not a node name (expected a head like 'L5H3' or an MLP like 'MLP5')"
+            ) from None
 
     def sort_key(self) -> tuple[int, int]:
         """Upstream first: by layer, heads before the MLP of the same layer (the MLP reads them)."""

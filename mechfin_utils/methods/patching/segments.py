@@ -30,7 +30,7 @@ need no position alignment, only batches whose clean prompts share a length and 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import pandas as pd
@@ -42,16 +42,23 @@ from mechfin_utils.tasks.batching import Exclusion
 from mechfin_utils.tasks.fair_lending import FairLendingPair
 
 SEGMENTS = ("prefix", "phrase", "rest", "final")
+"""The segments of every aligned pair; named spans (:func:`segment_pair`'s ``spans``) are carved out of prefix and
+rest, and take their place in reading order."""
 STRADDLES = "token_straddles_phrase_boundary"
 OUTSIDE_DIFFERS = "tokens_outside_phrase_differ"
 
 
 @dataclass(frozen=True)
 class SegmentedPrompt:
-    """One prompt's token ids and, per segment, its positions (increasing; possibly empty for ``prefix``)."""
+    """One prompt's token ids and, per segment, its positions (increasing; possibly empty for ``prefix``), the
+    segments in reading order."""
 
     ids: tuple[int, ...]
     positions: dict[str, tuple[int, ...]]
+
+    @property
+    def segments(self) -> tuple[str, ...]:
+        return tuple(self.positions)
 
 
 @dataclass(frozen=True)
@@ -68,12 +75,24 @@ class SegmentedPair:
         return clean, corrupted
 
 
-def _segment_prompt(model, text: str, phrase: str) -> SegmentedPrompt | str:
-    """Positions per segment of one prompt, or the reason it cannot be segmented."""
+def _span_positions(model, text: str, span: str, avoid: tuple[int, int]) -> list[int]:
+    """Token positions of the one occurrence of ``span`` outside the character range ``avoid`` (the phrase)."""
+    starts = [i for i in range(len(text)) if text.startswith(span, i)]
+    outside = [i for i, start in enumerate(starts) if start + len(span) <= avoid[0] or start >= avoid[1]]
+    if len(outside) != 1:
+        raise ValueError(f"span {span!r} occurs {len(outside)} times outside the phrase in {text!r}, not once")
+    return phrase_token_positions(model, text, span, occurrence=outside[0])
+
+
+def _segment_prompt(model, text: str, phrase: str, spans: Mapping[str, str]) -> SegmentedPrompt | str:
+    """Positions per segment of one prompt (named ``spans`` carved out of prefix and rest), or the reason it cannot
+    be segmented."""
     if text.count(phrase) != 1:
         raise ValueError(f"phrase {phrase!r} must occur exactly once in {text!r}")
+    begin = text.index(phrase)
     try:
         phrase_positions = phrase_token_positions(model, text, phrase)  # the tokenizer's character offsets
+        named = {name: _span_positions(model, text, span, (begin, begin + len(phrase))) for name, span in spans.items()}
     except ValueError as error:
         if "cuts through token" in str(error):
             return STRADDLES
@@ -83,23 +102,35 @@ def _segment_prompt(model, text: str, phrase: str) -> SegmentedPrompt | str:
     first_phrase, last_phrase = phrase_positions[0], phrase_positions[-1]
     if last_phrase >= last:
         return STRADDLES  # the phrase reaches the answer position: nothing left to align after it
-    positions = {
-        "prefix": tuple(range(first_phrase)),  # a BOS token, when prepended, is position 0
-        "phrase": tuple(phrase_positions),
-        "rest": tuple(range(last_phrase + 1, last)),
-        "final": (last,),
+    taken = {p: name for name, found in named.items() for p in found if p != last}  # the answer stays "final"
+    if set(taken) & set(phrase_positions):
+        raise ValueError(f"a named span overlaps the phrase {phrase!r} in {text!r}")
+    owner = {
+        p: taken.get(p, "prefix" if p < first_phrase else "rest") for p in range(last) if p not in phrase_positions
     }
+    owner.update({p: "phrase" for p in phrase_positions})
+    positions: dict[str, tuple[int, ...]] = {"prefix": ()}  # in reading order; prefix may be empty
+    for position in range(last):
+        positions[owner[position]] = (*positions.get(owner[position], ()), position)
+    positions.setdefault("rest", ())
+    positions["final"] = (last,)
     return SegmentedPrompt(ids, positions)
 
 
-def segment_pair(model, pair: FairLendingPair) -> SegmentedPair | Exclusion:
-    """Align one pair by segment (any token lengths), or an :class:`~mechfin_utils.tasks.batching.Exclusion` saying why not."""
-    clean = _segment_prompt(model, pair.clean_prompt, pair.protected_phrase)
-    corrupted = _segment_prompt(model, pair.corrupted_prompt, pair.legitimate_phrase)
+def segment_pair(model, pair: FairLendingPair, spans: Mapping[str, str] | None = None) -> SegmentedPair | Exclusion:
+    """Align one pair by segment (any token lengths), or an :class:`~mechfin_utils.tasks.batching.Exclusion` saying
+    why not. ``spans`` names further segments carved out of prefix and rest: text that occurs once in each prompt
+    outside the phrase (``{"mention": "is Hindu", "question": " Is this ...? Answer:"}``); a span that ends at the
+    answer position leaves that position to ``final``."""
+    spans = dict(spans or {})
+    clean = _segment_prompt(model, pair.clean_prompt, pair.protected_phrase, spans)
+    corrupted = _segment_prompt(model, pair.corrupted_prompt, pair.legitimate_phrase, spans)
     for prompt, which in ((clean, "clean"), (corrupted, "corrupted")):
         if isinstance(prompt, str):
             return Exclusion(pair, prompt, f"in the {which} prompt a token crosses the phrase's boundary")
-    for segment in ("prefix", "rest", "final"):
+    if clean.segments != corrupted.segments:
+        return Exclusion(pair, OUTSIDE_DIFFERS, "the named spans fall in a different order in the two prompts")
+    for segment in (s for s in clean.segments if s != "phrase"):
         clean_ids = [clean.ids[p] for p in clean.positions[segment]]
         corrupted_ids = [corrupted.ids[p] for p in corrupted.positions[segment]]
         if clean_ids != corrupted_ids:
@@ -107,11 +138,14 @@ def segment_pair(model, pair: FairLendingPair) -> SegmentedPair | Exclusion:
     return SegmentedPair(pair, clean, corrupted)
 
 
-def segment_pairs(model, pairs: Sequence[FairLendingPair]) -> tuple[list[SegmentedPair], list[Exclusion]]:
-    """Align every pair; returns (aligned, excluded with reasons), nothing dropped silently."""
+def segment_pairs(
+    model, pairs: Sequence[FairLendingPair], spans_of: Callable[[FairLendingPair], Mapping[str, str]] | None = None
+) -> tuple[list[SegmentedPair], list[Exclusion]]:
+    """Align every pair (``spans_of(pair)``: its named spans, see :func:`segment_pair`); returns (aligned, excluded
+    with reasons), nothing dropped silently."""
     aligned, excluded = [], []
     for pair in pairs:
-        result = segment_pair(model, pair)
+        result = segment_pair(model, pair, spans_of(pair) if spans_of is not None else None)
         (excluded if isinstance(result, Exclusion) else aligned).append(result)
     return aligned, excluded
 
@@ -174,7 +208,7 @@ def attention_by_segment(model, pairs: Sequence[SegmentedPair], layers: Sequence
         for run, prompt in (("clean", item.clean), ("corrupted", item.corrupted)):
             weights = final_position_attention_by_layer(model, torch.tensor([prompt.ids]), layers)  # [layer, pos]
             for row, layer in enumerate(layers):
-                for segment in SEGMENTS:
+                for segment in prompt.segments:
                     positions = list(prompt.positions[segment])
                     rows.append(
                         {
@@ -225,7 +259,7 @@ def segment_patching(model, pairs: Sequence[SegmentedPair], layers: Sequence[int
         # 2. every (layer, segment) patch in one packed run
         patches, runs = [], []
         for layer in layers:
-            for segment in SEGMENTS:
+            for segment in item.clean.segments:
                 clean_positions, corrupted_positions = item.mapping(segment)
                 if not clean_positions:
                     continue
@@ -254,9 +288,11 @@ def segment_patching(model, pairs: Sequence[SegmentedPair], layers: Sequence[int
 
 
 def restoration_grid(results: pd.DataFrame) -> pd.DataFrame:
-    """Mean restoration per ``[segment x layer]``, segments in reading order."""
+    """Mean restoration per ``[segment x layer]``, segments in reading order: ``prefix`` first, ``final`` last, the
+    others in the order they first appear (:func:`segment_patching` writes them in reading order)."""
     grid = results.pivot_table(index="segment", columns="layer", values="restoration", aggfunc="mean")
-    return grid.reindex([s for s in SEGMENTS if s in grid.index])
+    middle = [s for s in dict.fromkeys(results["segment"]) if s not in ("prefix", "final")]
+    return grid.reindex([s for s in ("prefix", *middle, "final") if s in grid.index])
 
 
 def segment_lengths(pairs: Sequence[SegmentedPair]) -> pd.DataFrame:
@@ -264,7 +300,7 @@ def segment_lengths(pairs: Sequence[SegmentedPair]) -> pd.DataFrame:
     rows = []
     for item in pairs:
         row = {"pair_id": item.pair.id, "equal_length": len(item.clean.ids) == len(item.corrupted.ids)}
-        for segment in SEGMENTS:
+        for segment in item.clean.segments:
             row[f"clean_{segment}"] = len(item.clean.positions[segment])
             row[f"corrupted_{segment}"] = len(item.corrupted.positions[segment])
         rows.append(row)

@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from mechfin_utils.core.head_labels import head_label
 from mechfin_utils.core.metrics import NormalisedLogitDiff, normalised_patching_metric
 from mechfin_utils.methods.patching.activation import activation_patch
 from mechfin_utils.methods.patching.results import PatchSweep
@@ -94,11 +95,18 @@ def bootstrap_sweep(sweep: PatchSweep, *, n_boot: int = 1000, ci: float = 0.95, 
     return SweepSummary(sweep.key, sweep.axes, sweep.values, low, high, n, sweep.model_name)
 
 
-def rank_cells(summary: SweepSummary, k: int = 10, *, label_axes: Sequence[str] | None = None) -> pd.DataFrame:
-    """The ``k`` largest and ``k`` most negative cells, e.g. heads ``"L.H"`` for a [layer, head] sweep.
+def _cell_label(axes: Sequence[str], cell: Sequence[int]) -> str:
+    """A cell's name: the head's label (``"L10H7"``) on [layer, head] axes, else its indices joined by dots."""
+    if tuple(axes) == ("layer", "head"):
+        return head_label(*cell)
+    return ".".join(str(int(i)) for i in cell)
 
-    Columns: ``component`` (the cell as "a.b"), ``value``, ``low``, ``high``, ``direction`` (positive /
-    negative), ``excludes_zero`` (whether the interval excludes 0).
+
+def rank_cells(summary: SweepSummary, k: int = 10, *, label_axes: Sequence[str] | None = None) -> pd.DataFrame:
+    """The ``k`` largest and ``k`` most negative cells, e.g. heads ``"L10H7"`` for a [layer, head] sweep.
+
+    Columns: ``component`` (the cell: a head label on [layer, head] axes, else its indices as "a.b"), ``value``,
+    ``low``, ``high``, ``direction`` (positive / negative), ``excludes_zero`` (whether the interval excludes 0).
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -112,7 +120,7 @@ def rank_cells(summary: SweepSummary, k: int = 10, *, label_axes: Sequence[str] 
             low, high = summary.low.flatten()[flat].item(), summary.high.flatten()[flat].item()
             rows.append(
                 {
-                    "component": ".".join(str(int(c)) for c in cell),
+                    "component": _cell_label(summary.axes, cell),
                     "value": values[flat].item(),
                     "low": low,
                     "high": high,
@@ -172,12 +180,12 @@ def group_shift_table(
     Args:
         groups: one label per prompt of the sweep, in its order (``[p.basis for b in batches for p in b.pairs]``).
         cells: indices into the sweep's axes, e.g. ``(layer, head)`` for ``attn_head_out_all_pos``.
-        labels: column names for the cells (default ``"a.b"``).
+        labels: column names for the cells (default: head labels ``"L10H7"`` on [layer, head] axes, else ``"a.b"``).
     """
     n = int(sweep.clean_logit_diff.shape[0])
     if len(groups) != n:
         raise ValueError(f"groups has {len(groups)} labels for a sweep over {n} prompts")
-    labels = [".".join(str(int(i)) for i in cell) for cell in cells] if labels is None else list(labels)
+    labels = [_cell_label(sweep.axes, cell) for cell in cells] if labels is None else list(labels)
     if len(labels) != len(cells):
         raise ValueError(f"{len(labels)} labels for {len(cells)} cells")
     for cell in cells:

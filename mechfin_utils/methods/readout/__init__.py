@@ -2,7 +2,7 @@
 
 * ``attention`` -- where heads read from: patterns, and the answer position's attention to a phrase;
 * ``dla`` -- direct logit attribution: each layer's and each head's exact share of the logit difference, and the
-  logit-difference lens; ``heads`` -- heads by name (``"L.H"``), parsed, selected and ranked;
+  logit-difference lens; ``heads`` -- heads by name (``"L10H7"``), parsed, selected and ranked;
 * projection to the vocabulary: ``token_lens`` (the logit lens read as tokens), ``ffn_neurons`` (value vectors as
   token lists, Geva et al. 2020), ``ffn_updates`` (what a layer's update promotes, Geva et al. 2022),
   ``embedding_circuits`` (OV and QK circuits as token-to-token maps, Dar et al. 2023), ``vocabulary`` (token sets);
@@ -54,7 +54,7 @@ from mechfin_utils.methods.readout.ffn_updates import (
     mlp_update_top_tokens,
 )
 from mechfin_utils.methods.readout.final_position import run_with_final_position_cache
-from mechfin_utils.methods.readout.heads import head_labels, parse_head, select_heads, top_heads
+from mechfin_utils.methods.readout.heads import head_label, head_labels, parse_head, select_heads, top_heads
 from mechfin_utils.methods.readout.task_sets import collect_over_batches, lens_and_mlp_readout, pair_value_frame
 from mechfin_utils.methods.readout.token_lens import (
     answer_rank_bands,
@@ -89,6 +89,7 @@ __all__ = [
     "logit_lens",
     "over_batches",
     "term_groups",
+    "head_label",
     "head_labels",
     "parse_head",
     "select_heads",

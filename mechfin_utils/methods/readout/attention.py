@@ -32,6 +32,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from mechfin_utils.core.head_labels import head_label
 from mechfin_utils.core.inputs import check_tokens
 from mechfin_utils.core.models import LoadedModel
 
@@ -395,7 +396,7 @@ def circuitsvis_html(
 ) -> str:
     """An interactive CircuitsVis view of one layer's attention heads, as self-contained offline HTML.
 
-    Uses CircuitsVis's ``attention_heads`` view (one thumbnail per head, labelled ``L{layer}H{head}``,
+    Uses CircuitsVis's ``attention_heads`` view (one thumbnail per head, labelled like ``"L10H7"``,
     click to enlarge) and its ``local_src``, which inlines the JavaScript bundle. (``str()`` of a
     CircuitsVis object loads the bundle from a CDN, which renders blank offline.) A header names the
     model, the layer and the heads. Display in Jupyter with ``IPython.display.HTML(...)`` or write it to a
@@ -414,7 +415,7 @@ def circuitsvis_html(
     view = circuitsvis.attention.attention_heads(
         attention=patterns.cpu().float(),
         tokens=model.to_str_tokens(prompt),
-        attention_head_names=[f"L{layer}H{head}" for head in chosen],
+        attention_head_names=[head_label(layer, head) for head in chosen],
     )
     head_text = "all heads" if heads is None else "heads " + ", ".join(str(h) for h in chosen)
     header = (

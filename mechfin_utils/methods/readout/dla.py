@@ -66,7 +66,6 @@ from transformer_lens.ActivationCache import ActivationCache
 
 from mechfin_utils.core.inputs import check_tokens
 from mechfin_utils.core.models import LoadedModel
-from mechfin_utils.methods.readout import heads
 from mechfin_utils.methods.readout.final_position import run_with_final_position_cache
 from mechfin_utils.methods.readout.heads import as_float_rows
 
@@ -77,16 +76,6 @@ UNEMBED_BIAS_LABEL = "unembed_bias"
 # Residual streams that should be equal are compared with this relative tolerance (float32 sums over
 # dozens of components differ from the model's own sum by ~1e-6 relative).
 _RECONSTRUCTION_RTOL = 1e-4
-
-# Head labels live in readout.heads. These four names keep ``dla.parse_head`` and the like working while callers
-# (methods.circuits.ioi_heads; notebooks 01, 03, 07) still write them so: drop them once those read ``heads``.
-head_labels, parse_head, select_heads, top_heads = (
-    heads.head_labels,
-    heads.parse_head,
-    heads.select_heads,
-    heads.top_heads,
-)
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Input checks

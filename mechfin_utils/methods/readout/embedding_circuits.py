@@ -30,7 +30,7 @@ from torch import Tensor
 
 from mechfin_utils.core.models import LoadedModel
 from mechfin_utils.core.stats import grouped_bootstrap
-from mechfin_utils.methods.readout.heads import parse_head
+from mechfin_utils.methods.readout.heads import head_label, parse_head
 from mechfin_utils.methods.readout.unembedding import (
     check_index,
     checked_token_ids,
@@ -339,14 +339,11 @@ def ov_answer_push_by_group(
             if len(ids) < 2:
                 raise ValueError(f"token group {group!r} has {len(ids)} token(s); an interval needs at least 2")
             scores = ov_answer_scores(model, layer, index, ids, answers)
-            frames.append(scores.assign(head=f"{layer}.{index}", group=group))
+            frames.append(scores.assign(head=head_label(layer, index), group=group))
     scores = pd.concat(frames, ignore_index=True)
     table = grouped_bootstrap(scores, ["head", "group"], "score", n_boot=n_boot, ci=ci, seed=seed)
     order = {
-        "head": {
-            f"{L}.{H}": i
-            for i, (L, H) in enumerate(parse_head(h, model.cfg.n_layers, model.cfg.n_heads) for h in heads)
-        },
+        "head": {head_label(*parse_head(h, model.cfg.n_layers, model.cfg.n_heads)): i for i, h in enumerate(heads)},
         "group": {g: i for i, g in enumerate(token_groups)},
     }
     table = table.sort_values(["head", "group"], key=lambda column: column.map(order[column.name]))

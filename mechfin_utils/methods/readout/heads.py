@@ -1,13 +1,14 @@
-"""Attention heads by name: one label format, ``"L.H"``, parsed by one function, and the heads ranked by a value.
+"""Attention heads by name: the per-head results' columns picked by label, and the heads ranked by a value.
 
 Per-head results in mechfin are arrays ``[batch, n_layers, n_heads]`` (a head's direct logit attribution per
 prompt, the final position's attention to a phrase per prompt, ...) or their mean ``[n_layers, n_heads]``. A head
-is named ``"10.7"`` (layer 10, head 7): :func:`head_labels` lists the labels in the order of
-``values.reshape(batch, -1)``, :func:`parse_head` turns a label (or a ``(layer, head)`` pair) back into indices,
-checked against the model when its sizes are given, :func:`select_heads` takes the named heads' columns, and
-:func:`top_heads` ranks every head by a mean value. The interval tables built on these (``head_table``,
-``named_heads_table``) are in :mod:`mechfin_utils.reporting.readout_tables`; :func:`as_float_rows` is the check
-they share (a per-prompt array of the expected number of dimensions, as float64 on the CPU).
+is named ``"L10H7"`` (layer 10, head 7): the one format, written by :func:`head_label` / :func:`head_labels` (the
+labels in the order of ``values.reshape(batch, -1)``) and read by :func:`parse_head` (a label or a ``(layer, head)``
+pair back into indices, checked against the model when its sizes are given), all three from
+:mod:`mechfin_utils.core.head_labels` and exported here beside what uses them: :func:`select_heads` takes the named
+heads' columns, and :func:`top_heads` ranks every head by a mean value. The interval tables built on these
+(``head_table``, ``named_heads_table``) are in :mod:`mechfin_utils.reporting.readout_tables`; :func:`as_float_rows`
+is the check they share (a per-prompt array of the expected number of dimensions, as float64 on the CPU).
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mechfin_utils.core.head_labels import head_label, head_labels, parse_head
+
+__all__ = ["as_float_rows", "head_label", "head_labels", "parse_head", "select_heads", "top_heads"]
+
 
 def as_float_rows(values, argument: str, ndim: int) -> Tensor:
     """A float tensor of ``ndim`` dimensions on the CPU (numpy and lists are accepted too)."""
@@ -28,37 +33,14 @@ def as_float_rows(values, argument: str, ndim: int) -> Tensor:
     return tensor.to(device="cpu", dtype=torch.float64)
 
 
-def head_labels(n_layers: int, n_heads: int) -> list[str]:
-    """``"L.H"`` labels in the order of ``values.reshape(batch, -1)`` for ``values`` ``[batch, n_layers, n_heads]``."""
-    return [f"{layer}.{head}" for layer in range(n_layers) for head in range(n_heads)]
-
-
-def parse_head(
-    label: str | tuple[int, int], n_layers: int | None = None, n_heads: int | None = None
-) -> tuple[int, int]:
-    """``"10.7"`` (or ``(10, 7)``) -> ``(10, 7)``; with ``n_layers``/``n_heads`` the head must exist in that model."""
-    if isinstance(label, (tuple, list)) and len(label) == 2 and all(isinstance(v, int) and v >= 0 for v in label):
-        layer, head = int(label[0]), int(label[1])
-    else:
-        parts = label.strip().split(".") if isinstance(label, str) else []
-        if len(parts) != 2 or not all(part.isdigit() for part in parts):
-            raise ValueError(f"head label {label!r} is not of the form 'layer.head' (e.g. '10.7') or (layer, head)")
-        layer, head = int(parts[0]), int(parts[1])
-    if n_layers is not None and layer >= n_layers:
-        raise ValueError(f"head {label!r}: layer {layer} does not exist (the model has {n_layers} layers)")
-    if n_heads is not None and head >= n_heads:
-        raise ValueError(f"head {label!r}: head {head} does not exist (the model has {n_heads} heads per layer)")
-    return layer, head
-
-
 def select_heads(
     per_prompt: Float[Tensor, "batch n_layers n_heads"], heads: Sequence[str]
 ) -> Float[Tensor, "batch n_selected"]:
-    """The columns of the named heads (``"L.H"``), in the order given."""
+    """The columns of the named heads (``"L10H7"``), in the order given."""
     per_prompt = as_float_rows(per_prompt, "per_prompt", 3)
     _, n_layers, n_heads = per_prompt.shape
     if not len(heads):
-        raise ValueError("heads is empty: name at least one head as 'layer.head'")
+        raise ValueError("heads is empty: name at least one head, e.g. 'L10H7'")
     pairs = [parse_head(label, n_layers, n_heads) for label in heads]
     return torch.stack([per_prompt[:, layer, head] for layer, head in pairs], dim=1)
 
@@ -69,7 +51,7 @@ def top_heads(
     *,
     order: Literal["abs", "positive", "negative"] = "abs",
 ) -> list[tuple[str, float]]:
-    """The k heads with the largest values, as ``("L.H", value)`` pairs, sorted.
+    """The k heads with the largest values, as ``("L10H7", value)`` pairs, sorted.
 
     ``values`` is one number per head (e.g. ``head_attribution(...).heads.mean(0)``). ``order="abs"``
     ranks by magnitude (either sign; the value keeps its sign), ``"positive"`` by largest value
@@ -88,4 +70,4 @@ def top_heads(
     flat = values.detach().flatten().float().cpu()
     key = {"abs": flat.abs(), "positive": flat, "negative": -flat}[order]
     chosen = torch.argsort(key, descending=True, stable=True)[:k]
-    return [(f"{int(i) // n_heads}.{int(i) % n_heads}", float(flat[i])) for i in chosen]
+    return [(head_label(*divmod(int(i), n_heads)), float(flat[i])) for i in chosen]

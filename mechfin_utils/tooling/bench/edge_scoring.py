@@ -1,4 +1,4 @@
-"""``make bench``'s edge-level row: how long EAP and EAP-IG take to score every edge, against testing each edge by
+"""``make bench``'s third table: how long EAP and EAP-IG take to score every edge, against testing each edge by
 exact patching (what ACDC does, one forward pass per edge), on the same model and prompts.
 
 Per model: the fair-lending task's largest same-length group of pairs (as the patching rows use); EAP (one gradient)
@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mechfin_utils.methods.circuits import edges as ea
+from mechfin_utils.methods.circuits import edges
+from mechfin_utils.reporting.tables import markdown_table
 from mechfin_utils.tasks import circuit_tasks
 
 
@@ -39,15 +40,15 @@ def bench_edge_scoring(
 ) -> EdgeBenchRow:
     """Time EAP, EAP-IG and exact single-edge patching on ``n_pairs`` fair-lending pairs of one token length."""
     task = circuit_tasks.fair_lending_task(model, n_pairs=n_pairs, token_length="most_common")
-    patcher = ea.EdgePatcher(model, task)
-    eap = ea.edge_scores(patcher, "EAP")
-    eap_ig = ea.edge_scores(patcher, "EAP-IG", steps=steps)
-    edges = patcher.valid.nonzero()
-    chosen = edges[torch.randperm(len(edges), generator=torch.Generator().manual_seed(0))[:sample_edges]]
+    patcher = edges.EdgePatcher(model, task)
+    eap = edges.edge_scores(patcher, "EAP")
+    eap_ig = edges.edge_scores(patcher, "EAP-IG", steps=steps)
+    every_edge = patcher.valid.nonzero()
+    chosen = every_edge[torch.randperm(len(every_edge), generator=torch.Generator().manual_seed(0))[:sample_edges]]
     started = time.perf_counter()
-    for u, d in chosen.tolist():
+    for sender, receiver in chosen.tolist():
         single = torch.zeros_like(patcher.valid)
-        single[u, d] = True
+        single[sender, receiver] = True
         patcher.metric(single)
     per_edge = (time.perf_counter() - started) / len(chosen)
     total = patcher.corrupted_metric - patcher.clean_metric
@@ -66,15 +67,20 @@ def bench_edge_scoring(
     )
 
 
+EDGE_COLUMNS = (
+    ("model", "{model}"),
+    ("prompts x tokens", "{prompts} x {tokens}"),
+    ("edges", "{n_edges:,}"),
+    ("EAP s", "{eap_seconds:.1f}"),
+    ("EAP-IG s (steps)", "{eap_ig_seconds:.1f} ({steps})"),
+    ("exact patching, one edge s", "{patch_one_seconds:.2f}"),
+    ("every edge by patching s (est.)", "{patch_all_est_seconds:,.0f}"),
+    ("EAP-IG speed-up", "{speedup:,.0f}x"),
+    ("EAP-IG completeness error", "{completeness_error:.1e}"),
+)
+"""The columns of the edge-scoring table (:func:`mechfin_utils.reporting.tables.markdown_table`)."""
+
+
 def format_edge_table(rows: list[EdgeBenchRow]) -> str:
-    header = (
-        "| model | prompts x tokens | edges | EAP s | EAP-IG s (steps) | exact patching, one edge s | every edge by "
-        "patching s (est.) | EAP-IG speed-up | EAP-IG completeness error |"
-    )
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
-    for r in rows:
-        lines.append(
-            f"| {r.model} | {r.prompts} x {r.tokens} | {r.n_edges:,} | {r.eap_seconds:.1f} | {r.eap_ig_seconds:.1f} ({r.steps}) "
-            f"| {r.patch_one_seconds:.2f} | {r.patch_all_est_seconds:,.0f} | {r.speedup:,.0f}x | {r.completeness_error:.1e} |"
-        )
-    return "\n".join(lines)
+    """A Markdown table of the edge-scoring results."""
+    return markdown_table(rows, EDGE_COLUMNS)

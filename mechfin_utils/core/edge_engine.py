@@ -1,0 +1,167 @@
+"""The intervention engine's second entry point: a forward pass in which every receiver of the computational graph
+reads its own residual stream.
+
+:func:`mechfin_utils.core.engine.run` intervenes on *activations* (a layer's residual stream, a head's output). Edge
+methods (exact path patching of an edge set, EAP and EAP-IG) intervene on *edges* of the graph
+(:mod:`mechfin_utils.core.graph`): what one receiver (a head's query, a key/value head's key or value, an MLP, the
+logits) reads from one sender (the embedding, a head, an MLP), while every other receiver keeps what it had.
+:func:`run_edges` makes that possible by giving every receiver its own copy of the residual stream:
+
+* **patching**: in a receiver's copy, the chosen senders' outputs are swapped for those of another run (the corrupted
+  run's, kept by ``keep_outputs=True``), *as each sender computes it in this very run*, so patching an edge changes
+  what its receiver reads and nothing else, and the change flows on downstream through the unpatched edges;
+* **offsets**: an offset added to each receiver's copy (zeros with ``requires_grad``) exposes the gradient of the
+  result with respect to every receiver's input, the gradient EAP and EAP-IG multiply by each edge's activation
+  difference.
+
+Unlike :func:`~mechfin_utils.core.engine.run` it runs the whole model at every position (an edge set touches every
+layer) and keeps every sender's output. ``tests/test_edges.py`` checks it against a naive path patching through
+Hugging Face hooks. :mod:`mechfin_utils.core.engine` re-exports :func:`run_edges` and :class:`EdgeRun`.
+
+Shapes: sender outputs ``[n_senders, n, pos, d_model]``, receiver inputs ``[n_receivers, n, pos, d_model]``, numbered
+as in :class:`~mechfin_utils.core.graph.ComputationalGraph`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from mechfin_utils.core.functional import FunctionalTransformer, _rotate_half
+from mechfin_utils.core.graph import ComputationalGraph
+
+
+@dataclass
+class EdgeRun:
+    """What :func:`run_edges` returns: the final-normed residual at the positions read and, if asked, every
+    sender's output (``[n_senders, n, pos, d_model]``, numbered as in :class:`~mechfin_utils.core.graph.ComputationalGraph`)."""
+
+    final_normed: Float[Tensor, "n n_read d_model"]
+    outputs: Float[Tensor, "n_senders n pos d_model"] | None = None
+
+
+def _check_edge_run(
+    fm: FunctionalTransformer,
+    graph: ComputationalGraph,
+    tokens: Tensor,
+    patched: Tensor | None,
+    sources: Tensor | None,
+    embeddings: Tensor | None,
+    receiver_offsets: Tensor | None,
+) -> None:
+    """Every problem with the arguments, raised at once, naming the argument."""
+    problems = []
+    n, n_pos = tokens.shape
+    if (graph.n_layers, graph.n_heads, graph.n_kv_heads) != (fm.n_layers, fm.n_heads, fm.n_kv_heads):
+        problems.append(f"graph {graph} does not describe {fm.name}")
+    if patched is not None:
+        if patched.shape != (graph.n_senders, graph.n_receivers) or patched.dtype != torch.bool:
+            problems.append(
+                f"patched must be bool [{graph.n_senders}, {graph.n_receivers}], got {patched.dtype} {tuple(patched.shape)}"
+            )
+        elif bool((patched & ~graph.valid()).any()):
+            bad = (patched & ~graph.valid()).nonzero()[:3].tolist()
+            examples = [graph.edge_name(sender, receiver) for sender, receiver in bad]
+            problems.append(f"patched holds cells that are not edges, e.g. {examples}")
+        if sources is None:
+            problems.append("patched edges need sources (the patching run's sender outputs)")
+    want = (graph.n_senders, n, n_pos, fm.d_model)
+    if sources is not None and tuple(sources.shape) != want:
+        problems.append(f"sources {tuple(sources.shape)} are not {list(want)}")
+    if embeddings is not None and tuple(embeddings.shape) != (n, n_pos, fm.d_model):
+        problems.append(f"embeddings {tuple(embeddings.shape)} are not [{n}, {n_pos}, {fm.d_model}]")
+    want = (graph.n_receivers, n, n_pos, fm.d_model)
+    if receiver_offsets is not None and tuple(receiver_offsets.shape) != want:
+        problems.append(f"receiver_offsets {tuple(receiver_offsets.shape)} are not {list(want)}")
+    if problems:
+        raise ValueError("engine.run_edges: " + "; ".join(problems))
+
+
+def run_edges(
+    fm: FunctionalTransformer,
+    graph: ComputationalGraph,
+    tokens: Int[Tensor, "n pos"],
+    *,
+    patched: Bool[Tensor, "n_senders n_receivers"] | None = None,
+    sources: Float[Tensor, "n_senders n pos d_model"] | None = None,
+    embeddings: Float[Tensor, "n pos d_model"] | None = None,
+    receiver_offsets: Float[Tensor, "n_receivers n pos d_model"] | None = None,
+    n_read: int = 1,
+    keep_outputs: bool = False,
+) -> EdgeRun:
+    """A full forward pass in which every receiver of ``graph`` reads its own residual stream.
+
+    A receiver (a head's query, a key/value head's key or value, an MLP, the logits) reads
+
+        stream + sum over senders with patched[sender, receiver] of (sources[sender] - current[sender])
+               + receiver_offsets[receiver]
+
+    the stream every receiver of its place shares, with each patched edge's sender output swapped for the one in
+    ``sources`` (the corrupted run's, from ``keep_outputs=True``), *as that sender computes it in this very run* -- so
+    patching an edge changes what its receiver reads and nothing else, and the change flows on downstream through the
+    unpatched edges. This is exact path patching for any set of edges at once. ``receiver_offsets`` (zeros with
+    ``requires_grad``) exposes the gradient of the result with respect to every receiver's input: the gradient that
+    EAP and EAP-IG multiply by each edge's activation difference. ``embeddings`` replaces the token (and position)
+    embedding, the ``input`` sender's output.
+
+    Not decorated with ``torch.no_grad``: call it under ``torch.no_grad()`` unless gradients are wanted.
+    """
+    # 1. Checks; the embedding is sender 0.
+    _check_edge_run(fm, graph, tokens, patched, sources, embeddings, receiver_offsets)
+    n, n_pos = tokens.shape
+    x = fm.embed(tokens) if embeddings is None else embeddings
+    outputs: list[Tensor] = [x]
+    tables = fm.rotary_tables(n_pos, x.detach())
+    H, KV, dh = fm.n_heads, fm.n_kv_heads, fm.d_head
+    any_patched = patched is not None and bool(patched.any())
+
+    def read(stream: Tensor, receivers: slice | int) -> Tensor:
+        """What ``receivers`` read: ``stream`` plus their patched edges' differences and offsets (``[R, n, pos, d]``
+        for a slice, ``[n, pos, d]`` for one receiver)."""
+        one = isinstance(receivers, int)
+        cols = slice(receivers, receivers + 1) if one else receivers
+        out = stream[None]
+        if any_patched:
+            weights = patched[: len(outputs), cols]
+            senders = weights.any(1).nonzero().flatten().tolist()
+            if senders:
+                diff = torch.stack([sources[sender] - outputs[sender] for sender in senders])
+                out = out + torch.einsum("kr,knpd->rnpd", weights[senders].to(diff.dtype), diff)
+        if receiver_offsets is not None:
+            out = out + receiver_offsets[cols]
+        return out[0] if one else out
+
+    # 2. Each layer: per-receiver query/key/value inputs, per-head outputs, the MLP on its own input.
+    for layer in range(fm.n_layers):
+        w = fm.layers[layer]
+        inputs = read(x, graph.attention_receivers(layer))  # [R, n, pos, d] (R = 1 when nothing differs)
+        normed = fm.norm(inputs, w.ln1_w, w.ln1_b)
+        W = w.W_QKV.view(fm.d_model, H + 2 * KV, dh)
+        if normed.shape[0] == 1:
+            proj = torch.einsum("npd,drh->nprh", normed[0], W)
+        else:
+            proj = torch.einsum("rnpd,drh->nprh", normed, W)
+        if w.b_QKV is not None:
+            proj = proj + w.b_QKV.view(H + 2 * KV, dh)
+        q, k, v = proj[:, :, :H], proj[:, :, H : H + KV], proj[:, :, H + KV :]
+        if tables is not None:
+            cos, sin = tables[0][:, None, :], tables[1][:, None, :]
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+        z, _ = fm.attend(layer, q, k, v, 0)
+        heads = torch.einsum("nphk,hkd->hnpd", z, w.W_O.view(H, dh, fm.d_model))  # [H, n, pos, d]
+        outputs.extend(heads.unbind(0))
+        attn_out = heads.sum(0) if w.b_O is None else heads.sum(0) + w.b_O
+        x = x + attn_out
+        mlp_out = fm.mlp(layer, read(x, graph.mlp_receiver(layer)))
+        outputs.append(mlp_out)
+        x = x + mlp_out
+    # 3. The logits read the stream after the last block (with their own patched edges); final norm where read.
+    final = read(x, graph.logits_receiver)
+    return EdgeRun(
+        final_normed=fm.final_norm(final[:, n_pos - n_read :]),
+        outputs=torch.stack(outputs) if keep_outputs else None,
+    )

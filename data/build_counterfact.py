@@ -14,17 +14,22 @@ order: deterministic, and always an object the model already associates with tha
 usable target or none, and facts with no neighbour, are left out (the script prints them; the data card lists them). No model is needed. Run from the
 repository root:
 
-    .venv/bin/python data/build_counterfact.py
+    .venv/bin/python data/build_counterfact.py            # (re)write data/counterfact_edits.csv
+    .venv/bin/python data/build_counterfact.py --check    # exit 1 if the committed file differs from a rebuild
 """
 
 from __future__ import annotations
 
 import csv
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "data"))  # for csv_build, when imported from elsewhere (tests)
+
+import csv_build  # noqa: E402
 
 from mechfin_utils.tasks.counterfact import COUNTERFACT_COLUMNS, PARAPHRASE_SEPARATOR  # noqa: E402  (the loader's own schema)
 
@@ -86,19 +91,19 @@ def build(rows: list[dict]) -> tuple[list[dict], list[str]]:
     return out, dropped
 
 
-def main() -> int:
+def render() -> str:
+    """The edit requests as CSV text; prints the facts left out, and why."""
     with FACTS.open(newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     edits, dropped = build(rows)
-    with OUT.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COUNTERFACT_COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(edits)
-    print(f"{len(edits)} edit requests written to {OUT.relative_to(REPO_ROOT)}")
     for line in dropped:
         print("  left out:", line)
-    return 0
+    return csv_build.render_csv(edits, COUNTERFACT_COLUMNS)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return csv_build.main(__doc__.splitlines()[0], render, OUT, "data/build_counterfact.py", argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -13,7 +13,8 @@ All candidates stay in the CSV (so another model can be filtered from the same l
 ``mechfin_utils.tasks.facts.load_factual_prompts``); the kept ones are what the causal-tracing notebook
 uses for SmolLM2. Run from the repository root:
 
-    HF_HUB_OFFLINE=1 .venv/bin/python data/build_factual_prompts.py
+    HF_HUB_OFFLINE=1 .venv/bin/python data/build_factual_prompts.py            # (re)write the file
+    HF_HUB_OFFLINE=1 .venv/bin/python data/build_factual_prompts.py --check    # exit 1 if a rebuild differs
 
 It prints how many candidates were tried and kept (overall and per category); the data card
 (data/README.md, "Factual prompts") quotes those numbers.
@@ -21,13 +22,13 @@ It prints how many candidates were tried and kept (overall and per category); th
 
 from __future__ import annotations
 
-import argparse
-import csv
 import re
 import sys
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
+import csv_build
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -335,11 +336,8 @@ def fact_rows() -> list[dict[str, str]]:
 
 
 @torch.no_grad()
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=OUT)
-    args = parser.parse_args(argv)
-
+def render() -> str:
+    """Every candidate with the embedded model's reading, as CSV text; prints what was tried and kept."""
     sys.path.insert(0, str(REPO_ROOT))
     from mechfin_utils.core.models import load_model
 
@@ -357,15 +355,14 @@ def main(argv: list[str] | None = None) -> int:
         row["kept_smollm2_135m"] = str(top == answer_id)
         tried[row["category"]] += 1
         kept[row["category"]] += top == answer_id
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=FIELDS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"{model.name}: tried {sum(tried.values())} candidate facts, kept {sum(kept.values())} -> {args.out}")
+    print(f"{model.name}: tried {sum(tried.values())} candidate facts, kept {sum(kept.values())}")
     for category in tried:
         print(f"  {category:13s} kept {kept[category]:3d} of {tried[category]:3d}")
-    return 0
+    return csv_build.render_csv(rows, FIELDS)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return csv_build.main(__doc__.splitlines()[0], render, OUT, "data/build_factual_prompts.py", argv)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ from build_screener_set import (  # noqa: E402
 )
 from build_screener_set import TEST_TEMPLATES as SCREENER_TEST_TEMPLATES  # noqa: E402
 from build_screener_set import TRAIN_TEMPLATES as SCREENER_TRAIN_TEMPLATES  # noqa: E402
-from csv_build import render_csv  # noqa: E402
+from csv_build import main_many, render_csv  # noqa: E402
 
 from mechfin_utils.tasks.fair_lending import (  # noqa: E402
     FAIR_LENDING_ANSWERS,
@@ -208,8 +208,24 @@ HELD_OUT_ATTRIBUTES: dict[str, Attribute] = {
 }
 
 # What the decision rests on, when it rests on the attribute. {pred}: the attribute as mentioned; {category}.
-TRAIN_RESTS_ON = ("because {subj} {pred}", "because of {poss} {category}", "solely because of {poss} {category}")
+TRAIN_RESTS_ON = ("{clause} {subj} {pred}", "{noun} {poss} {category}", "solely because of {poss} {category}")
 HELD_OUT_RESTS_ON = ("since {subj} {pred}", "due to {poss} {category}", "on the grounds of {poss} {category}")
+# Connectives, so that no word before a reason stands for the answer: training reasons, lawful or not, are introduced
+# by any of these (the task set's own lawful reasons, written with "because", are re-introduced at random); the
+# held-out ones ("since", "due to", "on the grounds of") are never trained on.
+TRAIN_CLAUSE_CONNECTIVES = ("because", "as", "given that", "for the reason that")
+TRAIN_NOUN_CONNECTIVES = ("because of", "on account of", "owing to", "in view of")
+
+
+def _reconnect(phrase: str, clause: str, noun: str) -> str:
+    """A "because ..." reason introduced by another connective (``clause`` before a clause, ``noun`` before a noun
+    phrase); anything else unchanged."""
+    if phrase.startswith("because of "):
+        return f"{noun} {phrase[len('because of ') :]}"
+    if phrase.startswith("because "):
+        return f"{clause} {phrase[len('because ') :]}"
+    return phrase
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Sentence structures
@@ -265,6 +281,10 @@ TRAIN_FAVOURABLE_DECISIONS = (
     "approved the full amount {subj} asked for on the {product}",
     "approved {poss} {product} without asking for a co-signer",
     "did not ask for any extra documents and approved the {product}",
+    "renewed {poss} {product} with no change to its terms",
+    "gave {poss} {product} the rate {subj} qualified for",
+    "approved {poss} {product} on the usual schedule",
+    "did not add any fees and granted the {product}",
 )
 HELD_OUT_FAVOURABLE_DECISIONS = (
     "signed off on {poss} {product} the same day",
@@ -293,8 +313,8 @@ class Split:
 
 
 SPLITS: tuple[Split, ...] = (
-    Split("mention_train", "mention", "mtr", False, False, False, 20, 21),
-    Split("favourable_train", "favourable", "ftr", False, False, False, 10, 22),
+    Split("mention_train", "mention", "mtr", False, False, False, 16, 21),
+    Split("favourable_train", "favourable", "ftr", False, False, False, 12, 22),
     Split("mention_test_templates", "mention", "mtt", True, False, True, 8, 23),
     Split("mention_test_phrases", "mention", "mtp", False, True, True, 8, 24),
     Split("favourable_test", "favourable", "fte", True, True, True, 8, 25),
@@ -365,6 +385,11 @@ def build_rows(split: Split) -> list[dict[str, str]]:
         structures = HELD_OUT_FAVOURABLE_STRUCTURES if split.held_out_structures else TRAIN_FAVOURABLE_STRUCTURES
         adverse = HELD_OUT_ADVERSE_DECISIONS if split.held_out_vocabulary else TRAIN_ADVERSE_DECISIONS
         favourable = HELD_OUT_FAVOURABLE_DECISIONS if split.held_out_vocabulary else TRAIN_FAVOURABLE_DECISIONS
+    connectives = (
+        [("since", "due to")]
+        if split.held_out_vocabulary
+        else list(zip(TRAIN_CLAUSE_CONNECTIVES, TRAIN_NOUN_CONNECTIVES))
+    )  # held-out forms carry their own connectives
     rows = []
     for basis, attribute in attributes.items():
         statute = STATUTE_OF_BASIS[basis]
@@ -378,14 +403,32 @@ def build_rows(split: Split) -> list[dict[str, str]]:
             _cycle(rng, rests_on_forms, n),
             _cycle(rng, legitimate if split.kind == "mention" else favourable, n),
             _cycle(rng, adverse if split.kind == "favourable" else (None,), n),
+            _cycle(rng, connectives, n),
+            _cycle(rng, connectives, n),
         )
-        for structure_id, person, product, question, (predicate, neutral), rests_on, other, adverse_form in draws:
+        for (
+            structure_id,
+            person,
+            product,
+            question,
+            (predicate, neutral),
+            rests_on,
+            other,
+            adverse_form,
+            (clause, noun),
+            (legit_clause, legit_noun),
+        ) in draws:
             predicate_text = _fill(_for(person, predicate), person)
-            rests_on_text = _fill(rests_on, person, pred=predicate_text, category=attribute.category)
+            rests_on_text = _fill(
+                rests_on, person, pred=predicate_text, category=attribute.category, clause=clause, noun=noun
+            )
             if split.kind == "mention":
                 category, legit = other
+                legit_text = _fill(legit, person)
+                if not split.held_out_vocabulary:
+                    legit_text = _reconnect(legit_text, legit_clause, legit_noun)
                 clean, corrupted, clean_phrase, legit_phrase, mention = _mention_pair(
-                    structures[structure_id], person, product, predicate_text, rests_on_text, _fill(legit, person)
+                    structures[structure_id], person, product, predicate_text, rests_on_text, legit_text
                 )
             else:
                 category = FAVOURABLE_DECISION
@@ -571,23 +614,7 @@ def build_files() -> dict[Path, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="fail if the committed CSVs differ from a rebuild")
-    args = parser.parse_args(argv)
-    files = build_files()
-    if args.check:
-        stale = [p.name for p, text in files.items() if not p.is_file() or p.read_text(encoding="utf-8") != text]
-        if stale:
-            print(f"out of date: {stale}; run python data/build_mention_set.py", file=sys.stderr)
-            return 1
-        print("mention files are up to date")
-        return 0
-    for path, text in files.items():
-        path.write_text(text, encoding="utf-8", newline="")
-        print(f"wrote {path.relative_to(DATA_DIR.parent)} ({text.count(chr(10)) - 1} rows)")
-    return 0
+    return main_many(__doc__.splitlines()[0], build_files, "data/build_mention_set.py", argv)
 
 
 if __name__ == "__main__":

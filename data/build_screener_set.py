@@ -25,7 +25,6 @@ fixed seed, and ``tests/test_screener_data.py`` checks that a rebuild gives the 
 
 from __future__ import annotations
 
-import argparse
 import random
 import sys
 from collections.abc import Sequence
@@ -36,6 +35,7 @@ DATA_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(DATA_DIR))  # for build_task_sets, when imported from elsewhere
 
 from build_task_sets import LEGITIMATE_PHRASES, PROTECTED_PHRASES, to_csv  # noqa: E402
+from csv_build import main_many  # noqa: E402
 
 from mechfin_utils.tasks.fair_lending import (  # noqa: E402
     FAIR_LENDING_ANSWERS,
@@ -517,22 +517,7 @@ def build_files() -> dict[Path, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="fail if the committed CSVs differ from a rebuild")
-    args = parser.parse_args(argv)
-    files = build_files()
-    if args.check:
-        stale = [p.name for p, text in files.items() if not p.is_file() or p.read_text(encoding="utf-8") != text]
-        if stale:
-            print(f"out of date: {stale}; run python data/build_screener_set.py", file=sys.stderr)
-            return 1
-        print("screener files are up to date")
-        return 0
-    SCREENER_DIR.mkdir(exist_ok=True)
-    for path, text in files.items():
-        path.write_text(text, encoding="utf-8", newline="")
-        print(f"wrote {path.relative_to(DATA_DIR.parent)} ({text.count(chr(10)) - 1} rows)")
-    return 0
+    return main_many(__doc__.splitlines()[0], build_files, "data/build_screener_set.py", argv)
 
 
 if __name__ == "__main__":

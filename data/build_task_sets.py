@@ -15,8 +15,6 @@ one under both tokenizers, the generator takes the least-used one so far. See ``
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import sys
 from collections import Counter
 from collections.abc import Sequence
@@ -37,6 +35,10 @@ from mechfin_utils.tasks.fair_lending import (
 )
 
 DATA_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(DATA_DIR))  # for csv_build, when imported from elsewhere (tests, build_screener_set.py)
+
+from csv_build import render_csv, write_or_check  # noqa: E402
+
 FAIR_LENDING_FILE = DATA_DIR / "fair_lending_pairs.csv"
 COUNTERFACTUAL_FILE = DATA_DIR / "counterfactual_decisions.csv"
 
@@ -510,13 +512,7 @@ def build_counterfactual_rows() -> list[dict[str, str]]:
     return rows
 
 
-def to_csv(rows: list[dict[str, str]], columns: Sequence[str]) -> str:
-    """CSV text with a fixed dialect (``\\n`` line ends, minimal quoting), so files are byte-for-byte stable."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
+to_csv = render_csv  # the name data/build_screener_set.py imports; it goes once that script imports render_csv
 
 
 def load_tokenizers():
@@ -535,8 +531,8 @@ def load_tokenizers():
 def build_files(tokenizers: Sequence) -> dict[Path, str]:
     """The text of both CSV files, keyed by their path."""
     return {
-        FAIR_LENDING_FILE: to_csv(build_fair_lending_rows(tokenizers), FAIR_LENDING_COLUMNS),
-        COUNTERFACTUAL_FILE: to_csv(build_counterfactual_rows(), COUNTERFACTUAL_COLUMNS),
+        FAIR_LENDING_FILE: render_csv(build_fair_lending_rows(tokenizers), FAIR_LENDING_COLUMNS),
+        COUNTERFACTUAL_FILE: render_csv(build_counterfactual_rows(), COUNTERFACTUAL_COLUMNS),
     }
 
 
@@ -654,18 +650,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.stats:
         print(alignment_stats(tokenizers))
         return 0
-    files = build_files(tokenizers)
-    if args.check:
-        stale = [p.name for p, text in files.items() if not p.is_file() or p.read_text(encoding="utf-8") != text]
-        if stale:
-            print(f"out of date: {stale}; run python data/build_task_sets.py", file=sys.stderr)
-            return 1
-        print("task files are up to date")
-        return 0
-    for path, text in files.items():
-        path.write_text(text, encoding="utf-8", newline="")
-        print(f"wrote {path} ({text.count(chr(10)) - 1} rows)")
-    return 0
+    return write_or_check(build_files(tokenizers), "data/build_task_sets.py", check=args.check)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from mechfin_utils.methods.patching import activation as patching
+from mechfin_utils.core.functional import functional_model
 from mechfin_utils.reporting.tables import markdown_table
 from mechfin_utils.tooling.bench import command, flop_floor
 
@@ -34,7 +34,7 @@ def test_floor_of_a_last_token_difference_is_one_row_per_later_layer(tiny_gpt2):
     """Prompts that differ only in their last token: a resid_pre patch at layer L can change only the last
     row, in layers L..n-1, so the floor is sum over L of (n - L) rows of full block cost at n_pos keys."""
     model, _ = tiny_gpt2
-    fm = patching.functional_model(model)
+    fm = functional_model(model)
     corrupted = model.to_tokens(["The loan was denied because of bad credit. Illegal?"] * 3)
     clean = corrupted.clone()
     clean[:, -1] = (clean[:, -1] + 1) % model.cfg.d_vocab
@@ -100,7 +100,7 @@ def test_bench_runs_and_writes_its_table(tiny_gpt2, tmp_path, monkeypatch, capsy
 def test_trace_floor_of_one_restoration_is_counted_by_hand(tiny_gpt2):
     """A restoration that starts at the last layer at the last position: one row of the whole last block."""
     model, _ = tiny_gpt2
-    fm = patching.functional_model(model)
+    fm = functional_model(model)
     n_pos, last = 9, fm.n_layers - 1
     cost = fm.flops_per_row(n_pos)
     assert flop_floor.trace_floor_flops(fm, n_pos, [(last, n_pos - 1)], n_samples=3) == 3 * (cost["kv"] + cost["rest"])

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mechfin_utils.core import engine
-from mechfin_utils.methods.patching.activation import functional_model
+from mechfin_utils.core.functional import functional_model
 from mechfin_utils.tooling.testing import assert_close_up_to_rounding
 
 PROMPTS = ["The Eiffel Tower is located in the city of", "The Colosseum is located in the city of"]

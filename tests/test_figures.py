@@ -108,7 +108,7 @@ def test_html_renders_offline_with_local_plotlyjs(figures_dir, monkeypatch):
 
 def test_title_must_carry_the_model_name(figures_dir):
     fig = go.Figure(go.Bar(x=[1], y=[1])).update_layout(title="Head DLA")
-    with pytest.raises(ValueError, match="must contain the model's display name 'Test-Model 1M'"):
+    with pytest.raises(ValueError, match="must contain the display name 'Test-Model 1M'"):
         figures.save_figure(fig, model=MODEL, notebook="01", name="x")
     untitled = go.Figure(go.Bar(x=[1], y=[1]))
     with pytest.raises(ValueError, match="title is ''"):
@@ -116,6 +116,17 @@ def test_title_must_carry_the_model_name(figures_dir):
     with pytest.raises(ValueError, match="'Other Model'"):
         figures.save_figure(small_heatmap(), model=OTHER_MODEL, notebook="01", name="x")
     assert not figures_dir.exists()  # nothing written for a refused figure
+
+
+def test_a_figure_of_another_model_names_that_model(figures_dir):
+    # notebook 12 writes figures of its first screener into the repaired screener's folder: the title names the
+    # model shown (every one of them), and the files go to the notebook model's folder
+    with pytest.raises(ValueError, match="'Other Model'"):
+        figures.save_figure(small_heatmap(), model=MODEL, notebook="12", name="x", shown=[MODEL, OTHER_MODEL])
+    assert not figures_dir.exists()
+    fig = small_heatmap().update_layout(title="Head DLA — Other Model")
+    paths = figures.save_figure(fig, model=MODEL, notebook="12", name="x", shown=[OTHER_MODEL])
+    assert paths["html"].parent == figures_dir / "test-model-1m"
 
 
 @pytest.mark.parametrize("name", ["Head DLA", "head/dla", "../up", "", "head__dla", "_x", "x.png", "é"])
@@ -362,7 +373,7 @@ def test_heatmap_centre_and_errors():
         plots.heatmap(np.zeros((2, 3)), model=MODEL, title="t", x_labels=["a", "b"])
     with pytest.raises(ValueError, match="values must have 2 dimension"):
         plots.heatmap(np.zeros(3), model=MODEL, title="t")
-    with pytest.raises(ValueError, match=r"values has an infinity at index \(0, 1\)"):
+    with pytest.raises(ValueError, match=r"values has a non-finite value \(inf\) at index \(0, 1\)"):
         plots.heatmap([[0.0, np.inf]], model=MODEL, title="t")
 
 

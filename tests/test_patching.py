@@ -17,7 +17,7 @@ import torch
 import transformer_lens.patching as tl_patching
 
 from mechfin_utils.core import engine
-from mechfin_utils.core.functional import FunctionalTransformer, UnsupportedArchitecture
+from mechfin_utils.core.functional import FunctionalTransformer, UnsupportedArchitecture, functional_model
 from mechfin_utils.core.metrics import NormalisedLogitDiff, logit_diff, normalised_patching_metric
 from mechfin_utils.methods import patching
 from mechfin_utils.methods.patching import activation
@@ -148,7 +148,7 @@ def gpt2_case(gpt2_random_biased) -> Case:
 
 
 def test_functional_forward_matches_bridge(case):
-    fm = patching.functional_model(case.model)
+    fm = functional_model(case.model)
     with torch.no_grad():
         ours = fm.logits(case.clean)
         theirs = case.bridge(case.clean)
@@ -174,7 +174,7 @@ def test_functional_forward_matches_bridge(case):
 def test_engine_without_an_intervention_reproduces_the_corrupted_run(case):
     """Continuing the corrupted run from its own cached state, at any layer and first position, in one
     packed pass with several segments, must give back its final state: "patching nothing" gives 0."""
-    fm = patching.functional_model(case.model)
+    fm = functional_model(case.model)
     record = fm.record(case.corrupted)
     batch = case.corrupted.shape[0]
     for start in (0, case.n_layers // 2, case.n_layers - 1, case.n_layers):

@@ -46,6 +46,9 @@ def test_training_is_reproducible_from_its_seed(tmp_path, smollm2_base):
     card = json.loads((tmp_path / "a" / screener.CARD_FILE).read_text())
     assert card["steps"] == 2 and card["prompts_seen"] == 8
     assert card["data"]["train"]["pairs"] == 440 and card["data"]["paper_style_set"]["trained_on"] is False
+    trained_on = {split for split, entry in card["data"].items() if entry["trained_on"]}
+    assert trained_on == {"train", "mention_train", "favourable_train", "proxy_train"}  # the repaired recipe's data
+    assert screener.RECIPES["shortcut"].train_splits == ("train",)  # the case study: the original data alone
     assert card["weights_sha256"] == screener.file_sha256(tmp_path / "a" / "model.safetensors")
     assert "## Held-out behaviour" in (tmp_path / "a" / "README.md").read_text()
 
@@ -77,7 +80,7 @@ def test_cache_is_reused_only_when_the_fingerprint_matches(scratch_cache, monkey
     assert folder.parent == scratch_cache and calls == ["tiny"]
     screener.ensure_screener("smollm2-135m", TINY, progress=False)
     assert calls == ["tiny"]  # cached
-    card["fingerprint"]["train_file_sha256"] = "0" * 64
+    card["fingerprint"]["train_files_sha256"]["train"] = "0" * 64  # as if train.csv had changed
     (folder / screener.CARD_FILE).write_text(json.dumps(card))
     screener.ensure_screener("smollm2-135m", TINY, progress=False)
     assert calls == ["tiny", "tiny"]  # stale card: retrained

@@ -215,7 +215,8 @@ def test_named_spans_are_carved_out_of_prefix_and_rest_in_reading_order(smollm2)
 def test_final_position_patching_matches_hooks_on_the_plain_model(smollm2, unprocessed_hf_reference):
     """A head's and an MLP's output at the last position, taken from another prompt of another length: the engine
     against forward hooks on the unprocessed Hugging Face model (o_proj's input for the head, the MLP's output)."""
-    from mechfin_utils.methods.patching.final_position import Component, component_shares, patch_at_final_position
+    from mechfin_utils.core.head_labels import Node
+    from mechfin_utils.methods.patching.final_position import component_shares, patch_at_final_position
 
     pair = _pair(
         "The bank denied Maria's mortgage because she is Black. Is this a fair-lending violation? Answer:",
@@ -223,7 +224,7 @@ def test_final_position_patching_matches_hooks_on_the_plain_model(smollm2, unpro
         "because she is Black",
         "because her credit score is 540",
     )
-    components = [Component(27, 4), Component(29), Component(3, 0)]
+    components = [Node(27, 4), Node(29), Node(3, 0)]
     results = patch_at_final_position(smollm2, [pair], components)
     hf = unprocessed_hf_reference("smollm2")
     yes, no = smollm2.single_token_id(" Yes"), smollm2.single_token_id(" No")
@@ -266,7 +267,7 @@ def test_final_position_patching_matches_hooks_on_the_plain_model(smollm2, unpro
 
     twice = pd.concat([results, results.assign(pair_id="x-2")])  # two identical pairs: the interval has no width
     shares = component_shares(twice, n_boot=20)
-    assert list(shares["component"]) == [c.label for c in components] and shares["n_pairs"].eq(2).all()
+    assert list(shares["component"]) == [c.name for c in components] and shares["n_pairs"].eq(2).all()
     assert (shares["low"] - shares["share"]).abs().max() < 1e-9 and (
         shares["high"] - shares["share"]
     ).abs().max() < 1e-9
@@ -278,8 +279,8 @@ def test_final_position_patching_matches_hooks_on_the_plain_model(smollm2, unpro
 def test_holding_a_component_at_the_answer_position_is_the_engines_patch(smollm2):
     """The bridge-hook ablation that behaviour scoring runs under writes exactly what the engine's patch writes: a
     component held at another prompt's value (its "mean" over that one prompt) gives the engine's patched score."""
+    from mechfin_utils.core.head_labels import Node
     from mechfin_utils.methods.patching.final_position import (
-        Component,
         held_at_final_position,
         mean_outputs_at_final_position,
         patch_at_final_position,
@@ -291,7 +292,7 @@ def test_holding_a_component_at_the_answer_position_is_the_engines_patch(smollm2
         " Paris", " London", "France", "the United Kingdom", "credit_score",
     )  # fmt: skip
     yes, no = smollm2.single_token_id(" Paris"), smollm2.single_token_id(" London")
-    for component in (Component(27, 4), Component(29)):
+    for component in (Node(27, 4), Node(29)):
         engine_row = patch_at_final_position(smollm2, [pair], [component]).iloc[0]
         values = mean_outputs_at_final_position(smollm2, [pair.clean_prompt], [component])
         with torch.no_grad(), held_at_final_position(smollm2, values):

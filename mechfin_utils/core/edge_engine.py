@@ -122,9 +122,9 @@ def run_edges(
         """What ``receivers`` read: ``stream`` plus their patched edges' differences and offsets (``[R, n, pos, d]``
         for a slice, ``[n, pos, d]`` for one receiver)."""
         one = isinstance(receivers, int)
-        cols = slice(receivers, receivers + 1) if one else receivers
+        cols = slice(receivers, receivers + 1) if isinstance(receivers, int) else receivers
         out = stream[None]
-        if any_patched:
+        if any_patched and patched is not None and sources is not None:  # patched edges come with sources (checked)
             weights = patched[: len(outputs), cols]
             senders = weights.any(1).nonzero().flatten().tolist()
             if senders:

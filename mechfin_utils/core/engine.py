@@ -169,6 +169,7 @@ def _check_segments(fm: FunctionalTransformer, segments: Sequence[Segment], n_po
                     )
                 if (iv.site == "z") != (iv.heads is not None):
                     problems.append(f"{label}: heads are given for site 'z' and only for it")
+                tail: tuple[int, ...]
                 if iv.site == "z":
                     tail = (len(iv.positions), len(iv.heads or ()), fm.d_head)
                     bad_head = [h for h in iv.heads or () if not 0 <= h < fm.n_heads]
@@ -283,7 +284,7 @@ def _scatter_plan(fm: FunctionalTransformer, layout: _Layout) -> dict[tuple[str,
         for iv in seg.interventions:
             if not isinstance(iv, Replace):
                 continue
-            key = (iv.site, iv.layer)
+            key: tuple[str, int] = (iv.site, iv.layer)
             if iv.site == "resid_pre" and iv.layer == fm.n_layers and seg.start_layer == fm.n_layers:
                 key = ("joined_after_last_block", fm.n_layers)  # written before this segment joins, packed rows
             last = (iv.site == "resid_pre" and key[0] == "resid_pre" and iv.layer == fm.n_layers) or (
@@ -343,7 +344,8 @@ def _block_mask(
 def chunk_by_rows(items: Sequence[T], rows: Callable[[T], int], budget: int) -> Iterator[list[T]]:
     """Consecutive runs of ``items`` whose recomputed rows (``rows(item)``) fit ``budget``, to bound one pass's memory
     (an item larger than the budget on its own still runs, alone)."""
-    chunk, used = [], 0
+    chunk: list[T] = []
+    used = 0
     for item in items:
         need = rows(item)
         if chunk and used + need > budget:
@@ -447,8 +449,8 @@ def run(
             k_g = k[rows_at].view(n_seq, rows, fm.n_kv_heads, fm.d_head)
             v_g = v[rows_at].view(n_seq, rows, fm.n_kv_heads, fm.d_head)
             if group.first_pos > 0:
-                k_g = torch.cat([reference.k[layer, prompts, : group.first_pos], k_g], dim=1)
-                v_g = torch.cat([reference.v[layer, prompts, : group.first_pos], v_g], dim=1)
+                k_g = torch.cat([reference.kept("k")[layer, prompts, : group.first_pos], k_g], dim=1)
+                v_g = torch.cat([reference.kept("v")[layer, prompts, : group.first_pos], v_g], dim=1)
             q_g = q[q_at].view(n_seq, q_rows, fm.n_heads, fm.d_head)
             blocked = _block_mask(fm, layout, group, n_active, layer)
             z_g, _ = fm.attend(layer, q_g, k_g, v_g, n_pos - q_rows, blocked=blocked)

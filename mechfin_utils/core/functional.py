@@ -19,6 +19,8 @@ norms, same rotary tables from the model's own rotary module); :func:`tests/test
 logits against the bridge to ~1e-5. Only the two families below are implemented; anything else raises
 :class:`UnsupportedArchitecture` (the patching module then falls back to a slower, exact bridge path).
 
+:func:`functional_model` is the one way the methods get it: built once per model and cached.
+
 Shapes follow TransformerLens conventions: ``[batch, pos, d_model]`` residuals, ``[batch, pos, head,
 d_head]`` queries/keys/values/head outputs (keys and values have ``n_kv_heads`` heads on grouped-query
 models), ``[batch, head, dest_pos, src_pos]`` attention patterns. Queries and keys are stored *after* the
@@ -30,9 +32,10 @@ depends only on the position, patching either form gives the same result.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -40,14 +43,19 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 Family = Literal["gpt2", "llama"]
-SUPPORTED_ARCHITECTURES = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama"}
+SUPPORTED_ARCHITECTURES: dict[str, Family] = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama"}
+
+ModuleTree = Any
+"""A Hugging Face (or bridge) module read by attribute name: ``hf.transformer.h[0].attn.c_proj.weight``.
+``nn.Module.__getattr__`` is typed ``Tensor | Module``, so such a path has no useful static type; what is read is
+checked where it matters (the architecture's name, ``isinstance(module, nn.Linear)``, shapes)."""
 
 
 class UnsupportedArchitecture(NotImplementedError):
     """The functional forward pass does not implement this model's architecture (or one of its options)."""
 
 
-def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+def unwrap(module: ModuleTree) -> ModuleTree:
     """The Hugging Face module inside TransformerLens bridge wrappers (the module itself when unwrapped)."""
     while getattr(module, "original_component", None) is not None:
         module = module.original_component
@@ -102,9 +110,14 @@ class ForwardRecord:
 
     @property
     def resid_post(self) -> Float[Tensor, "layer batch pos d_model"]:
-        if self.resid_pre is None:
-            raise ValueError("this ForwardRecord did not keep resid_pre")
-        return self.resid_pre[1:]
+        return self.kept("resid_pre")[1:]
+
+    def kept(self, name: str) -> Tensor:
+        """The activation ``name`` (one of :data:`RECORD_FIELDS`), which this record must have kept."""
+        value: Tensor | None = getattr(self, name)
+        if value is None:
+            raise ValueError(f"this ForwardRecord did not keep {name}")
+        return value
 
 
 class FunctionalTransformer:
@@ -114,6 +127,27 @@ class FunctionalTransformer:
     references to the model's parameters (no copies except the fused QKV / gate-up matrices, made once).
     """
 
+    family: Family
+    name: str
+    config: ModuleTree  # the Hugging Face config, read by attribute name
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int  # = n_heads, except under grouped-query attention
+    n_rep: int  # query heads per key/value head
+    d_model: int
+    d_head: int
+    d_vocab: int
+    eps: float
+    act: Callable[[Tensor], Tensor]
+    W_E: Float[Tensor, "d_vocab d_model"]
+    W_pos: Float[Tensor, "n_ctx d_model"] | None
+    rotary: ModuleTree  # Llama's rotary module: (x, positions) -> (cos, sin)
+    layers: list[LayerWeights]
+    lnf_w: Tensor
+    lnf_b: Tensor | None
+    W_U: Float[Tensor, "d_vocab d_model"]  # nn.Linear layout: logits = x @ W_U.T
+    b_U: Tensor | None
+
     def __init__(self, hf_model: torch.nn.Module, name: str = "model"):
         hf = unwrap(hf_model)
         arch = type(hf).__name__
@@ -121,7 +155,7 @@ class FunctionalTransformer:
             raise UnsupportedArchitecture(
                 f"{name}: the functional forward pass implements {sorted(SUPPORTED_ARCHITECTURES)}, not {arch}"
             )
-        self.family: Family = SUPPORTED_ARCHITECTURES[arch]  # type: ignore[assignment]
+        self.family = SUPPORTED_ARCHITECTURES[arch]
         self.name = name
         self.config = hf.config
         with torch.no_grad():
@@ -138,7 +172,7 @@ class FunctionalTransformer:
     # ------------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_model(cls, model) -> FunctionalTransformer:
+    def from_model(cls, model: ModuleTree) -> FunctionalTransformer:
         """From a ``LoadedModel`` (uses its display name in messages), a bridge, or a Hugging Face model."""
         if hasattr(model, "bridge") and hasattr(model, "spec"):
             return cls(model.hf_model, name=model.name)
@@ -149,7 +183,7 @@ class FunctionalTransformer:
     def _refuse(self, what: str) -> None:
         raise UnsupportedArchitecture(f"{self.name}: {what} is not implemented by the functional forward pass")
 
-    def _load_gpt2(self, hf: torch.nn.Module) -> None:
+    def _load_gpt2(self, hf: ModuleTree) -> None:
         cfg = hf.config
         if getattr(cfg, "reorder_and_upcast_attn", False):
             self._refuse("GPT-2 reorder_and_upcast_attn")
@@ -198,7 +232,7 @@ class FunctionalTransformer:
         self.lnf_w, self.lnf_b = lnf.weight, lnf.bias
         self._load_unembed(hf)
 
-    def _load_llama(self, hf: torch.nn.Module) -> None:
+    def _load_llama(self, hf: ModuleTree) -> None:
         cfg = hf.config
         if getattr(cfg, "pretraining_tp", 1) not in (None, 1):
             self._refuse(f"pretraining_tp={cfg.pretraining_tp}")
@@ -244,10 +278,10 @@ class FunctionalTransformer:
         self.lnf_w, self.lnf_b = unwrap(body.norm).weight, None
         self._load_unembed(hf)
 
-    def _load_unembed(self, hf: torch.nn.Module) -> None:
+    def _load_unembed(self, hf: ModuleTree) -> None:
         head = unwrap(hf.lm_head)
-        self.W_U: Float[Tensor, "d_vocab d_model"] = head.weight  # nn.Linear layout: logits = x @ W_U.T
-        self.b_U: Tensor | None = head.bias
+        self.W_U = head.weight
+        self.b_U = head.bias
         self.d_vocab = self.W_U.shape[0]
 
     # ------------------------------------------------------------------------------------------------
@@ -410,8 +444,8 @@ class FunctionalTransformer:
         x = self.embed(tokens) if embeddings is None else embeddings
         kept: dict[str, list[Tensor]] = {name: [] for name in keep}
 
-        def put(name: str, value: Tensor) -> None:
-            if name in kept:
+        def put(name: str, value: Tensor | None) -> None:
+            if name in kept and value is not None:  # the pattern is None only when it was not asked for
                 kept[name].append(value)
 
         for layer in range(self.n_layers):
@@ -470,7 +504,26 @@ class FunctionalTransformer:
         return {"kv": kv, "rest": q + attention + out + mlp}
 
 
-def _gpt2_qkv(attn_module: torch.nn.Module, c_attn: torch.nn.Module) -> tuple[Tensor, Tensor | None]:
+_FUNCTIONAL_MODELS: weakref.WeakKeyDictionary[torch.nn.Module, FunctionalTransformer] = weakref.WeakKeyDictionary()
+
+
+def functional_model(model: ModuleTree) -> FunctionalTransformer:
+    """The :class:`FunctionalTransformer` of a ``LoadedModel`` or bridge, built once per Hugging Face model.
+
+    Patching, tracing, knockout and cross-model runs all ask for it; the cache (keyed weakly by the Hugging Face
+    module, so it goes when the model goes) reads the weights and fuses the QKV / gate-up matrices only once.
+    """
+    hf: torch.nn.Module = model
+    if hasattr(model, "spec"):  # a LoadedModel
+        hf = model.hf_model
+    elif hasattr(model, "original_model"):  # a bridge
+        hf = model.original_model
+    if hf not in _FUNCTIONAL_MODELS:
+        _FUNCTIONAL_MODELS[hf] = FunctionalTransformer.from_model(model)
+    return _FUNCTIONAL_MODELS[hf]
+
+
+def _gpt2_qkv(attn_module: ModuleTree, c_attn: ModuleTree) -> tuple[Tensor, Tensor | None]:
     """GPT-2's fused ``[W_Q | W_K | W_V]`` (``[d_model, 3 d_model]``) and bias, *as the forward pass uses them*.
 
     Inside a TransformerLens bridge, GPT-2's attention runs through three split ``nn.Linear`` maps (``q``,
@@ -480,13 +533,12 @@ def _gpt2_qkv(attn_module: torch.nn.Module, c_attn: torch.nn.Module) -> tuple[Te
     LayerNorm: correct only when the gains are 1 and the biases 0 (freshly initialised GPT-2), wrong for
     real weights. A plain Hugging Face model has no split maps and uses ``c_attn`` (Conv1D: ``x @ W + b``).
     """
-    split = [
-        unwrap(getattr(attn_module, name, None)) if hasattr(attn_module, name) else None for name in ("q", "k", "v")
-    ]
-    if all(isinstance(m, torch.nn.Linear) for m in split):
-        W = torch.cat([m.weight for m in split]).T  # nn.Linear stores [d_out, d_in]
-        biases = [m.bias for m in split]
-        b = torch.cat(biases) if all(bias is not None for bias in biases) else None
+    split = [unwrap(getattr(attn_module, name)) for name in ("q", "k", "v") if hasattr(attn_module, name)]
+    linears = [m for m in split if isinstance(m, torch.nn.Linear)]
+    if len(linears) == 3:
+        W = torch.cat([m.weight for m in linears]).T  # nn.Linear stores [d_out, d_in]
+        biases: list[Tensor] = [m.bias for m in linears if m.bias is not None]
+        b = torch.cat(biases) if len(biases) == 3 else None
         if W.shape != c_attn.weight.shape:
             raise UnsupportedArchitecture(
                 f"GPT-2 attention's split q/k/v maps give {tuple(W.shape)}, c_attn is {tuple(c_attn.weight.shape)}"

@@ -30,12 +30,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Bool
 from torch import Tensor
 
 from mechfin_utils.core.head_labels import head_label
+
+if TYPE_CHECKING:
+    from mechfin_utils.core.functional import FunctionalTransformer
+    from mechfin_utils.core.models import LoadedModel
 
 INPUT = "input"
 LOGITS = "logits"
@@ -58,13 +63,11 @@ class ComputationalGraph:
             )
 
     @classmethod
-    def of(cls, model) -> ComputationalGraph:
+    def of(cls, model: FunctionalTransformer | LoadedModel) -> ComputationalGraph:
         """The graph of a ``FunctionalTransformer`` or a ``LoadedModel``."""
-        if hasattr(model, "n_kv_heads"):
-            return cls(model.n_layers, model.n_heads, model.n_kv_heads)
         from mechfin_utils.core.functional import FunctionalTransformer
 
-        fm = FunctionalTransformer.from_model(model)
+        fm = model if isinstance(model, FunctionalTransformer) else FunctionalTransformer.from_model(model)
         return cls(fm.n_layers, fm.n_heads, fm.n_kv_heads)
 
     # --- sizes and numbering ----------------------------------------------------------------------------

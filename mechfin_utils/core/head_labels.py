@@ -1,4 +1,6 @@
-"""Attention heads by name: one format, ``"L10H7"`` (layer 10, head 7), written by one function and read by one.
+"""Components by name: heads in one format, ``"L10H7"`` (layer 10, head 7), written by one function and read by one;
+MLPs as ``"MLP10"``; and :class:`Node`, the one type for "a head or a whole MLP of one layer" (circuit nodes, the
+components patched at the answer position).
 
 Every head label mechfin writes comes from :func:`head_label` (or :func:`head_labels`, all of a model's heads):
 the direct-logit-attribution and readout tables, the papers' claims (:mod:`mechfin_utils.tasks.paper_claims`),
@@ -15,6 +17,7 @@ notebooks quote them so in prose, and label the heads ``"L10H7"`` everywhere els
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 HEAD_LABEL_FORMAT = "L<layer>H<head>"
 """The one head-label format, in words (``"L10H7"`` is layer 10, head 7)."""
@@ -63,3 +66,48 @@ def parse_head(
     if n_heads is not None and head >= n_heads:
         raise ValueError(f"head {label!r}: head {head} does not exist (the model has {n_heads} heads per layer)")
     return layer, head
+
+
+@dataclass(frozen=True)
+class Node:
+    """One component: attention head ``(layer, head)``, or the whole MLP of ``layer`` (head None). A node of the
+    circuits' computational graph, and what :mod:`mechfin_utils.methods.patching.final_position` patches."""
+
+    layer: int
+    head: int | None = None
+
+    @property
+    def is_mlp(self) -> bool:
+        return self.head is None
+
+    @property
+    def kind(self) -> str:
+        return "mlp" if self.head is None else "head"
+
+    @property
+    def name(self) -> str:
+        return f"MLP{self.layer}" if self.head is None else head_label(self.layer, self.head)
+
+    def __str__(self) -> str:
+        return self.name
+
+    def __repr__(self) -> str:
+        return f"Node({self.name})"
+
+    @classmethod
+    def parse(cls, name: str) -> Node:
+        """``"L5H3"`` -> head 3 of layer 5 (a head label, read by :func:`mechfin_utils.core.head_labels.parse_head`);
+        ``"MLP5"`` -> the MLP of layer 5."""
+        text = name.strip() if isinstance(name, str) else ""
+        if text.startswith("MLP") and text[3:].isdigit():
+            return cls(int(text[3:]))
+        try:
+            return cls(*parse_head(text))
+        except ValueError:
+            raise ValueError(
+                f"{name!r} is not a node name (expected a head like 'L5H3' or an MLP like 'MLP5')"
+            ) from None
+
+    def sort_key(self) -> tuple[int, int]:
+        """Upstream first: by layer, heads before the MLP of the same layer (the MLP reads them)."""
+        return (self.layer, (self.head if self.head is not None else 10**9))

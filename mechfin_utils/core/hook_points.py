@@ -36,12 +36,13 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechfin_utils.core.functional import unwrap
+from mechfin_utils.core.functional import ModuleTree, unwrap
 from mechfin_utils.core.models import LoadedModel
 
 # ---------------------------------------------------------------------------------------------------------
@@ -49,10 +50,11 @@ from mechfin_utils.core.models import LoadedModel
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _blocks(model: LoadedModel) -> Sequence[torch.nn.Module]:
+def _blocks(model: LoadedModel) -> Sequence[ModuleTree]:
     """The bridge's blocks. They *are* the Hugging Face model's layers (the bridge wraps them in place), so a
     forward of ``model.hf_model`` runs through their hook points too."""
-    return model.bridge.blocks
+    blocks: Sequence[ModuleTree] = model.bridge.blocks
+    return blocks
 
 
 def check_layer(model: LoadedModel, layer: int) -> None:
@@ -65,19 +67,22 @@ def check_layer(model: LoadedModel, layer: int) -> None:
 def mlp_output_point(model: LoadedModel, layer: int) -> torch.nn.Module:
     """The hook point on block ``layer``'s MLP output (what ROME's value vector replaces)."""
     check_layer(model, layer)
-    return _blocks(model)[layer].mlp.hook_out
+    point: torch.nn.Module = _blocks(model)[layer].mlp.hook_out
+    return point
 
 
 def block_output_point(model: LoadedModel, layer: int) -> torch.nn.Module:
     """The hook point on block ``layer``'s output: the residual stream after it (what MEMIT's targets are)."""
     check_layer(model, layer)
-    return _blocks(model)[layer].hook_out
+    point: torch.nn.Module = _blocks(model)[layer].hook_out
+    return point
 
 
 def key_point(model: LoadedModel, layer: int) -> torch.nn.Module:
     """The hook point on the input of the MLP's output projection: the keys."""
     check_layer(model, layer)
-    return _blocks(model)[layer].mlp.out.hook_in
+    point: torch.nn.Module = _blocks(model)[layer].mlp.out.hook_in
+    return point
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -85,7 +90,7 @@ def key_point(model: LoadedModel, layer: int) -> torch.nn.Module:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def output_projection(model: LoadedModel, layer: int) -> torch.nn.Module:
+def output_projection(model: LoadedModel, layer: int) -> ModuleTree:
     """The Hugging Face module of the MLP's output projection (Llama ``down_proj``, GPT-2 ``c_proj``), whose
     parameters the bridge and the functional forward read."""
     check_layer(model, layer)
@@ -98,7 +103,7 @@ def output_matrix(model: LoadedModel, layer: int) -> Float[Tensor, "d_model d_ml
     Llama's ``nn.Linear`` stores ``[d_model, d_mlp]``; GPT-2's ``Conv1D`` stores ``[d_mlp, d_model]`` (transposed).
     """
     module = output_projection(model, layer)
-    weight = module.weight
+    weight: Tensor = module.weight
     return weight if isinstance(module, torch.nn.Linear) else weight.T
 
 
@@ -153,7 +158,8 @@ def _padded(model: LoadedModel, rows: Sequence[Sequence[int]]) -> tuple[Tensor, 
 def padded_logits(model: LoadedModel, rows: Sequence[Sequence[int]]) -> Float[Tensor, "batch pos d_vocab"]:
     """The Hugging Face model's logits on token-id rows of any lengths (right-padded, pads masked)."""
     ids, mask = _padded(model, rows)
-    return model.hf_model(input_ids=ids, attention_mask=mask).logits
+    logits: Tensor = model.hf_model(input_ids=ids, attention_mask=mask).logits
+    return logits
 
 
 @torch.no_grad()
@@ -185,7 +191,7 @@ def reading_keys(model: LoadedModel, layer: int, stop: bool = False) -> Iterator
     with ``stop``, end each forward there (the caller catches :class:`KeysRead`)."""
     seen: list[Tensor] = []
 
-    def read(module, args, out):
+    def read(module: torch.nn.Module, args: tuple[Any, ...], out: Tensor) -> None:
         seen.append(out.detach())
         if stop:
             raise KeysRead
@@ -201,7 +207,7 @@ def reading_keys(model: LoadedModel, layer: int, stop: bool = False) -> Iterator
 def adding_at(module: torch.nn.Module, rows: Tensor, positions: Tensor, delta: Tensor) -> Iterator[None]:
     """Add ``delta`` (``[d_model]``) to ``module``'s output at ``(rows[i], positions[i])`` on every forward."""
 
-    def add(m, args, output):
+    def add(m: torch.nn.Module, args: tuple[Any, ...], output: Tensor | tuple[Any, ...]) -> Tensor | tuple[Any, ...]:
         hidden = output[0] if isinstance(output, tuple) else output
         hidden = hidden.clone()
         hidden[rows, positions] = hidden[rows, positions] + delta

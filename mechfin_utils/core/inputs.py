@@ -42,12 +42,12 @@ def check_token_pairs(
 ) -> None:
     """Both runs of a patching-style comparison checked (:func:`check_tokens`), and of one shape: prompt ``b`` and
     position ``p`` of one run are paired with the other's."""
-    check_tokens(clean_tokens, d_vocab, argument="clean_tokens", model_name=model_name)
-    check_tokens(corrupted_tokens, d_vocab, argument="corrupted_tokens", model_name=model_name)
-    if clean_tokens.shape != corrupted_tokens.shape:  # type: ignore[union-attr]
+    clean = check_tokens(clean_tokens, d_vocab, argument="clean_tokens", model_name=model_name)
+    corrupted = check_tokens(corrupted_tokens, d_vocab, argument="corrupted_tokens", model_name=model_name)
+    if clean.shape != corrupted.shape:
         raise ValueError(
-            f"clean_tokens has shape {tuple(clean_tokens.shape)} but corrupted_tokens has "  # type: ignore[union-attr]
-            f"{tuple(corrupted_tokens.shape)}: patching pairs prompts row by row and position by position, so both "  # type: ignore[union-attr]
+            f"clean_tokens has shape {tuple(clean.shape)} but corrupted_tokens has "
+            f"{tuple(corrupted.shape)}: patching pairs prompts row by row and position by position, so both "
             "need the same batch size and token length (no padding is ever added; group prompts by length, e.g. "
             "tasks.make_batches)"
         )

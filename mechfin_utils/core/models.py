@@ -30,16 +30,22 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 from jaxtyping import Int
 from torch import Tensor
 
 from mechfin_utils.core.paths import cache_dir
+
+if TYPE_CHECKING:  # loaded on first use: importing TransformerLens takes seconds
+    from transformer_lens.config import TransformerBridgeConfig
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from mechfin_utils.core.functional import ModuleTree
 
 GPT2_HUB_IDS = ("gpt2", "openai-community/gpt2")
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -77,7 +83,7 @@ SMOLLM2_SPEC = ModelSpec(slug="smollm2-135m", display_name="SmolLM2-135M-Instruc
 class LoadedModel:
     """A model ready for analysis: the TransformerLens bridge plus mechfin's per-model decisions."""
 
-    bridge: TransformerBridge  # noqa: F821  (compatibility mode enabled)
+    bridge: TransformerBridge  # compatibility mode enabled
     spec: ModelSpec
     source: str
     load_seconds: float = field(default=0.0)
@@ -95,16 +101,20 @@ class LoadedModel:
         return self.spec.prepend_bos
 
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> Any:
+        """The Hugging Face tokenizer (a ``PreTrainedTokenizerBase``). Typed ``Any``: transformers types ``decode``
+        as ``str | list[str]`` whatever it is given, though ``decode(ids)`` of one sequence is always a ``str``."""
         return self.bridge.tokenizer
 
     @property
-    def hf_model(self) -> torch.nn.Module:
-        """The underlying Hugging Face model (same weights as the bridge)."""
+    def hf_model(self) -> ModuleTree:
+        """The underlying Hugging Face model (same weights as the bridge): a ``GPT2LMHeadModel`` or a
+        ``LlamaForCausalLM``, read by attribute name (``hf_model.config``, ``hf_model.generate``), hence typed as a
+        :data:`~mechfin_utils.core.functional.ModuleTree`: ``nn.Module`` types each attribute ``Tensor | Module``."""
         return self.bridge.original_model
 
     @property
-    def cfg(self):
+    def cfg(self) -> TransformerBridgeConfig:
         return self.bridge.cfg
 
     def to_tokens(self, texts: str | Sequence[str]) -> Int[Tensor, "batch pos"]:
@@ -164,7 +174,7 @@ def file_sha256(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def exclusive(lock_path: Path):
+def exclusive(lock_path: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``lock_path`` (created if missing) for the block: one process at a time
     converts or trains into a cache folder; another waits, then finds the finished cache."""
     import fcntl
@@ -197,7 +207,7 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
-def _quiet():
+def _quiet() -> contextlib.redirect_stdout[io.StringIO]:
     """Silence the bridge's and transformers' chatter during loading (errors still raise)."""
     return contextlib.redirect_stdout(io.StringIO())
 
@@ -235,7 +245,7 @@ def prepare_smollm2(verbose: bool = True) -> Path:
 
 def _convert_smollm2(gguf: Path, target: Path, stamp: Path, expected: dict, verbose: bool) -> Path:
     """The conversion itself (the caller holds the cache folder's lock)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     t0 = time.perf_counter()
     if verbose:
@@ -246,7 +256,7 @@ def _convert_smollm2(gguf: Path, target: Path, stamp: Path, expected: dict, verb
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.architectures = ["LlamaForCausalLM"]
-    plain = LlamaForCausalLM(config)
+    plain = LlamaForCausalLM(cast(LlamaConfig, config))  # the packaged GGUF is a Llama model
     missing, unexpected = plain.load_state_dict(gguf_model.state_dict(), strict=False)
     # lm_head may be tied to the embeddings; anything else missing is a real problem.
     missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
@@ -261,7 +271,7 @@ def _convert_smollm2(gguf: Path, target: Path, stamp: Path, expected: dict, verb
     return target
 
 
-def boot_bridge(model_name: str, spec: ModelSpec, source: str, **kwargs) -> LoadedModel:
+def boot_bridge(model_name: str, spec: ModelSpec, source: str, **kwargs: Any) -> LoadedModel:
     """Load ``model_name`` (a folder or hub id) into the bridge in compatibility mode, with ``spec``'s decisions."""
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -336,7 +346,7 @@ def locate_gpt2(gpt2_path: str | os.PathLike | None = None) -> tuple[str, str] |
     return None
 
 
-def _gpt2_n_ctx_override(config_file: Path | None) -> dict:
+def _gpt2_n_ctx_override(config_file: str | None) -> dict[str, int]:
     """transformers 5 no longer writes ``n_ctx`` into GPT2Config; TransformerLens needs it."""
     if config_file is None or not Path(config_file).is_file():
         return {}
@@ -370,7 +380,8 @@ def load_gpt2(gpt2_path: str | os.PathLike | None = None) -> LoadedModel:
     if kind == "hf-cache":
         from huggingface_hub import try_to_load_from_cache
 
-        overrides = _gpt2_n_ctx_override(try_to_load_from_cache(where, "config.json"))
+        cached = try_to_load_from_cache(where, "config.json")  # a path, None, or a "known missing" marker
+        overrides = _gpt2_n_ctx_override(cached if isinstance(cached, str) else None)
     return boot_bridge(
         where,
         GPT2_SPEC,

@@ -32,10 +32,10 @@ import numpy as np
 import pandas as pd
 from jaxtyping import Float
 
+from mechfin_utils.core.arrays import ArrayLike, as_checked_array
+
 Statistic = Literal["mean", "median"] | Callable[..., np.ndarray]
 """``"mean"``, ``"median"``, or a function called as ``statistic(x, axis=k)`` (like ``np.mean``)."""
-
-ArrayLike = Any  # numpy array, torch tensor, or (nested) sequence of numbers
 
 _ELEMENTS_PER_CHUNK = 4_000_000  # bound on resampled values held at once for a general statistic
 
@@ -58,7 +58,7 @@ class BootstrapResult:
     def as_dict(self) -> dict[str, Any]:
         """Plain Python numbers/lists (for results JSON)."""
 
-        def plain(x):
+        def plain(x: float | np.ndarray) -> float | list[Any]:
             return x.tolist() if isinstance(x, np.ndarray) else float(x)
 
         return {
@@ -87,23 +87,8 @@ class BootstrapResult:
 
 
 def _as_values(values: ArrayLike, argument: str = "values") -> np.ndarray:
-    if hasattr(values, "detach"):  # torch tensor
-        values = values.detach().cpu().double().numpy()
-    try:
-        array = np.asarray(values, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{argument} must be numeric: {exc}") from exc
-    if array.ndim == 0:
-        raise ValueError(f"{argument} must be an array of values [n, ...], got a scalar")
-    if array.shape[0] == 0:
-        raise ValueError(f"{argument} is empty: a confidence interval needs values")
-    if array.shape[0] < 2:
-        raise ValueError(f"{argument} has only 1 value (row): a bootstrap interval needs at least 2")
-    bad = ~np.isfinite(array)
-    if bad.any():
-        where = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise ValueError(f"{argument} has a non-finite value ({array[where]}) at index {where}")
-    return array
+    """``values`` ``[n, ...]`` as a checked float64 array: at least 2 rows (a bootstrap needs them), all finite."""
+    return as_checked_array(values, argument, min_rows=2)
 
 
 def _check_settings(n_boot: int, ci: float) -> None:
@@ -165,7 +150,7 @@ def bootstrap_distribution(
     if stat is np.mean:
         offsets = indices + (np.arange(n_boot)[:, None] * n)
         counts = np.bincount(offsets.ravel(), minlength=n_boot * n).reshape(n_boot, n).astype(np.float64)
-        boot = counts @ flat / n
+        boot: np.ndarray = counts @ flat / n
     else:
         chunk = max(1, _ELEMENTS_PER_CHUNK // max(1, n * flat.shape[1]))
         pieces = []

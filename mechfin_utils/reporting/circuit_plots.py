@@ -92,7 +92,7 @@ def _node_xy(name: str, n_layers: int, n_heads: int) -> tuple[float, float]:
     if name == OUTPUT_NODE:
         return (float(n_layers), (n_heads - 1) / 2)
     node = Node.parse(name)
-    return (float(node.layer) + (0.35 if node.is_mlp else 0.0), float(-1.5 if node.is_mlp else node.head))
+    return (float(node.layer) + (0.35 if node.is_mlp else 0.0), -1.5 if node.head is None else float(node.head))
 
 
 def circuit_figure(circuit: Circuit, model, title: str | None = None, max_edges: int = 2000):

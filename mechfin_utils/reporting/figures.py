@@ -50,6 +50,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -232,6 +233,7 @@ def save_figure(
     results: dict[str, Any] | None = None,
     width: int | None = None,
     height: int | None = None,
+    shown: Sequence[ModelLike] = (),
 ) -> dict[str, Path]:
     """Write a plotly figure as ``.html`` (offline), ``.png`` and ``.svg``; return the three paths.
 
@@ -239,13 +241,17 @@ def save_figure(
     version installed here), never from a CDN.
 
     Args:
-        fig: a ``plotly.graph_objects.Figure`` whose title contains ``model.name`` (else ValueError).
-        model: the model that produced the figure (``.name`` and ``.slug``).
+        fig: a ``plotly.graph_objects.Figure`` whose title contains the name of every model it shows (else
+            ValueError).
+        model: the notebook's model (``.name`` and ``.slug``): the figure is written into its folder, and it is the
+            model the figure shows unless ``shown`` says otherwise.
         notebook: the notebook's two-digit number, ``"00"``.
         name: a slug naming the figure within the notebook, ``"head_dla"``.
         results: optional numbers behind the figure, merged into the notebook's results JSON
             (see :func:`save_results`), each under its own key.
         width, height: static export size in layout pixels; default the figure's own, else 900 x 550.
+        shown: the models whose numbers the figure shows, when they are not ``model`` (notebook 12 writes figures of
+            the first screener into its repaired screener's folder): the title must name each of them.
 
     The HTML is written first, so it exists even when static export is unavailable; in that case
     :class:`~mechfin_utils.reporting.static_export.StaticExportUnavailableError` is raised afterwards (unless
@@ -255,14 +261,15 @@ def save_figure(
 
     if not isinstance(fig, go.Figure):
         raise TypeError(f"fig must be a plotly.graph_objects.Figure, got {type(fig).__name__}")
-    model_name, _ = _model_identity(model)
     paths = figure_paths(model, notebook, name)
     title = figure_title(fig)
-    if model_name not in title:
-        raise ValueError(
-            f"figure {notebook}_{name}: its title must contain the model's display name {model_name!r} "
-            f"(title is {title!r}); build it with mechfin_utils.reporting.plots, or add the name to the title"
-        )
+    for shown_model in shown or (model,):
+        model_name, _ = _model_identity(shown_model)
+        if model_name not in title:
+            raise ValueError(
+                f"figure {notebook}_{name}: its title must contain the display name {model_name!r} of the model it "
+                f"shows (title is {title!r}); build it with mechfin_utils.reporting.plots, or add the name to the title"
+            )
     if results is not None:
         if not isinstance(results, dict):
             raise TypeError(f"results must be a dict of key -> value, got {type(results).__name__}")
@@ -460,7 +467,7 @@ def save_results(model: ModelLike, notebook: str, key: str, value: Any) -> Path:
         raise ValueError(f"results key must be a non-empty string, got {key!r}")
     plain = to_jsonable(value, f"results[{key!r}]")
     path = results_path(model, notebook)
-    stored = (
+    stored: dict[str, Any] = (
         _read_results_file(path, model, notebook)
         if path.is_file()
         else {"model": {"name": model_name, "slug": slug}, "notebook": notebook, "results": {}}

@@ -3,7 +3,8 @@
 A notebook's parameters cell holds ``model``, ``n_pairs``, ``seed``, ``fast`` and ``gpt2_path``; its next cell
 is ``nb = start("02", model=model, ...)``. ``fast`` (default: the ``MECHFIN_FAST`` environment variable, which
 ``make test`` sets) shrinks the work so the notebook runs in seconds under nbval; figures made in fast mode
-are for checking that code runs, not for reading.
+are for checking that code runs, not for reading. A notebook that compares a base model with its screener turns
+its ``model`` and ``screener`` parameters into the two names with :func:`resolve_base_and_screener`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from mechfin_utils.core.models import LoadedModel, load_model
+from mechfin_utils.core.models import SCREENERS, LoadedModel, load_model, resolve_auto
 from mechfin_utils.reporting.figures import clear_notebook_outputs, save_figure, save_html, save_results
 from mechfin_utils.tasks.batching import AlignmentReport, TaskBatch, align_pairs, largest_template_batch, make_batches
 from mechfin_utils.tasks.fair_lending import (
@@ -41,6 +42,21 @@ def resolve_fast(fast: bool | None) -> bool:
             raise ValueError(f"fast must be True, False or None, got {fast!r}")
         return fast
     return os.environ.get("MECHFIN_FAST", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def resolve_base_and_screener(
+    model: str, screener: str, *, fast: bool, gpt2_path: str | None = None
+) -> tuple[str, str]:
+    """The base model's and the screener's names from the parameters of a notebook that compares the two (08, 10).
+
+    ``model`` is the base model (``"auto"`` picks it as :func:`~mechfin_utils.core.models.load_model` would) or a
+    screener's name, which then stands for that screener compared with its own base model. ``screener`` ``""``
+    means ``"<base>-screener"``, and in fast mode the briefly trained ``"<base>-screener-brief"``.
+    """
+    base = resolve_auto(gpt2_path or None)[0] if model == "auto" else model
+    if base in SCREENERS:  # given a screener: compare it with its own base model
+        base, screener = SCREENERS[base][0], screener or base
+    return base, screener or f"{base}-screener" + ("-brief" if fast else "")
 
 
 def stratified_sample(pairs: Sequence, n: int | None, seed: int = 0) -> list:

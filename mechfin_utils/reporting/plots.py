@@ -27,6 +27,8 @@ import plotly.graph_objects as go
 from jaxtyping import Float
 from plotly.colors import qualitative
 
+from mechfin_utils.core.arrays import ArrayLike, as_checked_array
+
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
@@ -35,8 +37,6 @@ SERIES_COLOURS: tuple[str, ...] = tuple(qualitative.Plotly)
 TEMPLATE = "plotly_white"
 DEFAULT_WIDTH = 900
 DEFAULT_HEIGHT = 550
-
-ArrayLike = Any  # numpy array, torch tensor, or nested sequence of numbers
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -52,31 +52,6 @@ def model_title(title: str, model) -> str:
     if not isinstance(title, str) or not title.strip():
         raise ValueError(f"title must be a non-empty string, got {title!r}")
     return title if name in title else f"{title} — {name}"
-
-
-def as_float_array(values: ArrayLike, argument: str, *, ndim: int, allow_nan: bool = False) -> np.ndarray:
-    """``values`` (numpy, torch or nested lists) as a float64 numpy array of ``ndim`` dimensions.
-
-    Raises a ValueError naming ``argument`` for the wrong number of dimensions, an empty array, infinities,
-    or NaNs (unless ``allow_nan``).
-    """
-    if hasattr(values, "detach"):  # torch tensor
-        values = values.detach().cpu().double().numpy()
-    try:
-        array = np.asarray(values, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{argument} must be numeric, got {type(values).__name__}: {exc}") from exc
-    if array.ndim != ndim:
-        raise ValueError(f"{argument} must have {ndim} dimension(s), got shape {array.shape}")
-    if array.size == 0:
-        raise ValueError(f"{argument} is empty")
-    if np.isinf(array).any():
-        where = tuple(int(i) for i in np.argwhere(np.isinf(array))[0])
-        raise ValueError(f"{argument} has an infinity at index {where}")
-    if not allow_nan and np.isnan(array).any():
-        where = tuple(int(i) for i in np.argwhere(np.isnan(array))[0])
-        raise ValueError(f"{argument} has a NaN at index {where}")
-    return array
 
 
 def _labels(labels: Sequence[Any] | None, count: int, argument: str, *, unique: bool = False) -> list[str]:
@@ -123,13 +98,10 @@ def _check_interval(means: np.ndarray, lows: np.ndarray, highs: np.ndarray, labe
 
 def _as_series(values: ArrayLike, argument: str) -> np.ndarray:
     """[points] or [series, points] values as a [series, points] float array."""
-    if hasattr(values, "detach"):
-        values = values.detach().cpu().double().numpy()
-    ndim = np.ndim(values)
-    if ndim not in (1, 2):
-        raise ValueError(f"{argument} must be [points] or [series, points], got shape {np.shape(values)}")
-    array = as_float_array(values, argument, ndim=ndim)
-    return array[None, :] if ndim == 1 else array
+    array = as_checked_array(values, argument)
+    if array.ndim not in (1, 2):
+        raise ValueError(f"{argument} must be [points] or [series, points], got shape {array.shape}")
+    return array[None, :] if array.ndim == 1 else array
 
 
 def _rgba(colour: str, alpha: float) -> str:
@@ -167,7 +139,7 @@ def heatmap(
     colour. NaN cells are drawn blank (and show ``nan`` on hover); infinities are an error.
     ``show_values`` also prints each value in its cell (``value_format``, a d3 format such as ``".2f"``).
     """
-    z = as_float_array(values, "values", ndim=2, allow_nan=True)
+    z = as_checked_array(values, "values", ndim=2, allow_nan=True)
     rows, cols = z.shape
     xs = _labels(x_labels, cols, "x_labels")
     ys = _labels(y_labels, rows, "y_labels")
@@ -224,10 +196,10 @@ def bar_with_ci(
 
     ``reference`` draws a dotted horizontal line (default at 0; None for none). Labels must be unique.
     """
-    means_a = as_float_array(means, "means", ndim=1)
+    means_a = as_checked_array(means, "means", ndim=1)
     names = _labels(labels, means_a.size, "labels", unique=True)
-    lows_a = as_float_array(lows, "lows", ndim=1)
-    highs_a = as_float_array(highs, "highs", ndim=1)
+    lows_a = as_checked_array(lows, "lows", ndim=1)
+    highs_a = as_checked_array(highs, "highs", ndim=1)
     for argument, array in (("lows", lows_a), ("highs", highs_a)):
         if array.size != means_a.size:
             raise ValueError(f"{argument} has {array.size} entries, means has {means_a.size}")
@@ -371,7 +343,7 @@ def lines(
     xs = list(x.tolist() if hasattr(x, "tolist") else x)
     fig = go.Figure()
     for name, values in series.items():
-        ys = as_float_array(values, f"series[{name!r}]", ndim=1)
+        ys = as_checked_array(values, f"series[{name!r}]", ndim=1)
         if ys.shape[0] != len(xs):
             raise ValueError(f"series[{name!r}] has {ys.shape[0]} values for {len(xs)} x positions")
         fig.add_trace(go.Scatter(x=xs, y=ys, name=str(name), mode="markers" if markers_only else "lines+markers"))
@@ -411,19 +383,19 @@ def grouped_bars(
     if (lows is None) != (highs is None):
         raise ValueError("pass both lows and highs, or neither")
     names = _labels(categories, len(list(categories)), "categories", unique=True)
-    if lows is not None and (set(lows) != set(values) or set(highs) != set(values)):
+    if lows is not None and highs is not None and (set(lows) != set(values) or set(highs) != set(values)):
         raise ValueError(f"lows/highs keys {sorted(lows)}/{sorted(highs)} must equal values keys {sorted(values)}")
     fig = go.Figure()
     for index, (group, group_values) in enumerate(values.items()):
-        means = as_float_array(group_values, f"values[{group!r}]", ndim=1)
+        means = as_checked_array(group_values, f"values[{group!r}]", ndim=1)
         if means.size != len(names):
             raise ValueError(f"values[{group!r}] has {means.size} entries for {len(names)} categories")
         error_y = None
         customdata = None
         hover = f"{group}<br>%{{hovertext}}: %{{y:.4g}}<extra></extra>"
-        if lows is not None:
-            low = as_float_array(lows[group], f"lows[{group!r}]", ndim=1)
-            high = as_float_array(highs[group], f"highs[{group!r}]", ndim=1)
+        if lows is not None and highs is not None:
+            low = as_checked_array(lows[group], f"lows[{group!r}]", ndim=1)
+            high = as_checked_array(highs[group], f"highs[{group!r}]", ndim=1)
             if low.size != means.size or high.size != means.size:
                 raise ValueError(f"lows/highs[{group!r}] must have {means.size} entries like values[{group!r}]")
             _check_interval(means, low, high, names, f"{group} / ")
@@ -474,8 +446,8 @@ def paired_scatter(
     Points above the diagonal score higher on y than on x; a model that ignores the difference between the
     two prompts puts every point on the line.
     """
-    xs = as_float_array(x, "x", ndim=1)
-    ys = as_float_array(y, "y", ndim=1)
+    xs = as_checked_array(x, "x", ndim=1)
+    ys = as_checked_array(y, "y", ndim=1)
     if xs.shape != ys.shape:
         raise ValueError(f"x and y must have the same length, got {xs.shape[0]} and {ys.shape[0]}")
     group_labels = _labels(groups, xs.shape[0], "groups") if groups is not None else ["all"] * xs.shape[0]

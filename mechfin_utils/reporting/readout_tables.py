@@ -20,15 +20,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mechfin_utils.core.arrays import as_checked_tensor
 from mechfin_utils.core.models import LoadedModel
 from mechfin_utils.core.stats import bootstrap_ci
 from mechfin_utils.methods.readout.dla import UNEMBED_BIAS_LABEL, layer_decomposition, over_batches
-from mechfin_utils.methods.readout.heads import as_float_rows, head_label, parse_head, select_heads, top_heads
+from mechfin_utils.methods.readout.heads import head_label, parse_head, select_heads, top_heads
 from mechfin_utils.tasks.paper_claims import Sign
 
 # ---------------------------------------------------------------------------------------------------------
@@ -54,7 +56,7 @@ def ci_table(
         ``low``, ``high`` and ``sign``: ``"positive"``/``"negative"`` when the interval excludes 0 on that
         side, ``"unclear"`` when it contains 0.
     """
-    values = as_float_rows(values, "values", 2)
+    values = as_checked_tensor(values, "values", ndim=2)
     labels = [str(label) for label in labels]
     if len(labels) != values.shape[1]:
         raise ValueError(f"got {len(labels)} labels for {values.shape[1]} columns of values")
@@ -62,7 +64,7 @@ def ci_table(
         repeated = next(label for label in labels if labels.count(label) > 1)
         raise ValueError(f"labels repeat {repeated!r}; every component needs its own label")
     result = bootstrap_ci(values.numpy(), n_boot=n_boot, ci=ci, seed=seed)
-    low, high = result.low, result.high
+    low, high = np.asarray(result.low), np.asarray(result.high)  # one per component
     sign = ["positive" if lo > 0 else "negative" if hi < 0 else "unclear" for lo, hi in zip(low, high)]
     return pd.DataFrame(
         {"n": result.n, "mean": result.estimate, "low": low, "high": high, "sign": sign},
@@ -86,8 +88,8 @@ def paired_ci_table(
     pair before resampling (a paired bootstrap). Columns: ``n``, then ``clean``, ``clean_low``, ``clean_high``
     and the same for ``corrupted`` and ``gap``.
     """
-    clean = as_float_rows(clean, "clean", 2)
-    corrupted = as_float_rows(corrupted, "corrupted", 2)
+    clean = as_checked_tensor(clean, "clean", ndim=2)
+    corrupted = as_checked_tensor(corrupted, "corrupted", ndim=2)
     if clean.shape != corrupted.shape:
         raise ValueError(
             f"clean {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)} must be paired: same shape"
@@ -120,7 +122,7 @@ def grouped_ci_table(
         Columns ``group``, ``component``, ``n``, ``mean``, ``low``, ``high``, ``sign``; use
         ``.pivot(index="group", columns="component", values="mean")`` for a group x component grid.
     """
-    values = as_float_rows(values, "values", 2)
+    values = as_checked_tensor(values, "values", ndim=2, allow_nan=True)  # each group's ci_table checks its own rows
     groups = [str(group) for group in groups]
     if len(groups) != values.shape[0]:
         raise ValueError(f"got {len(groups)} groups for {values.shape[0]} rows of values")
@@ -170,7 +172,7 @@ def head_table(
         A DataFrame indexed by head label with columns ``layer``, ``head_index``, ``rank`` and those of
         :func:`ci_table`, in the order of selection.
     """
-    per_prompt = as_float_rows(per_prompt, "per_prompt", 3)
+    per_prompt = as_checked_tensor(per_prompt, "per_prompt", ndim=3, allow_nan=True)  # ci_table checks the chosen
     if order not in ("abs", "positive", "negative", "extremes"):
         raise ValueError(f"order must be 'abs', 'positive', 'negative' or 'extremes', got {order!r}")
     batch, n_layers, n_heads = per_prompt.shape
@@ -220,8 +222,9 @@ def named_heads_table(
     chosen = [parse_head(h, model.cfg.n_layers, model.cfg.n_heads) for h in heads]
     if not chosen:
         raise ValueError("heads is empty")
-    interval = bootstrap_ci(head_values.detach().double().cpu().numpy(), n_boot=n_boot, ci=ci, seed=seed)
-    mean = torch.as_tensor(interval.estimate)
+    interval = bootstrap_ci(head_values, n_boot=n_boot, ci=ci, seed=seed)
+    estimate, low, high = (np.asarray(x) for x in (interval.estimate, interval.low, interval.high))  # [layer, head]
+    mean = torch.as_tensor(estimate)
     order = mean.abs().flatten().argsort(descending=True, stable=True)
     rank = torch.empty_like(order)
     rank[order] = torch.arange(1, order.numel() + 1)
@@ -229,9 +232,9 @@ def named_heads_table(
     return pd.DataFrame(
         {
             "head": [head_label(L, H) for L, H in chosen],
-            "mean": [float(interval.estimate[L, H]) for L, H in chosen],
-            "low": [float(interval.low[L, H]) for L, H in chosen],
-            "high": [float(interval.high[L, H]) for L, H in chosen],
+            "mean": [float(estimate[L, H]) for L, H in chosen],
+            "low": [float(low[L, H]) for L, H in chosen],
+            "high": [float(high[L, H]) for L, H in chosen],
             "rank_by_abs": [int(rank[L, H]) for L, H in chosen],
         }
     )

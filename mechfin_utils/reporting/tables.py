@@ -1,4 +1,5 @@
-"""Markdown tables: one writer for every table mechfin prints or writes as Markdown (the ``make bench`` tables).
+"""Tables written out: one Markdown writer for every table mechfin prints or writes as Markdown (the ``make bench``
+tables), and :func:`table_records`, a pandas table as the records a results JSON stores.
 
 A table is rows and columns. Each column is a header and how to write its cell from a row:
 
@@ -20,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
+
+import pandas as pd
 
 Cell = str | Callable[[Any], object]
 """How a column writes its cell: a format string over the row's fields, or a function of the row."""
@@ -44,3 +47,10 @@ def markdown_table(rows: Iterable[Any], columns: Sequence[tuple[str, Cell]]) -> 
         cells = [cell.format(**fields) if isinstance(cell, str) else str(cell(row)) for _, cell in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def table_records(table: pd.DataFrame, *, index: bool = True) -> list[dict[str, Any]]:
+    """A table as JSON-ready records: the index as a column (unless ``index`` is False), a missing value (NaN: an
+    interval that could not be computed, the head of an MLP row) as None, never NaN."""
+    records = (table.reset_index() if index else table).to_dict(orient="records")
+    return [{str(k): (None if isinstance(v, float) and v != v else v) for k, v in row.items()} for row in records]

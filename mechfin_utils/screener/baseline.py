@@ -81,9 +81,3 @@ def per_group_table(scores: pd.DataFrame, by: str = "basis", *, n_boot: int = 20
     out = pd.concat(parts, axis=1)
     out["n"] = out["n"].astype(int)
     return out
-
-
-def table_records(table: pd.DataFrame) -> list[dict]:
-    """A per-group table as JSON-ready records (index as a column, missing intervals as None)."""
-    records = table.reset_index().to_dict(orient="records")
-    return [{k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()} for row in records]

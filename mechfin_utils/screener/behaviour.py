@@ -138,7 +138,7 @@ class HFScorer(_LengthGroupedScorer):
         self.prepend_bos = prepend_bos
         self.name = name
         config = hf_model.config
-        self.n_ctx = int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 1024))
+        self.n_ctx = int(getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 1024))
         self.answers = answers
         self.batch_size = batch_size
 

@@ -2,13 +2,18 @@
 
 One page per model, no script, no network: four sections in the order a reviewer asks for them.
 
-1. **Does it decide?** Accuracy and AUROC on every held-out set, with bootstrap intervals.
+1. **Does it decide?** Accuracy, each side's accuracy (discrimination flagged, lawful decisions cleared) and AUROC on
+   every held-out set, with bootstrap intervals.
 2. **The decision effect per protected basis**: the paired gap in ``logit(Yes) - logit(No)`` between a scenario with
    the prohibited basis and the same scenario with a legitimate reason, with its interval; a gap whose interval
    includes 0 is flagged.
 3. **Which components carry the protected-basis signal**: the model components whose direct contribution to the
    decision differs most between the two versions of a scenario (direct logit attribution, clean - corrupted).
-4. **Where it fails**: control prompts that a screener keyed on surface cues gets wrong, listed verbatim.
+4. **Where it fails**: control prompts that a screener keyed on surface cues gets wrong, kind by kind with
+   intervals, and listed verbatim.
+
+The report names the model it describes (for a screener: its name, the sha256 of its weights and what it was
+trained on), so that two reports can never be confused.
 
 Then the limits, stated plainly. The report is a model audit aid, not legal advice.
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 import html
 import time
 from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +51,7 @@ def _interval(row: Mapping[str, Any], key: str, digits: int = 3) -> str:
     return f"{_num(row[key], digits)} [{_num(row.get(f'{key}_low'), digits)}, {_num(row.get(f'{key}_high'), digits)}]"
 
 
-def _table(header: list[str], rows: list[list[str]], numeric: set[int] = frozenset()) -> str:
+def _table(header: list[str], rows: list[list[str]], numeric: AbstractSet[int] = frozenset()) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join(
         "<tr>"
@@ -70,6 +76,8 @@ def compliance_report(
     components: pd.DataFrame,
     controls: pd.DataFrame,
     context: str,
+    identity: Mapping[str, Any] | None = None,
+    n_boot: int = 1000,
 ) -> Path:
     """Write the report.
 
@@ -81,7 +89,12 @@ def compliance_report(
         components: per component ``label, mean, low, high`` (DLA gap, clean - corrupted), largest first.
         controls: one row per control prompt (``behaviour.evaluate_controls``).
         context: one sentence on what the model is (base model, or how it was fine-tuned).
+        identity: which model exactly: ``name`` (as loaded), ``weights_sha256`` and, for a screener, ``trained_on``
+            (the training files); shown under the title.
+        n_boot: bootstrap resamples of the control prompts' intervals.
     """
+    from mechfin_utils.screener.behaviour import controls_by_kind
+
     name = html.escape(model_name)
     parts = [
         f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>Fair-lending audit: {name}</title>"
@@ -91,19 +104,55 @@ def compliance_report(
         "Question asked of the model: whether a described lending decision may violate fair-lending law; "
         "its answer is read as logit(&quot; Yes&quot;) − logit(&quot; No&quot;) at the last position.</p>",
     ]
+    if identity:
+        described = [f"<b>{html.escape(str(identity.get('name', model_name)))}</b>"]
+        if identity.get("weights_sha256"):
+            described.append(f"weights sha256 <code>{html.escape(str(identity['weights_sha256']))}</code>")
+        if identity.get("trained_on"):
+            described.append(
+                "trained on " + ", ".join(f"<code>{html.escape(str(t))}</code>" for t in identity["trained_on"])
+            )
+        parts.append(f"<p class='note'>This report describes: {'; '.join(described)}.</p>")
     # 1. does it decide?
     rows = [
-        [html.escape(s), str(m["n"]), _interval(m, "accuracy"), _interval(m, "auroc"), _num(m["mean_gap"], 2)]
+        [
+            html.escape(s),
+            str(m["n"]),
+            _interval(m, "accuracy"),
+            _interval(m, "accuracy_clean", 2) if "accuracy_clean" in m else "–",
+            _interval(m, "accuracy_corrupted", 2) if "accuracy_corrupted" in m else "–",
+            _interval(m, "auroc"),
+            _num(m["mean_gap"], 2),
+        ]
         for s, m in held_out.items()
     ]
     parts += [
         "<h2>1. Does the model make the decision?</h2>",
-        "<p>On scenario pairs it was never trained on: accuracy over all prompts ("
-        "Yes when the score is "
-        "above 0) and AUROC (0.5 = chance, 1 = every prohibited-basis scenario scores above every "
-        "legitimate-reason one), with 95% bootstrap intervals.</p>",
-        _table(["set", "pairs", "accuracy [95% CI]", "AUROC [95% CI]", "mean gap (logits)"], rows, {1, 4}),
+        "<p>On scenario pairs it was never trained on: accuracy over all prompts (Yes when the score is above 0); "
+        "each side on its own (<em>flagged</em>: the share of discriminatory scenarios answered Yes; "
+        "<em>cleared</em>: the share of lawful ones answered No: a model that says Yes whenever an attribute is "
+        "mentioned fails here, on the mention sets, while still ranking the pairs well); and AUROC (0.5 = chance, "
+        "1 = every prohibited-basis scenario scores above every lawful one), with 95% bootstrap intervals.</p>",
+        _table(
+            [
+                "set",
+                "pairs",
+                "accuracy [95% CI]",
+                "flagged [95% CI]",
+                "cleared [95% CI]",
+                "AUROC [95% CI]",
+                "mean gap (logits)",
+            ],
+            rows,
+            {1, 6},
+        ),
     ]
+    flagged_low = [s for s, m in held_out.items() if m.get("accuracy_corrupted", 1.0) < 0.8]
+    if flagged_low:
+        parts.append(
+            f"<p class='flag'>On {', '.join(map(html.escape, flagged_low))} the model clears fewer than 80% of the "
+            "lawful decisions: it would flag lawful lending as discrimination.</p>"
+        )
     weak = [s for s, m in held_out.items() if m["auroc"] < 0.75]
     if weak:
         parts.append(
@@ -154,11 +203,9 @@ def compliance_report(
         _table(["component", "direct effect on the gap [95% CI]"], rows),
     ]
     # 4. failures
-    summary = controls.groupby("kind", sort=False).agg(
-        n=("correct", "size"), accuracy=("correct", "mean"), expected=("expected", "first")
-    )
+    summary = controls_by_kind(controls, n_boot=n_boot)
     rows = [
-        [html.escape(k), html.escape(r["expected"]), str(int(r["n"])), _num(r["accuracy"], 2)]
+        [html.escape(str(k)), html.escape(r["expected"]), str(int(r["n"])), _interval(r, "accuracy", 2)]
         for k, r in summary.iterrows()
     ]
     failures = controls[~controls["correct"]]
@@ -171,7 +218,7 @@ def compliance_report(
         "<p>Prompts a screener that keys on surface cues gets wrong: a protected attribute <em>mentioned</em> "
         "while the decision rests on a legitimate reason (should be No); a favourable decision that mentions "
         "an attribute (No); a policy that discriminates without naming the basis in familiar words (Yes).</p>",
-        _table(["kind", "expected", "prompts", "accuracy"], rows, {2, 3}),
+        _table(["kind", "expected", "prompts", "accuracy [95% CI]"], rows, {2}),
         f"<p>{len(failures)} of {len(controls)} control prompts answered wrongly:</p>",
         _table(["kind", "expected", "p(Yes)", "prompt"], failure_rows, {2}) if failure_rows else "<p>None.</p>",
     ]

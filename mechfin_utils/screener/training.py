@@ -254,11 +254,11 @@ def train_screener(base: Base, recipe: Recipe, folder: Path, *, progress: bool =
     bar = tqdm(steps, desc=f"training {screener_spec(base, recipe).slug}", disable=not progress, unit="step")
     for step in bar:
         prompts = [t for i in step for t in pairs[i].texts]
-        targets = torch.tensor([0, 1] * len(step))  # clean -> " Yes" (index 0), corrupted -> " No" (index 1)
+        answer_index = torch.tensor([0, 1] * len(step))  # clean -> " Yes" (index 0), corrupted -> " No" (index 1)
         ids, mask, last = _batch_tensors(tokenizer, prompts, base.spec.prepend_bos)
         logits = model(input_ids=ids, attention_mask=mask).logits
         two_way = logits[torch.arange(len(prompts)), last][:, answer_ids]
-        loss = torch.nn.functional.cross_entropy(two_way, targets)
+        loss = torch.nn.functional.cross_entropy(two_way, answer_index)
         loss.backward()
         optimiser.step()
         optimiser.zero_grad(set_to_none=True)
@@ -464,7 +464,7 @@ def evaluate_file(
     path: str | os.PathLike, model_name: str = "smollm2-135m-screener", *, n_boot: int = 1000
 ) -> dict[str, Any]:
     """``evaluate`` as a function: the JSON-ready summary of a model on a pairs file."""
-    pairs = load_fair_lending_pairs(path)
+    pairs = load_fair_lending_pairs(Path(path))
     with contextlib.redirect_stdout(
         sys.stderr
     ):  # loading (and first-use training) reports on stderr: stdout is the JSON

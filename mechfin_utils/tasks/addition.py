@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from mechfin_utils.core.models import LoadedModel
 from mechfin_utils.tasks.circuit_tasks import AnswerBatch, CircuitTask, task_from_answer_batches
 
 FEW_SHOT: tuple[tuple[int, int], ...] = ((12, 35), (31, 24), (40, 17), (23, 52), (61, 14))
@@ -76,7 +77,7 @@ class AdditionSet:
         }
 
 
-def tokenise_problem(model, a: int, b: int) -> AdditionProblem:
+def tokenise_problem(model: LoadedModel, a: int, b: int) -> AdditionProblem:
     """The problem ``a + b`` after the few-shot prefix, with the answer's tokens as they follow the prompt (a
     ValueError when the answer would merge with the prompt's last token)."""
     prompt = PREFIX + _question(a, b)
@@ -96,7 +97,7 @@ def groups_by_length(items: Sequence, length: Callable[[Any], int]) -> list[list
 
 
 @torch.no_grad()
-def _answered_exactly(model, problems: Sequence[AdditionProblem]) -> list[bool]:
+def _answered_exactly(model: LoadedModel, problems: Sequence[AdditionProblem]) -> list[bool]:
     """Teacher-forced: is every answer token the model's top prediction? (Batched by length.)"""
     right = [False] * len(problems)
     for indices in groups_by_length(problems, lambda p: len(p.prompt_ids) + len(p.answer_ids)):
@@ -110,7 +111,7 @@ def _answered_exactly(model, problems: Sequence[AdditionProblem]) -> list[bool]:
     return right
 
 
-def addition_problems(model, n_tried: int = 240, seed: int = 0) -> AdditionSet:
+def addition_problems(model: LoadedModel, n_tried: int = 240, seed: int = 0) -> AdditionSet:
     """``n_tried`` distinct problems ``a + b`` (``a, b >= 10``, ``a + b <= 99``, none a few-shot example), seeded;
     kept are those the model answers exactly."""
     pool = [(a, b) for a in range(10, 90) for b in range(10, 100 - a) if (a, b) not in FEW_SHOT]
@@ -122,7 +123,7 @@ def addition_problems(model, n_tried: int = 240, seed: int = 0) -> AdditionSet:
     return AdditionSet(model.name, tried, [p for p, ok in zip(tried, right) if ok])
 
 
-def addition_task(model, problems: Sequence[AdditionProblem], seed: int = 0) -> CircuitTask:
+def addition_task(model: LoadedModel, problems: Sequence[AdditionProblem], seed: int = 0) -> CircuitTask:
     """Clean = the problem; corrupted = the same with another first operand ``a'`` whose sum starts with another
     answer token (same token length). Metric: logit(clean first answer token) - logit(corrupted one). A problem with
     no such ``a'`` is listed in ``task.excluded``."""

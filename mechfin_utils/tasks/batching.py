@@ -287,7 +287,9 @@ class TaskBatch:
         )
 
 
-def _kept_pairs(model_or_tokenizer: Any, pairs_or_report: Sequence[P] | AlignmentReport, prepend_bos: bool | None):
+def _kept_pairs(
+    model_or_tokenizer: Any, pairs_or_report: Sequence[P] | AlignmentReport, prepend_bos: bool | None
+) -> tuple[_TokenizerView, AlignmentReport]:
     """The view and the kept pairs; raw pairs that would need excluding are an error, never a silent drop."""
     view = _tokenizer_view(model_or_tokenizer, prepend_bos)
     if isinstance(pairs_or_report, AlignmentReport):
@@ -333,6 +335,11 @@ def chunks(items: list, max_batch: int | None) -> list[list]:
     if max_batch is None:
         return [items]
     return [items[i : i + max_batch] for i in range(0, len(items), max_batch)]
+
+
+def commonest_length(counts: Counter[int]) -> int:
+    """The token length with the most items (``counts``: items per length), the shortest among equally common ones."""
+    return min(counts, key=lambda length: (-counts[length], length))
 
 
 def make_batches(

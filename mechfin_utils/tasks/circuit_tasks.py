@@ -30,8 +30,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechfin_utils.core.metrics import logit_diff
+from mechfin_utils.core.models import LoadedModel
 from mechfin_utils.core.paths import DATA_DIR
-from mechfin_utils.tasks.batching import align_pairs, chunks, make_batches
+from mechfin_utils.tasks.batching import align_pairs, chunks, commonest_length, make_batches
 from mechfin_utils.tasks.fair_lending import load_fair_lending_pairs
 
 GREATER_THAN_CSV = DATA_DIR / "greater_than.csv"
@@ -147,7 +148,8 @@ def load_greater_than(path: str | Path | None = None) -> list[GreaterThanPrompt]
             raise GreaterThanDataError(
                 f"{path}: columns are {reader.fieldnames}, expected exactly {list(GREATER_THAN_COLUMNS)}"
             )
-        prompts, seen = [], {}
+        prompts: list[GreaterThanPrompt] = []
+        seen: dict[str, int] = {}
         for line, row in enumerate(reader, start=2):
             where = f"{path.name} line {line} ({row.get('prompt_id') or 'no prompt_id'})"
             if None in row or any(v is None for v in row.values()):
@@ -186,7 +188,7 @@ def load_greater_than(path: str | Path | None = None) -> list[GreaterThanPrompt]
     return prompts
 
 
-def year_scheme(model, prompt: GreaterThanPrompt) -> YearScheme | None:
+def year_scheme(model: LoadedModel, prompt: GreaterThanPrompt) -> YearScheme | None:
     """How ``model``'s tokenizer continues this prompt with its two-digit year, or None if neither way.
 
     ``"two-digit"``: appending "YY" to the prompt adds exactly one token, the token "YY" (GPT-2: "17" + "32").
@@ -208,7 +210,7 @@ def year_scheme(model, prompt: GreaterThanPrompt) -> YearScheme | None:
     return None
 
 
-def _year_token_ids(model, scheme: YearScheme) -> Int[Tensor, " n_years"]:
+def _year_token_ids(model: LoadedModel, scheme: YearScheme) -> Int[Tensor, " n_years"]:
     """Token ids of "00".."99" (two-digit) or "0".."9" (single-digit); each must be one token."""
     texts = [f"{y:02d}" for y in range(100)] if scheme == "two-digit" else [str(d) for d in range(10)]
     ids = []
@@ -281,7 +283,7 @@ def _sample(items: list, n: int | None, seed: int, what: str) -> list:
 
 
 def greater_than_task(
-    model,
+    model: LoadedModel,
     prompts: Sequence[GreaterThanPrompt] | None = None,
     *,
     n_prompts: int | None = None,
@@ -300,8 +302,8 @@ def greater_than_task(
     prompts = list(load_greater_than() if prompts is None else prompts)
     usable, excluded, schemes = [], [], {}
     for prompt in prompts:
-        scheme = year_scheme(model, prompt)
-        if scheme is None:
+        prompt_scheme = year_scheme(model, prompt)
+        if prompt_scheme is None:
             pieces = model.to_str_tokens(prompt.clean_prompt + f"{prompt.yy:02d}")[-4:]
             excluded.append((prompt.prompt_id, f"year not split as two-digit or single-digit tokens: {pieces}"))
             continue
@@ -309,7 +311,7 @@ def greater_than_task(
         if len(clean) != len(corrupted):
             excluded.append((prompt.prompt_id, f"clean {len(clean)} vs corrupted {len(corrupted)} tokens"))
             continue
-        schemes[prompt.prompt_id] = scheme
+        schemes[prompt.prompt_id] = prompt_scheme
         usable.append((prompt, clean, corrupted))
     if not usable:
         raise ValueError(f"no greater-than prompt is usable with {model.name}; first exclusions: {excluded[:3]}")
@@ -403,7 +405,7 @@ def task_from_answer_batches(
 
 
 def fair_lending_task(
-    model,
+    model: LoadedModel,
     *,
     n_pairs: int | None = None,
     seed: int = 0,
@@ -429,7 +431,7 @@ def fair_lending_task(
     if token_length is not None:
         counts = Counter(report.lengths[p.id] for p in eligible)
         if token_length == "most_common":
-            token_length = min(counts, key=lambda length: (-counts[length], length))
+            token_length = commonest_length(counts)
         if token_length not in counts:
             raise ValueError(f"no aligned pair has {token_length} tokens under {model.name}; lengths: {dict(counts)}")
         eligible = [p for p in eligible if report.lengths[p.id] == token_length]

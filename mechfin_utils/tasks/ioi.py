@@ -28,7 +28,9 @@ from typing import Literal
 import pandas as pd
 import torch
 
+from mechfin_utils.core.models import LoadedModel
 from mechfin_utils.core.paths import DATA_DIR
+from mechfin_utils.tasks.batching import commonest_length
 from mechfin_utils.tasks.circuit_tasks import AnswerBatch, CircuitTask, task_from_answer_batches
 
 IOI_CSV = DATA_DIR / "ioi.csv"
@@ -107,7 +109,7 @@ class IOITask:
 
 
 def ioi_task(
-    model,
+    model: LoadedModel,
     *,
     n_prompts: int | None = None,
     seed: int = 0,
@@ -141,7 +143,7 @@ def ioi_task(
     if token_length is not None:
         counts = Counter(len(item[1]) for item in usable)
         if token_length == "most_common":
-            token_length = min(counts, key=lambda length: (-counts[length], length))
+            token_length = commonest_length(counts)
         if token_length not in counts:
             raise ValueError(f"no usable IOI row has {token_length} tokens under {model.name}; lengths: {dict(counts)}")
         usable = [item for item in usable if len(item[1]) == token_length]
@@ -176,7 +178,7 @@ def ioi_task(
     return IOITask(task, batches, kept, io_pos, s_pos)
 
 
-def logit_differences(model, ioi: IOITask) -> pd.DataFrame:
+def logit_differences(model: LoadedModel, ioi: IOITask) -> pd.DataFrame:
     """Per prompt: the clean and corrupted ``logit(IO) - logit(S)`` (a plain forward pass each)."""
     rows = []
     with torch.no_grad():

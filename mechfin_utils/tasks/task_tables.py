@@ -106,6 +106,7 @@ def read_task_rows(
             problems.append((line, f"{where}: {len(values)} values for {len(header)} columns"))
             continue
         row = dict(zip(header, values))
+        row_id = row[id_column]  # the value read above, now known to be there
         empty = [column for column in columns if not row[column].strip()]
         if empty:
             problems.append((line, f"{where}, field {empty[0]!r}: empty value"))

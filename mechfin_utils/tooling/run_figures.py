@@ -39,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import TypedDict
 
 from mechfin_utils.core.models import (
     ALIASES,
@@ -73,7 +74,15 @@ EXECUTED_DIR_ENV = "MECHFIN_EXECUTED_DIR"
 """Where the executed copies go (default ``notebooks/_executed/``); ``make test``'s notebook run uses it too."""
 
 
-def model_identity(name: str, gpt2_path: str | None = None) -> dict[str, str | None]:
+class ModelIdentity(TypedDict):
+    """What a manifest says a model was: its figures folder, the name it resolved to, and its weights' sha256."""
+
+    slug: str
+    resolved: str
+    weights_sha256: str | None
+
+
+def model_identity(name: str, gpt2_path: str | None = None) -> ModelIdentity:
     """``slug`` (the figures folder), ``resolved`` name and the sha256 of the weights, without loading the model."""
     key = ALIASES.get(name.strip().lower(), name.strip())
     if key == "auto":
@@ -132,7 +141,7 @@ class _ModelRun:
 
     model: str
     notebooks: list[str]
-    identity: dict
+    identity: ModelIdentity
     manifest_path: Path
     manifest: dict
     seconds: dict[str, float]
@@ -236,10 +245,11 @@ def run_many(
                 futures = [pool.submit(execute, index, job) for index, job in enumerate(jobs)]
                 try:
                     for future in as_completed(futures):
-                        if future.exception() is not None:
+                        error = future.exception()
+                        if error is not None:
                             for other in futures:
                                 other.cancel()
-                            raise future.exception()
+                            raise error
                 except KeyboardInterrupt:
                     for other in futures:
                         other.cancel()
@@ -296,7 +306,7 @@ def torch_threads(kernel_env: dict[str, str]) -> int:
 def _write_manifest(
     path: Path,
     manifest: dict,
-    identity: dict,
+    identity: ModelIdentity,
     parameters: dict,
     seconds: dict,
     workers: int = 1,

@@ -207,9 +207,9 @@ def assert_close_up_to_rounding(
             where = f"{Path(caller.filename).name}:{caller.lineno}"
             out.write(f"{worst / tolerance:.3e}\t{worst:.3e}\t{tolerance:.3e}\t{where}\t{msg}\n")
     if not worst <= tolerance:  # NaN fails too
-        where = tuple(int(i) for i in torch.nonzero(diff == diff.max())[0]) if diff.numel() else ()
+        at = tuple(int(i) for i in torch.nonzero(diff == diff.max())[0]) if diff.numel() else ()
         raise AssertionError(
-            f"{msg + ': ' if msg else ''}max |difference| {worst:.3g} at {where} exceeds the float32 rounding "
+            f"{msg + ': ' if msg else ''}max |difference| {worst:.3g} at {at} exceeds the float32 rounding "
             f"tolerance {tolerance:.3g} (eps x scale {float(torch.as_tensor(scale).abs().max()):.3g} x growth "
             f"{rounding_growth(model, width=width, depth=depth):.0f})"
         )

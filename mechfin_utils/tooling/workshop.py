@@ -108,7 +108,7 @@ def dla_inputs(model, tokens: Tensor, answer_tokens: Tensor) -> dict[str, Any]:
         pieces = [fm.W_E[tokens[:, -1]], fm.W_pos[tokens.shape[1] - 1].expand(tokens.shape[0], -1)]
         labels = ["embed", "pos_embed"]
     for layer in range(fm.n_layers):
-        pieces += [record.attn_out[layer][:, -1], record.mlp_out[layer][:, -1]]
+        pieces += [record.kept("attn_out")[layer][:, -1], record.kept("mlp_out")[layer][:, -1]]
         labels += [f"{layer}_attn_out", f"{layer}_mlp_out"]
     answers = (
         answer_tokens.expand(tokens.shape[0], 2)
@@ -118,8 +118,8 @@ def dla_inputs(model, tokens: Tensor, answer_tokens: Tensor) -> dict[str, Any]:
     return {
         "components": torch.stack(pieces),  # [n_components, batch, d_model]
         "labels": labels,
-        "final_resid": record.resid_pre[fm.n_layers][:, -1],  # [batch, d_model]
-        "z": record.z[:, :, -1],  # [layer, batch, head, d_head]
+        "final_resid": record.kept("resid_pre")[fm.n_layers][:, -1],  # [batch, d_model]
+        "z": record.kept("z")[:, :, -1],  # [layer, batch, head, d_head]
         "W_O": torch.stack([w.W_O for w in fm.layers]).view(fm.n_layers, fm.n_heads, fm.d_head, fm.d_model),
         "norm_weight": fm.lnf_w,
         "norm_bias": fm.lnf_b,

@@ -95,6 +95,7 @@ class EdgePatcher:
                 corrupted = engine.run_edges(
                     self.fm, self.graph, batch.corrupted_tokens, keep_outputs=True, n_read=batch.read_positions
                 )
+                assert clean.outputs is not None and corrupted.outputs is not None  # kept: keep_outputs=True
                 self.batches.append(
                     _EdgeBatch(
                         batch.clean_tokens,

@@ -41,7 +41,7 @@ def head_roles(model, ioi: IOITask, edge_scores=None) -> pd.DataFrame:
         n = batch.clean_tokens.shape[0]
         dla_parts.append(dla.head_attribution(model, batch.clean_tokens, batch.answer_tokens).heads)
         with torch.no_grad():
-            pattern = fm.record(batch.clean_tokens, keep=("pattern",)).pattern  # [layer, n, head, q, k]
+            pattern = fm.record(batch.clean_tokens, keep=("pattern",)).kept("pattern")  # [layer, n, head, q, k]
         rows = torch.arange(n)
         io = torch.tensor(ioi.io_positions[offset : offset + n])
         s = torch.tensor(ioi.s_positions[offset : offset + n])

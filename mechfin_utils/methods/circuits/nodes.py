@@ -43,8 +43,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechfin_utils.core import engine
-from mechfin_utils.core.functional import ForwardRecord
-from mechfin_utils.core.head_labels import head_label, parse_head
+from mechfin_utils.core.functional import ForwardRecord, FunctionalTransformer
+from mechfin_utils.core.head_labels import Node
 from mechfin_utils.tasks.circuit_tasks import CircuitBatch, CircuitTask
 
 AblationKind = Literal["resample", "mean"]
@@ -53,50 +53,6 @@ AblationKind = Literal["resample", "mean"]
 # ---------------------------------------------------------------------------------------------------------
 # Nodes
 # ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Node:
-    """One node of the computational graph: attention head ``(layer, head)`` or the MLP of ``layer`` (head None)."""
-
-    layer: int
-    head: int | None = None
-
-    @property
-    def is_mlp(self) -> bool:
-        return self.head is None
-
-    @property
-    def kind(self) -> str:
-        return "mlp" if self.head is None else "head"
-
-    @property
-    def name(self) -> str:
-        return f"MLP{self.layer}" if self.head is None else head_label(self.layer, self.head)
-
-    def __str__(self) -> str:
-        return self.name
-
-    def __repr__(self) -> str:
-        return f"Node({self.name})"
-
-    @classmethod
-    def parse(cls, name: str) -> Node:
-        """``"L5H3"`` -> head 3 of layer 5 (a head label, read by :func:`mechfin_utils.core.head_labels.parse_head`);
-        ``"MLP5"`` -> the MLP of layer 5."""
-        text = name.strip() if isinstance(name, str) else ""
-        if text.startswith("MLP") and text[3:].isdigit():
-            return cls(int(text[3:]))
-        try:
-            return cls(*parse_head(text))
-        except ValueError:
-            raise ValueError(
-                f"{name!r} is not a node name (expected a head like 'L5H3' or an MLP like 'MLP5')"
-            ) from None
-
-    def sort_key(self) -> tuple[int, int]:
-        """Upstream first: by layer, heads before the MLP of the same layer (the MLP reads them)."""
-        return (self.layer, (self.head if self.head is not None else 10**9))
 
 
 def acdc_order(n_layers: int, n_heads: int) -> list[Node]:
@@ -186,9 +142,9 @@ class NodeAblator:
         self.nodes: list[Node] = acdc_order(self.n_layers, self.n_heads)
         self.n_forward_passes = 0
         self._remembered: dict[frozenset, Tensor] | None = None
-        self._fm = None
+        self._fm: FunctionalTransformer | None = None
         if backend in ("auto", "functional"):
-            from mechfin_utils.core.functional import FunctionalTransformer, UnsupportedArchitecture
+            from mechfin_utils.core.functional import UnsupportedArchitecture
 
             try:
                 self._fm = FunctionalTransformer.from_model(model)
@@ -227,13 +183,15 @@ class NodeAblator:
         n_pos = int(batch.clean_tokens.shape[1])
         first = _first_differing_position(batch, index) if self.ablation == "resample" else 0
         first = min(first, n_pos - batch.read_positions)
-        corrupted = self._fm.record(batch.corrupted_tokens, keep=("z", "mlp_out"))
+        fm = self._fm
+        assert fm is not None  # the functional backend has its model
+        corrupted = fm.record(batch.corrupted_tokens, keep=("z", "mlp_out"))
         return _FunctionalBatch(
             first_pos=first,
             n_pos=n_pos,
-            clean=self._fm.record(batch.clean_tokens, keep=("resid_pre", "k", "v")),
-            reference_z=self._reference_activation(corrupted.z, 1)[:, :, first:],
-            reference_mlp=self._reference_activation(corrupted.mlp_out, 1)[:, :, first:],
+            clean=fm.record(batch.clean_tokens, keep=("resid_pre", "k", "v")),
+            reference_z=self._reference_activation(corrupted.kept("z"), 1)[:, :, first:],
+            reference_mlp=self._reference_activation(corrupted.kept("mlp_out"), 1)[:, :, first:],
         )
 
     # --- runs --------------------------------------------------------------------------------------------
@@ -253,7 +211,7 @@ class NodeAblator:
         heads_by_layer: dict[int, set[int]] = defaultdict(set)
         mlp_layers = set()
         for node in ablated:
-            if node.is_mlp:
+            if node.head is None:  # an MLP
                 mlp_layers.add(node.layer)
             else:
                 heads_by_layer[node.layer].add(node.head)
@@ -286,6 +244,7 @@ class NodeAblator:
         """The same run on the intervention engine: ablated heads' ``z`` and ablated MLPs' outputs replaced
         by the reference values from ``first_pos`` on, starting at the earliest ablated layer."""
         fm, saved = self._fm, self._functional[batch_index]
+        assert fm is not None  # the functional backend has its model
         read = self.task.batches[batch_index].read_positions
         head_index, mlp_layers = self._split(ablated)
         start = min((n.layer for n in ablated), default=self.n_layers)
@@ -301,7 +260,7 @@ class NodeAblator:
         segment = engine.Segment(
             start,
             saved.first_pos,
-            saved.clean.resid_pre[start][:, saved.first_pos :],
+            saved.clean.kept("resid_pre")[start][:, saved.first_pos :],
             torch.arange(batch),
             interventions,
         )

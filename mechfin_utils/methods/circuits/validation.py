@@ -100,10 +100,10 @@ def knockout_test(
     outside = [n for n in ablator.nodes if n not in inside]
     rng = random.Random(seed)
     if match_kinds == "auto":
-        outside_heads = sum(not n.is_mlp for n in outside)
+        n_outside_heads = sum(not n.is_mlp for n in outside)
         match_kinds = (
-            sum(not n.is_mlp for n in inside) <= outside_heads
-            and sum(n.is_mlp for n in inside) <= len(outside) - outside_heads
+            sum(not n.is_mlp for n in inside) <= n_outside_heads
+            and sum(n.is_mlp for n in inside) <= len(outside) - n_outside_heads
         )
     if match_kinds:
         outside_heads = [n for n in outside if not n.is_mlp]

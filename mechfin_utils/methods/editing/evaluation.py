@@ -124,7 +124,7 @@ def summarise(results: pd.DataFrame, by: str = "method", *, n_boot: int = 1000, 
     sizes = results.groupby(by).size()
     resampled = results[results[by].isin(sizes[sizes >= 2].index)]
     single = results[results[by].isin(sizes[sizes < 2].index)]
-    parts = []
+    parts: list[pd.DataFrame] = []
     for metric in METRICS:
         if len(resampled):
             table = grouped_bootstrap(resampled, by, metric, n_boot=n_boot, seed=seed).set_index(by)

@@ -186,7 +186,7 @@ def covariance_convergence(
     estimates = _prefix_covariances(model, layer, corpus, [*sizes.values(), len(corpus)])
     full = estimates[len(corpus)]
     if full is None:
-        key_covariance(model, layer, corpus)  # raises, naming the count
+        full = key_covariance(model, layer, corpus)  # raises, naming the count
     reference = full.solve(probe_keys)
     rows = []
     for fraction, size in sizes.items():

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -120,7 +120,9 @@ def neuron_attribution(
     if not layers or not all(0 <= layer < fm.n_layers for layer in layers):
         raise ValueError(f"layers must be in [0, {fm.n_layers}), got {layers}")
     alphas = [(k + 0.5) / steps for k in range(steps)]
-    per_layer = {name: [[None] * len(problems) for _ in layers] for name in ("neurons", "bias", "increase")}
+    per_layer: dict[str, list[dict[int, Tensor]]] = {
+        name: [{} for _ in layers] for name in ("neurons", "bias", "increase")
+    }
     for indices in groups_by_length(problems, lambda p: len(p.prompt_ids)):
         tokens = torch.tensor([problems[i].prompt_ids for i in indices])
         answer = torch.tensor([problems[i].answer_ids[0] for i in indices])
@@ -128,7 +130,7 @@ def neuron_attribution(
             record = fm.record(tokens, keep=("resid_mid",))
         for slot, layer in enumerate(layers):
             w = fm.layers[layer]
-            h = record.resid_mid[layer][:, -1]  # [n, d_model]
+            h = record.kept("resid_mid")[layer][:, -1]  # [n, d_model]
             with torch.no_grad():
                 acts = neuron_activations(fm, layer, h)  # [n, d_mlp]
                 bias = w.b_out if w.b_out is not None else torch.zeros(fm.d_model)
@@ -147,7 +149,10 @@ def neuron_attribution(
                 per_layer["neurons"][slot][i] = shares[row]
                 per_layer["bias"][slot][i] = bias_share[row]
                 per_layer["increase"][slot][i] = increase[row]
-    stack = {name: torch.stack([torch.stack(row) for row in rows]) for name, rows in per_layer.items()}
+    stack = {
+        name: torch.stack([torch.stack([row[i] for i in range(len(problems))]) for row in rows])
+        for name, rows in per_layer.items()
+    }
     return NeuronAttribution(
         model_name=model.name,
         ids=[p.id for p in problems],
@@ -165,7 +170,7 @@ def neuron_attribution(
 
 
 @contextmanager
-def zeroing_neurons(model, neurons: dict[int, Sequence[int]]):
+def zeroing_neurons(model, neurons: Mapping[int, Sequence[int]]):
     """Within this block, the given neurons (layer -> indices) output 0 at the last position of every forward."""
     handles = []
     for layer, indices in neurons.items():

@@ -9,7 +9,7 @@ fine-tuned: weight change and cross-model patching). The planner pieces (:func:`
 :func:`divergence_positions`, :func:`sequence_starts`) are exported for cost models such as ``tooling.bench``.
 """
 
-from mechfin_utils.methods.patching.activation import DEFAULT_BATCH_SIZE, activation_patch, functional_model
+from mechfin_utils.methods.patching.activation import DEFAULT_BATCH_SIZE, activation_patch
 from mechfin_utils.methods.patching.attribution import (
     TRANSFORMER_LENS_KEYS,
     WHOLE_LAYER_KEYS,
@@ -76,7 +76,6 @@ __all__ = [
     "compare_attribution_with_exact",
     "cross_model_patching",
     "divergence_positions",
-    "functional_model",
     "gather_cells",
     "group_shift_table",
     "load_state",

@@ -69,16 +69,15 @@ Sweeps over many batches with bootstrap intervals are :mod:`mechfin_utils.method
 from __future__ import annotations
 
 import warnings
-import weakref
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal, overload
 
 import pandas as pd
 import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from mechfin_utils.core.functional import FunctionalTransformer, UnsupportedArchitecture
+from mechfin_utils.core.functional import UnsupportedArchitecture, functional_model
 from mechfin_utils.core.inputs import check_token_pairs
 from mechfin_utils.core.metrics import NormalisedLogitDiff, logit_diff
 from mechfin_utils.methods.patching.bridge_path import bridge_of, bridge_sweep
@@ -89,17 +88,6 @@ from mechfin_utils.methods.patching.results import MetricReadout, PatchSweep, Re
 Engine = Literal["auto", "functional", "bridge"]
 
 DEFAULT_BATCH_SIZE = 128
-
-
-_FUNCTIONAL_MODELS: weakref.WeakKeyDictionary[torch.nn.Module, FunctionalTransformer] = weakref.WeakKeyDictionary()
-
-
-def functional_model(model) -> FunctionalTransformer:
-    """The (cached) :class:`~mechfin_utils.core.functional.FunctionalTransformer` of a LoadedModel or bridge."""
-    hf = model.hf_model if hasattr(model, "spec") else getattr(model, "original_model", model)
-    if hf not in _FUNCTIONAL_MODELS:
-        _FUNCTIONAL_MODELS[hf] = FunctionalTransformer.from_model(model)
-    return _FUNCTIONAL_MODELS[hf]
 
 
 def _check_metric_matches(readout: MetricReadout, clean_diff: Tensor, corrupted_diff: Tensor) -> None:
@@ -117,8 +105,38 @@ def _check_metric_matches(readout: MetricReadout, clean_diff: Tensor, corrupted_
             )
 
 
+@overload
 def activation_patch(
-    model,
+    model: Any,
+    clean_tokens: Int[Tensor, "batch pos"],
+    corrupted_tokens: Int[Tensor, "batch pos"],
+    metric: NormalisedLogitDiff | Callable[[Tensor], Tensor],
+    component: str,
+    *,
+    reduce: Reduce = ...,
+    return_per_prompt: Literal[False] = ...,
+    index_df: pd.DataFrame | None = ...,
+    batch_size: int = ...,
+    progress: bool = ...,
+    engine: Engine = ...,
+) -> Tensor: ...
+@overload
+def activation_patch(
+    model: Any,
+    clean_tokens: Int[Tensor, "batch pos"],
+    corrupted_tokens: Int[Tensor, "batch pos"],
+    metric: NormalisedLogitDiff,
+    component: str,
+    *,
+    reduce: Reduce = ...,
+    return_per_prompt: Literal[True],
+    index_df: pd.DataFrame | None = ...,
+    batch_size: int = ...,
+    progress: bool = ...,
+    engine: Engine = ...,
+) -> PatchSweep: ...
+def activation_patch(
+    model: Any,
     clean_tokens: Int[Tensor, "batch pos"],
     corrupted_tokens: Int[Tensor, "batch pos"],
     metric: NormalisedLogitDiff | Callable[[Tensor], Tensor],
@@ -241,8 +259,8 @@ def activation_patch(
                 desc,
             )
             if readout.logit_diff:
-                clean_diff = readout.from_normed(fm, clean_run.final_normed.unsqueeze(0))[1][0]
-                corrupted_diff = readout.from_normed(fm, corrupted_run.final_normed.unsqueeze(0))[1][0]
+                clean_diff = readout.prompt_logit_diffs(fm, clean_run.final_normed)
+                corrupted_diff = readout.prompt_logit_diffs(fm, corrupted_run.final_normed)
         else:
             bridge_sweep(
                 bridge,
@@ -266,6 +284,7 @@ def activation_patch(
         _check_metric_matches(readout, clean_diff, corrupted_diff)
     if not return_per_prompt:
         return store
+    assert store_diffs is not None  # return_per_prompt needs NormalisedLogitDiff (MetricReadout checks it)
     return PatchSweep(
         values=store,
         logit_diff=store_diffs,

@@ -84,6 +84,7 @@ from scipy import stats
 from torch import Tensor
 from transformer_lens.utilities import get_act_name
 
+from mechfin_utils.core.arrays import as_checked_array
 from mechfin_utils.core.inputs import check_token_pairs
 from mechfin_utils.methods.patching.bridge_path import bridge_of
 from mechfin_utils.methods.patching.components import COMPONENTS
@@ -304,13 +305,11 @@ def compare_attribution_with_exact(
         for side, mapping in (("attribution", attribution), ("exact", exact)):
             if key not in mapping:
                 raise KeyError(f"component {key!r} is missing from {side} (it has {sorted(mapping)})")
-        a = _as_flat_float64(attribution[key], f"attribution[{key!r}]")
-        e = _as_flat_float64(exact[key], f"exact[{key!r}]")
+        a = as_checked_array(attribution[key], f"attribution[{key!r}]").reshape(-1)
+        e = as_checked_array(exact[key], f"exact[{key!r}]").reshape(-1)
         a_shape, e_shape = np.shape(attribution[key]), np.shape(exact[key])
         if tuple(a_shape) != tuple(e_shape):
             raise ValueError(f"component {key!r}: attribution shape {tuple(a_shape)} != exact shape {tuple(e_shape)}")
-        if a.size == 0:
-            raise ValueError(f"component {key!r} has no cells")
         k = min(top_k, a.size)
         top_exact = _top_k_indices(e, k)
         top_attr = _top_k_indices(a, k)
@@ -355,7 +354,7 @@ class _CapturedActivations:
         return [(name, self._hook_for(name)) for name in self.names]
 
     def _hook_for(self, name: str) -> Callable:
-        def capture(activation: Tensor, hook) -> Tensor:
+        def capture(activation: Tensor, hook: object) -> Tensor | None:
             if name in self.values:
                 raise RuntimeError(f"{name} fired twice in one forward pass; its activation is ambiguous")
             if not activation.requires_grad:
@@ -424,15 +423,6 @@ def _combine_batch(stacked: Float[Tensor, "layer batch ..."], reduce: Reduce) ->
     if reduce == "mean":
         return stacked.mean(dim=1)
     return stacked.movedim(1, -1)  # [layer, *cells, batch], TransformerLens's per-example layout
-
-
-def _as_flat_float64(values: Tensor | np.ndarray, label: str) -> np.ndarray:
-    array = values.detach().cpu().double().numpy() if isinstance(values, Tensor) else np.asarray(values, np.float64)
-    flat = array.reshape(-1)
-    bad = np.flatnonzero(~np.isfinite(flat))
-    if bad.size:
-        raise ValueError(f"{label} has {bad.size} non-finite values (first at flat index {int(bad[0])})")
-    return flat
 
 
 def _top_k_indices(values: np.ndarray, k: int) -> np.ndarray:

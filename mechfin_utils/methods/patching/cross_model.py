@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Literal
 
 import pandas as pd
 import torch
@@ -118,7 +119,8 @@ def change_by_layer_and_module(changes: pd.DataFrame) -> pd.DataFrame:
 # Cross-model activation patching
 # ---------------------------------------------------------------------------------------------------------
 
-COMPONENTS = ("attn_out", "mlp_out")
+Component = Literal["attn_out", "mlp_out"]
+COMPONENTS: tuple[Component, ...] = ("attn_out", "mlp_out")
 
 
 def _check_compatible(base, tuned) -> None:
@@ -139,7 +141,7 @@ def cross_model_patching(
     clean_tokens: Int[Tensor, "batch pos"],
     corrupted_tokens: Int[Tensor, "batch pos"],
     answer_tokens: Int[Tensor, "batch 2"],
-    components: tuple[str, ...] = COMPONENTS,
+    components: tuple[Component, ...] = COMPONENTS,
 ) -> pd.DataFrame:
     """Patch each layer's component from ``tuned`` into ``base`` (every position), on clean and corrupted prompts.
 
@@ -154,7 +156,7 @@ def cross_model_patching(
     ``frame.attrs["gap_base"]`` and ``frame.attrs["gap_tuned"]``.
     """
     from mechfin_utils.core import engine
-    from mechfin_utils.methods.patching.activation import functional_model
+    from mechfin_utils.core.functional import functional_model
 
     _check_compatible(base, tuned)
     unknown = [c for c in components if c not in COMPONENTS]
@@ -178,9 +180,9 @@ def cross_model_patching(
             engine.Segment(
                 layer,
                 0,
-                base_record.resid_pre[layer],
+                base_record.kept("resid_pre")[layer],
                 batch,
-                [engine.Replace(component, layer, positions, getattr(tuned_record, component)[layer])],
+                [engine.Replace(component, layer, positions, tuned_record.kept(component)[layer])],
             )
             for layer, component in cells
         ]

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -38,36 +37,20 @@ from torch import Tensor
 
 from mechfin_utils.core import engine
 from mechfin_utils.core.functional import FunctionalTransformer
-from mechfin_utils.core.head_labels import head_label
+from mechfin_utils.core.head_labels import Node
 from mechfin_utils.core.models import LoadedModel
 from mechfin_utils.core.stats import bootstrap_distribution
 from mechfin_utils.methods.patching.activation import functional_model
 from mechfin_utils.tasks.fair_lending import FairLendingPair
 
 
-@dataclass(frozen=True)
-class Component:
-    """An attention head (``head`` set) or a whole MLP (``head`` None) of one layer."""
-
-    layer: int
-    head: int | None = None
-
-    @property
-    def label(self) -> str:
-        return f"MLP{self.layer}" if self.head is None else head_label(self.layer, self.head)
-
-
-def every_component(model: LoadedModel) -> list[Component]:
+def every_component(model: LoadedModel) -> list[Node]:
     """Every head and every MLP, layer by layer (heads first within a layer)."""
     cfg = model.cfg
-    return [
-        c
-        for layer in range(cfg.n_layers)
-        for c in (*(Component(layer, h) for h in range(cfg.n_heads)), Component(layer))
-    ]
+    return [c for layer in range(cfg.n_layers) for c in (*(Node(layer, h) for h in range(cfg.n_heads)), Node(layer))]
 
 
-def _replacement(fm: FunctionalTransformer, source, component: Component, source_last: int, target_last: int):
+def _replacement(fm: FunctionalTransformer, source, component: Node, source_last: int, target_last: int):
     """The engine's Replace of ``component``'s output at the target's last position by the source's."""
     if component.head is None:
         values = source.mlp_out[component.layer][:, [source_last]]  # [1, 1, d_model]
@@ -80,7 +63,7 @@ def _replacement(fm: FunctionalTransformer, source, component: Component, source
 def patch_at_final_position(
     model: LoadedModel,
     pairs: Sequence[FairLendingPair],
-    components: Sequence[Component] | None = None,
+    components: Sequence[Node] | None = None,
     *,
     source_model: LoadedModel | None = None,
     same_prompt: bool = False,
@@ -121,7 +104,7 @@ def patch_at_final_position(
             engine.Segment(
                 c.layer,
                 target_last,
-                target.resid_pre[c.layer][:, target_last:],
+                target.kept("resid_pre")[c.layer][:, target_last:],
                 torch.tensor([0]),
                 [_replacement(fm, source, c, source_last, target_last)],
             )
@@ -133,7 +116,7 @@ def patch_at_final_position(
                 {
                     "pair_id": pair.id,
                     "basis": pair.basis,
-                    "component": component.label,
+                    "component": component.name,
                     "layer": component.layer,
                     "head": component.head,
                     "ld_source": ld_source,
@@ -149,7 +132,9 @@ def component_shares(results: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0
     over pairs), with a percentile bootstrap interval that resamples pairs jointly for every component.
 
     Returns one row per component, in the order of ``results``: ``component, layer, head, share, low, high,
-    mean_effect`` (logits) and ``n_pairs``.
+    mean_effect`` (logits), ``mean_gap`` (the mean source - target gap, logits: the share's denominator, the same in
+    every row) and ``n_pairs``. A share is only as meaningful as its denominator: where the gap itself is near zero
+    (a model that does not tell the two prompts apart), read ``mean_effect`` instead.
     """
     order = list(dict.fromkeys(results["component"]))
     effect = results.assign(effect=results["ld_patched"] - results["ld_target"]).pivot_table(
@@ -173,6 +158,7 @@ def component_shares(results: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0
             "low": low,
             "high": high,
             "mean_effect": means[:-1],
+            "mean_gap": means[-1],
             "n_pairs": len(effect),
         }
     )
@@ -180,11 +166,16 @@ def component_shares(results: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0
 
 def compare_contrasts(shares: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """Two or more :func:`component_shares` tables side by side (``share_<name>``, ``low_<name>``, ``high_<name>``
-    per contrast), one row per component."""
+    and ``effect_<name>``, the mean effect in logits, per contrast), one row per component."""
     merged = None
     for name, table in shares.items():
-        part = table.set_index("component")[["layer", "head", "share", "low", "high"]].rename(
-            columns={"share": f"share_{name}", "low": f"low_{name}", "high": f"high_{name}"}
+        part = table.set_index("component")[["layer", "head", "share", "low", "high", "mean_effect"]].rename(
+            columns={
+                "share": f"share_{name}",
+                "low": f"low_{name}",
+                "high": f"high_{name}",
+                "mean_effect": f"effect_{name}",
+            }
         )
         merged = part if merged is None else merged.join(part.drop(columns=["layer", "head"]))
     if merged is None:
@@ -199,38 +190,40 @@ def compare_contrasts(shares: dict[str, pd.DataFrame]) -> pd.DataFrame:
 
 @torch.no_grad()
 def mean_outputs_at_final_position(
-    model: LoadedModel, prompts: Sequence[str], components: Sequence[Component]
-) -> dict[Component, Tensor]:
+    model: LoadedModel, prompts: Sequence[str], components: Sequence[Node]
+) -> dict[Node, Tensor]:
     """Each component's output at the last position, averaged over ``prompts`` (any token lengths): a head's ``z``
     ``[d_head]``, an MLP's output ``[d_model]``. The values a mean ablation writes."""
     if not prompts:
         raise ValueError("mean outputs need at least one prompt")
     fm = functional_model(model)
-    sums: dict[Component, Tensor] = {}
+    sums: dict[Node, Tensor] = {}
     for prompt in prompts:
         record = fm.record(model.to_tokens(prompt), keep=("z", "mlp_out"))
         for c in components:
-            value = record.mlp_out[c.layer][0, -1] if c.head is None else record.z[c.layer][0, -1, c.head]
+            value = (
+                record.kept("mlp_out")[c.layer][0, -1] if c.head is None else record.kept("z")[c.layer][0, -1, c.head]
+            )
             sums[c] = sums[c] + value if c in sums else value.clone()
     return {c: total / len(prompts) for c, total in sums.items()}
 
 
-def _hook_name(component: Component) -> str:
+def _hook_name(component: Node) -> str:
     return (
         f"blocks.{component.layer}.hook_mlp_out" if component.head is None else f"blocks.{component.layer}.attn.hook_z"
     )
 
 
 @contextmanager
-def held_at_final_position(model: LoadedModel, values: dict[Component, Tensor]) -> Iterator[None]:
+def held_at_final_position(model: LoadedModel, values: dict[Node, Tensor]) -> Iterator[None]:
     """While active, every forward pass of ``model.bridge`` writes ``values[c]`` as component ``c``'s output at the
     last position of every sequence (unpadded batches: behaviour scoring groups prompts by length), through the
     bridge's hook points; nothing else changes. With mean values this is a mean ablation at the answer position."""
-    by_hook: dict[str, list[tuple[Component, Tensor]]] = {}
+    by_hook: dict[str, list[tuple[Node, Tensor]]] = {}
     for component, value in values.items():
         by_hook.setdefault(_hook_name(component), []).append((component, value))
 
-    def hook_for(entries: list[tuple[Component, Tensor]]):
+    def hook_for(entries: list[tuple[Node, Tensor]]):
         def hook(activation: Tensor, hook) -> Tensor:
             activation = activation.clone()
             for component, value in entries:

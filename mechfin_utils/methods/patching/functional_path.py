@@ -64,23 +64,25 @@ def _entry_rows(
 
     span = slice(first, n_pos) if all_pos else slice(first, first + 1)
     if site == "resid_pre":
-        return layer, with_rows(corrupted_run.resid_pre[layer], clean_run.resid_pre[layer][:, span].unsqueeze(0))
+        return layer, with_rows(
+            corrupted_run.kept("resid_pre")[layer], clean_run.kept("resid_pre")[layer][:, span].unsqueeze(0)
+        )
     if site == "resid_mid":
         # The MLP is position-wise: a patched resid_mid row becomes the clean resid_post row, others are unchanged.
         return layer + 1, with_rows(corrupted_run.resid_post[layer], clean_run.resid_post[layer][:, span].unsqueeze(0))
     if site == "attn_out":
-        mid = corrupted_run.resid_pre[layer][:, span] + clean_run.attn_out[layer][:, span]
+        mid = corrupted_run.kept("resid_pre")[layer][:, span] + clean_run.kept("attn_out")[layer][:, span]
         return layer + 1, with_rows(corrupted_run.resid_post[layer], (mid + fm.mlp(layer, mid)).unsqueeze(0))
     if site == "mlp_out":
         return layer + 1, with_rows(
             corrupted_run.resid_post[layer],
-            (corrupted_run.resid_mid[layer][:, span] + clean_run.mlp_out[layer][:, span]).unsqueeze(0),
+            (corrupted_run.kept("resid_mid")[layer][:, span] + clean_run.kept("mlp_out")[layer][:, span]).unsqueeze(0),
         )
 
     # Attention sites: compute the patched layer's new head outputs z' for the rows that change.
     z_new, rows = _patched_head_outputs(fm, corrupted_run, clean_run, component, layer, first, cells)
-    dz = z_new - corrupted_run.z[layer][:, rows].unsqueeze(0)  # exactly zero for heads the patch does not touch
-    mid = corrupted_run.resid_mid[layer][:, rows].unsqueeze(0) + fm.head_write(layer, dz)
+    dz = z_new - corrupted_run.kept("z")[layer][:, rows].unsqueeze(0)  # exactly zero for heads the patch does not touch
+    mid = corrupted_run.kept("resid_mid")[layer][:, rows].unsqueeze(0) + fm.head_write(layer, dz)
     return layer + 1, with_rows(corrupted_run.resid_post[layer], mid + fm.mlp(layer, mid))
 
 
@@ -101,7 +103,7 @@ def _patched_head_outputs(
     # Query rows whose output can change: the patched row (z, q, pattern by position), every row from the
     # patched key/value position on (k, v by position), or all rows (all positions).
     rows = slice(first, n_pos) if (scope == "all" or site in ("k", "v")) else slice(first, first + 1)
-    corr_z = corrupted_run.z[layer][:, rows].unsqueeze(0)  # [1, batch, rows, head, d_head]
+    corr_z = corrupted_run.kept("z")[layer][:, rows].unsqueeze(0)  # [1, batch, rows, head, d_head]
 
     def query_head_mask(kv_level: bool) -> Tensor:
         """[v, 1, 1, head, 1]: which query heads each patch touches."""
@@ -110,12 +112,14 @@ def _patched_head_outputs(
         return touched[:, None, None, :, None]
 
     if site == "z":
-        return torch.where(query_head_mask(False), clean_run.z[layer][:, rows].unsqueeze(0), corr_z), rows
+        return torch.where(query_head_mask(False), clean_run.kept("z")[layer][:, rows].unsqueeze(0), corr_z), rows
     if site == "pattern":
-        v_per_query_head = corrupted_run.v[layer].repeat_interleave(fm.n_rep, dim=2)  # [batch, src, head, d_head]
+        # [batch, src, head, d_head]
+        v_per_query_head = corrupted_run.kept("v")[layer].repeat_interleave(fm.n_rep, dim=2)
         if scope == "dest_src":
             src = torch.tensor([c.src for c in cells])
-            d_pattern = (clean_run.pattern[layer] - corrupted_run.pattern[layer])[:, :, first, :]  # [batch, head, src]
+            d_pattern = clean_run.kept("pattern")[layer] - corrupted_run.kept("pattern")[layer]
+            d_pattern = d_pattern[:, :, first, :]  # [batch, head, src]
             # One entry moves: z[dest, h] += d_pattern[h, src] * v[src, h]
             picked = d_pattern[:, heads, src]  # [batch, v]
             v_src = v_per_query_head[:, src, heads]  # [batch, v, d_head]
@@ -123,20 +127,22 @@ def _patched_head_outputs(
             z_new = corr_z.repeat(n_var, 1, 1, 1, 1)
             z_new[torch.arange(n_var), :, 0, heads] += delta
             return z_new, rows
-        z_from_clean_pattern = torch.einsum("bhqs,bshd->bqhd", clean_run.pattern[layer][:, :, rows], v_per_query_head)
+        z_from_clean_pattern = torch.einsum(
+            "bhqs,bshd->bqhd", clean_run.kept("pattern")[layer][:, :, rows], v_per_query_head
+        )
         return torch.where(query_head_mask(False), z_from_clean_pattern.unsqueeze(0), corr_z), rows
 
     # q, k, v: recompute the attention of the affected rows with the patched queries / keys / values.
-    q = corrupted_run.q[layer][:, rows].unsqueeze(0)
-    k = corrupted_run.k[layer][:, : rows.stop].unsqueeze(0)
-    v = corrupted_run.v[layer][:, : rows.stop].unsqueeze(0)
+    q = corrupted_run.kept("q")[layer][:, rows].unsqueeze(0)
+    k = corrupted_run.kept("k")[layer][:, : rows.stop].unsqueeze(0)
+    v = corrupted_run.kept("v")[layer][:, : rows.stop].unsqueeze(0)
     if site == "q":
-        q = torch.where(query_head_mask(False), clean_run.q[layer][:, rows].unsqueeze(0), q)
+        q = torch.where(query_head_mask(False), clean_run.kept("q")[layer][:, rows].unsqueeze(0), q)
     else:
         kv_mask = (torch.arange(fm.n_kv_heads)[None] == heads[:, None])[:, None, None, :, None]  # [v,1,1,kv,1]
         if scope != "all":
             kv_mask = kv_mask & (torch.arange(rows.stop) == first)[None, None, :, None, None]
-        clean = (clean_run.k if site == "k" else clean_run.v)[layer][:, : rows.stop].unsqueeze(0)
+        clean = clean_run.kept(site)[layer][:, : rows.stop].unsqueeze(0)
         if site == "k":
             k = torch.where(kv_mask, clean, k)
         else:
@@ -174,7 +180,7 @@ def sequence_starts(
     """
     if component.scope == "all":
         return divergence.clone()
-    if component.scope == "dest_src" and cell.src > cell.first_pos:
+    if component.scope == "dest_src" and cell.src is not None and cell.src > cell.first_pos:
         return torch.full_like(divergence, n_pos)
     first = torch.full_like(divergence, cell.first_pos)
     return torch.where(divergence <= cell.first_pos, first, torch.full_like(divergence, n_pos))

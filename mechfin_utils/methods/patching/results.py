@@ -122,6 +122,15 @@ class MetricReadout:
             return self._from_logit_diff(pair[..., 0] - pair[..., 1])
         return self.from_logits(fm.unembed(normed))
 
+    def prompt_logit_diffs(
+        self, fm: FunctionalTransformer, normed: Float[Tensor, "batch d_model"]
+    ) -> Float[Tensor, " batch"]:
+        """Each prompt's logit difference, from its final-normed residual (a NormalisedLogitDiff readout only)."""
+        _, diffs = self.from_normed(fm, normed.unsqueeze(0))
+        if diffs is None:
+            raise ValueError("per-prompt logit differences need metric=NormalisedLogitDiff")
+        return diffs[0]
+
     def from_logits(self, logits: Float[Tensor, "v batch d_vocab"]) -> tuple[Tensor, Tensor | None]:
         if self.logit_diff:
             answers = self.answers.to(logits.device)

@@ -125,9 +125,10 @@ def segment_pair(model, pair: FairLendingPair, spans: Mapping[str, str] | None =
     spans = dict(spans or {})
     clean = _segment_prompt(model, pair.clean_prompt, pair.protected_phrase, spans)
     corrupted = _segment_prompt(model, pair.corrupted_prompt, pair.legitimate_phrase, spans)
-    for prompt, which in ((clean, "clean"), (corrupted, "corrupted")):
-        if isinstance(prompt, str):
-            return Exclusion(pair, prompt, f"in the {which} prompt a token crosses the phrase's boundary")
+    if isinstance(clean, str):
+        return Exclusion(pair, clean, "in the clean prompt a token crosses the phrase's boundary")
+    if isinstance(corrupted, str):
+        return Exclusion(pair, corrupted, "in the corrupted prompt a token crosses the phrase's boundary")
     if clean.segments != corrupted.segments:
         return Exclusion(pair, OUTSIDE_DIFFERS, "the named spans fall in a different order in the two prompts")
     for segment in (s for s in clean.segments if s != "phrase"):
@@ -143,10 +144,14 @@ def segment_pairs(
 ) -> tuple[list[SegmentedPair], list[Exclusion]]:
     """Align every pair (``spans_of(pair)``: its named spans, see :func:`segment_pair`); returns (aligned, excluded
     with reasons), nothing dropped silently."""
-    aligned, excluded = [], []
+    aligned: list[SegmentedPair] = []
+    excluded: list[Exclusion] = []
     for pair in pairs:
         result = segment_pair(model, pair, spans_of(pair) if spans_of is not None else None)
-        (excluded if isinstance(result, Exclusion) else aligned).append(result)
+        if isinstance(result, Exclusion):
+            excluded.append(result)
+        else:
+            aligned.append(result)
     return aligned, excluded
 
 
@@ -264,10 +269,12 @@ def segment_patching(model, pairs: Sequence[SegmentedPair], layers: Sequence[int
                 if not clean_positions:
                     continue
                 first = corrupted_positions[0]
-                values = clean.resid_pre[layer][:, list(clean_positions)]
+                values = clean.kept("resid_pre")[layer][:, list(clean_positions)]
                 replace = engine.Replace("resid_pre", layer, tuple(corrupted_positions), values)
                 runs.append(
-                    engine.Segment(layer, first, corrupted.resid_pre[layer][:, first:], torch.tensor([0]), [replace])
+                    engine.Segment(
+                        layer, first, corrupted.kept("resid_pre")[layer][:, first:], torch.tensor([0]), [replace]
+                    )
                 )
                 patches.append((layer, segment))
         patched = fm.logit_diff(torch.cat([out[:, -1] for out in engine.run(fm, runs, corrupted)]), answers)

@@ -361,9 +361,10 @@ def phrase_attention(
         if tokens is None or not pairs or len(pairs) != tokens.shape[0]:
             raise ValueError(f"batch {index} needs {run}_tokens and one pair per row (got {len(pairs)} pairs)")
         prompts = [pair.texts[0 if run == "clean" else 1] for pair in pairs]
-        phrases = [getattr(pair, phrase_field, None) for pair in pairs]
-        if any(phrase is None for phrase in phrases):
-            row = phrases.index(None)
+        found = [getattr(pair, phrase_field, None) for pair in pairs]
+        phrases = [phrase for phrase in found if phrase is not None]
+        if len(phrases) != len(found):
+            row = found.index(None)
             raise ValueError(
                 f"batch {index} row {row} (pair {pairs[row].id}) has no {phrase_field}: phrase_attention needs "
                 "fair-lending pairs"

@@ -64,10 +64,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.ActivationCache import ActivationCache
 
+from mechfin_utils.core.arrays import as_checked_tensor
 from mechfin_utils.core.inputs import check_tokens
 from mechfin_utils.core.models import LoadedModel
 from mechfin_utils.methods.readout.final_position import run_with_final_position_cache
-from mechfin_utils.methods.readout.heads import as_float_rows
 
 LnMode = Literal["cached", "recompute"]
 LabelledValues = tuple[list[str], Float[Tensor, "batch n_components"]]
@@ -482,7 +482,9 @@ def over_batches(
     for run in runs:
         if run not in ("clean", "corrupted"):
             raise ValueError(f"runs may contain 'clean' and 'corrupted', got {run!r}")
-    name = getattr(analysis, "__name__", None) or getattr(getattr(analysis, "func", None), "__name__", repr(analysis))
+    name = str(
+        getattr(analysis, "__name__", None) or getattr(getattr(analysis, "func", None), "__name__", repr(analysis))
+    )
     collected: dict[str, list] = {run: [] for run in runs}
     for index, batch in enumerate(batches):
         for attribute in ["answer_tokens"] + [f"{run}_tokens" for run in runs]:
@@ -528,7 +530,7 @@ def term_groups(attribution: HeadAttribution) -> LabelledValues:
     ``values.sum(-1) == attribution.total``: how much of the logit difference the heads carry directly,
     and how much is left to everything else.
     """
-    kinds = {"all_mlps": [], "embeddings": [], "attention_biases": [], UNEMBED_BIAS_LABEL: []}
+    kinds: dict[str, list[int]] = {"all_mlps": [], "embeddings": [], "attention_biases": [], UNEMBED_BIAS_LABEL: []}
     for index, label in enumerate(attribution.other_labels):
         if label.endswith("_mlp_out"):
             kinds["all_mlps"].append(index)
@@ -556,7 +558,7 @@ def accumulated_from_components(labels: Sequence[str], values: Float[Tensor, "ba
     """
     labels = list(labels)
     dtype = values.dtype if isinstance(values, Tensor) and values.is_floating_point() else torch.float32
-    values = as_float_rows(values, "values", 2).to(dtype)  # same dtype as logit_lens returns
+    values = as_checked_tensor(values, "values", ndim=2, allow_nan=True).to(dtype)  # same dtype as logit_lens returns
     if len(labels) != values.shape[1]:
         raise ValueError(f"got {len(labels)} labels for {values.shape[1]} columns of values")
     if UNEMBED_BIAS_LABEL not in labels or "embed" not in labels:

@@ -58,6 +58,13 @@ def mlp_activations_last(model: LoadedModel, tokens: Int[Tensor, "batch pos"]) -
     return torch.stack([acts[name] for name in names], dim=1)
 
 
+def _d_mlp(model: LoadedModel) -> int:
+    """Neurons per MLP layer; a ValueError for a model without MLPs."""
+    if model.cfg.d_mlp is None:
+        raise ValueError(f"{model.name} has no MLP layers (cfg.d_mlp is None)")
+    return model.cfg.d_mlp
+
+
 def _value_vectors(model: LoadedModel, layer: int) -> Float[Tensor, "d_mlp d_model"]:
     """The rows of ``W_out`` of one layer (centred for LayerNorm models: the part the final norm keeps)."""
     return centre_if_layernorm(model, model.bridge.blocks[layer].mlp.W_out.detach())
@@ -158,7 +165,7 @@ def _neuron_list(model: LoadedModel, neurons) -> list[tuple[int, int]]:
         if not (isinstance(item, (tuple, list)) and len(item) == 2):
             raise ValueError(f"neurons[{i}] must be (layer, neuron); got {item!r}")
         layer = check_index(f"neurons[{i}] layer", item[0], model.cfg.n_layers)
-        n = check_index(f"neurons[{i}] neuron", item[1], model.cfg.d_mlp)
+        n = check_index(f"neurons[{i}] neuron", item[1], _d_mlp(model))
         out.append((layer, n))
     if not out:
         raise ValueError("no neurons given")
@@ -286,7 +293,7 @@ def random_neuron_coherence(
         raise ValueError(f"n_samples must be >= 1; got {n_samples}")
     if k < 2:
         raise ValueError(f"k must be >= 2 to compare tokens; got {k}")
-    n_layers, d_mlp = model.cfg.n_layers, model.cfg.d_mlp
+    n_layers, d_mlp = model.cfg.n_layers, _d_mlp(model)
     if layers is None:
         chosen = list(range(n_layers))
     else:

@@ -7,8 +7,7 @@ labels in the order of ``values.reshape(batch, -1)``) and read by :func:`parse_h
 pair back into indices, checked against the model when its sizes are given), all three from
 :mod:`mechfin_utils.core.head_labels` and exported here beside what uses them: :func:`select_heads` takes the named
 heads' columns, and :func:`top_heads` ranks every head by a mean value. The interval tables built on these
-(``head_table``, ``named_heads_table``) are in :mod:`mechfin_utils.reporting.readout_tables`; :func:`as_float_rows`
-is the check they share (a per-prompt array of the expected number of dimensions, as float64 on the CPU).
+(``head_table``, ``named_heads_table``) are in :mod:`mechfin_utils.reporting.readout_tables`.
 """
 
 from __future__ import annotations
@@ -20,24 +19,17 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mechfin_utils.core.arrays import as_checked_tensor
 from mechfin_utils.core.head_labels import head_label, head_labels, parse_head
 
-__all__ = ["as_float_rows", "head_label", "head_labels", "parse_head", "select_heads", "top_heads"]
-
-
-def as_float_rows(values, argument: str, ndim: int) -> Tensor:
-    """A float tensor of ``ndim`` dimensions on the CPU (numpy and lists are accepted too)."""
-    tensor = values.detach() if isinstance(values, Tensor) else torch.as_tensor(values)
-    if tensor.ndim != ndim:
-        raise ValueError(f"{argument} must have {ndim} dimensions, got shape {tuple(tensor.shape)}")
-    return tensor.to(device="cpu", dtype=torch.float64)
+__all__ = ["head_label", "head_labels", "parse_head", "select_heads", "top_heads"]
 
 
 def select_heads(
     per_prompt: Float[Tensor, "batch n_layers n_heads"], heads: Sequence[str]
 ) -> Float[Tensor, "batch n_selected"]:
     """The columns of the named heads (``"L10H7"``), in the order given."""
-    per_prompt = as_float_rows(per_prompt, "per_prompt", 3)
+    per_prompt = as_checked_tensor(per_prompt, "per_prompt", ndim=3, allow_nan=True)
     _, n_layers, n_heads = per_prompt.shape
     if not len(heads):
         raise ValueError("heads is empty: name at least one head, e.g. 'L10H7'")

@@ -87,7 +87,9 @@ def collect_over_batches(
     for run in runs:
         if run not in ("clean", "corrupted"):
             raise ValueError(f"runs may contain 'clean' and 'corrupted'; got {run!r}")
-    name = getattr(analysis, "__name__", None) or getattr(getattr(analysis, "func", None), "__name__", repr(analysis))
+    name = str(
+        getattr(analysis, "__name__", None) or getattr(getattr(analysis, "func", None), "__name__", repr(analysis))
+    )
     collected: dict[str, list] = {run: [] for run in runs}
     for index, batch in enumerate(batches):
         for run in runs:

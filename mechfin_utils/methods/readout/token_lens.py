@@ -27,6 +27,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mechfin_utils.core.arrays import as_checked_array
 from mechfin_utils.core.inputs import check_tokens
 from mechfin_utils.core.models import LoadedModel
 from mechfin_utils.core.stats import BootstrapResult, bootstrap_ci
@@ -332,10 +333,7 @@ def geometric_mean_ci(
     with :func:`mechfin_utils.core.stats.bootstrap_ci` and transformed back, so the interval is that of the
     geometric mean. Zero or negative values raise a ValueError naming the first.
     """
-    if isinstance(values, Tensor):
-        array = values.detach().double().cpu().numpy()
-    else:
-        array = np.asarray(values, dtype=np.float64)
+    array = as_checked_array(values, "values", allow_nan=True)  # a NaN is named by the check below
     bad = np.argwhere(~(array > 0))
     if bad.size:
         where = tuple(int(i) for i in bad[0])

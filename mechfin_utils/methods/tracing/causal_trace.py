@@ -171,7 +171,7 @@ def causal_trace(
     unknown = [k for k in kinds if k not in KIND_HOOKS]
     if unknown or not kinds:
         raise ValueError(f"kinds must be a non-empty subset of {sorted(KIND_HOOKS)}, got {list(kinds)}")
-    win = {k: (1 if k == "hidden" else default_trace_window(n_layers)) for k in kinds}
+    win: dict[str, int] = {k: (1 if k == "hidden" else default_trace_window(n_layers)) for k in kinds}
     win.update({k: int(v) for k, v in (windows or {}).items() if k in kinds})
     if noise_std is None:
         noise_std = embedding_noise_std(model)
@@ -182,7 +182,7 @@ def causal_trace(
         n_samples, len(prepared.subject_positions), model.cfg.d_model, noise_multiplier * noise_std, seed
     )
     restorations = [Restoration(())]
-    index: list[tuple[str, int, int]] = []
+    index: list[tuple[TraceKind, int, int]] = []
     for kind in kinds:
         for pos in run_positions:
             for layer in range(n_layers):

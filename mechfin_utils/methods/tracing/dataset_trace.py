@@ -23,7 +23,7 @@ from mechfin_utils.methods.tracing.category_averages import CategoryAverage, ave
 from mechfin_utils.methods.tracing.causal_trace import TraceResult, causal_trace
 from mechfin_utils.methods.tracing.knockout import KnockoutResult, attention_knockout, average_knockout
 from mechfin_utils.methods.tracing.noise import embedding_noise_std
-from mechfin_utils.methods.tracing.prepared import PreparedTrace, prepare_trace
+from mechfin_utils.methods.tracing.prepared import PreparedTrace, TraceKind, prepare_trace
 from mechfin_utils.tasks.facts import TraceTask
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -47,7 +47,7 @@ class DatasetTrace:
 def trace_dataset(
     model: LoadedModel,
     tasks: Sequence[TraceTask | PreparedTrace],
-    kinds: Sequence[str] = ("hidden", "mlp", "attn"),
+    kinds: Sequence[TraceKind] = ("hidden", "mlp", "attn"),
     n_samples: int = 10,
     knockout: bool = True,
     noise_std: float | None = None,

@@ -107,7 +107,11 @@ def run_with_knockouts(
             blocks = [engine.BlockAttention(layer, (ko.query,), tuple(ko.keys)) for layer in sorted(set(ko.layers))]
             segments.append(
                 engine.Segment(
-                    start, ko.query, clean.resid_pre[start][:, ko.query :], torch.zeros(1, dtype=torch.long), blocks
+                    start,
+                    ko.query,
+                    clean.kept("resid_pre")[start][:, ko.query :],
+                    torch.zeros(1, dtype=torch.long),
+                    blocks,
                 )
             )
         normed = torch.cat([out[:, -1] for out in engine.run(fm, segments, clean)])

@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from jaxtyping import Float, Int
@@ -40,6 +40,7 @@ from torch import Tensor
 from mechfin_utils.tasks.facts import TraceTask, locate_subject
 
 if TYPE_CHECKING:  # pragma: no cover
+    from mechfin_utils.core.engine import ReplaceSite
     from mechfin_utils.core.functional import FunctionalTransformer
     from mechfin_utils.core.models import LoadedModel
 
@@ -187,7 +188,7 @@ def hook_layer(name: str) -> int | None:
 
 
 Backend = Literal["auto", "engine", "bridge"]
-ENGINE_SITES: dict[str, tuple[str, int]] = {
+ENGINE_SITES: dict[str, tuple[ReplaceSite, int]] = {
     "hook_resid_post": ("resid_pre", 1),
     "hook_resid_pre": ("resid_pre", 0),
     "hook_mlp_out": ("mlp_out", 0),
@@ -196,7 +197,7 @@ ENGINE_SITES: dict[str, tuple[str, int]] = {
 """Bridge hook -> (engine site, layer offset): ``blocks.l.hook_resid_post`` is the stream entering block l + 1."""
 
 
-def engine_site(name: str) -> tuple[str, int] | None:
+def engine_site(name: str) -> tuple[ReplaceSite, int] | None:
     """The engine's (site, layer) for a restoration hook name (``hook_embed`` = the stream entering block 0)."""
     if name == EMBED_HOOK:
         return "resid_pre", 0
@@ -214,8 +215,7 @@ def choose_backend(model: LoadedModel, backend: Backend, sites: Iterable[str]) -
         raise ValueError(f"backend must be 'auto', 'engine' or 'bridge', got {backend!r}")
     if backend == "bridge":
         return None
-    from mechfin_utils.core.functional import UnsupportedArchitecture
-    from mechfin_utils.methods.patching.activation import functional_model
+    from mechfin_utils.core.functional import UnsupportedArchitecture, functional_model
 
     unsupported = sorted({name for name in sites if engine_site(name) is None})
     try:
@@ -238,15 +238,15 @@ def _accepts_logits_to_keep(model: LoadedModel) -> bool:
 
 
 def final_logits_with_hooks(
-    model: LoadedModel, tokens: Int[Tensor, "batch pos"], fwd_hooks: list[tuple[str, Callable]]
+    model: LoadedModel, tokens: Int[Tensor, "batch pos"], fwd_hooks: Sequence[tuple[str, Callable]]
 ) -> Float[Tensor, "batch d_vocab"]:
     """Run the bridge with hooks and return the last position's logits.
 
     When the Hugging Face model supports ``logits_to_keep`` only the last position is unembedded (the
     unembedding of a 49k vocabulary is a fifth of SmolLM2's compute); the result is the same.
     """
-    kwargs = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
-    logits = model.bridge.run_with_hooks(tokens, fwd_hooks=fwd_hooks, **kwargs)
+    kwargs: dict[str, Any] = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    logits = model.bridge.run_with_hooks(tokens, fwd_hooks=list(fwd_hooks), **kwargs)
     return logits[:, -1, :]
 
 

@@ -41,6 +41,7 @@ from mechfin_utils.methods.tracing.prepared import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
+    from mechfin_utils.core.engine import ReplaceSite
     from mechfin_utils.core.functional import FunctionalTransformer
     from mechfin_utils.core.models import LoadedModel
 
@@ -87,7 +88,7 @@ def clean_activations(
 ) -> tuple[dict[str, Float[Tensor, "pos d_model"]], Float[Tensor, " d_vocab"]]:
     """One clean forward: the named activations (batch dim dropped) and the last position's logits."""
     names = sorted(set(hook_names))
-    store: dict[str, Tensor] = {}
+    store: dict[str | None, Tensor] = {}  # by HookPoint.name (typed Optional; every bridge hook has one)
 
     def keep(act: Tensor, hook) -> Tensor:
         store[hook.name] = act[0].detach().clone()
@@ -174,7 +175,7 @@ def _restorations_on_engine(
     noised = fm.embed(tokens).repeat(n_samples, 1, 1)
     noised[:, prepared.subject_span[0] : prepared.subject_span[1]] += noise.to(noised.dtype)
     corrupted = fm.record(tokens.expand(n_samples, -1), keep=("resid_pre", "k", "v"), embeddings=noised)
-    clean_value = {"resid_pre": clean.resid_pre, "attn_out": clean.attn_out, "mlp_out": clean.mlp_out}
+    clean_value = {site: clean.kept(site) for site in ("resid_pre", "attn_out", "mlp_out")}
 
     def score(normed: Float[Tensor, "n d_model"]) -> Float[Tensor, " n"]:
         return score_final_normed(fm, prepared, normed)
@@ -186,9 +187,11 @@ def _restorations_on_engine(
     for r, restoration in enumerate(restorations):
         if not restoration.sites:
             continue
-        by_site: dict[tuple[str, int], list[int]] = {}
+        by_site: dict[tuple[ReplaceSite, int], list[int]] = {}
         for name, pos in restoration.sites:
-            by_site.setdefault(engine_site(name), []).append(pos)  # type: ignore[arg-type]
+            site_and_layer = engine_site(name)
+            assert site_and_layer is not None  # choose_backend sends only what the engine restores
+            by_site.setdefault(site_and_layer, []).append(pos)
         start = min(layer for _, layer in by_site)
         first = min(pos for _, pos in restoration.sites)
         interventions = [
@@ -198,7 +201,9 @@ def _restorations_on_engine(
             for (site, layer), positions in by_site.items()
         ]
         segments.append(
-            engine.Segment(start, first, corrupted.resid_pre[start][:, first:], torch.arange(n_samples), interventions)
+            engine.Segment(
+                start, first, corrupted.kept("resid_pre")[start][:, first:], torch.arange(n_samples), interventions
+            )
         )
         owners.append(r)
     # 3. Run them in packs of at most batch_size full prompts' worth of recomputed rows.

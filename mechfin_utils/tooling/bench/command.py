@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from mechfin_utils.core.functional import functional_model
 from mechfin_utils.core.paths import REPO_ROOT, cache_dir
 from mechfin_utils.methods import patching
 from mechfin_utils.tooling.bench.edge_scoring import EdgeBenchRow, bench_edge_scoring, format_edge_table
@@ -139,7 +140,7 @@ def bench_model(name: str, args: argparse.Namespace, components: Sequence[str], 
     # 1. The model, its patching inputs and this machine's throughput at its sizes.
     model, label = load_bench_model(name, args.gpt2_layers)
     clean, corrupted, metric = task_inputs(model, args.batch)
-    fm = patching.functional_model(model)
+    fm = functional_model(model)
     rate = matmul_throughput(fm.d_model, fm.layers[0].W_out.shape[0])
     results.throughput[label] = rate
     print(f"== {label}: {clean.shape[0]} prompt pairs x {clean.shape[1]} tokens, {metric!r}", flush=True)

@@ -28,6 +28,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from mechfin_utils.core.functional import functional_model
 from mechfin_utils.core.metrics import NormalisedLogitDiff
 from mechfin_utils.methods import patching
 from mechfin_utils.reporting.tables import markdown_table
@@ -146,7 +147,7 @@ def bench_component(
         difference = (picked - theirs).abs().max().item()
         tl_run = len(index_df)
     tl_total = tl_s * n_cells / tl_run
-    fm = patching.functional_model(model)
+    fm = functional_model(model)
     floor = floor_flops(fm, key, clean_tokens, corrupted_tokens)
     floor_s = floor / throughput
     mb = lambda value: None if value is None else round(value / 2**20, 1)  # noqa: E731

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from mechfin_utils.methods import patching
+from mechfin_utils.core.functional import functional_model
 from mechfin_utils.reporting.tables import markdown_table
 from mechfin_utils.tooling.bench.flop_floor import trace_floor_flops
 from mechfin_utils.tooling.bench.machine import timed
@@ -73,7 +73,7 @@ def bench_causal_trace(
     """Trace every prompt with the ROME-style tracer and with mechfin; compare times and numbers."""
     from mechfin_utils.methods import tracing
 
-    fm = patching.functional_model(model)
+    fm = functional_model(model)
     noise_std = tracing.embedding_noise_std(model)
     window = tracing.default_trace_window(fm.n_layers)
 

@@ -53,8 +53,9 @@ from mechfin_utils.reporting.figures import FIGURES_DIR_ENV, figures_root
 TOLERANCE = 1e-4
 RETRAINED_TOLERANCE = 0.05
 """Relative tolerance for the results of a notebook that loaded a model whose weights differ from the committed run's.
-Derived from a measured spread: the largest relative change of those results between screeners trained on two CPUs
-or thread counts (placeholder until that spread is measured and recorded here)."""
+Provisional: it is to be derived from a measured spread (the largest relative change of those results between
+screeners trained with two thread counts or on two CPUs), which has not been measured for the current screener; the
+README says so, and a verify run against a retrained screener is indicative until it has been."""
 NEAR_ZERO = 1e-12
 """The floor of the denominator of a relative change (a committed 0 would otherwise divide by zero)."""
 _NUMBER_IN_TEXT_RE = re.compile(r"(?<![\w.\-\u2212])[-\u2212]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?(?!\w|\.\d)")

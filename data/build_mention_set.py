@@ -59,8 +59,8 @@ from build_screener_set import (  # noqa: E402
     TRAIN_PEOPLE,
     TRAIN_QUESTIONS,
     Person,
-    _phrase_as_written,
-    render,
+    balanced_picks,
+    pair_row,
 )
 from build_screener_set import TEST_TEMPLATES as SCREENER_TEST_TEMPLATES  # noqa: E402
 from build_screener_set import TRAIN_TEMPLATES as SCREENER_TRAIN_TEMPLATES  # noqa: E402
@@ -349,15 +349,6 @@ def _for(person: Person, words: Words) -> str:
     return words[0 if person.female else 1] if isinstance(words, tuple) else words
 
 
-def _cycle(rng: random.Random, items: Sequence, n: int) -> list:
-    """``n`` picks that use every item equally often (up to one), in a shuffled order."""
-    order, picks = list(items), []
-    while len(picks) < n:
-        rng.shuffle(order)
-        picks += order
-    return picks[:n]
-
-
 def _mention_pair(
     structure: str, person: Person, product: str, predicate: str, rests_on: str, legitimate: str
 ) -> tuple[str, str, str, str, str]:
@@ -395,16 +386,16 @@ def build_rows(split: Split) -> list[dict[str, str]]:
         statute = STATUTE_OF_BASIS[basis]
         products = HOUSING if statute == "FHA" else PRODUCTS
         draws = zip(
-            _cycle(rng, list(structures), n),
-            _cycle(rng, people, n),
-            _cycle(rng, products, n),
-            _cycle(rng, TRAIN_QUESTIONS, n),
-            _cycle(rng, attribute.mentions, n),
-            _cycle(rng, rests_on_forms, n),
-            _cycle(rng, legitimate if split.kind == "mention" else favourable, n),
-            _cycle(rng, adverse if split.kind == "favourable" else (None,), n),
-            _cycle(rng, connectives, n),
-            _cycle(rng, connectives, n),
+            balanced_picks(rng, list(structures), n),
+            balanced_picks(rng, people, n),
+            balanced_picks(rng, products, n),
+            balanced_picks(rng, TRAIN_QUESTIONS, n),
+            balanced_picks(rng, attribute.mentions, n),
+            balanced_picks(rng, rests_on_forms, n),
+            balanced_picks(rng, legitimate if split.kind == "mention" else favourable, n),
+            balanced_picks(rng, adverse if split.kind == "favourable" else (None,), n),
+            balanced_picks(rng, connectives, n),
+            balanced_picks(rng, connectives, n),
         )
         for (
             structure_id,
@@ -577,31 +568,20 @@ def build_proxy_rows(split: str) -> list[dict[str, str]]:
         statute = STATUTE_OF_BASIS[basis]
         products = HOUSING if statute == "FHA" else PRODUCTS
         draws = zip(
-            _cycle(rng, list(templates), per_basis),
-            _cycle(rng, people, per_basis),
-            _cycle(rng, products, per_basis),
-            _cycle(rng, TRAIN_QUESTIONS, per_basis),
-            _cycle(rng, phrases, per_basis),
-            _cycle(rng, legitimate, per_basis),
+            balanced_picks(rng, list(templates), per_basis),
+            balanced_picks(rng, people, per_basis),
+            balanced_picks(rng, products, per_basis),
+            balanced_picks(rng, TRAIN_QUESTIONS, per_basis),
+            balanced_picks(rng, phrases, per_basis),
+            balanced_picks(rng, legitimate, per_basis),
         )
         for template_id, person, product, question, proxy, (category, legit) in draws:
-            template = templates[template_id]
-            proxy_phrase, legit_phrase = _fill(_for(person, proxy), person), _fill(legit, person)
+            phrases = (_fill(_for(person, proxy), person), _fill(legit, person))
+            pair_id = f"{prefix}-{len(rows) + 1:04d}"
             rows.append(
-                {
-                    "pair_id": f"{prefix}-{len(rows) + 1:04d}",
-                    "basis": basis,
-                    "statute": statute,
-                    "template_id": template_id,
-                    "product": product,
-                    "clean_prompt": render(template, person, product, proxy_phrase) + QUESTIONS[question],
-                    "corrupted_prompt": render(template, person, product, legit_phrase) + QUESTIONS[question],
-                    "clean_answer": FAIR_LENDING_ANSWERS[0],
-                    "corrupted_answer": FAIR_LENDING_ANSWERS[1],
-                    "protected_phrase": _phrase_as_written(template, proxy_phrase),
-                    "legitimate_phrase": _phrase_as_written(template, legit_phrase),
-                    "reason_category": category,
-                }
+                pair_row(
+                    pair_id, basis, template_id, templates[template_id], person, product, question, phrases, category
+                )
             )
     return rows
 

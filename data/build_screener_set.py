@@ -421,6 +421,47 @@ def _protected_pool(held_out: bool) -> dict[str, list]:
     return {b: list(p) for b, p in PROTECTED_PHRASES.items()}
 
 
+def balanced_picks(rng: random.Random, items: Sequence, n: int) -> list:
+    """``n`` picks that use every item equally often (up to one), in a shuffled order (``rng`` shuffles the pool
+    each time it is used up)."""
+    order = list(items)
+    picks: list = []
+    while len(picks) < n:
+        rng.shuffle(order)
+        picks += order
+    return picks[:n]
+
+
+def pair_row(
+    pair_id: str,
+    basis: str,
+    template_id: str,
+    template: str,
+    person: Person,
+    product: str,
+    question: str,
+    phrases: tuple[str, str],
+    category: str,
+) -> dict[str, str]:
+    """One pair in the task set's schema: ``phrases`` (the clean prompt's, resting on the basis or a stand-in for it;
+    the corrupted prompt's legitimate reason) each written into ``template``, the question appended."""
+    protected_phrase, legit_phrase = phrases
+    return {
+        "pair_id": pair_id,
+        "basis": basis,
+        "statute": STATUTE_OF_BASIS[basis],
+        "template_id": template_id,
+        "product": product,
+        "clean_prompt": render(template, person, product, protected_phrase) + QUESTIONS[question],
+        "corrupted_prompt": render(template, person, product, legit_phrase) + QUESTIONS[question],
+        "clean_answer": FAIR_LENDING_ANSWERS[0],
+        "corrupted_answer": FAIR_LENDING_ANSWERS[1],
+        "protected_phrase": _phrase_as_written(template, protected_phrase),
+        "legitimate_phrase": _phrase_as_written(template, legit_phrase),
+        "reason_category": category,
+    }
+
+
 def build_pair_rows(split: str, per_basis: int) -> list[dict[str, str]]:
     """``per_basis`` pairs for every basis; each factor (template, person, product, question, both phrases) is
     drawn without replacement from its pool, refilled when empty, by a generator with a fixed seed per split."""
@@ -433,13 +474,7 @@ def build_pair_rows(split: str, per_basis: int) -> list[dict[str, str]]:
     rng = random.Random(SPLIT_SEEDS[split])
 
     def cycle(items: Sequence) -> list:
-        """``per_basis`` picks that use every item equally often (up to one), in a shuffled order."""
-        order = list(items)
-        picks: list = []
-        while len(picks) < per_basis:
-            rng.shuffle(order)
-            picks += order
-        return picks[:per_basis]
+        return balanced_picks(rng, items, per_basis)
 
     rows = []
     for basis, phrases in protected.items():
@@ -449,23 +484,12 @@ def build_pair_rows(split: str, per_basis: int) -> list[dict[str, str]]:
             cycle(templates), cycle(people), cycle(products), cycle(questions), cycle(phrases), cycle(legitimate)
         )
         for template_id, person, product, question, phrase, (category, legit) in factors:
-            template = templates[template_id]
-            protected_phrase, legit_phrase = person.fill(phrase), person.fill(legit)
+            phrases = (person.fill(phrase), person.fill(legit))
+            pair_id = f"{prefix}-{len(rows) + 1:04d}"
             rows.append(
-                {
-                    "pair_id": f"{prefix}-{len(rows) + 1:04d}",
-                    "basis": basis,
-                    "statute": statute,
-                    "template_id": template_id,
-                    "product": product,
-                    "clean_prompt": render(template, person, product, protected_phrase) + QUESTIONS[question],
-                    "corrupted_prompt": render(template, person, product, legit_phrase) + QUESTIONS[question],
-                    "clean_answer": FAIR_LENDING_ANSWERS[0],
-                    "corrupted_answer": FAIR_LENDING_ANSWERS[1],
-                    "protected_phrase": _phrase_as_written(template, protected_phrase),
-                    "legitimate_phrase": _phrase_as_written(template, legit_phrase),
-                    "reason_category": category,
-                }
+                pair_row(
+                    pair_id, basis, template_id, templates[template_id], person, product, question, phrases, category
+                )
             )
     return rows
 

@@ -53,9 +53,9 @@ from mechfin_utils.reporting.figures import FIGURES_DIR_ENV, figures_root
 TOLERANCE = 1e-4
 RETRAINED_TOLERANCE = 0.05
 """Relative tolerance for the results of a notebook that loaded a model whose weights differ from the committed run's.
-Provisional: it is to be derived from a measured spread (the largest relative change of those results between
-screeners trained with two thread counts or on two CPUs), which has not been measured for the current screener; the
-README says so, and a verify run against a retrained screener is indicative until it has been."""
+Provisional: it is to be derived from a measured spread between screeners trained on two CPUs. Thread count gives
+none (one and two threads train bit-identical weights on the machine that made the figures), and no second CPU's run
+has been compared yet; the README says so, and a verify run against a retrained screener is indicative until then."""
 NEAR_ZERO = 1e-12
 """The floor of the denominator of a relative change (a committed 0 would otherwise divide by zero)."""
 _NUMBER_IN_TEXT_RE = re.compile(r"(?<![\w.\-\u2212])[-\u2212]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?(?!\w|\.\d)")

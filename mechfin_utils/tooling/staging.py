@@ -11,7 +11,10 @@ removed.
 
 **Stopping.** A run stopped by Ctrl-C (or ``kill``: :func:`interrupt_on_sigterm`), a closed laptop or a failing cell
 leaves the committed figures as they were. Ctrl-C stops every running papermill process (:func:`stop_all_notebooks`:
-SIGINT so that it shuts its kernel down, SIGKILL after a grace period) and lets no new one start; a notebook whose
+SIGTERM, which papermill takes as its own Ctrl-C and shuts its kernel down, SIGKILL after a grace period) and lets no
+new one start. Only the run decides: a terminal's Ctrl-C reaches the whole process group, and a papermill process
+that took it itself could finish cleanly before the run had marked itself stopped, and move its outputs in after the
+stop; so papermill runs with Ctrl-C ignored (:data:`PAPERMILL_WITHOUT_CTRL_C`). A notebook whose
 outputs are moving in right then finishes moving in first (:func:`uninterrupted`). The stopped notebooks' staging
 folders are removed (a failed notebook's is kept, with its executed copy and output, for a look), and any left over
 by a run that was killed outright is removed when the next run starts (:func:`clean_stale_staging`: a job folder
@@ -57,6 +60,17 @@ class NotebookFailedError(RuntimeError):
 # ---------------------------------------------------------------------------------------------------------
 
 _running: set[subprocess.Popen] = set()
+PAPERMILL_WITHOUT_CTRL_C = "; ".join(
+    [
+        "import signal",
+        "from papermill.cli import papermill",
+        "signal.signal(signal.SIGINT, signal.SIG_IGN)",  # a terminal's Ctrl-C: the run stops its notebooks itself
+        "signal.signal(signal.SIGTERM, signal.default_int_handler)",  # how the run stops one: as papermill's Ctrl-C
+        "papermill(prog_name='papermill')",
+    ]
+)
+"""papermill's command line (``python -c`` this, then papermill's arguments), with Ctrl-C ignored and SIGTERM taken as
+Ctrl-C, so that a notebook stops only when the run stops it (see the module docstring)."""
 _running_lock = threading.Lock()
 _stopping = threading.Event()  # set by stop_all_notebooks: no notebook starts after it (cleared when a run starts)
 
@@ -66,13 +80,14 @@ def execute_notebook(notebook: Path, output: Path, parameters: dict, env: dict[s
     ``$MECHFIN_FIGURES_DIR`` and thread settings: two notebooks run at once cannot share one process's environment),
     writing the executed copy to ``output`` and papermill's output to ``log``.
 
-    The command is papermill's own command line: parameters as JSON (which is YAML), the notebooks' folder as working
-    directory, the ``python3`` kernel (this environment's), no progress bar, and log level ERROR, which hides
+    The command is papermill's own command line (started through :data:`PAPERMILL_WITHOUT_CTRL_C`): parameters as
+    JSON (which is YAML), the notebooks' folder as working directory, the ``python3`` kernel (this environment's), no
+    progress bar, and log level ERROR, which hides
     papermill's 'Unable to parse line' warnings about comments in parameters cells. A non-zero exit raises
     :class:`NotebookFailedError` quoting the last :data:`ERROR_TAIL_LINES` lines of the output; an interrupt while
     it runs stops the process (see :func:`_stop`) before it propagates."""
     command = [
-        sys.executable, "-m", "papermill", str(notebook), str(output),
+        sys.executable, "-c", PAPERMILL_WITHOUT_CTRL_C, str(notebook), str(output),
         "-y", json.dumps(parameters),
         "--cwd", str(REPO_ROOT / "notebooks"),
         "-k", "python3",
@@ -113,12 +128,13 @@ def _tail(log: Path, lines: int = ERROR_TAIL_LINES) -> str:
 
 
 def _stop(process: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """Stop a papermill process: SIGINT first, so that it shuts its kernel down, then SIGKILL after ``grace_s``. (A
-    kernel whose papermill died anyway exits by itself: ipykernel polls its parent.)"""
+    """Stop a papermill process: SIGTERM first, which it takes as Ctrl-C and shuts its kernel down
+    (:data:`PAPERMILL_WITHOUT_CTRL_C`), then SIGKILL after ``grace_s``. (A kernel whose papermill died anyway exits by
+    itself: ipykernel polls its parent.)"""
     if process.poll() is not None:
         return
     with contextlib.suppress(ProcessLookupError):
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signal.SIGTERM)
     try:
         process.wait(grace_s)
     except subprocess.TimeoutExpired:

@@ -82,10 +82,9 @@ def execute_notebook(notebook: Path, output: Path, parameters: dict, env: dict[s
 
     The command is papermill's own command line (started through :data:`PAPERMILL_WITHOUT_CTRL_C`): parameters as
     JSON (which is YAML), the notebooks' folder as working directory, the ``python3`` kernel (this environment's), no
-    progress bar, and log level ERROR, which hides
-    papermill's 'Unable to parse line' warnings about comments in parameters cells. A non-zero exit raises
-    :class:`NotebookFailedError` quoting the last :data:`ERROR_TAIL_LINES` lines of the output; an interrupt while
-    it runs stops the process (see :func:`_stop`) before it propagates."""
+    progress bar, and log level ERROR, which hides papermill's 'Unable to parse line' warnings about comments in
+    parameters cells. A non-zero exit raises :class:`NotebookFailedError` quoting the last :data:`ERROR_TAIL_LINES`
+    lines of the output; an interrupt while it runs stops the process (see :func:`_stop`) before it propagates."""
     command = [
         sys.executable, "-c", PAPERMILL_WITHOUT_CTRL_C, str(notebook), str(output),
         "-y", json.dumps(parameters),

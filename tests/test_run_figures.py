@@ -283,8 +283,15 @@ def test_a_run_stopped_part_way_leaves_every_committed_file_as_it_was(tmp_path, 
     before = _tree(committed)
     env = {**os.environ, **_fake_run_env(tmp_path, committed, FAKE_RUN="stopped", FAKE_SLEEP="60")}
     command = [sys.executable, "-m", "mechfin_utils.tooling.run_figures", "--model", "fake-model", str(notebook)]
+    # started with Ctrl-C ignored, as a script's background job (or a test worker) inherits it: the run must still stop
     runner = subprocess.Popen(
-        command, cwd=run_figures.REPO_ROOT, env=env, start_new_session=True, stdout=subprocess.PIPE, text=True
+        command,
+        cwd=run_figures.REPO_ROOT,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
     try:
         deadline = time.monotonic() + 120

@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -362,6 +363,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     started = time.perf_counter()
     interrupt_on_sigterm()  # `kill PID` stops the run as cleanly as Ctrl-C does
+    # Ctrl-C stops the run even when it was started with Ctrl-C ignored (SIG_IGN is inherited: a background job of a
+    # script, a worker of a test runner or of a library that ignores it), which would otherwise run every notebook on
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         for path in run_many(plan, args.gpt2_path, workers=args.workers):
             print(f"manifest: {path}")

@@ -8,6 +8,7 @@ import torch
 
 from mechfin_utils.screener.behaviour import (
     BridgeScorer,
+    HFScorer,
     PromptTooLongError,
     calibration_curve,
     controls_by_kind,
@@ -118,6 +119,9 @@ def test_bridge_scorer_matches_hugging_face_on_unequal_lengths(smollm2, unproces
             scale = max(scale, float(final.abs().max()))
     # padded batches of two against one prompt alone: a logit difference carries twice the logits' rounding
     assert np.abs(got - np.array(expected)).max() <= 2 * rounding_tolerance(scale, smollm2)
+    # the plain Hugging Face scorer (used while training) pads the same way and must agree with the same reference
+    by_hf = HFScorer(hf, tok, prepend_bos=False, name="plain", batch_size=2).logit_diffs(prompts)
+    assert np.abs(by_hf - np.array(expected)).max() <= 2 * rounding_tolerance(scale, smollm2)
     scorer.n_ctx = 10
     with pytest.raises(PromptTooLongError, match=r"prompt 0 \(\d+ tokens\), prompt 1"):
         scorer.logit_diffs(prompts)

@@ -11,7 +11,9 @@ import pytest
 
 from mechfin_utils.core.functional import functional_model
 from mechfin_utils.reporting.tables import markdown_table
+from mechfin_utils.tasks import screener_sets
 from mechfin_utils.tooling.bench import command, flop_floor
+from mechfin_utils.tooling.testing import rounding_tolerance
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +77,7 @@ def test_bench_runs_and_writes_its_table(tiny_gpt2, tmp_path, monkeypatch, capsy
     table_rows = [
         line for line in (tmp_path / "latest.md").read_text().splitlines() if line.startswith("| GPT-2-shape")
     ]
-    assert len(table_rows) == 5  # two patching sweeps, two tracing rows, one edge-scoring row
+    assert len(table_rows) == 6  # two patching sweeps, two tracing rows, one edge-scoring row, one behaviour row
     rows = {row["component"]: row for row in result["rows"]}
     assert set(rows) == {"resid_pre", "attn_head_out_by_pos"}
     for row in rows.values():
@@ -95,6 +97,12 @@ def test_bench_runs_and_writes_its_table(tiny_gpt2, tmp_path, monkeypatch, capsy
     assert edges["n_edges"] == 36 * 1 + 13 + 36 * 14 + 26 + 27 and edges["prompts"] == 2
     assert edges["speedup"] == pytest.approx(edges["patch_all_est_seconds"] / edges["eap_ig_seconds"])
     assert edges["eap_seconds"] > 0 and edges["eap_ig_seconds"] > 0 and edges["patch_one_seconds"] > 0
+    (behaviour,) = result["behaviour_rows"]
+    assert behaviour["prompts"] == 2 * len(screener_sets.load_split("mention_test_templates"))
+    assert behaviour["length_groups"] > 1  # the split's prompts differ in length: the padding is exercised
+    # the same logit differences both ways, up to float rounding of logits of this size (batch shapes differ)
+    assert behaviour["max_abs_diff"] <= 2 * rounding_tolerance(behaviour["largest_logit"], tiny_gpt2[0])
+    assert behaviour["speedup"] == pytest.approx(behaviour["earlier_seconds"] / behaviour["padded_seconds"])
 
 
 def test_trace_floor_of_one_restoration_is_counted_by_hand(tiny_gpt2):

@@ -471,9 +471,8 @@ class FunctionalTransformer:
         stacked = {name: torch.stack(values) for name, values in kept.items()}
         return ForwardRecord(tokens=tokens, final_normed=self.final_norm(x[:, -1]), **stacked)
 
-    @torch.no_grad()
-    def logits(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_vocab"]:
-        """Full logits at every position (for checks against the bridge; patching never needs them)."""
+    def _final_stream(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
+        """The residual stream after the last block (before the final norm), nothing kept on the way."""
         n_pos = tokens.shape[1]
         x = self.embed(tokens)
         for layer in range(self.n_layers):
@@ -481,7 +480,25 @@ class FunctionalTransformer:
             z, _ = self.attend(layer, q, k, v, 0)
             x = x + self.attn_output(layer, z)
             x = x + self.mlp(layer, x)
-        return self.unembed(self.final_norm(x))
+        return x
+
+    @torch.no_grad()
+    def logits(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_vocab"]:
+        """Full logits at every position (for checks against the bridge; patching never needs them)."""
+        return self.unembed(self.final_norm(self._final_stream(tokens)))
+
+    @torch.no_grad()
+    def final_normed_at(
+        self, tokens: Int[Tensor, "batch pos"], positions: Int[Tensor, " batch"]
+    ) -> Float[Tensor, "batch d_model"]:
+        """The final-normed residual of row ``i`` at ``positions[i]`` (feed it to :meth:`logit_diff`).
+
+        For right-padded batches of prompts of different lengths: attention is causal, so the padding *after* a
+        row's last real token cannot reach it, and ``positions[i]`` = that row's length - 1 reads exactly what the
+        prompt alone would give (up to float rounding of the larger matrix products).
+        """
+        stream = self._final_stream(tokens)
+        return self.final_norm(stream[torch.arange(tokens.shape[0], device=tokens.device), positions])
 
     # ------------------------------------------------------------------------------------------------
     # Cost model (for the benchmark's FLOP floor)

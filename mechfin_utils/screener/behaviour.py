@@ -15,7 +15,7 @@ measure whether the model *makes* the decision, as a compliance screener would b
 * **control prompts** — single prompts with a known answer where a screener keyed on surface cues fails.
 
 Unlike activation patching, nothing here needs the two prompts of a pair to have the same token length: prompts are
-grouped by length and run without padding. A prompt longer than the model's context is refused, naming its row.
+sorted by length and run in right-padded batches, each read at its own last token. A prompt longer than the model's context is refused, naming its row.
 
 A scorer is anything with ``logit_diffs(prompts) -> [n]`` and ``token_count(prompt)``: :class:`BridgeScorer`
 wraps a :class:`~mechfin_utils.core.models.LoadedModel`; :class:`HFScorer` a plain Hugging Face model (used while
@@ -24,7 +24,6 @@ training, before the bridge has processed the weights).
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -32,8 +31,9 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 
+from mechfin_utils.core.functional import functional_model
 from mechfin_utils.core.stats import auroc, bootstrap_ci, paired_bootstrap_ci
 from mechfin_utils.tasks.fair_lending import FAIR_LENDING_ANSWERS, FairLendingPair
 
@@ -58,8 +58,15 @@ class Scorer(Protocol):
 # ---------------------------------------------------------------------------------------------------------
 
 
-class _LengthGroupedScorer:
-    """Shared logic: tokenise, refuse over-long prompts, run each length group in chunks, read two logits."""
+class _PaddedBatchScorer:
+    """Shared logic: tokenise, refuse over-long prompts, run prompts of similar length together, read two logits.
+
+    Prompts are sorted by token length and cut into batches of ``batch_size``; each batch is padded on the right to
+    its longest prompt and every row is read at its own last real token. Attention is causal, so padding after that
+    token cannot change it: the result is each prompt's own logit difference, up to the float rounding of a larger
+    matrix product (the tests compare with single prompts through Hugging Face). Sorting first keeps the padding
+    small (neighbours in the sorted order differ by a token or two).
+    """
 
     name: str
     n_ctx: int
@@ -68,10 +75,9 @@ class _LengthGroupedScorer:
     def _ids(self, prompt: str) -> list[int]:
         raise NotImplementedError
 
-    def _final_logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def _answer_ids(self) -> tuple[int, int]:
+    def _final_logit_diffs(
+        self, tokens: Int[torch.Tensor, "batch pos"], last: Int[torch.Tensor, " batch"]
+    ) -> Float[torch.Tensor, " batch"]:
         raise NotImplementedError
 
     def token_count(self, prompt: str) -> int:
@@ -80,28 +86,32 @@ class _LengthGroupedScorer:
     @torch.no_grad()
     def logit_diffs(self, prompts: Sequence[str]) -> Float[np.ndarray, " n"]:
         """``logit(" Yes") - logit(" No")`` at the last position of every prompt, in input order."""
+        # 1. tokenise; refuse every over-long prompt at once, by its index
         token_rows = [self._ids(p) for p in prompts]
         too_long = [f"prompt {i} ({len(r)} tokens)" for i, r in enumerate(token_rows) if len(r) > self.n_ctx]
         if too_long:
             raise PromptTooLongError(
                 f"{len(too_long)} prompt(s) exceed {self.name}'s context of {self.n_ctx} tokens: " + ", ".join(too_long)
             )
-        yes, no = self._answer_ids()
-        by_length: dict[int, list[int]] = defaultdict(list)
-        for i, row in enumerate(token_rows):
-            by_length[len(row)].append(i)
+        # 2. shortest first, so that each batch pads little
+        order = sorted(range(len(prompts)), key=lambda i: (len(token_rows[i]), i))
         out = np.empty(len(prompts), dtype=np.float64)
-        for indices in by_length.values():
-            for start in range(0, len(indices), self.batch_size):
-                chunk = indices[start : start + self.batch_size]
-                tokens = torch.tensor([token_rows[i] for i in chunk], dtype=torch.long)
-                final = self._final_logits(tokens)
-                out[chunk] = (final[:, yes] - final[:, no]).double().cpu().numpy()
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            # 3. right-pad to the batch's longest prompt (token 0: any id will do, nothing before it can see it)
+            width = max(len(token_rows[i]) for i in chunk)
+            tokens = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, i in enumerate(chunk):
+                tokens[row, : len(token_rows[i])] = torch.tensor(token_rows[i], dtype=torch.long)
+            last = torch.tensor([len(token_rows[i]) - 1 for i in chunk], dtype=torch.long)
+            # 4. each row read at its own last token
+            out[chunk] = self._final_logit_diffs(tokens, last).double().cpu().numpy()
         return out
 
 
-class BridgeScorer(_LengthGroupedScorer):
-    """Scores prompts with a :class:`~mechfin_utils.core.models.LoadedModel` (its BOS decision applies)."""
+class BridgeScorer(_PaddedBatchScorer):
+    """Scores prompts with a :class:`~mechfin_utils.core.models.LoadedModel` (its BOS decision applies), through
+    its functional forward pass (the same weights; only the two answers' logits are computed at one position)."""
 
     def __init__(self, model, answers: tuple[str, str] = FAIR_LENDING_ANSWERS, batch_size: int = 32):
         self.model = model
@@ -113,15 +123,22 @@ class BridgeScorer(_LengthGroupedScorer):
     def _ids(self, prompt: str) -> list[int]:
         return self.model.token_ids(prompt)
 
-    def _final_logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.model.bridge(tokens.to(self.model.cfg.device))[:, -1, :]
+    def _final_logit_diffs(
+        self, tokens: Int[torch.Tensor, "batch pos"], last: Int[torch.Tensor, " batch"]
+    ) -> Float[torch.Tensor, " batch"]:
+        fm = functional_model(self.model)
+        device = self.model.cfg.device
+        normed = fm.final_normed_at(tokens.to(device), last.to(device))
+        answers = torch.tensor([[self.model.single_token_id(a) for a in self.answers]], device=device)
+        return fm.logit_diff(normed, answers)
 
-    def _answer_ids(self) -> tuple[int, int]:
-        return self.model.single_token_id(self.answers[0]), self.model.single_token_id(self.answers[1])
 
+class HFScorer(_PaddedBatchScorer):
+    """Scores prompts with a plain Hugging Face causal LM and its tokenizer (BOS decision stated explicitly).
 
-class HFScorer(_LengthGroupedScorer):
-    """Scores prompts with a plain Hugging Face causal LM and its tokenizer (BOS decision stated explicitly)."""
+    Reads the model as it is at each call (the screener's training scores with it while the weights change): the
+    decoder's final hidden state, then the two answers' rows of the output embedding.
+    """
 
     def __init__(
         self,
@@ -146,11 +163,17 @@ class HFScorer(_LengthGroupedScorer):
         ids = list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
         return [self.tokenizer.bos_token_id] + ids if self.prepend_bos else ids
 
-    def _final_logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.hf_model(tokens).logits[:, -1, :]
-
-    def _answer_ids(self) -> tuple[int, int]:
-        return answer_token_ids(self.tokenizer, self.answers, self.name)
+    def _final_logit_diffs(
+        self, tokens: Int[torch.Tensor, "batch pos"], last: Int[torch.Tensor, " batch"]
+    ) -> Float[torch.Tensor, " batch"]:
+        # the decoder stack (LlamaModel, GPT2Model) ends with the final norm; the head is the output embedding
+        hidden = self.hf_model.base_model(tokens).last_hidden_state[torch.arange(tokens.shape[0]), last]
+        head = self.hf_model.get_output_embeddings()
+        yes, no = answer_token_ids(self.tokenizer, self.answers, self.name)
+        logits = hidden @ head.weight[[yes, no]].T
+        if getattr(head, "bias", None) is not None:
+            logits = logits + head.bias[[yes, no]]
+        return logits[:, 0] - logits[:, 1]
 
 
 def answer_token_ids(tokenizer, answers: tuple[str, str], name: str) -> tuple[int, int]:

@@ -26,6 +26,11 @@ from pathlib import Path
 from mechfin_utils.core.functional import functional_model
 from mechfin_utils.core.paths import REPO_ROOT, cache_dir
 from mechfin_utils.methods import patching
+from mechfin_utils.tooling.bench.behaviour_scoring import (
+    BehaviourBenchRow,
+    bench_behaviour_scoring,
+    format_behaviour_table,
+)
 from mechfin_utils.tooling.bench.edge_scoring import EdgeBenchRow, bench_edge_scoring, format_edge_table
 from mechfin_utils.tooling.bench.machine import machine_line, matmul_throughput, pin_malloc_to_mmap
 from mechfin_utils.tooling.bench.patching_vs_transformer_lens import (
@@ -58,6 +63,7 @@ class BenchResults:
     rows: list[BenchRow] = field(default_factory=list)
     trace_rows: list[TraceBenchRow] = field(default_factory=list)
     edge_rows: list[EdgeBenchRow] = field(default_factory=list)
+    behaviour_rows: list[BehaviourBenchRow] = field(default_factory=list)
     throughput: dict[str, float] = field(default_factory=dict)
 
 
@@ -189,6 +195,16 @@ def bench_model(name: str, args: argparse.Namespace, components: Sequence[str], 
         flush=True,
     )
 
+    # 5. Scoring prompts of any length (a screener's held-out split): padded batches against exact-length groups.
+    behaviour_row = bench_behaviour_scoring(model, model_label=label)
+    results.behaviour_rows.append(behaviour_row)
+    print(
+        f"   behaviour scoring: earlier {behaviour_row.earlier_seconds:.1f} s, padded "
+        f"{behaviour_row.padded_seconds:.1f} s ({behaviour_row.speedup:.1f}x), max |diff| "
+        f"{behaviour_row.max_abs_diff:.1e}",
+        flush=True,
+    )
+
 
 def tables(results: BenchResults) -> str:
     """The three Markdown tables, each under a line saying what it holds."""
@@ -198,6 +214,8 @@ def tables(results: BenchResults) -> str:
         + format_trace_table(results.trace_rows)
         + "\n\nEdge-level scoring (every edge of the graph; exact per-edge patching timed on 8 edges and scaled):\n\n"
         + format_edge_table(results.edge_rows)
+        + "\n\nScoring prompts of any length (a held-out split, both sides of every pair): padded batches against "
+        "exact-length groups:\n\n" + format_behaviour_table(results.behaviour_rows)
     )
 
 
@@ -219,6 +237,7 @@ def write_results(out: Path, table: str, machine: str, args: argparse.Namespace,
                 "rows": [asdict(r) for r in results.rows],
                 "trace_rows": [asdict(r) for r in results.trace_rows],
                 "edge_rows": [asdict(r) for r in results.edge_rows],
+                "behaviour_rows": [asdict(r) for r in results.behaviour_rows],
             },
             indent=2,
         )

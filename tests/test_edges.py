@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -18,6 +19,7 @@ from mechfin_utils.core import engine
 from mechfin_utils.core.functional import FunctionalTransformer
 from mechfin_utils.core.graph import ComputationalGraph
 from mechfin_utils.methods.circuits import edges as ea
+from mechfin_utils.methods.circuits import stability
 from mechfin_utils.methods.circuits.nodes import NodeAblator
 from mechfin_utils.tasks import circuit_tasks
 from mechfin_utils.tasks.circuit_tasks import CircuitBatch, CircuitTask
@@ -384,9 +386,32 @@ def test_bootstrap_stability_of_identical_prompts_is_perfect_and_of_opposed_prom
     graph = ComputationalGraph(2, 2, 2)
     base = torch.randn(graph.n_senders, graph.n_receivers, generator=torch.Generator().manual_seed(0)) * graph.valid()
     same = ea.EdgeScores("EAP", 1, "m", "t", graph, ["a", "b", "c"], base.expand(3, -1, -1).clone())
-    stable = ea.bootstrap_stability(same, 10, n_boot=5)
+    stable = stability.bootstrap_stability(same, 10, n_boot=5)
     assert stable.pairwise_jaccard == [1.0] * 10 and stable.summary()["stable (mean Jaccard >= 0.8)"]
     assert stable.summary()["nodes_always"] + stable.summary()["nodes_never"] == 6
     other = torch.randn(graph.n_senders, graph.n_receivers, generator=torch.Generator().manual_seed(1)) * graph.valid()
     mixed = ea.EdgeScores("EAP", 1, "m", "t", graph, list("abcdef"), torch.stack([base * 10, other * 10] * 3))
-    assert min(ea.bootstrap_stability(mixed, 10, n_boot=20, seed=3).pairwise_jaccard) < 1.0
+    assert min(stability.bootstrap_stability(mixed, 10, n_boot=20, seed=3).pairwise_jaccard) < 1.0
+
+
+def test_faithfulness_intervals_and_random_circuits_on_a_tiny_model():
+    clean, corrupted = _pair(n=6, n_pos=6, seed=2)
+    patcher = ea.EdgePatcher(_tiny_gpt2(seed=3), _task(clean, corrupted))
+    everything = patcher.faithfulness_interval(patcher.valid, n_boot=100)
+    assert (everything.estimate, everything.low, everything.high) == pytest.approx((1.0, 1.0, 1.0))
+    scores = ea.edge_scores(patcher, "EAP")
+    curve = ea.faithfulness_curve(patcher, scores, [5, 40], n_boot=200)
+    for row in curve.itertuples():  # the point is the full sample's, and the bootstrap interval holds it
+        kept = ea.top_edges(scores.mean, row.n_edges)
+        assert row.faithfulness == pytest.approx(patcher.faithfulness(kept), abs=1e-6)
+        assert row.low <= row.faithfulness + 1e-9 and row.faithfulness - 1e-9 <= row.high
+    generator = torch.Generator().manual_seed(0)
+    drawn = ea.random_edges(patcher.graph, 17, generator)
+    assert int(drawn.sum()) == 17 and not bool((drawn & ~patcher.valid).any())
+    random = ea.random_curve(patcher, [17], n_random=3, seed=1)
+    generator = torch.Generator().manual_seed(1)  # the same draws, measured one by one
+    by_hand = [patcher.faithfulness(ea.random_edges(patcher.graph, 17, generator)) for _ in range(3)]
+    row = random.iloc[0]
+    assert (row.faithfulness, row.low, row.high) == pytest.approx((np.mean(by_hand), min(by_hand), max(by_hand)))
+    with pytest.raises(ValueError, match="n must be in"):
+        ea.random_edges(patcher.graph, patcher.graph.n_edges + 1, generator)

@@ -215,3 +215,21 @@ def test_result_helpers():
     assert result.excludes(0.0) and not result.excludes(0.5)
     assert result.as_dict() == {"estimate": 0.5, "low": 0.1, "high": 0.9, "n": 10, "ci": 0.95, "n_boot": 2000}
     assert str(result) == "0.5 [0.1, 0.9] (95% CI, n=10)"
+
+
+def test_normalised_ci_is_the_ratio_of_the_same_resampled_means():
+    from mechfin_utils.core.stats import bootstrap_distribution, normalised_ci
+
+    rng = np.random.default_rng(4)
+    clean, corrupted = rng.normal(3.0, 1.0, 30), rng.normal(0.0, 1.0, 30)
+    circuit = 0.5 * clean + 0.5 * corrupted + rng.normal(0.0, 0.2, 30)
+    got = normalised_ci(circuit, corrupted, clean, n_boot=400, seed=7)
+    assert got.estimate == pytest.approx((circuit.mean() - corrupted.mean()) / (clean.mean() - corrupted.mean()))
+    # by hand: the same row draws for all three columns, ratio per resample, percentile interval
+    means = bootstrap_distribution(np.stack([circuit, corrupted, clean], 1), n_boot=400, seed=7)
+    ratios = (means[:, 0] - means[:, 1]) / (means[:, 2] - means[:, 1])
+    assert (got.low, got.high) == pytest.approx(tuple(np.quantile(ratios, [0.025, 0.975])))
+    ends = normalised_ci(np.stack([clean, corrupted], 1), corrupted, clean, n_boot=50)
+    assert list(ends.estimate) == pytest.approx([1.0, 0.0]) and list(ends.low) == pytest.approx([1.0, 0.0])
+    with pytest.raises(ValueError, match=r"zero \(29,\)"):
+        normalised_ci(circuit, corrupted[:-1], clean)

@@ -223,6 +223,48 @@ def paired_bootstrap_ci(
     return bootstrap_ci(a_arr - b_arr, n_boot=n_boot, ci=ci, seed=seed, statistic=statistic)
 
 
+def normalised_ci(
+    values: Float[ArrayLike, " n *element"],
+    zero: Float[ArrayLike, " n"],
+    one: Float[ArrayLike, " n"],
+    *,
+    n_boot: int = 2000,
+    ci: float = 0.95,
+    seed: int | np.random.Generator = 0,
+) -> BootstrapResult:
+    """Interval for ``(mean(values) - mean(zero)) / (mean(one) - mean(zero))``, resampling rows jointly.
+
+    The normalised metric of circuit work (faithfulness): row ``i`` is one prompt, ``values[i]`` its metric with
+    the circuit alone (``[n, k]``: ``k`` circuits at once), ``zero[i]`` and ``one[i]`` its metric in the runs that
+    define 0 and 1 (corrupted, clean). All three are means over the *same* resampled prompts, so a prompt that is
+    hard in every run moves numerator and denominator together. A resample whose denominator is 0 is dropped from
+    the quantiles; a ValueError when more than half are.
+    """
+    _check_settings(n_boot, ci)
+    array = _as_values(values)
+    zero_arr, one_arr = _as_values(zero, "zero"), _as_values(one, "one")
+    n = array.shape[0]
+    if zero_arr.shape != (n,) or one_arr.shape != (n,):
+        raise ValueError(f"zero {zero_arr.shape} and one {one_arr.shape} must be [n] with n = {n} (rows of values)")
+    flat = array.reshape(n, -1)
+    joint = np.concatenate([flat, zero_arr[:, None], one_arr[:, None]], axis=1)
+    boot = bootstrap_distribution(joint, n_boot=n_boot, seed=seed)  # [n_boot, k + 2]: means of each column
+    span = boot[:, -1] - boot[:, -2]
+    usable = span != 0
+    if usable.sum() < n_boot / 2:
+        raise ValueError(f"mean(one) - mean(zero) is 0 in {int((~usable).sum())} of {n_boot} resamples")
+    ratios = (boot[usable, :-2] - boot[usable, -2:-1]) / span[usable, None]
+    alpha = (1.0 - float(ci)) / 2.0
+    low, high = np.quantile(ratios, [alpha, 1.0 - alpha], axis=0)
+    estimate = (flat.mean(0) - zero_arr.mean()) / (one_arr.mean() - zero_arr.mean())
+    if array.ndim == 1:
+        return BootstrapResult(float(estimate[0]), float(low[0]), float(high[0]), n=n, ci=float(ci), n_boot=int(n_boot))
+    shape = array.shape[1:]
+    return BootstrapResult(
+        estimate.reshape(shape), low.reshape(shape), high.reshape(shape), n=n, ci=float(ci), n_boot=int(n_boot)
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Per-group intervals
 # ---------------------------------------------------------------------------------------------------------

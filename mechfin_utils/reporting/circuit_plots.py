@@ -5,6 +5,8 @@ Every title carries the model's name; a figure made from another model's results
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pandas as pd
 
 from mechfin_utils.methods.circuits.nodes import Node, acdc_order
@@ -209,7 +211,9 @@ def circuit_figure(circuit: Circuit, model, title: str | None = None, max_edges:
 
 
 def faithfulness_curves_figure(table: pd.DataFrame, model, task_name: str, n_edges_total: int):
-    """Edges kept (log axis) against faithfulness measured by exact edge patching, one line per method."""
+    """Edges kept (log axis) against faithfulness measured by exact edge patching, one line per method; error bars
+    from the table's ``low`` / ``high`` when it has them (a bootstrap interval over prompts for a circuit, the
+    min-max of the draws for random circuits, drawn dashed and grey)."""
     import plotly.graph_objects as go
 
     needed = {"method", "n_edges", "faithfulness"}
@@ -218,23 +222,91 @@ def faithfulness_curves_figure(table: pd.DataFrame, model, task_name: str, n_edg
     fig = go.Figure()
     for method, rows in table.groupby("method", sort=False):
         rows = rows.sort_values("n_edges")
+        bars = None
+        if {"low", "high"} <= set(rows.columns) and rows[["low", "high"]].notna().all().all():
+            bars = dict(
+                type="data",
+                symmetric=False,
+                array=(rows["high"] - rows["faithfulness"]).clip(lower=0),
+                arrayminus=(rows["faithfulness"] - rows["low"]).clip(lower=0),
+            )
+        random = method == "random"
         fig.add_trace(
             go.Scatter(
                 x=rows["n_edges"],
                 y=rows["faithfulness"],
+                error_y=bars,
                 mode="lines+markers",
-                name=str(method),
+                name=str(method) + (" (min-max of draws)" if random else ""),
+                line=dict(dash="dash", color="grey") if random else None,
                 hovertemplate=f"{method}: %{{x}} edges, faithfulness %{{y:.3f}}<extra></extra>",
             )
         )
     fig.add_hline(y=1.0, line_dash="dot", line_color="grey", annotation_text="full model")
     fig.add_hline(y=0.0, line_dash="dot", line_color="grey", annotation_text="corrupted run")
     fig.update_layout(
-        title=f"{task_name}: edges kept vs faithfulness (exact edge patching) — {model.name}",
+        title=(
+            f"{task_name}: edges kept vs faithfulness (exact edge patching) — {model.name}"
+            "<br><sup>bars: 95% bootstrap interval over prompts; random circuits: the spread of the draws</sup>"
+        ),
         xaxis=dict(title=f"edges kept (of {n_edges_total:,}; log scale)", type="log"),
         yaxis_title="faithfulness (1 = full model, 0 = corrupted)",
         plot_bgcolor="white",
         width=900,
+        height=500,
+    )
+    return fig
+
+
+def stability_curves_figure(curves: Sequence, model, threshold: float = 0.8):
+    """Agreement of circuits from two disjoint samples of ``n`` prompts against ``n`` (log axis), one line per task
+    (:class:`~mechfin_utils.methods.circuits.stability.StabilityCurve`): the Jaccard overlap of their edges (left)
+    and the Spearman correlation of all edge scores (right), each with the 5th-95th percentile band of the draws."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    if not curves:
+        raise ValueError("no stability curves to draw")
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        subplot_titles=("Jaccard overlap of the two circuits' edges", "Spearman correlation of all edge scores"),
+    )
+    palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
+    for i, curve in enumerate(curves):
+        table, colour = curve.table, palette[i % len(palette)]
+        label = f"{curve.task_name} ({curve.n_edges:,} edges)"
+        for column, (name, stat) in enumerate((("Jaccard", "jaccard"), ("Spearman", "spearman")), start=1):
+            fig.add_trace(
+                go.Scatter(
+                    x=table["n_prompts"],
+                    y=table[f"{stat}_mean"],
+                    error_y=dict(
+                        type="data",
+                        symmetric=False,
+                        array=table[f"{stat}_p95"] - table[f"{stat}_mean"],
+                        arrayminus=table[f"{stat}_mean"] - table[f"{stat}_p05"],
+                    ),
+                    mode="lines+markers",
+                    name=label,
+                    legendgroup=label,
+                    showlegend=column == 1,
+                    line=dict(color=colour),
+                    hovertemplate=f"{curve.task_name}: n=%{{x}}, mean {name} %{{y:.3f}}<extra></extra>",
+                ),
+                row=1,
+                col=column,
+            )
+    fig.add_hline(y=threshold, line_dash="dot", line_color="grey", row=1, col=1, annotation_text="stable (0.8)")
+    fig.update_xaxes(type="log", title_text="prompts in each of two disjoint samples (log scale)")
+    fig.update_yaxes(range=[0, 1.02])
+    fig.update_layout(
+        title=(
+            f"Would another sample of prompts give the same circuit? — {model.name}<br><sup>two disjoint samples of n "
+            f"prompts, EAP-IG top-n circuits of a fixed size; mean over draws, bars: 5th-95th percentile of draws</sup>"
+        ),
+        plot_bgcolor="white",
+        width=1100,
         height=480,
     )
     return fig

@@ -36,10 +36,9 @@ Typical use::
 from __future__ import annotations
 
 import heapq
-import itertools
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -51,6 +50,7 @@ from torch import Tensor
 from mechfin_utils.core import engine
 from mechfin_utils.core.functional import FunctionalTransformer
 from mechfin_utils.core.graph import ComputationalGraph
+from mechfin_utils.core.stats import BootstrapResult, normalised_ci
 from mechfin_utils.tasks.circuit_tasks import CircuitTask
 
 Method = Literal["EAP", "EAP-IG"]
@@ -107,8 +107,10 @@ class EdgePatcher:
                     )
                 )
                 plain_corrupted.append(batch.score(self.fm.unembed(corrupted.final_normed)).float())
-        self.clean_metric = self.metric(None)
-        self.corrupted_metric = self.metric(self.valid)
+        self.clean_prompt_scores = self.prompt_scores(None)
+        self.corrupted_prompt_scores = self.prompt_scores(self.valid)
+        self.clean_metric = float(self.clean_prompt_scores.mean())
+        self.corrupted_metric = float(self.corrupted_prompt_scores.mean())
         plain = float(torch.cat(plain_corrupted).mean())
         if abs(plain - self.corrupted_metric) > 1e-3 * max(1.0, abs(plain)):
             raise RuntimeError(
@@ -146,6 +148,20 @@ class EdgePatcher:
     def faithfulness(self, kept: Bool[Tensor, "n_senders n_receivers"]) -> float:
         """The normalised metric with only ``kept`` edges clean (every other edge patched)."""
         return self.normalise(self.metric(self.valid & ~kept))
+
+    def faithfulness_interval(
+        self, kept: Bool[Tensor, "n_senders n_receivers"], *, n_boot: int = 1000, seed: int = 0
+    ) -> BootstrapResult:
+        """:meth:`faithfulness` with a 95% bootstrap interval over prompts (each resample renormalises by its own
+        clean and corrupted means, :func:`~mechfin_utils.core.stats.normalised_ci`)."""
+        circuit = self.prompt_scores(self.valid & ~kept)
+        return normalised_ci(
+            circuit.double().numpy(),
+            self.corrupted_prompt_scores.double().numpy(),
+            self.clean_prompt_scores.double().numpy(),
+            n_boot=n_boot,
+            seed=seed,
+        )
 
     def __repr__(self) -> str:
         return (
@@ -296,22 +312,72 @@ SELECTIONS: dict[str, Callable] = {
 }
 
 
+def _curve_row(patcher: EdgePatcher, method: str, kept: Tensor, detail: str, n_boot: int, seed: int) -> dict:
+    """One point of a faithfulness curve: the circuit's size, its faithfulness and a 95% interval over prompts."""
+    interval = patcher.faithfulness_interval(kept, n_boot=n_boot, seed=seed)
+    return {
+        "method": method,
+        "n_edges": int(kept.sum()),
+        "n_nodes": len(patcher.graph.nodes_of(kept)),
+        "faithfulness": float(interval.estimate),
+        "low": float(interval.low),
+        "high": float(interval.high),
+        "detail": detail,
+    }
+
+
 def faithfulness_curve(
-    patcher: EdgePatcher, scores: EdgeScores, counts: Sequence[int], selection: str = "top-n"
+    patcher: EdgePatcher,
+    scores: EdgeScores,
+    counts: Sequence[int],
+    selection: str = "top-n",
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
 ) -> pd.DataFrame:
-    """Faithfulness (exact edge patching) of the circuits of ``counts`` edges chosen from ``scores``."""
+    """Faithfulness (exact edge patching) of the circuits of ``counts`` edges chosen from ``scores``, each with a 95%
+    bootstrap interval over prompts (``low``, ``high``)."""
     if selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {sorted(SELECTIONS)}, got {selection!r}")
     rows = []
     for n in counts:
         kept = SELECTIONS[selection](scores.mean, patcher.graph, int(n))
+        rows.append(_curve_row(patcher, f"{scores.method} {selection}", kept, "", n_boot, seed))
+    return pd.DataFrame(rows)
+
+
+def random_edges(
+    graph: ComputationalGraph, n: int, generator: torch.Generator
+) -> Bool[Tensor, "n_senders n_receivers"]:
+    """``n`` edges of the graph drawn uniformly without replacement."""
+    valid = graph.valid()
+    cells = valid.flatten().nonzero().flatten()
+    if not 0 <= n <= cells.numel():
+        raise ValueError(f"n must be in [0, {cells.numel()}], got {n}")
+    kept = torch.zeros(valid.numel(), dtype=torch.bool)
+    kept[cells[torch.randperm(cells.numel(), generator=generator)[:n]]] = True
+    return kept.view_as(valid)
+
+
+def random_curve(patcher: EdgePatcher, counts: Sequence[int], *, n_random: int = 5, seed: int = 0) -> pd.DataFrame:
+    """The baseline every circuit is compared with: ``n_random`` circuits of each size drawn uniformly from the
+    graph's edges, measured by the same exact patching. ``faithfulness`` is their mean; ``low`` and ``high`` their
+    smallest and largest (the spread between random draws, not a bootstrap over prompts)."""
+    if n_random < 1:
+        raise ValueError(f"n_random must be at least 1, got {n_random}")
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for n in counts:
+        values = [patcher.faithfulness(random_edges(patcher.graph, int(n), generator)) for _ in range(n_random)]
         rows.append(
             {
-                "method": f"{scores.method} {selection}",
-                "n_edges": int(kept.sum()),
-                "n_nodes": len(patcher.graph.nodes_of(kept)),
-                "faithfulness": patcher.faithfulness(kept),
-                "detail": "",
+                "method": "random",
+                "n_edges": int(n),
+                "n_nodes": float("nan"),
+                "faithfulness": float(np.mean(values)),
+                "low": float(np.min(values)),
+                "high": float(np.max(values)),
+                "detail": f"{n_random} random circuits: mean, min-max",
             }
         )
     return pd.DataFrame(rows)
@@ -324,13 +390,21 @@ def method_curves(
     *,
     greedy: Sequence[str] = ("EAP-IG",),
     node_circuits: Sequence = (),
+    n_random: int = 5,
+    n_boot: int = 1000,
+    seed: int = 0,
 ) -> pd.DataFrame:
     """Every method on the same axes: top-n circuits of each score set, greedy circuits of the methods in ``greedy``,
-    and node-level circuits, all measured by exact edge patching."""
-    parts = [faithfulness_curve(patcher, s, counts, "top-n") for s in scores]
-    parts += [faithfulness_curve(patcher, s, counts, "greedy") for s in scores if s.method in greedy]
+    node-level circuits and ``n_random`` random circuits of each size (none when 0), all measured by exact edge
+    patching; ``low`` and ``high`` bound each point (see :func:`faithfulness_curve` and :func:`random_curve`)."""
+    parts = [faithfulness_curve(patcher, s, counts, "top-n", n_boot=n_boot, seed=seed) for s in scores]
+    parts += [
+        faithfulness_curve(patcher, s, counts, "greedy", n_boot=n_boot, seed=seed) for s in scores if s.method in greedy
+    ]
     if node_circuits:
-        parts.append(node_circuit_curve(patcher, node_circuits))
+        parts.append(node_circuit_curve(patcher, node_circuits, n_boot=n_boot, seed=seed))
+    if n_random:
+        parts.append(random_curve(patcher, counts, n_random=n_random, seed=seed))
     return pd.concat(parts, ignore_index=True)
 
 
@@ -343,108 +417,19 @@ def smallest_faithful(curves: pd.DataFrame, method: str, min_faithfulness: float
     return int((good if not good.empty else rows).iloc[0 if not good.empty else -1]["n_edges"])
 
 
-def node_circuit_curve(patcher: EdgePatcher, circuits: Sequence) -> pd.DataFrame:
+def node_circuit_curve(patcher: EdgePatcher, circuits: Sequence, *, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """Node-level circuits (from :func:`mechfin_utils.methods.circuits.nodes.threshold_sweep`) as edge sets, each checked by exact
     edge patching: the edges among the kept nodes, every other edge patched. That is the same run as ablating every
     node outside the circuit, so the two faithfulness values must agree (a RuntimeError says if they do not)."""
     rows = []
     for circuit in circuits:
         kept = patcher.graph.edges_among([node.name for node in circuit.nodes])
-        faithfulness = patcher.faithfulness(kept)
-        if abs(faithfulness - circuit.faithfulness) > 1e-3:
+        row = _curve_row(patcher, "node-level pruning", kept, f"tau={circuit.threshold:g}", n_boot, seed)
+        if abs(row["faithfulness"] - circuit.faithfulness) > 1e-3:
             raise RuntimeError(
                 f"node circuit at tau={circuit.threshold}: faithfulness {circuit.faithfulness:.4f} by node ablation but "
-                f"{faithfulness:.4f} as edges; the two runs should be the same"
+                f"{row['faithfulness']:.4f} as edges; the two runs should be the same"
             )
-        rows.append(
-            {
-                "method": "node-level pruning",
-                "n_edges": int(kept.sum()),
-                "n_nodes": len(circuit.nodes),
-                "faithfulness": faithfulness,
-                "detail": f"tau={circuit.threshold:g}",
-            }
-        )
+        row["n_nodes"] = len(circuit.nodes)
+        rows.append(row)
     return pd.DataFrame(rows)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Stability over resampled prompts
-# ---------------------------------------------------------------------------------------------------------
-
-
-def jaccard(a: Tensor, b: Tensor) -> float:
-    union = int((a | b).sum())
-    return float(int((a & b).sum()) / union) if union else 1.0
-
-
-@dataclass
-class Stability:
-    """Circuits of ``n_edges`` edges found on ``n_boot`` bootstrap resamples of the prompts."""
-
-    method: str
-    selection: str
-    n_edges: int
-    n_boot: int
-    pairwise_jaccard: list[float]
-    jaccard_to_full: list[float]
-    node_frequency: pd.Series  # share of resamples whose circuit touches each node
-    edge_frequency: pd.Series  # share of resamples keeping each edge (edges kept at least once)
-    all_nodes: list[str] = field(default_factory=list)
-
-    def summary(self) -> dict:
-        freq = self.node_frequency.reindex(self.all_nodes, fill_value=0.0)
-        return {
-            "method": self.method,
-            "selection": self.selection,
-            "n_edges": self.n_edges,
-            "n_boot": self.n_boot,
-            "mean_pairwise_jaccard": float(np.mean(self.pairwise_jaccard)),
-            "min_pairwise_jaccard": float(np.min(self.pairwise_jaccard)),
-            "mean_jaccard_to_full_sample": float(np.mean(self.jaccard_to_full)),
-            "stable (mean Jaccard >= 0.8)": bool(np.mean(self.pairwise_jaccard) >= 0.8),
-            "nodes_always": int((freq == 1.0).sum()),
-            "nodes_sometimes": int(((freq > 0) & (freq < 1)).sum()),
-            "nodes_never": int((freq == 0).sum()),
-            "edges_always": int((self.edge_frequency == 1.0).sum()),
-        }
-
-
-def bootstrap_stability(
-    scores: EdgeScores, n_edges: int, *, n_boot: int = 50, seed: int = 0, selection: str = "top-n"
-) -> Stability:
-    """Méloux et al.'s check: resample the prompts with replacement ``n_boot`` times, choose a circuit of ``n_edges``
-    edges from each resample's mean scores, and compare the circuits (Jaccard overlap of their edges, pairwise and
-    with the full sample's circuit) and which nodes are always, sometimes or never in them. No forward pass: the
-    scores are per prompt."""
-    if selection not in SELECTIONS:
-        raise ValueError(f"selection must be one of {sorted(SELECTIONS)}, got {selection!r}")
-    if n_boot < 2:
-        raise ValueError(f"n_boot must be at least 2, got {n_boot}")
-    graph, n_prompts = scores.graph, scores.per_prompt.shape[0]
-    choose = SELECTIONS[selection]
-    full = choose(scores.mean, graph, n_edges)
-    generator = torch.Generator().manual_seed(seed)
-    circuits = []
-    for _ in range(n_boot):
-        rows = torch.randint(n_prompts, (n_prompts,), generator=generator)
-        circuits.append(choose(scores.per_prompt[rows].mean(0), graph, n_edges))
-    node_counts = pd.Series(
-        [node for kept in circuits for node in graph.nodes_of(kept)], dtype=object
-    ).value_counts() / len(circuits)
-    stacked = torch.stack(circuits).float().mean(0)
-    edge_index = stacked.nonzero().tolist()
-    return Stability(
-        method=scores.method,
-        selection=selection,
-        n_edges=n_edges,
-        n_boot=n_boot,
-        pairwise_jaccard=[jaccard(a, b) for a, b in itertools.combinations(circuits, 2)],
-        jaccard_to_full=[jaccard(full, c) for c in circuits],
-        node_frequency=node_counts.sort_values(ascending=False),
-        edge_frequency=pd.Series(
-            [float(stacked[sender, receiver]) for sender, receiver in edge_index],
-            index=[graph.edge_name(sender, receiver) for sender, receiver in edge_index],
-        ).sort_values(ascending=False),
-        all_nodes=[graph.sender_name(sender) for sender in range(1, graph.n_senders)],
-    )

@@ -215,3 +215,32 @@ def test_fine_tune_keeps_every_entry_within_its_bound_and_restores(smollm2):
         assert [h["step"] for h in history] == [0, 1, 2] and history[-1]["loss"] < history[0]["loss"]
     assert torch.equal(hook_points.output_matrix(smollm2, LAYER).detach(), saved.saved[LAYER])
     assert all(p.requires_grad for p in smollm2.hf_model.parameters())  # gradients switched back on everywhere
+
+
+def test_the_essence_term_is_kl_of_the_edited_from_the_original_distribution():
+    # ROME's equation keeps the edited distribution close to the original: sum_x p_edited(x) log(p_edited / p_orig)
+    # a peaked edited distribution against a flat original: the two directions are far apart (0.9 against 1.6)
+    edited = torch.log_softmax(torch.tensor([[4.0, 0.0, 0.0], [0.0, 3.0, 0.0]], dtype=torch.float64), -1)
+    original = torch.log_softmax(torch.tensor([[0.0, 0.0, 0.0], [0.2, 0.0, 0.1]], dtype=torch.float64), -1)
+    by_hand = (edited.exp() * (edited - original)).sum(-1).mean()
+    reverse = (original.exp() * (original - edited)).sum(-1).mean()
+    assert float(editing.kl_edited_from_original(edited, original)) == pytest.approx(float(by_hand), rel=1e-12)
+    assert abs(float(by_hand) - float(reverse)) > 0.3  # the two directions differ here: the test tells them apart
+
+
+def test_layer_choice_names_the_runner_up_and_a_margin_that_says_whether_it_is_clear():
+    import numpy as np
+
+    from mechfin_utils.methods.editing.locate import choose_layer
+
+    rng = np.random.default_rng(0)
+    clear = np.tile([0.1, 0.6, 0.2, 0.05], (12, 1)) + rng.normal(0, 0.02, (12, 4))
+    choice = choose_layer(clear, n_boot=500)
+    assert (choice.layer, choice.runner_up) == (1, 2) and choice.clear and choice.share_choosing_layer == 1.0
+    assert choice.margin == pytest.approx(float((clear[:, 1] - clear[:, 2]).mean()))
+    tied = np.tile([0.1, 0.4, 0.4, 0.05], (12, 1)) + rng.normal(0, 0.05, (12, 4))
+    near = choose_layer(tied, n_boot=500)
+    assert {near.layer, near.runner_up} == {1, 2} and not near.clear
+    assert 0.1 < near.share_choosing_layer < 0.9 and near.share_choosing_layer + near.share_choosing_runner_up > 0.99
+    with pytest.raises(ValueError, match="at least 2 facts"):
+        choose_layer(clear[:1])

@@ -2,6 +2,7 @@
 
 * ``edits``: ROME's rank-one update, MEMIT's batch update over a range of layers, and the fine-tuning baseline
   (FT-L), all on the MLP's output matrix;
+* ``locate``: which layer to edit, with its margin over the runner-up (:func:`choose_layer`);
 * ``key_statistics``: the keys' second moment ``C = E[k kᵀ]`` the updates are measured in, over text the model
   writes itself;
 * ``evaluation``: CounterFact's efficacy, generalisation, specificity and fluency, with bootstrap intervals.
@@ -47,16 +48,19 @@ from mechfin_utils.methods.editing.key_statistics import (
     key_covariance,
     self_generated_corpus,
 )
+from mechfin_utils.methods.editing.locate import LayerChoice, choose_layer
 
 __all__ = [
     "METRICS",
     "KeyCovariance",
+    "LayerChoice",
     "MemitEdit",
     "RomeEdit",
     "ValueParams",
     "ValueResult",
     "WeightSnapshot",
     "answer_log_probs",
+    "choose_layer",
     "context_prefixes",
     "covariance_convergence",
     "evaluate_edit",

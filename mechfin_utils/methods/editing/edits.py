@@ -102,9 +102,18 @@ def subject_key(
 # ---------------------------------------------------------------------------------------------------------
 
 
+def kl_edited_from_original(
+    edited: Float[Tensor, "n d_vocab"], original: Float[Tensor, "n d_vocab"]
+) -> Float[Tensor, ""]:
+    """``KL(edited || original)`` from log-probabilities, averaged over rows: ROME's essence term, in the direction
+    of its paper's equation and its code (``torch``'s ``kl_div(input, target)`` is ``KL(target || input)``, so the
+    edited distribution goes second)."""
+    return torch.nn.functional.kl_div(original, edited, log_target=True, reduction="batchmean")
+
+
 @dataclass(frozen=True)
 class ValueParams:
-    """ROME's value optimisation (defaults: ROME's GPT-2 XL settings, fewer steps for CPU)."""
+    """ROME's value optimisation (defaults: ROME's GPT-2 XL settings, its 20 steps included)."""
 
     steps: int = 20
     learning_rate: float = 0.5
@@ -166,7 +175,7 @@ def optimise_value(
 
     Stages: (1) rewriting prompts ``prefix + prompt + target[:-1]`` with the target's tokens as labels, plus one
     KL prompt ``"{subject} is a"``; (2) a ``delta`` added to ``module``'s output at the subject's last token of
-    every prompt; (3) Adam on ``nll(target) + kl_factor·KL(original ‖ edited on the KL prompt) +
+    every prompt; (3) Adam on ``nll(target) + kl_factor·KL(edited ‖ original on the KL prompt) +
     weight_decay·|delta|/|v_init|²``, with ``|delta|`` clamped; (4) ``target = v_init + delta``, where
     ``v_init`` is the module's output at the subject's last token of the first (bare) prompt.
     ``module`` is the MLP for ROME, the whole block (the residual stream after it) for MEMIT.
@@ -205,9 +214,7 @@ def optimise_value(
             nll_each = rewriting.nll(log_probs)
             nll = nll_each.mean()
             kl_now = torch.log_softmax(logits[n_rewrite:][torch.arange(len(kl_rows)), kl_last], dim=-1)
-            kl = params.kl_factor * torch.nn.functional.kl_div(
-                kl_now, kl_reference, log_target=True, reduction="batchmean"
-            )
+            kl = params.kl_factor * kl_edited_from_original(kl_now, kl_reference)
             decay = params.weight_decay * delta.norm() / v_init.norm() ** 2
             loss = nll + kl + decay
             history.append(

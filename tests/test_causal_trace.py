@@ -20,6 +20,7 @@ import pandas as pd
 import pytest
 import torch
 
+from mechfin_utils.core.stats import bootstrap_ci
 from mechfin_utils.methods import tracing
 from mechfin_utils.methods.tracing.noise import input_embedding_matrix
 from mechfin_utils.methods.tracing.prepared import EMBED_HOOK, check_trace_hooks, score_final_logits
@@ -128,6 +129,16 @@ def test_average_by_position_category_matches_hand_computation():
     )
     np.testing.assert_allclose(avg.mean, expected, rtol=1e-12)
     assert avg.counts.tolist() == [2, 1, 2, 2, 2, 2]
+    # the interval of a cell resamples the prompts that have it: here the two prompts' own means
+    got = avg.interval("last token", 2, n_boot=200, seed=1)
+    by_hand = bootstrap_ci(np.array([a[7, 2], b[5, 2]]), n_boot=200, seed=1)
+    assert (got.estimate, got.low, got.high) == pytest.approx((by_hand.estimate, by_hand.low, by_hand.high))
+    assert avg.interval("middle subject tokens", 0) is None  # one prompt: no interval
+    peak = avg.peak_summary(n_boot=50)
+    assert (
+        peak["effect"] == pytest.approx(np.nanmax(avg.mean))
+        and peak["n_prompts"] == avg.counts[list(avg.categories).index(peak["category"])]
+    )
     with pytest.raises(ValueError, match="mix"):
         tracing.average_by_position_category(
             [

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from jaxtyping import Float, Int
 
+from mechfin_utils.core.stats import BootstrapResult, bootstrap_ci
+
 if TYPE_CHECKING:  # pragma: no cover
     from mechfin_utils.methods.tracing.causal_trace import TraceResult
 
@@ -70,6 +72,7 @@ class CategoryAverage:
     categories: tuple[str, ...] = POSITION_CATEGORIES
     mean_clean: float = float("nan")
     mean_corrupted: float = float("nan")
+    per_prompt: Float[np.ndarray, "prompt 6 layer"] | None = None  # each prompt's own means (NaN: no such token)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready: the categories that hold at least one prompt, their counts and ``[category, layer]`` means
@@ -91,6 +94,28 @@ class CategoryAverage:
         c, l = np.unravel_index(flat, self.mean.shape)
         return self.categories[c], int(l), float(self.mean[c, l])
 
+    def interval(self, category: str, layer: int, *, n_boot: int = 1000, seed: int = 0) -> BootstrapResult | None:
+        """A 95% bootstrap interval over prompts for ``mean[category, layer]`` (None with fewer than two prompts
+        there, or when the per-prompt values were not kept)."""
+        if self.per_prompt is None:
+            return None
+        column = self.per_prompt[:, self.categories.index(category), layer]
+        column = column[~np.isnan(column)]
+        return bootstrap_ci(column, n_boot=n_boot, seed=seed) if column.size >= 2 else None
+
+    def peak_summary(self, *, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+        """The peak, the prompts it averages and its interval over them (NaN bounds with fewer than two)."""
+        category, layer, value = self.peak()
+        interval = self.interval(category, layer, n_boot=n_boot, seed=seed)
+        return {
+            "category": category,
+            "layer": layer,
+            "effect": value,
+            "effect_low": float("nan") if interval is None else float(interval.low),
+            "effect_high": float("nan") if interval is None else float(interval.high),
+            "n_prompts": int(self.counts[self.categories.index(category)]),
+        }
+
 
 def average_by_position_category(results: Sequence[TraceResult]) -> CategoryAverage:
     """Average indirect effects over prompts by position category (all results of one kind and model)."""
@@ -102,9 +127,8 @@ def average_by_position_category(results: Sequence[TraceResult]) -> CategoryAver
     if len(kinds) > 1 or len(models) > 1 or len(layers) > 1:
         raise ValueError(f"results mix kinds {kinds} / models {models} / layer counts {layers}")
     n_layers = layers.pop()
-    sums = np.zeros((len(POSITION_CATEGORIES), n_layers))
-    counts = np.zeros(len(POSITION_CATEGORIES), dtype=int)
-    for r in results:
+    per_prompt = np.full((len(results), len(POSITION_CATEGORIES), n_layers), np.nan)
+    for i, r in enumerate(results):
         cats = position_categories(r.subject_span, len(r.str_tokens))
         ie = r.indirect_effect
         for c, name in enumerate(POSITION_CATEGORIES):
@@ -114,10 +138,10 @@ def average_by_position_category(results: Sequence[TraceResult]) -> CategoryAver
             block = ie[pos]
             if np.isnan(block).any():
                 raise ValueError(f"{r.label}: category {name!r} has positions {pos} that were not traced")
-            sums[c] += block.mean(axis=0)
-            counts[c] += 1
+            per_prompt[i, c] = block.mean(axis=0)
+    counts = (~np.isnan(per_prompt[:, :, 0])).sum(0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean = sums / counts[:, None]
+        mean = np.nansum(per_prompt, axis=0) / counts[:, None]
     mean[counts == 0] = np.nan
     return CategoryAverage(
         kind=results[0].kind,
@@ -127,4 +151,5 @@ def average_by_position_category(results: Sequence[TraceResult]) -> CategoryAver
         counts=counts,
         mean_clean=float(np.mean([r.clean_score for r in results])),
         mean_corrupted=float(np.mean([r.corrupted_score for r in results])),
+        per_prompt=per_prompt,
     )

@@ -138,3 +138,25 @@ def test_behaviour_table_rows():
 
     table = behaviour_table({("m", "a"): Fake(0.5), ("m", "b"): Fake(0.9)})
     assert isinstance(table, pd.DataFrame) and table.loc[("m", "b"), "auroc"] == 0.9
+
+
+@pytest.mark.slow
+def test_bridge_scorer_honours_hooks_on_the_bridge(smollm2):
+    """A component held at the last position (notebook 12's mean ablation) acts through bridge hooks that read
+    ``[:, -1]``: inside it the scorer runs the bridge one length per batch, and each prompt gets its own held run."""
+    from mechfin_utils.core.head_labels import Node
+    from mechfin_utils.methods.patching.final_position import held_at_final_position, mean_outputs_at_final_position
+
+    prompts = ["The capital of France is", "The capital of the United Kingdom is", "The capital of Spain is"]
+    values = mean_outputs_at_final_position(smollm2, [prompts[1]], [Node(29)])
+    scorer = BridgeScorer(smollm2, answers=(" Paris", " London"), batch_size=8)
+    plain = scorer.logit_diffs(prompts)
+    yes, no = smollm2.single_token_id(" Paris"), smollm2.single_token_id(" London")
+    with torch.no_grad(), held_at_final_position(smollm2, values):
+        held = scorer.logit_diffs(prompts)
+        one_by_one = [smollm2.bridge(smollm2.to_tokens(p))[0, -1] for p in prompts]
+    expected = np.array([float(logits[yes] - logits[no]) for logits in one_by_one])
+    tol = 2 * rounding_tolerance(torch.stack(one_by_one), smollm2)
+    assert np.abs(held - expected).max() <= tol
+    assert np.abs(held - plain).max() > 100 * tol  # the hold changed the answers: the hooks were honoured
+    assert np.abs(scorer.logit_diffs(prompts) - plain).max() <= tol  # and outside it, the plain path again

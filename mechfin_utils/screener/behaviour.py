@@ -80,6 +80,11 @@ class _PaddedBatchScorer:
     ) -> Float[torch.Tensor, " batch"]:
         raise NotImplementedError
 
+    def _one_length_per_batch(self) -> bool:
+        """Whether batches must hold prompts of one length (no padding): a subclass says so when a forward hook
+        reads the last position as ``[:, -1]``."""
+        return False
+
     def token_count(self, prompt: str) -> int:
         return len(self._ids(prompt))
 
@@ -93,11 +98,18 @@ class _PaddedBatchScorer:
             raise PromptTooLongError(
                 f"{len(too_long)} prompt(s) exceed {self.name}'s context of {self.n_ctx} tokens: " + ", ".join(too_long)
             )
-        # 2. shortest first, so that each batch pads little
+        # 2. shortest first, so that each batch pads little (or not at all, when hooks need one length per batch)
         order = sorted(range(len(prompts)), key=lambda i: (len(token_rows[i]), i))
+        one_length = self._one_length_per_batch()
+        chunks: list[list[int]] = []
+        for i in order:
+            full = chunks and len(chunks[-1]) == self.batch_size
+            new_length = chunks and one_length and len(token_rows[chunks[-1][0]]) != len(token_rows[i])
+            if not chunks or full or new_length:
+                chunks.append([])
+            chunks[-1].append(i)
         out = np.empty(len(prompts), dtype=np.float64)
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start : start + self.batch_size]
+        for chunk in chunks:
             # 3. right-pad to the batch's longest prompt (token 0: any id will do, nothing before it can see it)
             width = max(len(token_rows[i]) for i in chunk)
             tokens = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -111,7 +123,13 @@ class _PaddedBatchScorer:
 
 class BridgeScorer(_PaddedBatchScorer):
     """Scores prompts with a :class:`~mechfin_utils.core.models.LoadedModel` (its BOS decision applies), through
-    its functional forward pass (the same weights; only the two answers' logits are computed at one position)."""
+    its functional forward pass (the same weights; only the two answers' logits are computed at one position).
+
+    While forward hooks are attached to the bridge (an intervention such as
+    :func:`~mechfin_utils.methods.patching.final_position.held_at_final_position`), the functional pass would not see
+    them: the prompts then go through the bridge itself, one token length per batch, so that a hook reading the last
+    position as ``[:, -1]`` reads each prompt's last token.
+    """
 
     def __init__(self, model, answers: tuple[str, str] = FAIR_LENDING_ANSWERS, batch_size: int = 32):
         self.model = model
@@ -123,14 +141,26 @@ class BridgeScorer(_PaddedBatchScorer):
     def _ids(self, prompt: str) -> list[int]:
         return self.model.token_ids(prompt)
 
+    def _one_length_per_batch(self) -> bool:
+        return _bridge_is_hooked(self.model.bridge)
+
     def _final_logit_diffs(
         self, tokens: Int[torch.Tensor, "batch pos"], last: Int[torch.Tensor, " batch"]
     ) -> Float[torch.Tensor, " batch"]:
-        fm = functional_model(self.model)
         device = self.model.cfg.device
+        if _bridge_is_hooked(self.model.bridge):  # one length per batch here: every row ends at the last column
+            final = self.model.bridge(tokens.to(device))[:, -1, :]
+            yes, no = (self.model.single_token_id(a) for a in self.answers)
+            return final[:, yes] - final[:, no]
+        fm = functional_model(self.model)
         normed = fm.final_normed_at(tokens.to(device), last.to(device))
         answers = torch.tensor([[self.model.single_token_id(a) for a in self.answers]], device=device)
         return fm.logit_diff(normed, answers)
+
+
+def _bridge_is_hooked(bridge: torch.nn.Module) -> bool:
+    """Whether any module of the bridge has a forward hook or forward pre-hook attached right now."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in bridge.modules())
 
 
 class HFScorer(_PaddedBatchScorer):

@@ -217,7 +217,8 @@ def _hook_name(component: Node) -> str:
 @contextmanager
 def held_at_final_position(model: LoadedModel, values: dict[Node, Tensor]) -> Iterator[None]:
     """While active, every forward pass of ``model.bridge`` writes ``values[c]`` as component ``c``'s output at the
-    last position of every sequence (unpadded batches: behaviour scoring groups prompts by length), through the
+    last position of every sequence (unpadded batches: while hooks are attached, behaviour's ``BridgeScorer`` runs one
+    token length per batch through the bridge), through the
     bridge's hook points; nothing else changes. With mean values this is a mean ablation at the answer position."""
     by_hook: dict[str, list[tuple[Node, Tensor]]] = {}
     for component, value in values.items():

@@ -97,6 +97,10 @@ def test_bench_runs_and_writes_its_table(tiny_gpt2, tmp_path, monkeypatch, capsy
     assert edges["n_edges"] == 36 * 1 + 13 + 36 * 14 + 26 + 27 and edges["prompts"] == 2
     assert edges["speedup"] == pytest.approx(edges["patch_all_est_seconds"] / edges["eap_ig_seconds"])
     assert edges["eap_seconds"] > 0 and edges["eap_ig_seconds"] > 0 and edges["patch_one_seconds"] > 0
+    assert edges["circuit_edges"] == min(1000, edges["n_edges"] // 4)
+    assert edges["circuit_seconds"] > 0 and edges["circuit_earlier_seconds"] > 0
+    # the two sums give one metric, up to float32 sums taken in another order (relative 1e-4: ~800 float32 steps)
+    assert edges["circuit_max_diff"] <= 1e-4 * max(1.0, edges["circuit_metric_scale"])
     (behaviour,) = result["behaviour_rows"]
     assert behaviour["prompts"] == 2 * len(screener_sets.load_split("mention_test_templates"))
     assert behaviour["length_groups"] > 1  # the split's prompts differ in length: the padding is exercised

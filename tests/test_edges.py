@@ -232,7 +232,8 @@ def _naive_path_patching(hf: GPT2LMHeadModel, clean, corrupted, senders: list[st
         (["L1H1"], "MLP1"),
     ],
 )
-def test_exact_edge_patching_equals_naive_hook_path_patching(senders, receiver):
+@pytest.mark.parametrize("kept_sum_above", [1.0, 0.0])  # patched edges summed; every edge minus the kept ones
+def test_exact_edge_patching_equals_naive_hook_path_patching(senders, receiver, kept_sum_above):
     hf = _tiny_gpt2(seed=3)
     fm = FunctionalTransformer(hf)
     graph = ComputationalGraph.of(fm)
@@ -242,7 +243,9 @@ def test_exact_edge_patching_equals_naive_hook_path_patching(senders, receiver):
     with torch.no_grad():
         source = engine.run_edges(fm, graph, corrupted, keep_outputs=True)
         got = fm.unembed(
-            engine.run_edges(fm, graph, clean, patched=patched, sources=source.outputs).final_normed[:, -1]
+            engine.run_edges(
+                fm, graph, clean, patched=patched, sources=source.outputs, kept_sum_above=kept_sum_above
+            ).final_normed[:, -1]
         )
         clean_logits = fm.logits(clean)[:, -1]
     assert (expected - clean_logits).abs().max() > 1e-3  # the patch does something to compare

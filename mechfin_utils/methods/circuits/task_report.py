@@ -105,6 +105,7 @@ def edge_circuit_report(
     *,
     steps: int = 5,
     node_circuits: Sequence = (),
+    node_check: bool = True,
     min_faithfulness: float = 0.8,
     n_boot: int = 1000,
     n_resamples: int = 50,
@@ -115,14 +116,22 @@ def edge_circuit_report(
 ) -> EdgeCircuitReport:
     """Stages 1-5 of the module docstring for one task. ``n_boot``: bootstrap resamples of the faithfulness
     intervals; ``n_resamples``: bootstrap circuits at the full sample; ``n_draws``: disjoint-sample draws per ``n`` of
-    the stability curve, at ``sizes`` (default: doubling up to half the prompts)."""
+    the stability curve, at ``sizes`` (default: doubling up to half the prompts). ``node_check=False`` when the node
+    circuits were found on other prompts than the task's (see :func:`~mechfin_utils.methods.circuits.edges.node_circuit_curve`)."""
     # 1. exact edge patching on every prompt
     patcher = EdgePatcher(model, task)
     # 2. EAP and EAP-IG, per prompt
     scores = {method: edge_scores(patcher, method, steps=steps) for method in ("EAP", "EAP-IG")}
     # 3. faithfulness curves with intervals, random circuits beside them
     curves = method_curves(
-        patcher, list(scores.values()), counts, node_circuits=node_circuits, n_random=n_random, n_boot=n_boot, seed=seed
+        patcher,
+        list(scores.values()),
+        counts,
+        node_circuits=node_circuits,
+        node_check=node_check,
+        n_random=n_random,
+        n_boot=n_boot,
+        seed=seed,
     )
     # 4. the headline circuit
     n_edges = smallest_faithful(curves, HEADLINE, min_faithfulness)

@@ -104,15 +104,15 @@ class CategoryAverage:
         return bootstrap_ci(column, n_boot=n_boot, seed=seed) if column.size >= 2 else None
 
     def peak_summary(self, *, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
-        """The peak, the prompts it averages and its interval over them (NaN bounds with fewer than two)."""
+        """The peak, the prompts it averages and its interval over them (None bounds with fewer than two)."""
         category, layer, value = self.peak()
         interval = self.interval(category, layer, n_boot=n_boot, seed=seed)
         return {
             "category": category,
             "layer": layer,
             "effect": value,
-            "effect_low": float("nan") if interval is None else float(interval.low),
-            "effect_high": float("nan") if interval is None else float(interval.high),
+            "effect_low": None if interval is None else float(interval.low),
+            "effect_high": None if interval is None else float(interval.high),
             "n_prompts": int(self.counts[self.categories.index(category)]),
         }
 

@@ -41,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 10, 50])
-    parser.add_argument("--steps", type=int, default=8, help="value-optimisation steps per fact (notebook 09: 8)")
+    parser.add_argument(
+        "--steps", type=int, default=20, help="value-optimisation steps per fact (ROME and notebook 09: 20)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if any(s < 1 for s in args.sizes):

@@ -150,9 +150,13 @@ def test_bridge_scorer_honours_hooks_on_the_bridge(smollm2):
     prompts = ["The capital of France is", "The capital of the United Kingdom is", "The capital of Spain is"]
     values = mean_outputs_at_final_position(smollm2, [prompts[1]], [Node(29)])
     scorer = BridgeScorer(smollm2, answers=(" Paris", " London"), batch_size=8)
+    with torch.no_grad():  # a plain forward leaves the bridge's own capture hooks behind: those are no intervention
+        smollm2.bridge(smollm2.to_tokens(prompts[0]))
+    assert not scorer._one_length_per_batch()  # so the padded path runs
     plain = scorer.logit_diffs(prompts)
     yes, no = smollm2.single_token_id(" Paris"), smollm2.single_token_id(" London")
     with torch.no_grad(), held_at_final_position(smollm2, values):
+        assert scorer._one_length_per_batch()
         held = scorer.logit_diffs(prompts)
         one_by_one = [smollm2.bridge(smollm2.to_tokens(p))[0, -1] for p in prompts]
     expected = np.array([float(logits[yes] - logits[no]) for logits in one_by_one])

@@ -159,8 +159,12 @@ class BridgeScorer(_PaddedBatchScorer):
 
 
 def _bridge_is_hooked(bridge: torch.nn.Module) -> bool:
-    """Whether any module of the bridge has a forward hook or forward pre-hook attached right now."""
-    return any(m._forward_hooks or m._forward_pre_hooks for m in bridge.modules())
+    """Whether a hook is attached to any of the bridge's hook points right now (an intervention: TransformerLens's
+    ``bridge.hooks(...)``). Only hook points count: after its first forward pass the bridge keeps capture hooks of its
+    own on the wrapped Hugging Face modules, which change nothing."""
+    from transformer_lens.hook_points import HookPoint
+
+    return any((m._forward_hooks or m._forward_pre_hooks) for m in bridge.modules() if isinstance(m, HookPoint))
 
 
 class HFScorer(_PaddedBatchScorer):

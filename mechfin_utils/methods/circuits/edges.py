@@ -122,8 +122,12 @@ class EdgePatcher:
                 f"({self.clean_metric:.6g}); the normalised metric is undefined"
             )
 
-    def prompt_scores(self, patched: Bool[Tensor, "n_senders n_receivers"] | None) -> Float[Tensor, " n_prompts"]:
-        """Every prompt's task score with the edges in ``patched`` patched (None: the clean run)."""
+    def prompt_scores(
+        self, patched: Bool[Tensor, "n_senders n_receivers"] | None, *, kept_sum_above: float = 0.5
+    ) -> Float[Tensor, " n_prompts"]:
+        """Every prompt's task score with the edges in ``patched`` patched (None: the clean run). ``kept_sum_above``
+        chooses how the engine sums the patched edges (:func:`~mechfin_utils.core.edge_engine.run_edges`; the bench
+        times both)."""
         out = []
         with torch.no_grad():
             for batch in self.batches:
@@ -134,6 +138,7 @@ class EdgePatcher:
                     patched=patched,
                     sources=batch.corrupted_outputs if patched is not None else None,
                     n_read=batch.read_positions,
+                    kept_sum_above=kept_sum_above,
                 )
                 self.n_forward_passes += 1
                 out.append(batch.score(self.fm.unembed(run.final_normed)).float())

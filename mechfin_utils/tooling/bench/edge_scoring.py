@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import torch
 
-from mechfin_utils.core import engine
 from mechfin_utils.methods.circuits import edges
 from mechfin_utils.reporting.tables import markdown_table
 from mechfin_utils.tasks import circuit_tasks
@@ -69,7 +68,7 @@ def bench_edge_scoring(
         best = float("inf")
         for _ in range(3):
             started = time.perf_counter()
-            values[label] = _metric_with(patcher, patched, above)
+            values[label] = patcher.prompt_scores(patched, kept_sum_above=above)
             best = min(best, time.perf_counter() - started)
         timings[label] = best
     return EdgeBenchRow(
@@ -90,24 +89,6 @@ def bench_edge_scoring(
         circuit_max_diff=float((values["kept"] - values["earlier"]).abs().max()),
         circuit_metric_scale=float(values["earlier"].abs().max()),
     )
-
-
-@torch.no_grad()
-def _metric_with(patcher: edges.EdgePatcher, patched: torch.Tensor, kept_sum_above: float) -> torch.Tensor:
-    """Every prompt's score with ``patched`` patched, ``run_edges`` choosing its sum by ``kept_sum_above``."""
-    out = []
-    for batch in patcher.batches:
-        run = engine.run_edges(
-            patcher.fm,
-            patcher.graph,
-            batch.clean_tokens,
-            patched=patched,
-            sources=batch.corrupted_outputs,
-            n_read=batch.read_positions,
-            kept_sum_above=kept_sum_above,
-        )
-        out.append(batch.score(patcher.fm.unembed(run.final_normed)).float())
-    return torch.cat(out)
 
 
 EDGE_COLUMNS = (

@@ -252,6 +252,30 @@ def test_exact_edge_patching_equals_naive_hook_path_patching(senders, receiver, 
     assert_close_up_to_rounding(got, expected, hf)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_batches_of_several_lengths_padded_into_one_give_each_prompts_own_results(family):
+    """Joining batches of different token lengths into one right-padded batch (each prompt read at its own last
+    token) changes the schedule only: every prompt's score with any edge set patched, and its EAP-IG scores, equal
+    those of its own unpadded batch. In float64, so that the batch shapes' different summation orders stay far below
+    the tolerance."""
+    fm = FunctionalTransformer((_tiny_gpt2(seed=5) if family == "gpt2" else _tiny_llama(seed=5)).double())
+    batches = []
+    for i, (n, n_pos) in enumerate([(2, 5), (3, 7), (1, 9)]):
+        clean, corrupted = _pair(n=n, n_pos=n_pos, seed=10 + i, changed=1)
+        batches.append(_task(clean, corrupted, answers=(3 + i, 5)).batches[0])
+        batches[-1].ids = [f"b{i}p{j}" for j in range(n)]
+    task = CircuitTask("toy", "logit diff", batches)
+    separate = ea.EdgePatcher(fm, task, max_batch_tokens=0)
+    joined = ea.EdgePatcher(fm, task)
+    assert len(separate.batches) == 3 and len(joined.batches) == 1 and joined.batches[0].read_ends is not None
+    patched = separate.valid & (torch.rand(separate.valid.shape, generator=torch.Generator().manual_seed(0)) < 0.4)
+    for edges_patched in (None, patched, separate.valid):
+        torch.testing.assert_close(joined.prompt_scores(edges_patched), separate.prompt_scores(edges_patched))
+    torch.testing.assert_close(
+        ea.edge_scores(joined, "EAP-IG", steps=3).per_prompt, ea.edge_scores(separate, "EAP-IG", steps=3).per_prompt
+    )
+
+
 def test_bad_edge_run_arguments_are_all_named_at_once():
     fm = FunctionalTransformer(_tiny_gpt2())
     graph = ComputationalGraph.of(fm)
@@ -261,6 +285,8 @@ def test_bad_edge_run_arguments_are_all_named_at_once():
         engine.run_edges(fm, graph, clean, patched=bad, embeddings=torch.zeros(1, 2, 3))
     message = str(error.value)
     assert "not edges" in message and "need sources" in message and "embeddings" in message
+    with pytest.raises(ValueError, match="read_ends"):
+        engine.run_edges(fm, graph, clean, read_ends=torch.tensor([7, 0, 3]))
 
 
 # ---------------------------------------------------------------------------------------------------------

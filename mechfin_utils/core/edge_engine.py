@@ -51,10 +51,19 @@ def _check_edge_run(
     sources: Tensor | None,
     embeddings: Tensor | None,
     receiver_offsets: Tensor | None,
+    read_ends: Tensor | None = None,
+    n_read: int = 1,
 ) -> None:
     """Every problem with the arguments, raised at once, naming the argument."""
     problems = []
     n, n_pos = tokens.shape
+    if read_ends is not None:
+        if tuple(read_ends.shape) != (n,):
+            problems.append(f"read_ends {tuple(read_ends.shape)} is not [{n}] (one end per prompt)")
+        elif bool(((read_ends < n_read) | (read_ends > n_pos)).any()):
+            problems.append(
+                f"read_ends must lie in [{n_read}, {n_pos}] to read {n_read} position(s), got {read_ends.tolist()}"
+            )
     if (graph.n_layers, graph.n_heads, graph.n_kv_heads) != (fm.n_layers, fm.n_heads, fm.n_kv_heads):
         problems.append(f"graph {graph} does not describe {fm.name}")
     if patched is not None:
@@ -90,6 +99,7 @@ def run_edges(
     embeddings: Float[Tensor, "n pos d_model"] | None = None,
     receiver_offsets: Float[Tensor, "n_receivers n pos d_model"] | None = None,
     n_read: int = 1,
+    read_ends: Int[Tensor, " n"] | None = None,
     keep_outputs: bool = False,
     kept_sum_above: float = 0.5,
 ) -> EdgeRun:
@@ -112,10 +122,14 @@ def run_edges(
     instead (the every-edge difference minus the kept ones; 1.0 never does, for checks). Both give the same numbers
     up to float rounding; the cost follows the smaller set.
 
+    ``read_ends``: prompts of several lengths padded on the right into one batch, each read at its own last
+    ``n_read`` positions (``read_ends[i] - n_read`` up to ``read_ends[i]``; default: the batch's last positions). Causal
+    attention keeps the padding out of every real position, so each prompt's result is its own run's.
+
     Not decorated with ``torch.no_grad``: call it under ``torch.no_grad()`` unless gradients are wanted.
     """
     # 1. Checks; the embedding is sender 0.
-    _check_edge_run(fm, graph, tokens, patched, sources, embeddings, receiver_offsets)
+    _check_edge_run(fm, graph, tokens, patched, sources, embeddings, receiver_offsets, read_ends, n_read)
     n, n_pos = tokens.shape
     x = fm.embed(tokens) if embeddings is None else embeddings
     outputs: list[Tensor] = [x]
@@ -125,6 +139,14 @@ def run_edges(
     # Running sums of the senders' outputs in this run and in the patching run, in sender order: their difference,
     # sum_k (sources[k] - outputs[k]), is what a receiver with *every* edge from the senders so far patched adds.
     sums = {"outputs": x.clone(), "sources": sources[0].clone()} if any_patched and sources is not None else {}
+    # The offsets in the groups the receivers read them in (each layer's attention receivers, its MLP, the logits),
+    # split once: a slice per read would make autograd write a zero tensor of every receiver's size per read (most of
+    # EAP's time before), a split's backward joins the groups' gradients in one pass.
+    offset_groups: dict[int, Tensor] = {}
+    if receiver_offsets is not None:
+        group_sizes = [graph.receivers_per_layer - 1, 1] * graph.n_layers + [1]
+        starts = [sum(group_sizes[:i]) for i in range(len(group_sizes))]
+        offset_groups = dict(zip(starts, receiver_offsets.split(group_sizes)))
 
     def sent(output: Tensor) -> None:
         """Record a sender's output (the next sender number) and add it, and its patching source, to the sums."""
@@ -158,8 +180,8 @@ def run_edges(
                 out = out + (sums["sources"] - sums["outputs"])[None] - edge_sum(~weights)
             else:
                 out = out + edge_sum(weights)
-        if receiver_offsets is not None:
-            out = out + receiver_offsets[cols]
+        if offset_groups:
+            out = out + offset_groups[cols.start]
         return out[0] if one else out
 
     # 2. Each layer: per-receiver query/key/value inputs, per-head outputs, the MLP on its own input.
@@ -190,7 +212,11 @@ def run_edges(
         x = x + mlp_out
     # 3. The logits read the stream after the last block (with their own patched edges); final norm where read.
     final = read(x, graph.logits_receiver)
+    if read_ends is None:
+        final = final[:, n_pos - n_read :]
+    else:
+        final = final[torch.arange(n)[:, None], read_ends[:, None] - n_read + torch.arange(n_read)[None]]
     return EdgeRun(
-        final_normed=fm.final_norm(final[:, n_pos - n_read :]),
+        final_normed=fm.final_norm(final),
         outputs=torch.stack(outputs) if keep_outputs else None,
     )

@@ -62,14 +62,51 @@ METHODS: tuple[str, ...] = ("EAP", "EAP-IG")
 # ---------------------------------------------------------------------------------------------------------
 
 
+PAD_TOKEN = 0
+"""Fills the right end of shorter prompts in a padded batch. Any id does: causal attention keeps every real position
+from reading a later one, and each prompt is read at its own last positions."""
+
+MAX_BATCH_TOKENS = 1024
+"""Prompts x padded length of one padded batch: EAP-IG keeps a gradient per receiver and token (about 1.1 MB a token
+on SmolLM2-135M), so this bounds its memory to a few GB while the batches stay large enough to run efficiently."""
+
+
 @dataclass
 class _EdgeBatch:
+    """Consecutive batches of the task, padded on the right to one length and run as one. ``parts`` are each original
+    batch's rows and score function; ``read_ends`` each prompt's own length (None: all of one length)."""
+
     clean_tokens: Int[Tensor, "n pos"]
     corrupted_tokens: Int[Tensor, "n pos"]
-    score: Callable[[Tensor], Tensor]
+    parts: list[tuple[slice, Callable[[Tensor], Tensor]]]
     read_positions: int
+    read_ends: Int[Tensor, " n"] | None
     clean_outputs: Float[Tensor, "n_senders n pos d_model"]
     corrupted_outputs: Float[Tensor, "n_senders n pos d_model"]
+
+    def score(self, logits: Float[Tensor, "n read d_vocab"]) -> Float[Tensor, " n"]:
+        """Each original batch's score on its own rows, in the task's order."""
+        return torch.cat([score(logits[rows]) for rows, score in self.parts])
+
+
+def padded_groups(batches: Sequence, max_tokens: int = MAX_BATCH_TOKENS) -> list[list]:
+    """Consecutive task batches joined while the padded batch stays within ``max_tokens`` (prompts x longest length);
+    batches that read a different number of positions are never joined. The task's prompt order is kept."""
+    groups: list[list] = []
+    for batch in batches:
+        if groups:
+            last = groups[-1]
+            n = sum(b.batch_size for b in last) + batch.batch_size
+            longest = max(int(b.clean_tokens.shape[1]) for b in [*last, batch])
+            if last[0].read_positions == batch.read_positions and n * longest <= max_tokens:
+                last.append(batch)
+                continue
+        groups.append([batch])
+    return groups
+
+
+def _pad(rows: Sequence[Tensor], length: int) -> Int[Tensor, "n pos"]:
+    return torch.cat([torch.nn.functional.pad(r, (0, length - r.shape[1]), value=PAD_TOKEN) for r in rows])
 
 
 class EdgePatcher:
@@ -80,7 +117,7 @@ class EdgePatcher:
     plain forward pass on the corrupted prompts). GPT-2 and Llama-family models (the functional forward pass).
     """
 
-    def __init__(self, model, task: CircuitTask):
+    def __init__(self, model, task: CircuitTask, *, max_batch_tokens: int = MAX_BATCH_TOKENS):
         self.fm = model if isinstance(model, FunctionalTransformer) else FunctionalTransformer.from_model(model)
         self.model_name = self.fm.name
         self.task = task
@@ -90,23 +127,36 @@ class EdgePatcher:
         self.batches: list[_EdgeBatch] = []
         plain_corrupted = []  # the corrupted prompts' scores from a plain run, to check the graph against
         with torch.no_grad():
-            for batch in task.batches:
-                clean = engine.run_edges(self.fm, self.graph, batch.clean_tokens, keep_outputs=True)
+            # Batches of several token lengths are padded on the right and run as one (far fewer, larger passes).
+            for group in padded_groups(task.batches, max_batch_tokens):
+                length = max(int(b.clean_tokens.shape[1]) for b in group)
+                sizes = [b.batch_size for b in group]
+                starts = np.cumsum([0, *sizes])
+                lengths = torch.tensor([int(b.clean_tokens.shape[1]) for b in group]).repeat_interleave(
+                    torch.tensor(sizes)
+                )
+                read_ends = None if bool((lengths == length).all()) else lengths
+                clean_tokens = _pad([b.clean_tokens for b in group], length)
+                corrupted_tokens = _pad([b.corrupted_tokens for b in group], length)
+                n_read = group[0].read_positions
+                clean = engine.run_edges(
+                    self.fm, self.graph, clean_tokens, keep_outputs=True, n_read=n_read, read_ends=read_ends
+                )
                 corrupted = engine.run_edges(
-                    self.fm, self.graph, batch.corrupted_tokens, keep_outputs=True, n_read=batch.read_positions
+                    self.fm, self.graph, corrupted_tokens, keep_outputs=True, n_read=n_read, read_ends=read_ends
                 )
                 assert clean.outputs is not None and corrupted.outputs is not None  # kept: keep_outputs=True
-                self.batches.append(
-                    _EdgeBatch(
-                        batch.clean_tokens,
-                        batch.corrupted_tokens,
-                        batch.score,
-                        batch.read_positions,
-                        clean.outputs,
-                        corrupted.outputs,
-                    )
+                edge_batch = _EdgeBatch(
+                    clean_tokens,
+                    corrupted_tokens,
+                    [(slice(int(a), int(b)), batch.score) for a, b, batch in zip(starts[:-1], starts[1:], group)],
+                    n_read,
+                    read_ends,
+                    clean.outputs,
+                    corrupted.outputs,
                 )
-                plain_corrupted.append(batch.score(self.fm.unembed(corrupted.final_normed)).float())
+                self.batches.append(edge_batch)
+                plain_corrupted.append(edge_batch.score(self.fm.unembed(corrupted.final_normed)).float())
         self.clean_prompt_scores = self.prompt_scores(None)
         self.corrupted_prompt_scores = self.prompt_scores(self.valid)
         self.clean_metric = float(self.clean_prompt_scores.mean())
@@ -138,6 +188,7 @@ class EdgePatcher:
                     patched=patched,
                     sources=batch.corrupted_outputs if patched is not None else None,
                     n_read=batch.read_positions,
+                    read_ends=batch.read_ends,
                     kept_sum_above=kept_sum_above,
                 )
                 self.n_forward_passes += 1
@@ -241,6 +292,7 @@ def edge_scores(patcher: EdgePatcher, method: Method = "EAP-IG", steps: int = 5)
                     embeddings=embeddings,
                     receiver_offsets=offsets,
                     n_read=batch.read_positions,
+                    read_ends=batch.read_ends,
                 )
                 total = batch.score(fm.unembed(run.final_normed)).sum()
                 (grad,) = torch.autograd.grad(total, offsets)

@@ -164,3 +164,23 @@ def test_bridge_scorer_honours_hooks_on_the_bridge(smollm2):
     assert np.abs(held - expected).max() <= tol
     assert np.abs(held - plain).max() > 100 * tol  # the hold changed the answers: the hooks were honoured
     assert np.abs(scorer.logit_diffs(prompts) - plain).max() <= tol  # and outside it, the plain path again
+
+
+def test_auroc_interval_equals_ranking_every_resample():
+    """The matrix form of the paired AUROC bootstrap against the definition: the same seeded resamples of pairs,
+    each ranked by :func:`~mechfin_utils.core.stats.auroc` (scipy's average ranks for ties). Scores rounded to one
+    decimal so that ties occur."""
+    from mechfin_utils.core.stats import auroc
+    from mechfin_utils.screener.behaviour import _bootstrap_auroc
+
+    rng = np.random.default_rng(1)
+    clean, corrupted = np.round(rng.normal(0.4, 1, 40), 1), np.round(rng.normal(-0.4, 1, 40), 1)
+    draws_rng = np.random.default_rng(7)
+    draws = []
+    for _ in range(300):
+        idx = draws_rng.integers(0, clean.size, size=clean.size)
+        draws.append(auroc(clean[idx], corrupted[idx]))
+    expected = np.quantile(draws, [0.025, 0.975])
+    low, high = _bootstrap_auroc(clean, corrupted, n_boot=300, seed=7)
+    assert abs(low - expected[0]) < 1e-12 and abs(high - expected[1]) < 1e-12
+    assert low < auroc(clean, corrupted) < high

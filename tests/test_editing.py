@@ -244,3 +244,30 @@ def test_layer_choice_names_the_runner_up_and_a_margin_that_says_whether_it_is_c
     assert 0.1 < near.share_choosing_layer < 0.9 and near.share_choosing_layer + near.share_choosing_runner_up > 0.99
     with pytest.raises(ValueError, match="at least 2 facts"):
         choose_layer(clear[:1])
+
+
+def test_an_edit_given_the_same_corpus_twice_over_does_not_move_and_fewer_templates_do(smollm2, corpus):
+    """Known answer: a corpus whose second half repeats its first gives the same ``C`` from half of it as from all
+    of it, so the half-corpus edit is the reference edit (cosine 1, every score the same). Refitting with only the
+    bare prompt as template changes ``k̄`` and ``v*``, so that edit must differ. The model is restored after each."""
+    from mechfin_utils.methods.editing import convergence
+    from mechfin_utils.tasks import counterfact
+
+    edit = counterfact.requests_known_to(smollm2, counterfact.load_counterfact())[0]
+    prefixes = editing.context_prefixes(smollm2, 2, seed=0)
+    before = hook_points.snapshot(smollm2, [LAYER])
+    table = convergence.edit_convergence(
+        smollm2, [edit], LAYER, [*corpus, *corpus], {0: prefixes[:1], 2: prefixes}, fractions=(0.5,), params=FAST
+    )
+    now = hook_points.snapshot(smollm2, [LAYER])
+    assert torch.equal(now.saved[LAYER], before.saved[LAYER])
+    rows = table.set_index("varied")
+    assert list(rows.index) == ["reference", "corpus", "templates"]
+    assert rows.loc["corpus", "corpus_tokens"] * 2 == rows.loc["reference", "corpus_tokens"]
+    assert rows.loc["corpus", "cosine_to_reference"] > 1 - 1e-5
+    for score in ("p_new", "p_true"):  # the same update up to the covariance's float32 rounding
+        assert abs(rows.loc["corpus", score] - rows.loc["reference", score]) < 1e-3 * rows.loc["reference", score]
+    assert rows.loc["templates", "cosine_to_reference"] < 0.999
+    summary = convergence.convergence_summary(table).set_index("varied")
+    assert summary.loc["corpus", "largest_change_efficacy"] == 0.0
+    assert summary.loc["templates", "mean_cosine_to_reference"] == rows.loc["templates", "cosine_to_reference"]

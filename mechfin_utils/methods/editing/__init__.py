@@ -5,6 +5,8 @@
 * ``locate``: which layer to edit, with its margin over the runner-up (:func:`choose_layer`);
 * ``key_statistics``: the keys' second moment ``C = E[k kᵀ]`` the updates are measured in, over text the model
   writes itself;
+* ``convergence``: whether an edit moves when the covariance's corpus or the context templates grow
+  (:func:`edit_convergence`);
 * ``evaluation``: CounterFact's efficacy, generalisation, specificity and fluency, with bootstrap intervals.
 
 The requests come from :mod:`mechfin_utils.tasks.counterfact`; where an edit reads and writes, and how weights are
@@ -20,6 +22,7 @@ from mechfin_utils.core.hook_points import (
     restoring,
     snapshot,
 )
+from mechfin_utils.methods.editing.convergence import convergence_summary, edit_convergence
 from mechfin_utils.methods.editing.edits import (
     MemitEdit,
     RomeEdit,
@@ -46,6 +49,7 @@ from mechfin_utils.methods.editing.key_statistics import (
     KeyCovariance,
     covariance_convergence,
     key_covariance,
+    prefix_covariances,
     self_generated_corpus,
 )
 from mechfin_utils.methods.editing.locate import LayerChoice, choose_layer
@@ -62,7 +66,9 @@ __all__ = [
     "answer_log_probs",
     "choose_layer",
     "context_prefixes",
+    "convergence_summary",
     "covariance_convergence",
+    "edit_convergence",
     "evaluate_edit",
     "fine_tune",
     "generate_greedy",
@@ -74,6 +80,7 @@ __all__ = [
     "optimise_value",
     "output_matrix",
     "output_projection",
+    "prefix_covariances",
     "rank_one_update",
     "restoring",
     "rome",

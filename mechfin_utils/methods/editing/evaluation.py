@@ -98,8 +98,8 @@ def evaluate_edit(model: LoadedModel, edit: CounterfactEdit, *, n_generated: int
     neighbour_prompts = [p for p, _ in edit.neighbours]
     neighbour_scores = answer_log_probs(model, neighbour_prompts, [(a, request.target_new) for _, a in edit.neighbours])
     kept = (neighbour_scores[:, 0] > neighbour_scores[:, 1]).float()
-    # fluency: a greedy continuation of the edit prompt
-    generated = generate_greedy(model, [request.prompt], n_generated)[0]
+    # fluency: a greedy continuation of the edit prompt (n_generated=0: not measured, NaN)
+    generated = generate_greedy(model, [request.prompt], n_generated)[0] if n_generated > 0 else []
     return {
         "edit_id": request.edit_id,
         "efficacy": new_wins[0].item(),
@@ -107,7 +107,7 @@ def evaluate_edit(model: LoadedModel, edit: CounterfactEdit, *, n_generated: int
         "p_true": scores[0, 1].exp().item(),
         "generalisation": new_wins[1:].mean().item(),
         "specificity": kept.mean().item(),
-        "fluency": ngram_entropy(generated),
+        "fluency": ngram_entropy(generated) if generated else float("nan"),
         "continuation": model.tokenizer.decode(generated),
     }
 

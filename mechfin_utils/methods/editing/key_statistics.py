@@ -131,7 +131,7 @@ class KeyCovariance:
 
 
 @torch.no_grad()
-def _prefix_covariances(
+def prefix_covariances(
     model: LoadedModel, layer: int, corpus: Sequence[Sequence[int]], stops: Sequence[int], batch_size: int = 16
 ) -> dict[int, KeyCovariance | None]:
     """One pass over ``corpus``: the keys' second moment over its first ``n`` texts for each ``n`` in ``stops``
@@ -164,7 +164,7 @@ def key_covariance(
 
     ``d_mlp`` directions need well over ``d_mlp`` tokens for ``C`` to be invertible; fewer is an error.
     """
-    estimate = _prefix_covariances(model, layer, corpus, [len(corpus)], batch_size).get(len(corpus))
+    estimate = prefix_covariances(model, layer, corpus, [len(corpus)], batch_size).get(len(corpus))
     if estimate is None:
         n_keys = sum(max(0, len(row) - (1 if model.prepend_bos else 0)) for row in corpus)
         d_mlp = output_matrix(model, layer).shape[1]
@@ -183,7 +183,7 @@ def covariance_convergence(
     cosine between ``C⁻¹k`` (ROME's update direction) for ``probe_keys`` and the same from the whole corpus.
     Every prefix comes from one pass over the corpus."""
     sizes = {fraction: max(1, round(len(corpus) * fraction)) for fraction in fractions}
-    estimates = _prefix_covariances(model, layer, corpus, [*sizes.values(), len(corpus)])
+    estimates = prefix_covariances(model, layer, corpus, [*sizes.values(), len(corpus)])
     full = estimates[len(corpus)]
     if full is None:
         full = key_covariance(model, layer, corpus)  # raises, naming the count

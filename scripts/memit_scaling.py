@@ -2,9 +2,9 @@
 
 Notebook 09 shows MEMIT for up to four edits, within `make figures`' time budget; this script measures the larger
 batches the survey's question needs ("does writing many facts into the same layers make them interfere?"). It uses
-notebook 09's own choices: the layer the model's causal trace picks, the two layers below it, the self-generated
-covariance corpus (cached), ROME's prefixes, and one target per fact reused by every batch size. Run from the
-repository root (about 5 minutes on 2 cores for 50 facts):
+notebook 09's own choices: the layer its causal trace over 12 facts picks, the two layers below it, the
+self-generated covariance corpus (512 texts, cached) and its 5 context templates, and one target per fact reused by
+every batch size. Run from the repository root:
 
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/memit_scaling.py --sizes 1 10 50
 
@@ -33,6 +33,7 @@ from mechfin_utils.methods import tracing as ct  # noqa: E402
 from mechfin_utils.methods.editing import edits as editing  # noqa: E402
 from mechfin_utils.methods.editing import evaluation as edit_eval  # noqa: E402
 from mechfin_utils.methods.editing import key_statistics  # noqa: E402
+from mechfin_utils.methods.editing.locate import choose_layer  # noqa: E402
 from mechfin_utils.tasks import counterfact  # noqa: E402
 from mechfin_utils.tasks import facts as trace_data  # noqa: E402
 
@@ -44,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--steps", type=int, default=20, help="value-optimisation steps per fact (ROME and notebook 09: 20)"
     )
+    parser.add_argument("--n-locate", type=int, default=12, help="known facts traced to choose the layer (notebook 09)")
+    parser.add_argument("--n-corpus", type=int, default=512, help="self-generated covariance texts (notebook 09)")
+    parser.add_argument("--n-templates", type=int, default=5, help="generated context templates (notebook 09)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if any(s < 1 for s in args.sizes):
@@ -60,17 +64,20 @@ def main(argv: list[str] | None = None) -> int:
     spread: list = []
     while any(queues.values()):
         spread += [q.pop(0) for q in queues.values() if q]
-    # 1. the layer, as notebook 09 picks it: the peak of the MLP trace at the subject's last token
+    # 1. the layer, as notebook 09 picks it: 12 known facts spread over the categories, MLP states traced, the peak
+    #    of the mean indirect effect at the subject's last token (editing.choose_layer)
     facts, _ = trace_data.load_factual_prompts(model, verbose=False)
-    traced = facts[facts["fact_id"].isin([e.request.edit_id.removeprefix("edit-") for e in spread[:3]])]
+    per_category = -(-args.n_locate // facts["category"].nunique())
+    traced = facts.groupby("category").head(per_category).head(args.n_locate)
     trace = ct.trace_dataset(model, trace_data.factual_tasks(traced), kinds=("mlp",), n_samples=3, knockout=False)
-    effects = np.stack([r.indirect_effect[r.subject_span[1] - 1] for r in trace.traces["mlp"]]).mean(0)
-    layer = int(effects.argmax())
+    effects = np.stack([r.indirect_effect[r.subject_span[1] - 1] for r in trace.traces["mlp"]])
+    layer = choose_layer(effects, seed=args.seed).layer
     layers = list(range(max(0, layer - 2), layer + 1))
-    # 2. covariances from the cached self-generated corpus, prefixes, one target per fact
-    corpus = key_statistics.self_generated_corpus(model, 128, 64, seed=args.seed)
+    # 2. covariances from the cached self-generated corpus and the context templates, both as in notebook 09; one
+    #    target per fact
+    corpus = key_statistics.self_generated_corpus(model, args.n_corpus, 64, seed=args.seed)
     covariances = {l: key_statistics.key_covariance(model, l, corpus) for l in layers}
-    prefixes = editing.context_prefixes(model, 3, seed=args.seed)
+    prefixes = editing.context_prefixes(model, args.n_templates, seed=args.seed)
     chosen = spread[: max(args.sizes)]
     params = editing.ValueParams(steps=args.steps)
     targets = editing.memit_targets(model, [e.request for e in chosen], layers, prefixes, params)
@@ -99,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         "layers": layers,
         "sizes": sorted(set(args.sizes)),
         "value_steps": args.steps,
+        "n_corpus": args.n_corpus,
+        "n_templates": args.n_templates,
+        "n_locate": args.n_locate,
         "seconds": round(time.perf_counter() - t0, 1),
         "torch": torch.__version__,
         "summary": summary.reset_index().to_dict(orient="records"),

@@ -48,6 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-locate", type=int, default=12, help="known facts traced to choose the layer (notebook 09)")
     parser.add_argument("--n-corpus", type=int, default=512, help="self-generated covariance texts (notebook 09)")
     parser.add_argument("--n-templates", type=int, default=5, help="generated context templates (notebook 09)")
+    parser.add_argument(
+        "--prior-weight",
+        type=float,
+        default=None,
+        help="MEMIT's prior weight lambda (default: the corpus's token count, as notebook 09 uses)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if any(s < 1 for s in args.sizes):
@@ -86,7 +92,17 @@ def main(argv: list[str] | None = None) -> int:
     for size in sorted(set(args.sizes)):
         batch = chosen[:size]
         with hook_points.restoring(model, layers):
-            editing.memit(model, [e.request for e in batch], layers, covariances, prefixes, targets=targets[:size])
+            editing.memit(
+                model,
+                [e.request for e in batch],
+                layers,
+                covariances,
+                prefixes,
+                targets=targets[:size],
+                covariance_weight=1.0
+                if args.prior_weight is None
+                else args.prior_weight / covariances[layers[-1]].n_tokens,
+            )
             for e in batch:
                 # specificity needs neighbours that were not edited themselves and whose answer is not the new object:
                 # such facts of the same relation, else (when the batch edits all of them) of another relation
@@ -109,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         "n_corpus": args.n_corpus,
         "n_templates": args.n_templates,
         "n_locate": args.n_locate,
+        "prior_weight": args.prior_weight if args.prior_weight is not None else covariances[layers[-1]].n_tokens,
         "seconds": round(time.perf_counter() - t0, 1),
         "torch": torch.__version__,
         "summary": summary.reset_index().to_dict(orient="records"),

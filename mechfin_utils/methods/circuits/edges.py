@@ -115,6 +115,9 @@ class EdgePatcher:
     On construction it records every sender's output on the clean and on the corrupted prompts of every batch,
     then measures the clean run (nothing patched) and the corrupted run (every edge patched; checked to equal a
     plain forward pass on the corrupted prompts). GPT-2 and Llama-family models (the functional forward pass).
+    Consecutive batches of the task (one token length each) are joined into right-padded batches of up to
+    ``max_batch_tokens`` prompts x tokens (:func:`padded_groups`), each prompt read at its own last token; 0 keeps
+    every batch apart.
     """
 
     def __init__(self, model, task: CircuitTask, *, max_batch_tokens: int = MAX_BATCH_TOKENS):

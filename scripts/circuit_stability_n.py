@@ -56,7 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-prompts", type=int, default=256, help="prompts scored (IOI: at most the rows that fit)")
     parser.add_argument("--steps", type=int, default=5, help="EAP-IG integration steps (notebook 10: 5)")
     parser.add_argument("--draws", type=int, default=20, help="disjoint-sample draws per n (notebook 10: 20)")
-    parser.add_argument("--chunk", type=int, default=64, help="prompts scored at once (memory)")
+    parser.add_argument(
+        "--chunk",
+        type=int,
+        default=64,
+        help="prompts scored at once (memory: the task's batches are at most this size)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.n_prompts < 4:
@@ -66,9 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     n_edges = headline_edges(model.slug, args.task)
     # 1. the task's prompts and their EAP-IG scores, per prompt
     if args.task == "greater-than":
-        task = circuit_tasks.greater_than_task(model, n_prompts=args.n_prompts, seed=args.seed)
+        task = circuit_tasks.greater_than_task(model, n_prompts=args.n_prompts, seed=args.seed, max_batch=args.chunk)
     else:
-        task = ioi.ioi_task(model, n_prompts=args.n_prompts, seed=args.seed).task
+        task = ioi.ioi_task(model, n_prompts=args.n_prompts, seed=args.seed, max_batch=args.chunk).task
     #    (in chunks of whole batches, at most --chunk prompts each: a patcher keeps every sender's output of its
     #    prompts, about 25 MB a greater-than prompt, so all of them at once would not fit in memory)
     chunks: list[list] = [[]]

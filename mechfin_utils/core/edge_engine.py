@@ -144,9 +144,14 @@ def run_edges(
     # EAP's time before), a split's backward joins the groups' gradients in one pass.
     offset_groups: dict[int, Tensor] = {}
     if receiver_offsets is not None:
-        group_sizes = [graph.receivers_per_layer - 1, 1] * graph.n_layers + [1]
-        starts = [sum(group_sizes[:i]) for i in range(len(group_sizes))]
-        offset_groups = dict(zip(starts, receiver_offsets.split(group_sizes)))
+        starts = [
+            r
+            for layer in range(graph.n_layers)
+            for r in (graph.attention_receivers(layer).start, graph.mlp_receiver(layer))
+        ]
+        starts.append(graph.logits_receiver)
+        sizes = [end - start for start, end in zip(starts, [*starts[1:], graph.n_receivers])]
+        offset_groups = dict(zip(starts, receiver_offsets.split(sizes)))
 
     def sent(output: Tensor) -> None:
         """Record a sender's output (the next sender number) and add it, and its patching source, to the sums."""

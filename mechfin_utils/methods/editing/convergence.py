@@ -37,9 +37,17 @@ from mechfin_utils.tasks.counterfact import CounterfactEdit
 SCORES = ("efficacy", "generalisation", "specificity", "p_new", "p_true")
 
 
-def _scores(model: LoadedModel, edit: CounterfactEdit) -> dict:
-    row = evaluate_edit(model, edit, n_generated=0)  # fluency is notebook 09's own table; not varied here
-    return {k: row[k] for k in SCORES}
+def _row(model: LoadedModel, edit: CounterfactEdit, varied: str, tokens: int, templates: int, cosine: float) -> dict:
+    """One row of :func:`edit_convergence`: the setting and the scores of the model as it is now (edited)."""
+    scores = evaluate_edit(model, edit, n_generated=0)  # fluency is notebook 09's own table; not varied here
+    return {
+        "edit_id": edit.request.edit_id,
+        "varied": varied,
+        "corpus_tokens": tokens,
+        "templates": templates,
+        "cosine_to_reference": cosine,
+        **{k: scores[k] for k in SCORES},
+    }
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -82,16 +90,7 @@ def edit_convergence(
         # 2. the reference edit: whole corpus, most templates
         with restoring(model, [layer]):
             reference = rome(model, edit.request, layer, full, prefixes_by_count[most], params)
-            rows.append(
-                {
-                    "edit_id": edit.request.edit_id,
-                    "varied": "reference",
-                    "corpus_tokens": full.n_tokens,
-                    "templates": most,
-                    "cosine_to_reference": 1.0,
-                    **_scores(model, edit),
-                }
-            )
+            rows.append(_row(model, edit, "reference", full.n_tokens, most, 1.0))
         # 3. corpus: the same value and keys, the direction from a smaller C
         target = reference.value.target - (bias.detach() if bias is not None else 0.0)
         for size in sizes.values():
@@ -103,16 +102,7 @@ def edit_convergence(
             with restoring(model, [layer]):
                 with torch.no_grad():
                     weight.add_(update)
-                rows.append(
-                    {
-                        "edit_id": edit.request.edit_id,
-                        "varied": "corpus",
-                        "corpus_tokens": covariance.n_tokens,
-                        "templates": most,
-                        "cosine_to_reference": _cosine(update, reference.update),
-                        **_scores(model, edit),
-                    }
-                )
+                rows.append(_row(model, edit, "corpus", covariance.n_tokens, most, _cosine(update, reference.update)))
         # 4. templates: the whole edit refitted with fewer
         for count, prefixes in sorted(prefixes_by_count.items()):
             if count == most:
@@ -120,14 +110,7 @@ def edit_convergence(
             with restoring(model, [layer]):
                 fewer = rome(model, edit.request, layer, full, prefixes, params)
                 rows.append(
-                    {
-                        "edit_id": edit.request.edit_id,
-                        "varied": "templates",
-                        "corpus_tokens": full.n_tokens,
-                        "templates": count,
-                        "cosine_to_reference": _cosine(fewer.update, reference.update),
-                        **_scores(model, edit),
-                    }
+                    _row(model, edit, "templates", full.n_tokens, count, _cosine(fewer.update, reference.update))
                 )
     return pd.DataFrame(rows)
 

@@ -162,3 +162,12 @@ def smollm2_tokenizer():
     from mechfin_utils.core.models import prepare_smollm2
 
     return AutoTokenizer.from_pretrained(prepare_smollm2(verbose=False))
+
+
+@pytest.fixture(scope="session")
+def hold_through_bridge_hooks():
+    """The reference for components held at the last position (notebook 12's mean ablation): bridge hooks that
+    overwrite each component's output at ``[:, -1]``, as a context manager (the bench's earlier path)."""
+    from mechfin_utils.tooling.bench.behaviour_scoring import held_through_bridge_hooks
+
+    return held_through_bridge_hooks

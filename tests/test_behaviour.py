@@ -141,11 +141,11 @@ def test_behaviour_table_rows():
 
 
 @pytest.mark.slow
-def test_bridge_scorer_honours_hooks_on_the_bridge(smollm2):
-    """A component held at the last position (notebook 12's mean ablation) acts through bridge hooks that read
-    ``[:, -1]``: inside it the scorer runs the bridge one length per batch, and each prompt gets its own held run."""
+def test_bridge_scorer_honours_hooks_on_the_bridge(smollm2, hold_through_bridge_hooks):
+    """Hooks of one's own on the bridge (here: a component held at the last position, read as ``[:, -1]``): inside
+    them the scorer runs the bridge one length per batch, and each prompt gets its own hooked run."""
     from mechfin_utils.core.head_labels import Node
-    from mechfin_utils.methods.patching.final_position import held_at_final_position, mean_outputs_at_final_position
+    from mechfin_utils.methods.patching.final_position import mean_outputs_at_final_position
 
     prompts = ["The capital of France is", "The capital of the United Kingdom is", "The capital of Spain is"]
     values = mean_outputs_at_final_position(smollm2, [prompts[1]], [Node(29)])
@@ -155,7 +155,7 @@ def test_bridge_scorer_honours_hooks_on_the_bridge(smollm2):
     assert not scorer._one_length_per_batch()  # so the padded path runs
     plain = scorer.logit_diffs(prompts)
     yes, no = smollm2.single_token_id(" Paris"), smollm2.single_token_id(" London")
-    with torch.no_grad(), held_at_final_position(smollm2, values):
+    with torch.no_grad(), hold_through_bridge_hooks(smollm2, values):
         assert scorer._one_length_per_batch()
         held = scorer.logit_diffs(prompts)
         one_by_one = [smollm2.bridge(smollm2.to_tokens(p))[0, -1] for p in prompts]
@@ -164,6 +164,56 @@ def test_bridge_scorer_honours_hooks_on_the_bridge(smollm2):
     assert np.abs(held - expected).max() <= tol
     assert np.abs(held - plain).max() > 100 * tol  # the hold changed the answers: the hooks were honoured
     assert np.abs(scorer.logit_diffs(prompts) - plain).max() <= tol  # and outside it, the plain path again
+
+
+@pytest.mark.slow
+def test_components_held_on_the_engine_equal_bridge_hooks(smollm2, hold_through_bridge_hooks):
+    """``BridgeScorer(held_at_last=...)`` (the engine: the last position recomputed from the earliest held layer)
+    against the bridge run whole with hooks, prompt by prompt: a head and an MLP held at their mean over prompts of
+    two token lengths (the batched mean checked against the mean of single-prompt records), scored on prompts of
+    three lengths."""
+    from mechfin_utils.core.functional import functional_model
+    from mechfin_utils.core.head_labels import Node
+    from mechfin_utils.methods.patching.final_position import mean_outputs_at_final_position
+
+    components = [Node(27, 4), Node(29), Node(28, 1)]
+    sources = ["The capital of the United Kingdom is", "The capital of Italy is", "The capital of Spain is"]
+    values = mean_outputs_at_final_position(smollm2, sources, components, batch_size=2)
+    fm = functional_model(smollm2)
+    with torch.no_grad():
+        records = [fm.record(smollm2.to_tokens(p), keep=("z", "mlp_out")) for p in sources]
+    for c in components:
+        by_hand = torch.stack(
+            [r.mlp_out[c.layer][0, -1] if c.head is None else r.z[c.layer][0, -1, c.head] for r in records]
+        ).mean(0)
+        assert torch.allclose(values[c], by_hand, rtol=0, atol=2 * rounding_tolerance(by_hand, smollm2)), c.name
+
+    prompts = ["The capital of France is", "The capital of Germany is", "The capital of the United States is"]
+    answers = (" Paris", " London")
+    held = BridgeScorer(smollm2, answers=answers, batch_size=8, held_at_last=values).logit_diffs(prompts)
+    plain = BridgeScorer(smollm2, answers=answers, batch_size=8).logit_diffs(prompts)
+    yes, no = smollm2.single_token_id(" Paris"), smollm2.single_token_id(" London")
+    with torch.no_grad(), hold_through_bridge_hooks(smollm2, values):
+        one_by_one = [smollm2.bridge(smollm2.to_tokens(p))[0, -1] for p in prompts]
+    expected = np.array([float(logits[yes] - logits[no]) for logits in one_by_one])
+    tol = 2 * rounding_tolerance(torch.stack(one_by_one), smollm2)
+    assert np.abs(held - expected).max() <= tol
+    assert np.abs(held - plain).max() > 100 * tol  # the held values changed the answers
+
+
+def test_held_components_are_checked():
+    """Wrong value sizes and components the model does not have are refused, every one at once, by name."""
+    from mechfin_utils.core import engine
+    from mechfin_utils.core.head_labels import Node
+
+    class Tiny:
+        d_model, d_head, n_layers, n_heads = 8, 4, 2, 2
+
+    with pytest.raises(ValueError) as error:
+        engine.final_normed_with_outputs_held(
+            Tiny(), torch.zeros(1, 3, dtype=torch.long), {Node(0, 1): torch.zeros(8), Node(2): torch.zeros(8)}
+        )
+    assert "L0H1: (8,) values, expected 4" in str(error.value) and "MLP2: no such component" in str(error.value)
 
 
 def test_auroc_interval_equals_ranking_every_resample():

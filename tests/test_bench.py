@@ -77,7 +77,7 @@ def test_bench_runs_and_writes_its_table(tiny_gpt2, tmp_path, monkeypatch, capsy
     table_rows = [
         line for line in (tmp_path / "latest.md").read_text().splitlines() if line.startswith("| GPT-2-shape")
     ]
-    assert len(table_rows) == 6  # two patching sweeps, two tracing rows, one edge-scoring row, one behaviour row
+    assert len(table_rows) == 7  # two patching sweeps, two tracing rows, one edge-scoring row, two behaviour rows
     rows = {row["component"]: row for row in result["rows"]}
     assert set(rows) == {"resid_pre", "attn_head_out_by_pos"}
     for row in rows.values():
@@ -101,12 +101,14 @@ def test_bench_runs_and_writes_its_table(tiny_gpt2, tmp_path, monkeypatch, capsy
     assert edges["circuit_seconds"] > 0 and edges["circuit_earlier_seconds"] > 0
     # the two sums give one metric, up to float32 sums taken in another order (relative 1e-4: ~800 float32 steps)
     assert edges["circuit_max_diff"] <= 1e-4 * max(1.0, edges["circuit_metric_scale"])
-    (behaviour,) = result["behaviour_rows"]
-    assert behaviour["prompts"] == 2 * len(screener_sets.load_split("mention_test_templates"))
-    assert behaviour["length_groups"] > 1  # the split's prompts differ in length: the padding is exercised
-    # the same logit differences both ways, up to float rounding of logits of this size (batch shapes differ)
-    assert behaviour["max_abs_diff"] <= 2 * rounding_tolerance(behaviour["largest_logit"], tiny_gpt2[0])
-    assert behaviour["speedup"] == pytest.approx(behaviour["earlier_seconds"] / behaviour["padded_seconds"])
+    plain, held = result["behaviour_rows"]
+    assert plain["scoring"] == "plain" and held["scoring"] == "L0H0, L0H1, MLP1 held at their mean"
+    for behaviour in (plain, held):
+        assert behaviour["prompts"] == 2 * len(screener_sets.load_split("mention_test_templates"))
+        assert behaviour["length_groups"] > 1  # the split's prompts differ in length: the padding is exercised
+        # the same logit differences both ways, up to float rounding of logits of this size (batch shapes differ)
+        assert behaviour["max_abs_diff"] <= 2 * rounding_tolerance(behaviour["largest_logit"], tiny_gpt2[0])
+        assert behaviour["speedup"] == pytest.approx(behaviour["earlier_seconds"] / behaviour["padded_seconds"])
 
 
 def test_trace_floor_of_one_restoration_is_counted_by_hand(tiny_gpt2):

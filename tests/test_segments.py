@@ -276,15 +276,11 @@ def test_final_position_patching_matches_hooks_on_the_plain_model(smollm2, unpro
     ).abs().max() < 1e-9
 
 
-def test_holding_a_component_at_the_answer_position_is_the_engines_patch(smollm2):
-    """The bridge-hook ablation that behaviour scoring runs under writes exactly what the engine's patch writes: a
-    component held at another prompt's value (its "mean" over that one prompt) gives the engine's patched score."""
+def test_holding_a_component_at_the_answer_position_is_the_engines_patch(smollm2, hold_through_bridge_hooks):
+    """Bridge hooks holding a component at another prompt's value (its "mean" over that one prompt) give the
+    engine's patched score: the patch and the hold are the same intervention."""
     from mechfin_utils.core.head_labels import Node
-    from mechfin_utils.methods.patching.final_position import (
-        held_at_final_position,
-        mean_outputs_at_final_position,
-        patch_at_final_position,
-    )
+    from mechfin_utils.methods.patching.final_position import mean_outputs_at_final_position, patch_at_final_position
 
     # prompts of two lengths whose answers differ a lot, so that one component's output at the end matters
     pair = FairLendingPair(
@@ -295,7 +291,7 @@ def test_holding_a_component_at_the_answer_position_is_the_engines_patch(smollm2
     for component in (Node(27, 4), Node(29)):
         engine_row = patch_at_final_position(smollm2, [pair], [component]).iloc[0]
         values = mean_outputs_at_final_position(smollm2, [pair.clean_prompt], [component])
-        with torch.no_grad(), held_at_final_position(smollm2, values):
+        with torch.no_grad(), hold_through_bridge_hooks(smollm2, values):
             logits = smollm2.bridge(smollm2.to_tokens(pair.corrupted_prompt))[0, -1]
         tol = 2 * rounding_tolerance(logits, smollm2)
         assert float(logits[yes] - logits[no]) == pytest.approx(engine_row.ld_patched, abs=tol), component

@@ -60,6 +60,7 @@ from torch import Tensor
 
 from mechfin_utils.core.edge_engine import EdgeRun, run_edges
 from mechfin_utils.core.functional import ForwardRecord, FunctionalTransformer, _linear, _rotate_half
+from mechfin_utils.core.head_labels import Node
 
 ReplaceSite = Literal["resid_pre", "z", "attn_out", "mlp_out"]
 REPLACE_SITES: tuple[str, ...] = ("resid_pre", "z", "attn_out", "mlp_out")
@@ -74,6 +75,8 @@ __all__ = [
     "ReplaceSite",
     "Segment",
     "chunk_by_rows",
+    "final_normed_with_outputs_held",
+    "output_replacement",
     "run",
     "run_edges",
 ]
@@ -478,3 +481,56 @@ def run(
     for i, tensor in zip(order, out):
         result[i] = tensor
     return result  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Components' outputs held at the last position (an ablation that runs with every prompt)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def output_replacement(component: Node, position: int, value: Tensor) -> Replace:
+    """The :class:`Replace` that writes ``value`` as ``component``'s output at ``position`` in every sequence of a
+    segment: a head's mixed values ``z`` (``value`` has ``d_head`` entries) or an MLP's output (``d_model``)."""
+    if component.head is None:
+        return Replace("mlp_out", component.layer, (position,), value.reshape(1, 1, -1))
+    return Replace("z", component.layer, (position,), value.reshape(1, 1, 1, -1), heads=(component.head,))
+
+
+@torch.no_grad()
+def final_normed_with_outputs_held(
+    fm: FunctionalTransformer, tokens: Int[Tensor, "batch pos"], held: dict[Node, Tensor]
+) -> Float[Tensor, "batch d_model"]:
+    """The final-normed residual stream at the last position of every prompt of ``tokens`` (one token length),
+    with each component of ``held`` writing its given value as its output at that position.
+
+    Stages:
+        1. one plain forward pass, recorded (the residual stream entering every layer, keys and values);
+        2. the last position only, continued from the earliest held layer with the held values written
+           (causal attention: no earlier position can see the last one, so nothing else changes).
+    A mean ablation at the answer position is this with each component's mean output.
+    """
+    if not held:
+        raise ValueError("final_normed_with_outputs_held: no component to hold")
+    wrong = [
+        f"{c.name}: {tuple(v.shape)} values, expected {fm.d_model if c.head is None else fm.d_head}"
+        for c, v in held.items()
+        if v.numel() != (fm.d_model if c.head is None else fm.d_head)
+    ] + [
+        f"{c.name}: no such component in {fm.n_layers} layers x {fm.n_heads} heads"
+        for c in held
+        if not 0 <= c.layer < fm.n_layers or (c.head is not None and not 0 <= c.head < fm.n_heads)
+    ]
+    if wrong:
+        raise ValueError("final_normed_with_outputs_held: " + "; ".join(wrong))
+    # 1. the plain run
+    record = fm.record(tokens, keep=("resid_pre", "k", "v"))
+    # 2. the last position, from the earliest held layer on
+    last, start = int(tokens.shape[1]) - 1, min(c.layer for c in held)
+    segment = Segment(
+        start,
+        last,
+        record.kept("resid_pre")[start][:, last:],
+        torch.arange(int(tokens.shape[0])),
+        [output_replacement(c, last, value) for c, value in held.items()],
+    )
+    return run(fm, [segment], record)[0][:, -1]

@@ -33,7 +33,9 @@ import pandas as pd
 import torch
 from jaxtyping import Float, Int
 
+from mechfin_utils.core import engine
 from mechfin_utils.core.functional import functional_model
+from mechfin_utils.core.head_labels import Node
 from mechfin_utils.core.stats import auroc, bootstrap_ci, paired_bootstrap_ci
 from mechfin_utils.tasks.fair_lending import FAIR_LENDING_ANSWERS, FairLendingPair
 
@@ -125,37 +127,53 @@ class BridgeScorer(_PaddedBatchScorer):
     """Scores prompts with a :class:`~mechfin_utils.core.models.LoadedModel` (its BOS decision applies), through
     its functional forward pass (the same weights; only the two answers' logits are computed at one position).
 
-    While forward hooks are attached to the bridge (an intervention such as
-    :func:`~mechfin_utils.methods.patching.final_position.held_at_final_position`), the functional pass would not see
-    them: the prompts then go through the bridge itself, one token length per batch, so that a hook reading the last
-    position as ``[:, -1]`` reads each prompt's last token.
+    ``held_at_last`` (component -> value) scores a model with those components' outputs at the last position held
+    at the given values (a head's ``z`` ``[d_head]``, an MLP's output ``[d_model]``): notebook 12's mean ablation
+    at the answer position, run by the intervention engine
+    (:func:`~mechfin_utils.core.engine.final_normed_with_outputs_held`), one token length per batch.
+
+    While forward hooks are attached to the bridge (any intervention of one's own), the functional pass would not
+    see them: the prompts then go through the bridge itself, one token length per batch, so that a hook reading the
+    last position as ``[:, -1]`` reads each prompt's last token.
     """
 
-    def __init__(self, model, answers: tuple[str, str] = FAIR_LENDING_ANSWERS, batch_size: int = 32):
+    def __init__(
+        self,
+        model,
+        answers: tuple[str, str] = FAIR_LENDING_ANSWERS,
+        batch_size: int = 32,
+        *,
+        held_at_last: dict[Node, torch.Tensor] | None = None,
+    ):
         self.model = model
-        self.name = model.name
+        self.name = model.name if not held_at_last else f"{model.name} ({', '.join(c.name for c in held_at_last)} held)"
         self.n_ctx = int(model.cfg.n_ctx)
         self.answers = answers
         self.batch_size = batch_size
+        self.held_at_last = dict(held_at_last or {})
 
     def _ids(self, prompt: str) -> list[int]:
         return self.model.token_ids(prompt)
 
     def _one_length_per_batch(self) -> bool:
-        return _bridge_is_hooked(self.model.bridge)
+        return bool(self.held_at_last) or _bridge_is_hooked(self.model.bridge)
 
     def _final_logit_diffs(
         self, tokens: Int[torch.Tensor, "batch pos"], last: Int[torch.Tensor, " batch"]
     ) -> Float[torch.Tensor, " batch"]:
         device = self.model.cfg.device
+        yes, no = (self.model.single_token_id(a) for a in self.answers)
         if _bridge_is_hooked(self.model.bridge):  # one length per batch here: every row ends at the last column
+            if self.held_at_last:
+                raise RuntimeError(f"{self.name}: hooks on the bridge and held components at once; use one of them")
             final = self.model.bridge(tokens.to(device))[:, -1, :]
-            yes, no = (self.model.single_token_id(a) for a in self.answers)
             return final[:, yes] - final[:, no]
         fm = functional_model(self.model)
-        normed = fm.final_normed_at(tokens.to(device), last.to(device))
-        answers = torch.tensor([[self.model.single_token_id(a) for a in self.answers]], device=device)
-        return fm.logit_diff(normed, answers)
+        if self.held_at_last:  # one length per batch here too
+            normed = engine.final_normed_with_outputs_held(fm, tokens.to(device), self.held_at_last)
+        else:
+            normed = fm.final_normed_at(tokens.to(device), last.to(device))
+        return fm.logit_diff(normed, torch.tensor([[yes, no]], device=device))
 
 
 def _bridge_is_hooked(bridge: torch.nn.Module) -> bool:

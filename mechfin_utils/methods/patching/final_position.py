@@ -26,8 +26,7 @@ mention: the shortcut).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -36,7 +35,6 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechfin_utils.core import engine
-from mechfin_utils.core.functional import FunctionalTransformer
 from mechfin_utils.core.head_labels import Node
 from mechfin_utils.core.models import LoadedModel
 from mechfin_utils.core.stats import bootstrap_distribution
@@ -50,13 +48,11 @@ def every_component(model: LoadedModel) -> list[Node]:
     return [c for layer in range(cfg.n_layers) for c in (*(Node(layer, h) for h in range(cfg.n_heads)), Node(layer))]
 
 
-def _replacement(fm: FunctionalTransformer, source, component: Node, source_last: int, target_last: int):
+def _replacement(source, component: Node, source_last: int, target_last: int) -> engine.Replace:
     """The engine's Replace of ``component``'s output at the target's last position by the source's."""
     if component.head is None:
-        values = source.mlp_out[component.layer][:, [source_last]]  # [1, 1, d_model]
-        return engine.Replace("mlp_out", component.layer, (target_last,), values)
-    values = source.z[component.layer][:, [source_last]][:, :, [component.head]]  # [1, 1, 1, d_head]
-    return engine.Replace("z", component.layer, (target_last,), values, heads=(component.head,))
+        return engine.output_replacement(component, target_last, source.mlp_out[component.layer][0, source_last])
+    return engine.output_replacement(component, target_last, source.z[component.layer][0, source_last, component.head])
 
 
 @torch.no_grad()
@@ -106,7 +102,7 @@ def patch_at_final_position(
                 target_last,
                 target.kept("resid_pre")[c.layer][:, target_last:],
                 torch.tensor([0]),
-                [_replacement(fm, source, c, source_last, target_last)],
+                [_replacement(source, c, source_last, target_last)],
             )
             for c in components
         ]
@@ -190,51 +186,29 @@ def compare_contrasts(shares: dict[str, pd.DataFrame]) -> pd.DataFrame:
 
 @torch.no_grad()
 def mean_outputs_at_final_position(
-    model: LoadedModel, prompts: Sequence[str], components: Sequence[Node]
+    model: LoadedModel, prompts: Sequence[str], components: Sequence[Node], *, batch_size: int = 32
 ) -> dict[Node, Tensor]:
     """Each component's output at the last position, averaged over ``prompts`` (any token lengths): a head's ``z``
-    ``[d_head]``, an MLP's output ``[d_model]``. The values a mean ablation writes."""
+    ``[d_head]``, an MLP's output ``[d_model]``. The values a mean ablation writes
+    (:class:`~mechfin_utils.screener.behaviour.BridgeScorer`'s ``held_at_last``). Prompts of one token length run
+    together, up to ``batch_size`` at a time."""
     if not prompts:
         raise ValueError("mean outputs need at least one prompt")
     fm = functional_model(model)
-    sums: dict[Node, Tensor] = {}
+    by_length: dict[int, list[list[int]]] = {}
     for prompt in prompts:
-        record = fm.record(model.to_tokens(prompt), keep=("z", "mlp_out"))
-        for c in components:
-            value = (
-                record.kept("mlp_out")[c.layer][0, -1] if c.head is None else record.kept("z")[c.layer][0, -1, c.head]
-            )
-            sums[c] = sums[c] + value if c in sums else value.clone()
+        ids = model.token_ids(prompt)
+        by_length.setdefault(len(ids), []).append(ids)
+    sums: dict[Node, Tensor] = {}
+    for rows in by_length.values():
+        for start in range(0, len(rows), batch_size):
+            tokens = torch.tensor(rows[start : start + batch_size], dtype=torch.long, device=model.cfg.device)
+            record = fm.record(tokens, keep=("z", "mlp_out"))
+            for c in components:
+                at_last = (
+                    record.kept("mlp_out")[c.layer][:, -1]
+                    if c.head is None
+                    else record.kept("z")[c.layer][:, -1, c.head]
+                )
+                sums[c] = sums[c] + at_last.sum(0) if c in sums else at_last.sum(0)
     return {c: total / len(prompts) for c, total in sums.items()}
-
-
-def _hook_name(component: Node) -> str:
-    return (
-        f"blocks.{component.layer}.hook_mlp_out" if component.head is None else f"blocks.{component.layer}.attn.hook_z"
-    )
-
-
-@contextmanager
-def held_at_final_position(model: LoadedModel, values: dict[Node, Tensor]) -> Iterator[None]:
-    """While active, every forward pass of ``model.bridge`` writes ``values[c]`` as component ``c``'s output at the
-    last position of every sequence (unpadded batches: while hooks are attached, behaviour's ``BridgeScorer`` runs one
-    token length per batch through the bridge), through the
-    bridge's hook points; nothing else changes. With mean values this is a mean ablation at the answer position."""
-    by_hook: dict[str, list[tuple[Node, Tensor]]] = {}
-    for component, value in values.items():
-        by_hook.setdefault(_hook_name(component), []).append((component, value))
-
-    def hook_for(entries: list[tuple[Node, Tensor]]):
-        def hook(activation: Tensor, hook) -> Tensor:
-            activation = activation.clone()
-            for component, value in entries:
-                if component.head is None:
-                    activation[:, -1] = value
-                else:
-                    activation[:, -1, component.head] = value
-            return activation
-
-        return hook
-
-    with model.bridge.hooks(fwd_hooks=[(name, hook_for(entries)) for name, entries in by_hook.items()]):
-        yield

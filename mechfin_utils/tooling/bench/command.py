@@ -196,14 +196,14 @@ def bench_model(name: str, args: argparse.Namespace, components: Sequence[str], 
     )
 
     # 5. Scoring prompts of any length (a screener's held-out split): padded batches against exact-length groups.
-    behaviour_row = bench_behaviour_scoring(model, model_label=label)
-    results.behaviour_rows.append(behaviour_row)
-    print(
-        f"   behaviour scoring: earlier {behaviour_row.earlier_seconds:.1f} s, padded "
-        f"{behaviour_row.padded_seconds:.1f} s ({behaviour_row.speedup:.1f}x), max |diff| "
-        f"{behaviour_row.max_abs_diff:.1e}",
-        flush=True,
-    )
+    for behaviour_row in bench_behaviour_scoring(model, model_label=label):
+        results.behaviour_rows.append(behaviour_row)
+        print(
+            f"   behaviour scoring ({behaviour_row.scoring}): earlier {behaviour_row.earlier_seconds:.1f} s, mechfin "
+            f"{behaviour_row.padded_seconds:.1f} s ({behaviour_row.speedup:.1f}x), max |diff| "
+            f"{behaviour_row.max_abs_diff:.1e}",
+            flush=True,
+        )
 
 
 def tables(results: BenchResults) -> str:
@@ -215,7 +215,8 @@ def tables(results: BenchResults) -> str:
         + "\n\nEdge-level scoring (every edge of the graph; exact per-edge patching timed on 8 edges and scaled):\n\n"
         + format_edge_table(results.edge_rows)
         + "\n\nScoring prompts of any length (a held-out split, both sides of every pair): padded batches against "
-        "exact-length groups:\n\n" + format_behaviour_table(results.behaviour_rows)
+        "exact-length groups through the bridge; plain, and with components held at the answer position (the "
+        "engine against bridge hooks):\n\n" + format_behaviour_table(results.behaviour_rows)
     )
 
 

@@ -14,7 +14,6 @@ It prints the curve and writes it to bench/results/circuit_stability_n.json (one
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -26,11 +25,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from mechfin_utils.core.models import load_model  # noqa: E402
-from mechfin_utils.methods.circuits.edges import EdgePatcher, edge_scores  # noqa: E402
+from mechfin_utils.methods.circuits.edges import edge_scores_in_chunks  # noqa: E402
 from mechfin_utils.methods.circuits.stability import stability_curve  # noqa: E402
 from mechfin_utils.methods.circuits.task_report import doubling_sizes  # noqa: E402
 from mechfin_utils.tasks import circuit_tasks, ioi  # noqa: E402
-from mechfin_utils.tasks.circuit_tasks import CircuitTask  # noqa: E402
 
 TASKS = ("greater-than", "IOI")
 RESULTS = REPO_ROOT / "figures" / "{model}" / "10_results.json"
@@ -76,21 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         task = ioi.ioi_task(model, n_prompts=args.n_prompts, seed=args.seed, max_batch=args.chunk).task
     #    (in chunks of whole batches, at most --chunk prompts each: a patcher keeps every sender's output of its
     #    prompts, about 25 MB a greater-than prompt, so all of them at once would not fit in memory)
-    chunks: list[list] = [[]]
-    for batch in task.batches:
-        if chunks[-1] and sum(b.batch_size for b in chunks[-1]) + batch.batch_size > args.chunk:
-            chunks.append([])
-        chunks[-1].append(batch)
-    parts = [
-        edge_scores(EdgePatcher(model, CircuitTask(task.name, task.metric_name, chunk)), "EAP-IG", steps=args.steps)
-        for chunk in chunks
-    ]
-    scores = dataclasses.replace(
-        parts[0],
-        ids=[i for part in parts for i in part.ids],
-        per_prompt=torch.cat([part.per_prompt for part in parts]),
-        seconds=sum(part.seconds for part in parts),
-    )
+    scores = edge_scores_in_chunks(model, task, ("EAP-IG",), steps=args.steps, max_prompts=args.chunk)["EAP-IG"]
     # 2. the curve: two disjoint samples of n, for n doubling up to half the pool
     curve = stability_curve(scores, n_edges, doubling_sizes(task.n_prompts), n_draws=args.draws, seed=args.seed)
     seconds = time.perf_counter() - started

@@ -444,3 +444,32 @@ def test_faithfulness_intervals_and_random_circuits_on_a_tiny_model():
     assert (row.faithfulness, row.low, row.high) == pytest.approx((np.mean(by_hand), min(by_hand), max(by_hand)))
     with pytest.raises(ValueError, match="n must be in"):
         ea.random_edges(patcher.graph, patcher.graph.n_edges + 1, generator)
+
+
+def test_scores_in_chunks_equal_one_patcher_and_reuse_the_first():
+    """Scores are per prompt, so a task cut into chunks (each with its own patcher, memory bounded) gives every
+    prompt the scores one patcher over the whole task gives, in the task's order. Batches of one prompt each, so that
+    every run's matrix products have the same shapes both ways: the two agree to the last bit."""
+    clean, corrupted = _pair(n=5, n_pos=6, seed=4)
+    whole = _task(clean, corrupted)
+    batch = whole.batches[0]
+    split = CircuitTask(
+        "toy",
+        "logit diff",
+        [CircuitBatch(clean[[i]], corrupted[[i]], batch.score, [batch.ids[i]]) for i in range(5)],
+    )
+    fm = FunctionalTransformer(_tiny_gpt2(seed=5), "tiny")
+    chunks = ea.task_chunks(split, 2)
+    assert [c.ids for c in chunks] == [["p0", "p1"], ["p2", "p3"], ["p4"]]
+    first = ea.EdgePatcher(fm, chunks[0])
+    chunked = ea.edge_scores_in_chunks(fm, split, steps=3, max_prompts=2, first=first)
+    one = ea.EdgePatcher(fm, split)
+    for method in ("EAP", "EAP-IG"):
+        reference = ea.edge_scores(one, method, steps=3)
+        assert chunked[method].ids == reference.ids == [f"p{i}" for i in range(5)]
+        tol = 4 * rounding_tolerance(reference.per_prompt, width=6 * 32 * 4, depth=3)
+        assert (chunked[method].per_prompt - reference.per_prompt).abs().max() <= tol, method
+        assert reference.per_prompt.abs().max() > 1e3 * tol  # scores far above the rounding
+    assert first.n_forward_passes > 2  # the first chunk was scored by the patcher it was given
+    with pytest.raises(ValueError, match="max_prompts must be >= 1"):
+        ea.task_chunks(split, 0)

@@ -35,6 +35,7 @@ Typical use::
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import time
 from collections.abc import Callable, Sequence
@@ -315,6 +316,51 @@ def edge_scores(patcher: EdgePatcher, method: Method = "EAP-IG", steps: int = 5)
         per_prompt=torch.cat(per_prompt).detach(),
         seconds=time.perf_counter() - started,
     )
+
+
+def task_chunks(task: CircuitTask, max_prompts: int) -> list[CircuitTask]:
+    """``task`` cut into consecutive tasks of whole batches, each of at most ``max_prompts`` prompts (a batch larger
+    than that is a chunk of its own): the first chunk is the task's first prompts."""
+    if max_prompts < 1:
+        raise ValueError(f"max_prompts must be >= 1, got {max_prompts}")
+    groups: list[list] = [[]]
+    for batch in task.batches:
+        if groups[-1] and sum(b.batch_size for b in groups[-1]) + batch.batch_size > max_prompts:
+            groups.append([])
+        groups[-1].append(batch)
+    return [CircuitTask(task.name, task.metric_name, group, notes=task.notes) for group in groups]
+
+
+def edge_scores_in_chunks(
+    model,
+    task: CircuitTask,
+    methods: Sequence[Method] = ("EAP", "EAP-IG"),
+    *,
+    steps: int = 5,
+    max_prompts: int = 32,
+    first: EdgePatcher | None = None,
+) -> dict[str, EdgeScores]:
+    """:func:`edge_scores` of every prompt of a task too large for one :class:`EdgePatcher` in memory (a patcher keeps
+    every sender's output on every prompt: about 25 MB a greater-than prompt on SmolLM2-135M). The task is cut into
+    chunks of whole batches (:func:`task_chunks`), each gets its own patcher in turn, and each method's per-prompt
+    scores are joined in the task's prompt order; scores are per prompt, so they equal one patcher's. ``first``: a
+    patcher already built on the first chunk (it is reused)."""
+    parts: dict[str, list[EdgeScores]] = {method: [] for method in methods}
+    for i, chunk in enumerate(task_chunks(task, max_prompts)):
+        patcher = first if i == 0 and first is not None and first.task.ids == chunk.ids else EdgePatcher(model, chunk)
+        for method in methods:
+            parts[method].append(edge_scores(patcher, method, steps=steps))
+        del patcher
+    return {
+        method: dataclasses.replace(
+            scores[0],
+            task_name=task.name,
+            ids=[i for part in scores for i in part.ids],
+            per_prompt=torch.cat([part.per_prompt for part in scores]),
+            seconds=sum(part.seconds for part in scores),
+        )
+        for method, scores in parts.items()
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------

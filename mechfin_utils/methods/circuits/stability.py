@@ -253,3 +253,36 @@ def stability_curve(
         n_draws=int(n_draws),
         table=pd.DataFrame(rows),
     )
+
+
+def stability_by_size(
+    scores: EdgeScores,
+    circuit_sizes: Sequence[int],
+    n: int,
+    *,
+    n_draws: int = 20,
+    seed: int = 0,
+    selection: str = "top-n",
+) -> pd.DataFrame:
+    """At ``n`` prompts per sample, the disjoint-sample Jaccard of circuits of each size in ``circuit_sizes`` (the same
+    draws for every size). A large circuit's boundary runs through many edges of nearly equal score, so it moves
+    between samples long after its core has settled: this table says how large a circuit the sample pins down.
+
+    One row per size: ``n_edges, n_prompts, jaccard_mean, jaccard_p05, jaccard_p95``."""
+    rows = []
+    for n_edges in circuit_sizes:
+        row = stability_curve(scores, n_edges, [n], n_draws=n_draws, seed=seed, selection=selection).table.iloc[0]
+        rows.append(
+            {
+                "n_edges": int(n_edges),
+                "n_prompts": int(n),
+                **{k: float(row[k]) for k in ("jaccard_mean", "jaccard_p05", "jaccard_p95")},
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def largest_stable_size(by_size: pd.DataFrame, threshold: float = STABLE_JACCARD) -> int | None:
+    """The largest circuit size of :func:`stability_by_size` whose mean Jaccard reaches ``threshold`` (None: none)."""
+    stable = by_size[by_size["jaccard_mean"] >= threshold]
+    return int(stable["n_edges"].max()) if not stable.empty else None

@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--prior-weight",
         type=float,
-        default=None,
-        help="MEMIT's prior weight lambda (default: the corpus's token count, as notebook 09 uses)",
+        default=editing.MEMIT_PRIOR_WEIGHT,
+        help="MEMIT's prior weight lambda (default: MEMIT's code's GPT-J value, as notebook 09 uses)",
     )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -99,9 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                 covariances,
                 prefixes,
                 targets=targets[:size],
-                covariance_weight=1.0
-                if args.prior_weight is None
-                else args.prior_weight / covariances[layers[-1]].n_tokens,
+                prior_weight=args.prior_weight,
             )
             for e in batch:
                 # specificity needs neighbours that were not edited themselves and whose answer is not the new object:
@@ -125,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         "n_corpus": args.n_corpus,
         "n_templates": args.n_templates,
         "n_locate": args.n_locate,
-        "prior_weight": args.prior_weight if args.prior_weight is not None else covariances[layers[-1]].n_tokens,
+        "prior_weight": args.prior_weight,
         "seconds": round(time.perf_counter() - t0, 1),
         "torch": torch.__version__,
         "summary": summary.reset_index().to_dict(orient="records"),

@@ -49,6 +49,35 @@ def test_key_covariance_matches_a_by_hand_second_moment(smollm2, corpus, covaria
     assert_close_up_to_rounding(covariance.matrix.double(), by_hand, smollm2, scale=2 * by_hand.abs().max())
 
 
+def test_every_layer_and_prefix_from_one_pass_match_by_hand(smollm2, corpus):
+    """Several layers and corpus prefixes from one pass (stopped at the deepest layer) against each layer's keys read
+    by hand, one text at a time: every estimate is E[k kᵀ] over its layer's keys of the first n texts; a prefix with
+    too few key vectors for an invertible C (half this corpus: ~1,000 keys for d_mlp 1,536) is None."""
+    layers, stops = [0, LAYER, LAYER + 2], [len(corpus) // 2, len(corpus)]
+    estimates = key_statistics.layer_prefix_covariances(smollm2, layers, corpus, stops)
+    assert sorted(estimates) == layers and all(sorted(e) == stops for e in estimates.values())
+    for layer in layers:
+        keys: list[torch.Tensor] = []
+        handle = hook_points.key_point(smollm2, layer).register_forward_hook(
+            lambda m, a, o, seen=keys: seen.append(o[0].double())
+        )
+        with torch.no_grad():
+            for row in corpus:
+                smollm2.hf_model(input_ids=torch.tensor([row]))
+        handle.remove()
+        d_mlp = keys[0].shape[1]
+        for stop in stops:
+            stacked = torch.cat(keys[:stop])
+            estimate = estimates[layer][stop]
+            if stacked.shape[0] <= d_mlp:
+                assert estimate is None, (layer, stop)
+                continue
+            by_hand = stacked.T @ stacked / stacked.shape[0]
+            assert estimate.layer == layer and estimate.n_tokens == stacked.shape[0]
+            assert_close_up_to_rounding(estimate.matrix.double(), by_hand, smollm2, scale=2 * by_hand.abs().max())
+    assert estimates[LAYER][len(corpus)] is not None and estimates[LAYER][len(corpus) // 2] is None
+
+
 def test_generated_corpus_is_cached_and_reused(smollm2, tmp_path, monkeypatch):
     monkeypatch.setenv("MECHFIN_CACHE", str(tmp_path))
     first = key_statistics.self_generated_corpus(smollm2, n_sequences=2, n_tokens=5, seed=1)
@@ -166,7 +195,7 @@ def test_memit_on_one_layer_and_one_edit_agrees_with_rome(smollm2, covariance):
     block_out = editing._block_output_at_subject(smollm2, hook_points.block_output_point(smollm2, LAYER), FRANCE, [""])
     with hook_points.restoring(smollm2, [LAYER]) as saved:
         targets = [ValueResult(block_out, block_out + delta)]
-        editing.memit(smollm2, [FRANCE], [LAYER], {LAYER: covariance}, [""], targets=targets, covariance_weight=1e-9)
+        editing.memit(smollm2, [FRANCE], [LAYER], {LAYER: covariance}, [""], targets=targets, prior_weight=2e-6)
         memit_update = hook_points.output_matrix(smollm2, LAYER).detach() - saved.saved[LAYER]
     torch.testing.assert_close(memit_update, rome_edit.update, rtol=1e-3, atol=1e-6)
 

@@ -24,6 +24,7 @@ from mechfin_utils.core.hook_points import (
 )
 from mechfin_utils.methods.editing.convergence import convergence_summary, edit_convergence
 from mechfin_utils.methods.editing.edits import (
+    MEMIT_PRIOR_WEIGHT,
     MemitEdit,
     RomeEdit,
     ValueParams,
@@ -49,12 +50,15 @@ from mechfin_utils.methods.editing.key_statistics import (
     KeyCovariance,
     covariance_convergence,
     key_covariance,
+    layer_prefix_covariances,
     prefix_covariances,
+    prefix_sizes,
     self_generated_corpus,
 )
 from mechfin_utils.methods.editing.locate import LayerChoice, choose_layer
 
 __all__ = [
+    "MEMIT_PRIOR_WEIGHT",
     "METRICS",
     "KeyCovariance",
     "LayerChoice",
@@ -73,6 +77,7 @@ __all__ = [
     "fine_tune",
     "generate_greedy",
     "key_covariance",
+    "layer_prefix_covariances",
     "memit",
     "memit_targets",
     "next_token_logits",
@@ -81,6 +86,7 @@ __all__ = [
     "output_matrix",
     "output_projection",
     "prefix_covariances",
+    "prefix_sizes",
     "rank_one_update",
     "restoring",
     "rome",

@@ -31,7 +31,7 @@ from mechfin_utils.core.hook_points import output_matrix, output_projection, res
 from mechfin_utils.core.models import LoadedModel
 from mechfin_utils.methods.editing.edits import ValueParams, rank_one_update, rome
 from mechfin_utils.methods.editing.evaluation import evaluate_edit
-from mechfin_utils.methods.editing.key_statistics import prefix_covariances
+from mechfin_utils.methods.editing.key_statistics import KeyCovariance, prefix_covariances, prefix_sizes
 from mechfin_utils.tasks.counterfact import CounterfactEdit
 
 SCORES = ("efficacy", "generalisation", "specificity", "p_new", "p_true")
@@ -63,11 +63,13 @@ def edit_convergence(
     *,
     fractions: Sequence[float] = (0.25, 0.5),
     params: ValueParams | None = None,
+    covariances: Mapping[int, KeyCovariance | None] | None = None,
 ) -> pd.DataFrame:
     """Stages 1-2 of the module docstring for every request in ``edits`` at ``layer``. ``prefixes_by_count``: context
     template sets by the number of generated templates (the largest is the reference); ``fractions``: the shares of
-    ``corpus`` the smaller covariances use; ``params``: the value fit (default: ROME's). One row per request and
-    setting, the reference included (cosine 1)."""
+    ``corpus`` the smaller covariances use; ``params``: the value fit (default: ROME's); ``covariances``: this layer's
+    ``{n texts: C}`` already computed (:func:`~mechfin_utils.methods.editing.key_statistics.layer_prefix_covariances`),
+    else one pass computes them. One row per request and setting, the reference included (cosine 1)."""
     params = params if params is not None else ValueParams()
     if not edits:
         raise ValueError("edit_convergence needs at least one edit")
@@ -76,9 +78,13 @@ def edit_convergence(
     bad = [f for f in fractions if not 0 < f < 1]
     if bad:
         raise ValueError(f"fractions must lie strictly between 0 and 1 (the whole corpus is the reference), got {bad}")
-    # 1. every covariance from one pass over the corpus
-    sizes = {f: max(1, round(len(corpus) * f)) for f in fractions}
-    covariances = prefix_covariances(model, layer, corpus, [*sizes.values(), len(corpus)])
+    # 1. every covariance from one pass over the corpus (or from the caller's)
+    sizes = prefix_sizes(len(corpus), fractions)
+    if covariances is None:
+        covariances = prefix_covariances(model, layer, corpus, [*sizes.values(), len(corpus)])
+    missing = [n for n in [*sizes.values(), len(corpus)] if n not in covariances]
+    if missing:
+        raise ValueError(f"edit_convergence: covariances has no covariance over the first {missing} texts")
     full = covariances[len(corpus)]
     if full is None:
         raise ValueError(f"edit_convergence: the corpus of {len(corpus)} texts is too small for an invertible C")

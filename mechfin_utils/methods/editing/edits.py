@@ -344,6 +344,15 @@ def memit_targets(
     return [optimise_value(model, block_output_point(model, last), r, prefixes, params) for r in requests]
 
 
+MEMIT_PRIOR_WEIGHT = 15_000.0
+"""MEMIT's ``λ``, the weight of the keys' second moment ``C = E[k kᵀ]`` against the new keys. The paper writes the prior
+as ``K₀K₀ᵀ`` over the layer's other keys, which is ``n_tokens × C``: then the prior's strength grows with the corpus
+used to *estimate* ``C``, and the edit weakens as the estimate improves (notebook 09 measured it: 3 of 4 facts
+edited with ``λ`` = 8,376 or 15,000, 1 of 4 with 33,504, the same ``C``). MEMIT's released code fixes ``λ`` per model
+instead (``mom2_update_weight``: 15,000 for GPT-J, 20,000 for GPT-2 XL), so the edit does not depend on how many
+tokens estimated ``C``; mechfin does the same, with GPT-J's value."""
+
+
 def memit(
     model: LoadedModel,
     requests: Sequence[EditRequest],
@@ -352,7 +361,7 @@ def memit(
     prefixes: Sequence[str],
     *,
     targets: Sequence[ValueResult] | None = None,
-    covariance_weight: float = 1.0,
+    prior_weight: float = MEMIT_PRIOR_WEIGHT,
     params: ValueParams = ValueParams(),
 ) -> MemitEdit:
     """Edit every request into the MLPs of ``layers``, in place (save the weights first:
@@ -361,8 +370,8 @@ def memit(
     Stages: (1) per request, the target residual ``z`` after the last layer (:func:`memit_targets`, or given);
     (2) for each layer in order: the keys ``K`` (``[d_mlp, n]``) at each subject's last token, the residual each
     request still lacks ``R = (z − h) / (layers left)`` (``h``: the current residual after the last layer), and
-    the least-squares update ``ΔW = R Kᵀ (λ·C + K Kᵀ)⁻¹`` (``λ = covariance_weight × n_tokens`` of ``C``'s
-    corpus: MEMIT's prior that the layer's other keys keep their values); (3) apply it before the next layer.
+    the least-squares update ``ΔW = R Kᵀ (λ·C + K Kᵀ)⁻¹`` (``λ = prior_weight``: MEMIT's prior that the layer's
+    other keys keep their values, :data:`MEMIT_PRIOR_WEIGHT`); (3) apply it before the next layer.
     """
     layers = sorted(set(layers))
     for layer in layers:
@@ -385,8 +394,7 @@ def memit(
         current = torch.stack([_block_output_at_subject(model, last_block, r, prefixes) for r in requests], dim=1)
         residual = (z - current) / (len(layers) - i)
         cov = covariances[layer]
-        lam = covariance_weight * cov.n_tokens
-        system = lam * cov.matrix.double() + keys.double() @ keys.double().T
+        system = prior_weight * cov.matrix.double() + keys.double() @ keys.double().T
         update = (residual.double() @ torch.linalg.solve(system, keys.double()).T).float()
         # 3. apply
         with torch.no_grad():

@@ -12,7 +12,8 @@ settled.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,31 +131,57 @@ class KeyCovariance:
         return torch.linalg.solve(self.matrix.double(), keys.double()).to(keys.dtype)
 
 
+def prefix_sizes(n_texts: int, fractions: Sequence[float]) -> dict[float, int]:
+    """The number of corpus texts each fraction of a corpus of ``n_texts`` stands for (at least one)."""
+    return {fraction: max(1, round(n_texts * fraction)) for fraction in fractions}
+
+
 @torch.no_grad()
-def prefix_covariances(
-    model: LoadedModel, layer: int, corpus: Sequence[Sequence[int]], stops: Sequence[int], batch_size: int = 16
-) -> dict[int, KeyCovariance | None]:
-    """One pass over ``corpus``: the keys' second moment over its first ``n`` texts for each ``n`` in ``stops``
-    (None where too few key vectors make it singular). BOS rows are left out; each forward stops at ``layer``."""
-    d_mlp = output_matrix(model, layer).shape[1]
+def layer_prefix_covariances(
+    model: LoadedModel,
+    layers: Sequence[int],
+    corpus: Sequence[Sequence[int]],
+    stops: Sequence[int],
+    batch_size: int = 16,
+) -> dict[int, dict[int, KeyCovariance | None]]:
+    """One pass over ``corpus``: for every layer in ``layers``, the keys' second moment over the corpus's first ``n``
+    texts for each ``n`` in ``stops`` (None where too few key vectors make it singular): ``{layer: {n: C}}``. BOS
+    rows are left out; each forward stops at the deepest layer asked for. Every covariance a notebook needs (the
+    edited layers, a runner-up, the prefixes of a convergence check) costs one pass, not one each."""
+    layers, wanted = sorted(set(layers)), set(stops)
+    if not layers:
+        raise ValueError("layer_prefix_covariances: no layer asked for")
+    d_mlp = {layer: output_matrix(model, layer).shape[1] for layer in layers}
     first = 1 if model.prepend_bos else 0  # the BOS key is the same in every text: leave it out
-    wanted, out = set(stops), {}
-    total, count, done = None, 0, 0
-    with reading_keys(model, layer, stop=True) as seen:
+    totals: dict[int, Tensor] = {}
+    out: dict[int, dict[int, KeyCovariance | None]] = {layer: {} for layer in layers}
+    count = done = 0
+    with ExitStack() as stack:
+        seen = {layer: stack.enter_context(reading_keys(model, layer, stop=layer == layers[-1])) for layer in layers}
         for start in range(0, len(corpus), batch_size):
             rows = corpus[start : start + batch_size]
             try:
                 padded_logits(model, rows)
             except KeysRead:
                 pass
-            keys = seen.pop()
+            keys = {layer: seen[layer].pop() for layer in layers}
             for i, row in enumerate(rows):
-                k = keys[i, first : len(row)].double()
-                total = k.T @ k if total is None else total + k.T @ k
-                count, done = count + k.shape[0], done + 1
+                for layer in layers:
+                    k = keys[layer][i, first : len(row)].double()
+                    totals[layer] = k.T @ k if layer not in totals else totals[layer] + k.T @ k
+                count, done = count + len(row) - first, done + 1
                 if done in wanted:
-                    out[done] = KeyCovariance(layer, (total / count).float(), count) if count > d_mlp else None
+                    for layer in layers:
+                        estimate = (totals[layer] / count).float()
+                        out[layer][done] = KeyCovariance(layer, estimate, count) if count > d_mlp[layer] else None
     return out
+
+
+def prefix_covariances(
+    model: LoadedModel, layer: int, corpus: Sequence[Sequence[int]], stops: Sequence[int], batch_size: int = 16
+) -> dict[int, KeyCovariance | None]:
+    """:func:`layer_prefix_covariances` of one layer: ``{n: C over the first n texts}``."""
+    return layer_prefix_covariances(model, [layer], corpus, stops, batch_size)[layer]
 
 
 def key_covariance(
@@ -178,12 +205,19 @@ def covariance_convergence(
     corpus: Sequence[Sequence[int]],
     probe_keys: Float[Tensor, "d_mlp n"],
     fractions: Sequence[float] = (0.125, 0.25, 0.5, 1.0),
+    *,
+    estimates: Mapping[int, KeyCovariance | None] | None = None,
 ) -> list[dict]:
     """How the estimate settles as the corpus grows: for each fraction of ``corpus``, the tokens used and the mean
     cosine between ``C⁻¹k`` (ROME's update direction) for ``probe_keys`` and the same from the whole corpus.
-    Every prefix comes from one pass over the corpus."""
-    sizes = {fraction: max(1, round(len(corpus) * fraction)) for fraction in fractions}
-    estimates = prefix_covariances(model, layer, corpus, [*sizes.values(), len(corpus)])
+    Every prefix comes from one pass over the corpus; ``estimates`` (``{n texts: C}`` of this layer, from
+    :func:`layer_prefix_covariances`) saves even that."""
+    sizes = prefix_sizes(len(corpus), fractions)
+    if estimates is None:
+        estimates = prefix_covariances(model, layer, corpus, [*sizes.values(), len(corpus)])
+    missing = [n for n in [*sizes.values(), len(corpus)] if n not in estimates]
+    if missing:
+        raise ValueError(f"covariance_convergence: estimates has no covariance over the first {missing} texts")
     full = estimates[len(corpus)]
     if full is None:
         full = key_covariance(model, layer, corpus)  # raises, naming the count

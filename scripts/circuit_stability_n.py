@@ -1,12 +1,16 @@
 """How many prompts make an edge circuit stable? Notebook 10's stability curve, taken to larger samples.
 
-Notebook 10 scores 32 prompts per task within `make figures`' time budget, so its stability curves stop at two
-disjoint samples of 16, where no circuit reaches a Jaccard overlap of 0.8. This script scores more prompts of a task
+Notebook 10 scores 32 prompts for IOI and the screener's fair lending (128 for greater-than) within `make figures`'
+time budget, so its stability curves stop at two disjoint samples of 16 (64), where no circuit reaches a Jaccard
+overlap of 0.8. This script scores more prompts of a task
 with EAP-IG (per prompt, as notebook 10 does) and continues the curve: the circuit is notebook 10's headline size for
 that task (read from its committed results), chosen by top-n from each of two disjoint samples of n prompts, for n
 doubling up to half the pool. No forward pass beyond the scoring. Run from the repository root:
 
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/circuit_stability_n.py --task greater-than --n-prompts 256
+
+``--task "fair lending"`` scores the default screener (``--model``'s screener) on the paper-style pairs, as notebook 10
+does (pairs of every token length; the headline size is read from the screener's results).
 
 It prints the curve and writes it to bench/results/circuit_stability_n.json (one entry per task, kept across runs).
 """
@@ -30,7 +34,7 @@ from mechfin_utils.methods.circuits.stability import stability_curve  # noqa: E4
 from mechfin_utils.methods.circuits.task_report import doubling_sizes  # noqa: E402
 from mechfin_utils.tasks import circuit_tasks, ioi  # noqa: E402
 
-TASKS = ("greater-than", "IOI")
+TASKS = ("greater-than", "IOI", "fair lending")
 RESULTS = REPO_ROOT / "figures" / "{model}" / "10_results.json"
 OUT = REPO_ROOT / "bench" / "results" / "circuit_stability_n.json"
 
@@ -41,7 +45,7 @@ def headline_edges(model_slug: str, task: str) -> int:
     if not path.is_file():
         raise SystemExit(f"{path.relative_to(REPO_ROOT)} is missing: run `make figures` first (notebook 10)")
     rows = json.loads(path.read_text())["results"]["circuit_summary"]
-    sizes = {row["task"]: int(row["circuit_edges"]) for row in rows}
+    sizes = {row["task"].replace("fair-lending", "fair lending"): int(row["circuit_edges"]) for row in rows}
     if task not in sizes:
         raise SystemExit(f"{path.relative_to(REPO_ROOT)} has no circuit for {task!r}; it has {sorted(sizes)}")
     return sizes[task]
@@ -65,13 +69,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.n_prompts < 4:
         parser.error(f"--n-prompts must be at least 4 (two disjoint samples of 2), got {args.n_prompts}")
     started = time.perf_counter()
-    model = load_model(args.model, verbose=False)
-    n_edges = headline_edges(model.slug, args.task)
+    model = load_model(args.model + ("-screener" if args.task == "fair lending" else ""), verbose=False)
+    n_edges = headline_edges(args.model, args.task)  # the closing table is in the base model's results
     # 1. the task's prompts and their EAP-IG scores, per prompt
     if args.task == "greater-than":
         task = circuit_tasks.greater_than_task(model, n_prompts=args.n_prompts, seed=args.seed, max_batch=args.chunk)
-    else:
+    elif args.task == "IOI":
         task = ioi.ioi_task(model, n_prompts=args.n_prompts, seed=args.seed, max_batch=args.chunk).task
+    else:
+        task = circuit_tasks.fair_lending_task(model, n_pairs=args.n_prompts, seed=args.seed, max_batch=args.chunk)
     #    (in chunks of whole batches, at most --chunk prompts each: a patcher keeps every sender's output of its
     #    prompts, about 25 MB a greater-than prompt, so all of them at once would not fit in memory)
     scores = edge_scores_in_chunks(model, task, ("EAP-IG",), steps=args.steps, max_prompts=args.chunk)["EAP-IG"]

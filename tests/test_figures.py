@@ -7,6 +7,7 @@ Static export tests need Chrome/Chromium (``make setup`` installs Debian's); the
 from __future__ import annotations
 
 import json
+import re
 import struct
 import subprocess
 import sys
@@ -198,12 +199,28 @@ def test_save_html_accepts_inlined_circuitsvis_and_refuses_cdn(figures_dir):
     )
     assert path == figures_dir / "test-model-1m" / "01_attention.html"
     html = path.read_text(encoding="utf-8")
-    assert view.local_src in html
+    assert figures.fixed_view_ids(view.local_src, "01-attention") in html  # the view, its random id made fixed
     assert "<title>Attention patterns — Test-Model 1M</title>" in html
     assert figures.remote_references(html) == []
     # the object itself works too (its .local_src is used); the default title names the model
     html = figures.save_html(view, model=MODEL, notebook="01", name="attention2").read_text(encoding="utf-8")
     assert "<title>attention2 — Test-Model 1M</title>" in html
+
+
+def test_a_view_saved_twice_gives_the_same_bytes(figures_dir):
+    """circuitsvis gives every render a random element id; saved, each becomes a fixed one, everywhere it occurs, so an
+    unchanged view adds nothing to the repository and the page still finds its element."""
+    import circuitsvis as cv
+
+    attention = np.eye(3)[None].repeat(2, 0)
+    first, second = (cv.attention.attention_patterns(tokens=["a", "b", "c"], attention=attention) for _ in range(2))
+    assert first.local_src != second.local_src  # a fresh random id per render
+    random_id = re.search(r"circuits-vis-[0-9a-f]{8}-[0-9a-f]{4}", first.local_src).group(0)
+    n_uses = first.local_src.count(random_id)
+    saved = [figures.save_html(v, model=MODEL, notebook="01", name="attention").read_bytes() for v in (first, second)]
+    assert saved[0] == saved[1]
+    html = saved[0].decode("utf-8")
+    assert random_id not in html and html.count("circuits-vis-01-attention-0") == n_uses >= 2
 
 
 @pytest.mark.parametrize(

@@ -338,6 +338,7 @@ def save_html(
         title = f"{name} — {model_name}"
     elif model_name not in title:
         raise ValueError(f"title must contain the model's display name {model_name!r}, got {title!r}")
+    html = fixed_view_ids(html, f"{notebook}-{name}")
     safe_title = html_lib.escape(title)
     document = (
         '<!DOCTYPE html>\n<html>\n<head>\n<meta charset="utf-8" />\n'
@@ -347,6 +348,23 @@ def save_html(
     )
     write_atomically(path, document.encode("utf-8"))
     return path
+
+
+_CIRCUITSVIS_ID = re.compile(r"circuits-vis-[0-9a-f]{8}-[0-9a-f]{4}")
+
+
+def fixed_view_ids(html: str, stem: str) -> str:
+    """circuitsvis names each view's element ``circuits-vis-<random>`` (a fresh uuid on every render), so the same view
+    saved twice would differ and every ``make figures`` would rewrite megabytes of unchanged HTML. Each distinct
+    random id becomes ``circuits-vis-<stem>-<k>`` (``k`` in order of first appearance), everywhere it occurs, so that
+    the page still finds its element."""
+    order: dict[str, str] = {}
+    safe = re.sub(r"[^0-9A-Za-z_-]", "-", stem)
+
+    def fixed(match: re.Match[str]) -> str:
+        return order.setdefault(match.group(0), f"circuits-vis-{safe}-{len(order)}")
+
+    return _CIRCUITSVIS_ID.sub(fixed, html)
 
 
 # ---------------------------------------------------------------------------------------------------------

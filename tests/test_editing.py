@@ -300,3 +300,14 @@ def test_an_edit_given_the_same_corpus_twice_over_does_not_move_and_fewer_templa
     summary = convergence.convergence_summary(table).set_index("varied")
     assert summary.loc["corpus", "largest_change_efficacy"] == 0.0
     assert summary.loc["templates", "mean_cosine_to_reference"] == rows.loc["templates", "cosine_to_reference"]
+
+
+def test_covariances_given_for_the_fractions_are_checked_not_recomputed():
+    """Covariances computed once for a notebook are used as given when they hold every prefix a check needs (no model
+    pass: the model argument is not touched), and refused, naming the missing prefix, when they do not."""
+    corpus = [[1, 2, 3]] * 8
+    given = {4: None, 8: None}
+    sizes, used = key_statistics.fraction_covariances(None, 0, corpus, (0.5,), given)
+    assert sizes == {0.5: 4} and used is given
+    with pytest.raises(ValueError, match=r"edit_convergence: the covariances given have none over the first \[2\]"):
+        key_statistics.fraction_covariances(None, 0, corpus, (0.25, 0.5), given, caller="edit_convergence")

@@ -31,7 +31,7 @@ from mechfin_utils.core.hook_points import output_matrix, output_projection, res
 from mechfin_utils.core.models import LoadedModel
 from mechfin_utils.methods.editing.edits import ValueParams, rank_one_update, rome
 from mechfin_utils.methods.editing.evaluation import evaluate_edit
-from mechfin_utils.methods.editing.key_statistics import KeyCovariance, prefix_covariances, prefix_sizes
+from mechfin_utils.methods.editing.key_statistics import KeyCovariance, fraction_covariances
 from mechfin_utils.tasks.counterfact import CounterfactEdit
 
 SCORES = ("efficacy", "generalisation", "specificity", "p_new", "p_true")
@@ -79,12 +79,7 @@ def edit_convergence(
     if bad:
         raise ValueError(f"fractions must lie strictly between 0 and 1 (the whole corpus is the reference), got {bad}")
     # 1. every covariance from one pass over the corpus (or from the caller's)
-    sizes = prefix_sizes(len(corpus), fractions)
-    if covariances is None:
-        covariances = prefix_covariances(model, layer, corpus, [*sizes.values(), len(corpus)])
-    missing = [n for n in [*sizes.values(), len(corpus)] if n not in covariances]
-    if missing:
-        raise ValueError(f"edit_convergence: covariances has no covariance over the first {missing} texts")
+    sizes, covariances = fraction_covariances(model, layer, corpus, fractions, covariances, caller="edit_convergence")
     full = covariances[len(corpus)]
     if full is None:
         raise ValueError(f"edit_convergence: the corpus of {len(corpus)} texts is too small for an invertible C")

@@ -199,6 +199,27 @@ def key_covariance(
     return estimate
 
 
+def fraction_covariances(
+    model: LoadedModel,
+    layer: int,
+    corpus: Sequence[Sequence[int]],
+    fractions: Sequence[float],
+    given: Mapping[int, KeyCovariance | None] | None = None,
+    *,
+    caller: str = "fraction_covariances",
+) -> tuple[dict[float, int], Mapping[int, KeyCovariance | None]]:
+    """The texts each fraction of ``corpus`` stands for, and this layer's ``{n texts: C}`` for those and the whole
+    corpus: ``given`` (from :func:`layer_prefix_covariances`), checked to hold every one, else one pass."""
+    sizes = prefix_sizes(len(corpus), fractions)
+    needed = [*sizes.values(), len(corpus)]
+    if given is None:
+        return sizes, prefix_covariances(model, layer, corpus, needed)
+    missing = [n for n in needed if n not in given]
+    if missing:
+        raise ValueError(f"{caller}: the covariances given have none over the first {missing} texts")
+    return sizes, given
+
+
 def covariance_convergence(
     model: LoadedModel,
     layer: int,
@@ -212,12 +233,7 @@ def covariance_convergence(
     cosine between ``C⁻¹k`` (ROME's update direction) for ``probe_keys`` and the same from the whole corpus.
     Every prefix comes from one pass over the corpus; ``estimates`` (``{n texts: C}`` of this layer, from
     :func:`layer_prefix_covariances`) saves even that."""
-    sizes = prefix_sizes(len(corpus), fractions)
-    if estimates is None:
-        estimates = prefix_covariances(model, layer, corpus, [*sizes.values(), len(corpus)])
-    missing = [n for n in [*sizes.values(), len(corpus)] if n not in estimates]
-    if missing:
-        raise ValueError(f"covariance_convergence: estimates has no covariance over the first {missing} texts")
+    sizes, estimates = fraction_covariances(model, layer, corpus, fractions, estimates, caller="covariance_convergence")
     full = estimates[len(corpus)]
     if full is None:
         full = key_covariance(model, layer, corpus)  # raises, naming the count

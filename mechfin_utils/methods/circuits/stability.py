@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -207,6 +207,29 @@ class StabilityCurve:
         }
 
 
+def _check_draws(scores: EdgeScores, sizes: Sequence[int], n_draws: int, selection: str) -> None:
+    """Every sample size must leave room for two disjoint samples; at least two draws; a known selection rule."""
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {sorted(SELECTIONS)}, got {selection!r}")
+    pool = scores.per_prompt.shape[0]
+    too_big = [int(n) for n in sizes if not 1 <= 2 * int(n) <= pool]
+    if too_big:
+        raise ValueError(f"sizes {too_big} need more than the {pool} scored prompts (two disjoint sets of n each)")
+    if n_draws < 2:
+        raise ValueError(f"n_draws must be at least 2, got {n_draws}")
+
+
+def _disjoint_means(
+    scores: EdgeScores, n: int, n_draws: int, generator: torch.Generator
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """``n_draws`` times: a random permutation of the prompts cut into two disjoint sets of ``n``, and each set's mean
+    scores ``[n_senders, n_receivers]``."""
+    pool = scores.per_prompt.shape[0]
+    for _ in range(n_draws):
+        order = torch.randperm(pool, generator=generator)
+        yield scores.per_prompt[order[:n]].mean(0), scores.per_prompt[order[n : 2 * n]].mean(0)
+
+
 def stability_curve(
     scores: EdgeScores,
     n_edges: int,
@@ -220,23 +243,14 @@ def stability_curve(
     permutation of the prompts into two disjoint sets of ``n``, choose a circuit of ``n_edges`` edges from each
     set's mean scores, and record the Jaccard overlap of the two circuits and the Spearman correlation of the two
     sets' scores over every edge of the graph. No forward pass."""
-    if selection not in SELECTIONS:
-        raise ValueError(f"selection must be one of {sorted(SELECTIONS)}, got {selection!r}")
-    pool = scores.per_prompt.shape[0]
-    too_big = [int(n) for n in sizes if not 1 <= 2 * int(n) <= pool]
-    if too_big:
-        raise ValueError(f"sizes {too_big} need more than the {pool} scored prompts (two disjoint sets of n each)")
-    if n_draws < 2:
-        raise ValueError(f"n_draws must be at least 2, got {n_draws}")
-    choose, graph = SELECTIONS[selection], scores.graph
+    _check_draws(scores, sizes, n_draws, selection)
+    choose, graph, pool = SELECTIONS[selection], scores.graph, int(scores.per_prompt.shape[0])
     on_graph = graph.valid().flatten()
     generator = torch.Generator().manual_seed(seed)
     rows = []
     for n in sorted({int(n) for n in sizes}):
         overlaps, correlations = [], []
-        for _ in range(n_draws):
-            order = torch.randperm(pool, generator=generator)
-            first, second = (scores.per_prompt[order[i * n : (i + 1) * n]].mean(0) for i in (0, 1))
+        for first, second in _disjoint_means(scores, n, n_draws, generator):
             overlaps.append(jaccard(choose(first, graph, n_edges), choose(second, graph, n_edges)))
             correlations.append(spearman(first.flatten()[on_graph], second.flatten()[on_graph]))
         row: dict[str, Any] = {"n_prompts": n}
@@ -269,14 +283,22 @@ def stability_by_size(
     between samples long after its core has settled: this table says how large a circuit the sample pins down.
 
     One row per size: ``n_edges, n_prompts, jaccard_mean, jaccard_p05, jaccard_p95``."""
+    _check_draws(scores, [n], n_draws, selection)
+    choose, graph = SELECTIONS[selection], scores.graph
+    overlaps: dict[int, list[float]] = {int(size): [] for size in circuit_sizes}
+    for first, second in _disjoint_means(scores, n, n_draws, torch.Generator().manual_seed(seed)):
+        for size, values in overlaps.items():
+            values.append(jaccard(choose(first, graph, size), choose(second, graph, size)))
     rows = []
-    for n_edges in circuit_sizes:
-        row = stability_curve(scores, n_edges, [n], n_draws=n_draws, seed=seed, selection=selection).table.iloc[0]
+    for size, values in overlaps.items():
+        low, high = np.quantile(values, [0.05, 0.95])
         rows.append(
             {
-                "n_edges": int(n_edges),
+                "n_edges": size,
                 "n_prompts": int(n),
-                **{k: float(row[k]) for k in ("jaccard_mean", "jaccard_p05", "jaccard_p95")},
+                "jaccard_mean": float(np.mean(values)),
+                "jaccard_p05": float(low),
+                "jaccard_p95": float(high),
             }
         )
     return pd.DataFrame(rows)

@@ -37,6 +37,7 @@ from mechfin_utils.core import engine
 from mechfin_utils.core.functional import functional_model
 from mechfin_utils.core.head_labels import Node
 from mechfin_utils.core.stats import auroc, bootstrap_ci, paired_bootstrap_ci
+from mechfin_utils.screener.score_cache import RunScoreCache, run_cache_folder, weights_fingerprint
 from mechfin_utils.tasks.fair_lending import FAIR_LENDING_ANSWERS, FairLendingPair
 
 N_CALIBRATION_BINS = 10
@@ -87,6 +88,10 @@ class _PaddedBatchScorer:
         reads the last position as ``[:, -1]``."""
         return False
 
+    def _run_cache(self) -> RunScoreCache | None:
+        """Where this run's scores are shared (see :mod:`~mechfin_utils.screener.score_cache`); None: nowhere."""
+        return None
+
     def token_count(self, prompt: str) -> int:
         return len(self._ids(prompt))
 
@@ -100,8 +105,15 @@ class _PaddedBatchScorer:
             raise PromptTooLongError(
                 f"{len(too_long)} prompt(s) exceed {self.name}'s context of {self.n_ctx} tokens: " + ", ".join(too_long)
             )
-        # 2. shortest first, so that each batch pads little (or not at all, when hooks need one length per batch)
-        order = sorted(range(len(prompts)), key=lambda i: (len(token_rows[i]), i))
+        # 2. what this run has scored already (``make figures`` shares scores between notebooks: score_cache)
+        out = np.empty(len(prompts), dtype=np.float64)
+        cache = self._run_cache()
+        known = cache.lookup(token_rows) if cache is not None else {}
+        for i, value in known.items():
+            out[i] = value
+        # 3. the rest shortest first, so that each batch pads little (or not at all, when hooks need one length per
+        #    batch)
+        order = sorted((i for i in range(len(prompts)) if i not in known), key=lambda i: (len(token_rows[i]), i))
         one_length = self._one_length_per_batch()
         chunks: list[list[int]] = []
         for i in order:
@@ -110,16 +122,17 @@ class _PaddedBatchScorer:
             if not chunks or full or new_length:
                 chunks.append([])
             chunks[-1].append(i)
-        out = np.empty(len(prompts), dtype=np.float64)
         for chunk in chunks:
-            # 3. right-pad to the batch's longest prompt (token 0: any id will do, nothing before it can see it)
+            # 4. right-pad to the batch's longest prompt (token 0: any id will do, nothing before it can see it)
             width = max(len(token_rows[i]) for i in chunk)
             tokens = torch.zeros((len(chunk), width), dtype=torch.long)
             for row, i in enumerate(chunk):
                 tokens[row, : len(token_rows[i])] = torch.tensor(token_rows[i], dtype=torch.long)
             last = torch.tensor([len(token_rows[i]) - 1 for i in chunk], dtype=torch.long)
-            # 4. each row read at its own last token
+            # 5. each row read at its own last token
             out[chunk] = self._final_logit_diffs(tokens, last).double().cpu().numpy()
+        if cache is not None and order:
+            cache.store([token_rows[i] for i in order], out[order].tolist())
         return out
 
 
@@ -157,6 +170,13 @@ class BridgeScorer(_PaddedBatchScorer):
 
     def _one_length_per_batch(self) -> bool:
         return bool(self.held_at_last) or _bridge_is_hooked(self.model.bridge)
+
+    def _run_cache(self) -> RunScoreCache | None:
+        folder = run_cache_folder()
+        if folder is None or self.held_at_last or _bridge_is_hooked(self.model.bridge):  # only plain passes shared
+            return None
+        answer_ids = (self.model.single_token_id(self.answers[0]), self.model.single_token_id(self.answers[1]))
+        return RunScoreCache(folder, weights_fingerprint(self.model.hf_model), answer_ids)
 
     def _final_logit_diffs(
         self, tokens: Int[torch.Tensor, "batch pos"], last: Int[torch.Tensor, " batch"]

@@ -15,6 +15,8 @@ the last recorded times). On two cores that finishes the whole set sooner than o
 threads, because much of a notebook (many small forward passes, plotting, loading) does not use the second thread
 well; each notebook's own time is then longer than it would be alone, and the manifest says it ran beside another.
 The screener's training is guarded by a file lock, so two notebooks that need it never train it twice.
+The notebooks of one run share the logit differences they compute (``$MECHFIN_SCORE_CACHE``, a folder of this run
+that goes when it ends; :mod:`mechfin_utils.screener.score_cache`): notebooks 08 and 12 score the same held-out sets.
 
 **Nothing half-written.** Each notebook runs in a process of its own, writes into a staging folder of its own, and
 its outputs move into ``figures/`` (each file with an atomic rename) only once it has finished; a run stopped part-way
@@ -55,6 +57,7 @@ from mechfin_utils.core.models import (
 )
 from mechfin_utils.core.paths import REPO_ROOT, write_atomically
 from mechfin_utils.reporting.figures import FIGURES_DIR_ENV, figures_root
+from mechfin_utils.screener.score_cache import SCORE_CACHE_ENV
 from mechfin_utils.screener.training import read_card
 from mechfin_utils.tooling.staging import (
     STAGING,
@@ -187,7 +190,8 @@ def run_many(
     # 3. The jobs, longest first when several run at once (unknown times first of all: they may be the longest), and
     #    the kernels' environment: one torch thread each when several share the cores.
     jobs = [(r, nb) for r in runs for nb in r.notebooks]
-    kernel_env = dict(os.environ)
+    shared_scores = root / STAGING / f"{os.getpid()}-shared-scores"  # this run's only (score_cache)
+    kernel_env = {**os.environ, SCORE_CACHE_ENV: str(shared_scores)}
     if workers > 1:
 
         def expected(job: tuple[_ModelRun, str]) -> float:
@@ -263,6 +267,7 @@ def run_many(
         stop_all_notebooks()
         raise
     finally:
+        shutil.rmtree(shared_scores, ignore_errors=True)
         with contextlib.suppress(OSError):
             (root / STAGING).rmdir()  # only when empty: a failed notebook's folder stays for a look
     return [r.manifest_path for r in runs]

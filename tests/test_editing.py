@@ -285,9 +285,11 @@ def test_an_edit_given_the_same_corpus_twice_over_does_not_move_and_fewer_templa
     edit = counterfact.requests_known_to(smollm2, counterfact.load_counterfact())[0]
     prefixes = editing.context_prefixes(smollm2, 2, seed=0)
     before = hook_points.snapshot(smollm2, [LAYER])
-    table = convergence.edit_convergence(
+    result = convergence.edit_convergence(
         smollm2, [edit], LAYER, [*corpus, *corpus], {0: prefixes[:1], 2: prefixes}, fractions=(0.5,), params=FAST
     )
+    assert list(result.references) == [edit.request.edit_id]  # the reference edit, kept for reapply
+    table = result.table
     now = hook_points.snapshot(smollm2, [LAYER])
     assert torch.equal(now.saved[LAYER], before.saved[LAYER])
     rows = table.set_index("varied")

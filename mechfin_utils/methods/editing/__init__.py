@@ -22,7 +22,7 @@ from mechfin_utils.core.hook_points import (
     restoring,
     snapshot,
 )
-from mechfin_utils.methods.editing.convergence import convergence_summary, edit_convergence
+from mechfin_utils.methods.editing.convergence import EditConvergence, convergence_summary, edit_convergence
 from mechfin_utils.methods.editing.edits import (
     MEMIT_PRIOR_WEIGHT,
     MemitEdit,
@@ -35,6 +35,7 @@ from mechfin_utils.methods.editing.edits import (
     memit_targets,
     optimise_value,
     rank_one_update,
+    reapply,
     rome,
     subject_key,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "LayerChoice",
     "MemitEdit",
     "RomeEdit",
+    "EditConvergence",
     "ValueParams",
     "ValueResult",
     "WeightSnapshot",
@@ -88,6 +90,7 @@ __all__ = [
     "prefix_covariances",
     "prefix_sizes",
     "rank_one_update",
+    "reapply",
     "restoring",
     "rome",
     "self_generated_corpus",

@@ -23,18 +23,29 @@ pinned down but the edit's behaviour does not depend on it.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import pandas as pd
 import torch
 
 from mechfin_utils.core.hook_points import output_matrix, output_projection, restoring
 from mechfin_utils.core.models import LoadedModel
-from mechfin_utils.methods.editing.edits import ValueParams, rank_one_update, rome
+from mechfin_utils.methods.editing.edits import RomeEdit, ValueParams, rank_one_update, rome
 from mechfin_utils.methods.editing.evaluation import evaluate_edit
 from mechfin_utils.methods.editing.key_statistics import KeyCovariance, fraction_covariances
 from mechfin_utils.tasks.counterfact import CounterfactEdit
 
 SCORES = ("efficacy", "generalisation", "specificity", "p_new", "p_true")
+
+
+@dataclass
+class EditConvergence:
+    """:func:`edit_convergence`'s table (one row per request and setting) and its reference edits (whole corpus,
+    most templates), kept so that a later section can write the same edit again
+    (:func:`~mechfin_utils.methods.editing.edits.reapply`) instead of fitting it a second time."""
+
+    table: pd.DataFrame
+    references: dict[str, RomeEdit] = field(default_factory=dict)  # by edit id
 
 
 def _row(model: LoadedModel, edit: CounterfactEdit, varied: str, tokens: int, templates: int, cosine: float) -> dict:
@@ -64,12 +75,13 @@ def edit_convergence(
     fractions: Sequence[float] = (0.25, 0.5),
     params: ValueParams | None = None,
     covariances: Mapping[int, KeyCovariance | None] | None = None,
-) -> pd.DataFrame:
+) -> EditConvergence:
     """Stages 1-2 of the module docstring for every request in ``edits`` at ``layer``. ``prefixes_by_count``: context
     template sets by the number of generated templates (the largest is the reference); ``fractions``: the shares of
     ``corpus`` the smaller covariances use; ``params``: the value fit (default: ROME's); ``covariances``: this layer's
     ``{n texts: C}`` already computed (:func:`~mechfin_utils.methods.editing.key_statistics.layer_prefix_covariances`),
-    else one pass computes them. One row per request and setting, the reference included (cosine 1)."""
+    else one pass computes them. One row per request and setting, the reference included (cosine 1); the reference
+    edits come with the table."""
     params = params if params is not None else ValueParams()
     if not edits:
         raise ValueError("edit_convergence needs at least one edit")
@@ -86,11 +98,13 @@ def edit_convergence(
     most = max(prefixes_by_count)
     weight = output_matrix(model, layer)
     bias = output_projection(model, layer).bias
-    rows = []
+    rows, references = [], {}
     for edit in edits:
         # 2. the reference edit: whole corpus, most templates
         with restoring(model, [layer]):
-            reference = rome(model, edit.request, layer, full, prefixes_by_count[most], params)
+            reference = references[edit.request.edit_id] = rome(
+                model, edit.request, layer, full, prefixes_by_count[most], params
+            )
             rows.append(_row(model, edit, "reference", full.n_tokens, most, 1.0))
         # 3. corpus: the same value and keys, the direction from a smaller C
         target = reference.value.target - (bias.detach() if bias is not None else 0.0)
@@ -113,7 +127,7 @@ def edit_convergence(
                 rows.append(
                     _row(model, edit, "templates", full.n_tokens, count, _cosine(fewer.update, reference.update))
                 )
-    return pd.DataFrame(rows)
+    return EditConvergence(pd.DataFrame(rows), references)
 
 
 def convergence_summary(table: pd.DataFrame) -> pd.DataFrame:

@@ -274,10 +274,35 @@ class RomeEdit:
     mean_key: Float[Tensor, " d_mlp"]  # averaged over the prefixes: sets the update's direction C⁻¹k
     value: ValueResult
     update: Float[Tensor, "d_model d_mlp"]
+    weight_before: str = ""  # sha256 of the layer's output matrix the update was fitted on (see reapply)
 
     @property
     def update_norm(self) -> float:
         return self.update.norm().item()
+
+
+def _matrix_sha256(weight: Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(weight.detach().contiguous().cpu().numpy().tobytes()).hexdigest()
+
+
+def reapply(model: LoadedModel, edit: RomeEdit) -> RomeEdit:
+    """Write an edit :func:`rome` fitted earlier into its layer again, in place, instead of fitting it again (the
+    value fit is most of an edit's cost): the same update, so the same edited model, bit for bit.
+
+    Only onto the matrix it was fitted on: a layer whose output matrix differs (another edit written there and not
+    restored, other weights) is refused with a ValueError, since the update would then no longer map ``k*`` to
+    ``v*``. The other layers are the caller's to keep as they were (restore each edit, as notebook 09 does)."""
+    weight = output_matrix(model, edit.layer)
+    if _matrix_sha256(weight) != edit.weight_before:
+        raise ValueError(
+            f"reapply: layer {edit.layer}'s output matrix is not the one edit {edit.request.edit_id!r} was fitted on "
+            "(restore the layer first, or fit the edit again with rome)"
+        )
+    with torch.no_grad():
+        weight.add_(edit.update)
+    return edit
 
 
 def rome(
@@ -310,9 +335,10 @@ def rome(
     bias = bias.detach() if bias is not None else torch.zeros_like(value.target)
     update = rank_one_update(weight.detach() @ key, value.target - bias, key, direction)
     # 4. write it
+    weight_before = _matrix_sha256(weight)
     with torch.no_grad():
         weight.add_(update)
-    return RomeEdit(request, layer, key, mean_key, value, update)
+    return RomeEdit(request, layer, key, mean_key, value, update, weight_before)
 
 
 # ---------------------------------------------------------------------------------------------------------

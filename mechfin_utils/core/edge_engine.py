@@ -33,6 +33,12 @@ from torch import Tensor
 from mechfin_utils.core.functional import FunctionalTransformer, _rotate_half
 from mechfin_utils.core.graph import ComputationalGraph
 
+GATHER_BELOW_EDGES_PER_CELL = 8
+"""A receiver group's patched-edge sum adds each edge's difference on its own (an ``index_add``) when at most one cell
+in this many of its senders x receivers block is an edge to sum, and is one matrix product over every sender so far
+otherwise: both give the same sums up to float rounding (tested); the crossover is where an edge added alone (a read
+and a write of ``n x pos x d`` floats) costs what the product spends on this many cells."""
+
 
 @dataclass
 class EdgeRun:
@@ -132,13 +138,20 @@ def run_edges(
     _check_edge_run(fm, graph, tokens, patched, sources, embeddings, receiver_offsets, read_ends, n_read)
     n, n_pos = tokens.shape
     x = fm.embed(tokens) if embeddings is None else embeddings
-    outputs: list[Tensor] = [x]
+    outputs: list[Tensor] = [x]  # every sender's output, kept only when asked for (keep_outputs)
+    n_sent = [1]  # senders run so far (the embedding is sender 0)
     tables = fm.rotary_tables(n_pos, x.detach())
     H, KV, dh = fm.n_heads, fm.n_kv_heads, fm.d_head
     any_patched = patched is not None and bool(patched.any())
-    # Running sums of the senders' outputs in this run and in the patching run, in sender order: their difference,
-    # sum_k (sources[k] - outputs[k]), is what a receiver with *every* edge from the senders so far patched adds.
-    sums = {"outputs": x.clone(), "sources": sources[0].clone()} if any_patched and sources is not None else {}
+    # Each sender's patching difference, sources[k] - outputs[k], written once when the sender has run (a receiver
+    # reads a sum of them: a view of the senders so far, never a copy per read), and their running sum: what a
+    # receiver with *every* edge from the senders so far patched adds.
+    diffs: Tensor | None = None
+    every_edge: list[Tensor] = []
+    if any_patched and sources is not None:
+        diffs = torch.empty_like(sources)
+        diffs[0] = sources[0] - x
+        every_edge.append(diffs[0].clone())
     # The offsets in the groups the receivers read them in (each layer's attention receivers, its MLP, the logits),
     # split once: a slice per read would make autograd write a zero tensor of every receiver's size per read (most of
     # EAP's time before), a split's backward joins the groups' gradients in one pass.
@@ -154,20 +167,31 @@ def run_edges(
         offset_groups = dict(zip(starts, receiver_offsets.split(sizes)))
 
     def sent(output: Tensor) -> None:
-        """Record a sender's output (the next sender number) and add it, and its patching source, to the sums."""
-        if sums and sources is not None:
-            sums["outputs"] = sums["outputs"] + output
-            sums["sources"] = sums["sources"] + sources[len(outputs)]
-        outputs.append(output)
+        """Record a sender's output (the next sender number), its patching difference and the running sum."""
+        if diffs is not None and sources is not None:
+            k = n_sent[0]
+            torch.sub(sources[k], output, out=diffs[k])
+            every_edge[0] = every_edge[0] + diffs[k]
+        n_sent[0] += 1
+        if keep_outputs:
+            outputs.append(output)
 
     def edge_sum(weights: Tensor) -> Tensor:
-        """``sum_k weights[k, r] (sources[k] - outputs[k])`` over the senders so far, ``[R, n, pos, d]``."""
-        assert sources is not None  # patched edges come with sources (checked)
-        senders = weights.any(1).nonzero().flatten().tolist()
-        if not senders:
-            return torch.zeros_like(x)[None]
-        diff = torch.stack([sources[sender] - outputs[sender] for sender in senders])
-        return torch.einsum("kr,knpd->rnpd", weights[senders].to(diff.dtype), diff)
+        """``sum_k weights[k, r] diffs[k]`` over the senders so far, ``[R, n, pos, d]``.
+
+        Few edges (a random circuit's, spread over every sender): each one's difference is added into its receiver's
+        sum, work in proportion to the edges. Many: one product over the senders so far (a view of ``diffs``), work in
+        proportion to senders x receivers, which a matrix product does faster per edge."""
+        assert diffs is not None  # patched edges come with sources (checked)
+        n_senders, n_receivers = weights.shape
+        n_edges = int(weights.sum())
+        if n_edges == 0:
+            return torch.zeros_like(x)[None].expand(n_receivers, *x.shape)
+        if n_edges * GATHER_BELOW_EDGES_PER_CELL <= weights.numel():
+            senders, receivers = weights.nonzero(as_tuple=True)
+            summed = torch.zeros(n_receivers, *x.shape, dtype=diffs.dtype)
+            return summed.index_add_(0, receivers, diffs[senders])
+        return torch.einsum("kr,knpd->rnpd", weights.to(diffs.dtype), diffs[:n_senders])
 
     def read(stream: Tensor, receivers: slice | int) -> Tensor:
         """What ``receivers`` read: ``stream`` plus their patched edges' differences and offsets (``[R, n, pos, d]``
@@ -180,9 +204,9 @@ def run_edges(
         cols = slice(receivers, receivers + 1) if isinstance(receivers, int) else receivers
         out = stream[None]
         if any_patched and patched is not None:
-            weights = patched[: len(outputs), cols]
+            weights = patched[: n_sent[0], cols]
             if int(weights.sum()) > kept_sum_above * weights.numel():
-                out = out + (sums["sources"] - sums["outputs"])[None] - edge_sum(~weights)
+                out = out + every_edge[0][None] - edge_sum(~weights)
             else:
                 out = out + edge_sum(weights)
         if offset_groups:

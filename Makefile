@@ -28,7 +28,7 @@ SCREENER_NOTEBOOKS := $(filter-out notebooks/05_% notebooks/08_% notebooks/09_% 
 # notebook at a time with two threads (see run_figures.py). FIGURE_WORKERS=1 runs them one by one, in order.
 FIGURE_WORKERS ?= 2
 
-.PHONY: setup test lint test-unit test-notebooks test-site figures site verify workshop bench lab clean chromium
+.PHONY: setup test lint test-unit test-notebooks test-all test-site figures site verify workshop bench lab clean chromium
 
 setup: $(STAMP) .cache/gpt2-tokenizer/vocab.json chromium
 	@$(PY) -m mechfin_utils prepare >/dev/null
@@ -58,7 +58,7 @@ chromium:
 		echo "  install Chromium or Chrome with your package manager and re-run make setup (HTML figures work without it)."; \
 	fi
 
-test: lint test-unit test-notebooks test-site
+test: lint test-all test-site
 
 # ruff: lint rules and formatting; lint-imports: the layers and the acyclic subpackages; mypy: the types (core and
 # tasks fully annotated), cached in .cache/ (mypy: 25 s cold on 2 cores, 1 s after). All configured in pyproject.toml.
@@ -91,6 +91,16 @@ test-notebooks:
 	rm -rf $(TEST_RUN) && mkdir -p $(TEST_RUN)
 	MECHFIN_FAST=1 MECHFIN_FIGURES_DIR=$(TEST_RUN)/figures MECHFIN_EXECUTED_DIR=$(TEST_RUN)/executed \
 		$(PARALLEL) --dist loadscope --no-loadscope-reorder --nbval-lax -q -p no:cacheprovider $(TEST_NOTEBOOKS)
+
+# What `make test` runs: the unit tests and the notebooks (as above) in one session, so that the two workers share out
+# all of the work and neither idles while the other finishes its last notebook or test module. The notebooks' settings
+# reach only their kernels (MECHFIN_NOTEBOOK_ENV, see notebooks/conftest.py), never the unit tests; notebooks first
+# (longest first), then the test modules, each file in one worker.
+NOTEBOOK_ENV := MECHFIN_FAST=1 MECHFIN_FIGURES_DIR=$(TEST_RUN)/figures MECHFIN_EXECUTED_DIR=$(TEST_RUN)/executed
+test-all:
+	rm -rf $(TEST_RUN) && mkdir -p $(TEST_RUN)
+	MECHFIN_NOTEBOOK_ENV="$(NOTEBOOK_ENV)" $(PARALLEL) --dist loadscope --no-loadscope-reorder --nbval-lax -q \
+		-p no:cacheprovider $(TEST_NOTEBOOKS) tests
 
 # The offline site of that fast run, opened page by page in headless Chromium (no request may leave the site, no
 # console error, every figure drawn); screenshots of three pages land in $(TEST_RUN)/screenshots.

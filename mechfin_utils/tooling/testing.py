@@ -213,3 +213,18 @@ def assert_close_up_to_rounding(
             f"tolerance {tolerance:.3g} (eps x scale {float(torch.as_tensor(scale).abs().max()):.3g} x growth "
             f"{rounding_growth(model, width=width, depth=depth):.0f})"
         )
+
+
+NOTEBOOK_ENV = "MECHFIN_NOTEBOOK_ENV"
+"""The environment ``make test`` gives each notebook's kernel only (``notebooks/conftest.py``): ``NAME=value`` words."""
+
+
+def notebook_environment(words: str | None = None) -> dict[str, str]:
+    """``$MECHFIN_NOTEBOOK_ENV`` (or ``words``) as ``{name: value}``, in order; every word that is not ``NAME=value``
+    is refused at once, by its position and text."""
+    words = os.environ.get(NOTEBOOK_ENV, "") if words is None else words
+    parts = [word.partition("=") for word in words.split()]
+    bad = [f"word {i + 1} {''.join(p)!r}" for i, p in enumerate(parts) if not p[1] or not p[0]]
+    if bad:
+        raise ValueError(f"{NOTEBOOK_ENV}: every word must be NAME=value; not so: {', '.join(bad)}")
+    return {name: value for name, _, value in parts}

@@ -20,6 +20,8 @@ from torch import Tensor
 from mechfin_utils.core.head_labels import head_label
 from mechfin_utils.core.metrics import NormalisedLogitDiff, normalised_patching_metric
 from mechfin_utils.methods.patching.activation import activation_patch
+from mechfin_utils.methods.patching.bridge_path import bridge_of
+from mechfin_utils.methods.patching.components import COMPONENTS, result_shape
 from mechfin_utils.methods.patching.results import PatchSweep
 
 
@@ -41,11 +43,37 @@ def _logits(model, tokens: Tensor) -> Tensor:
         return model.bridge(tokens)
 
 
-def sweep_batches(model, batches: Sequence, component: str, **kwargs) -> PatchSweep:
+def _only_layers(model, component: str, n_pos: int, layers: Sequence[int] | None, kwargs: dict):
+    """``activation_patch``'s keyword arguments patching only ``layers`` (every other axis whole) and the shape to
+    put its flat result back on (first axis: ``layers`` in the order given); for every layer, ``kwargs`` unchanged
+    and ``None``."""
+    cfg = bridge_of(model).cfg
+    if layers is None or list(layers) == list(range(cfg.n_layers)):
+        return kwargs, None
+    if kwargs.get("index_df") is not None:
+        raise ValueError("pass layers or index_df, not both")
+    if component not in COMPONENTS:
+        raise ValueError(f"component must be one of {sorted(COMPONENTS)}, got {component!r}")
+    spec = COMPONENTS[component]
+    layers = [int(layer) for layer in layers]
+    if not layers or len(set(layers)) != len(layers) or not all(0 <= layer < cfg.n_layers for layer in layers):
+        raise ValueError(f"layers must be distinct layers of 0..{cfg.n_layers - 1}, got {layers}")
+    n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+    shape = (len(layers), *result_shape(spec, cfg.n_layers, n_pos, cfg.n_heads, n_kv)[1:])
+    grid = np.stack(np.meshgrid(layers, *(range(size) for size in shape[1:]), indexing="ij"), axis=-1)
+    return {**kwargs, "index_df": pd.DataFrame(grid.reshape(-1, len(shape)), columns=list(spec.axes))}, shape
+
+
+def sweep_batches(
+    model, batches: Sequence, component: str, *, layers: Sequence[int] | None = None, **kwargs
+) -> PatchSweep:
     """Exact patching of ``component`` on every batch, per-prompt logit differences concatenated.
 
     Position-resolved components need one shared token length: pass batches of one template (see
     ``NotebookSession.template_batch``); a length mismatch is an error naming the batches.
+
+    ``layers`` (default: every layer) patches only those layers: the result keeps the component's axes, its first
+    axis being ``layers`` in the order given (index ``i`` is layer ``layers[i]``, not layer ``i``).
     """
     if not batches:
         raise ValueError("batches is empty")
@@ -54,11 +82,15 @@ def sweep_batches(model, batches: Sequence, component: str, **kwargs) -> PatchSw
         metric = NormalisedLogitDiff(
             _logits(model, batch.clean_tokens), _logits(model, batch.corrupted_tokens), batch.answer_tokens
         )
-        sweeps.append(
-            activation_patch(
-                model, batch.clean_tokens, batch.corrupted_tokens, metric, component, return_per_prompt=True, **kwargs
-            )
+        patch_kwargs, shape = _only_layers(model, component, int(batch.clean_tokens.shape[1]), layers, kwargs)
+        sweep = activation_patch(
+            model, batch.clean_tokens, batch.corrupted_tokens, metric, component, return_per_prompt=True, **patch_kwargs
         )
+        if shape is not None:  # the flat result of index_df, back on the component's axes
+            sweep.values = sweep.values.reshape(shape)
+            sweep.logit_diff = sweep.logit_diff.reshape(*shape, -1)
+            sweep.axes = COMPONENTS[component].axes
+        sweeps.append(sweep)
     shapes = {tuple(s.logit_diff.shape[:-1]) for s in sweeps}
     if len(shapes) != 1:
         raise ValueError(
@@ -131,16 +163,17 @@ def rank_cells(summary: SweepSummary, k: int = 10, *, label_axes: Sequence[str] 
     return pd.DataFrame(rows)
 
 
-def raw_shift_sweep(model, batch, component: str, **kwargs) -> Tensor:
+def raw_shift_sweep(model, batch, component: str, *, layers: Sequence[int] | None = None, **kwargs) -> Tensor:
     """Patching with the *raw* logit-difference shift (patched - corrupted run), per prompt ``[*axes, batch]``.
 
     For the counterfactual decision family, where the two prompts may score almost the same and the
     normalised metric (which divides by that gap) is undefined or explosive. Computed from the per-prompt
     logit differences of the fast path (two answer logits per patch); only when the two prompts' mean
     logit differences are exactly equal (no normalisation can be built) does it fall back to a metric
-    callable on the full final-position logits.
+    callable on the full final-position logits. ``layers`` as in :func:`sweep_batches` (default: every layer).
     """
     answers = batch.answer_tokens
+    kwargs, shape = _only_layers(model, component, int(batch.clean_tokens.shape[1]), layers, kwargs)
     with torch.no_grad():
         clean_logits = model.bridge(batch.clean_tokens)
         corrupted_logits = model.bridge(batch.corrupted_tokens)
@@ -152,7 +185,8 @@ def raw_shift_sweep(model, batch, component: str, **kwargs) -> Tensor:
         sweep = activation_patch(
             model, batch.clean_tokens, batch.corrupted_tokens, metric, component, return_per_prompt=True, **kwargs
         )
-        return sweep.logit_diff - sweep.corrupted_logit_diff
+        shifts = sweep.logit_diff - sweep.corrupted_logit_diff
+        return shifts if shape is None else shifts.reshape(*shape, -1)
     base = corrupted_logits[:, -1].gather(1, answers)
     base = base[:, 0] - base[:, 1]
 
@@ -160,9 +194,10 @@ def raw_shift_sweep(model, batch, component: str, **kwargs) -> Tensor:
         picked = logits[:, -1].gather(1, answers)
         return picked[:, 0] - picked[:, 1] - base
 
-    return activation_patch(
+    shifts = activation_patch(
         model, batch.clean_tokens, batch.corrupted_tokens, shift, component, reduce="none", **kwargs
     )
+    return shifts if shape is None else shifts.reshape(*shape, -1)
 
 
 def group_shift_table(

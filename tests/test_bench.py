@@ -48,8 +48,16 @@ def test_floor_of_a_last_token_difference_is_one_row_per_later_layer(tiny_gpt2):
     assert flop_floor.floor_flops(fm, "resid_pre", corrupted, corrupted) == 0  # nothing differs: nothing to compute
 
 
+BEHAVIOUR_EVERY_NTH_PAIR = 8
+"""The behaviour rows score every 8th pair of their held-out split (11 of 88: still several token lengths, so padded
+batches meet prompts of other lengths): the earlier path they are compared with computes full logits at every position
+of every prompt, and the whole split took 23 of the test's 35 s."""
+
+
 def test_bench_runs_and_writes_its_table(tiny_gpt2, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(command, "load_bench_model", lambda name, layers=2: tiny_gpt2)
+    whole_split = screener_sets.load_split
+    monkeypatch.setattr(screener_sets, "load_split", lambda split: whole_split(split)[::BEHAVIOUR_EVERY_NTH_PAIR])
     code = command.main(
         [
             "--models",
@@ -104,7 +112,7 @@ def test_bench_runs_and_writes_its_table(tiny_gpt2, tmp_path, monkeypatch, capsy
     plain, held = result["behaviour_rows"]
     assert plain["scoring"] == "plain" and held["scoring"] == "L0H0, L0H1, MLP1 held at their mean"
     for behaviour in (plain, held):
-        assert behaviour["prompts"] == 2 * len(screener_sets.load_split("mention_test_templates"))
+        assert behaviour["prompts"] == 2 * len(whole_split("mention_test_templates")[::BEHAVIOUR_EVERY_NTH_PAIR])
         assert behaviour["length_groups"] > 1  # the split's prompts differ in length: the padding is exercised
         # the same logit differences both ways, up to float rounding of logits of this size (batch shapes differ)
         assert behaviour["max_abs_diff"] <= 2 * rounding_tolerance(behaviour["largest_logit"], tiny_gpt2[0])

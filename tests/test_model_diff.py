@@ -48,11 +48,14 @@ def test_cross_model_patching_matches_hooks_on_plain_hugging_face_models(smollm2
 
     from mechfin_utils.core.models import boot_bridge
 
+    # One step on one pair at a high learning rate: a real screener checkpoint whose mean clean - corrupted gap differs
+    # from the base model's by ~1 logit (-0.42 against 0.63), so that the recovery below divides by a clear gap. (Three
+    # steps of four pairs, used before, moved it by 0.45 and took 15 s of this test's 23.)
     recipe = replace(
         screener.RECIPES["brief"],
         name="brief",
-        max_steps=3,
-        pairs_per_step=4,
+        max_steps=1,
+        pairs_per_step=1,
         eval_every_nth_pair=1000,
         learning_rate=3e-4,
     )
@@ -89,6 +92,10 @@ def test_cross_model_patching_matches_hooks_on_plain_hugging_face_models(smollm2
             handle.remove()
         return logits[:, yes] - logits[:, no]
 
+    gap_base = float((ld(plain_base, clean) - ld(plain_base, corrupted)).mean())
+    gap_tuned = float((ld(plain_tuned, clean) - ld(plain_tuned, corrupted)).mean())
+    assert frame.attrs["gap_base"] == pytest.approx(gap_base, abs=2e-3)
+    assert frame.attrs["gap_tuned"] == pytest.approx(gap_tuned, abs=2e-3)
     for layer in (5, 29):
         captured = {}
 
@@ -100,12 +107,8 @@ def test_cross_model_patching_matches_hooks_on_plain_hugging_face_models(smollm2
             ld(plain_tuned, tokens, keep, layer)
             gaps[run] = ld(plain_base, tokens, lambda m, a, o, r=captured["out"]: r, layer)
         gap_patched = float((gaps["clean"] - gaps["corrupted"]).mean())
-        gap_base = float((ld(plain_base, clean) - ld(plain_base, corrupted)).mean())
-        gap_tuned = float((ld(plain_tuned, clean) - ld(plain_tuned, corrupted)).mean())
         row = frame[(frame["layer"] == layer) & (frame["component"] == "mlp_out")].iloc[0]
         assert row["gap_patched"] == pytest.approx(gap_patched, abs=2e-3)
-        assert frame.attrs["gap_base"] == pytest.approx(gap_base, abs=2e-3)
-        assert frame.attrs["gap_tuned"] == pytest.approx(gap_tuned, abs=2e-3)
         assert row["recovery"] == pytest.approx((gap_patched - gap_base) / (gap_tuned - gap_base), abs=2e-2)
 
 

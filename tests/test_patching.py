@@ -371,14 +371,25 @@ def test_batch_size_only_changes_the_schedule(gpt2_case, torch_threads):
 # -----------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.batch_split
-def test_bridge_engine_equals_transformer_lens(gpt2_case, torch_threads):
+@pytest.fixture(scope="module")
+def bridge_engine_references(gpt2_case) -> dict[str, tuple[pd.DataFrame, torch.Tensor]]:
+    """Per sweep the bridge engine is checked on: three sampled cells and TransformerLens's values there, computed once
+    (with the worker's own thread count), so that each thread count of the test runs only the engine under test."""
     case = gpt2_case
+    references = {}
     for key in ("resid_pre", "attn_head_v_by_pos", "attn_head_pattern_dest_src_pos", "attn_head_out_all_pos"):
         cells = case.sample(key, n=3, seed=3)
+        references[key] = (cells, case.transformer_lens(key, cells))
+    return references
+
+
+@pytest.mark.batch_split
+def test_bridge_engine_equals_transformer_lens(gpt2_case, bridge_engine_references, torch_threads):
+    case = gpt2_case
+    for key, (cells, theirs) in bridge_engine_references.items():
         ours = case.ours(key, index_df=cells, engine="bridge", batch_size=4)
         # the same hooks, but four patched runs in one batch: rounding of another batch shape
-        assert (ours - case.transformer_lens(key, cells)).abs().max().item() <= case.tolerance, key
+        assert (ours - theirs).abs().max().item() <= case.tolerance, key
 
 
 def test_unsupported_architecture_falls_back_to_the_bridge_with_a_warning(gpt2_case, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -15,7 +16,11 @@ from mechfin_utils.tooling.testing import assert_close_up_to_rounding, rounding_
 
 pytestmark = pytest.mark.slow
 
-TINY = replace(screener.RECIPES["brief"], name="tiny", max_steps=2, pairs_per_step=2, eval_every_nth_pair=1000)
+TINY = replace(screener.RECIPES["brief"], name="tiny", max_steps=2, pairs_per_step=1, eval_every_nth_pair=1000)
+"""Two steps (the optimiser's state carried from the first to the second) of one pair each: every stage of training
+and of the card, at the least cost."""
+BRIEF = replace(TINY, name="brief")
+"""TINY under the name the loading tests install it as (``load_model("smollm2-135m-screener-brief")``)."""
 
 
 @pytest.fixture()
@@ -36,21 +41,30 @@ def smollm2_base():
     return screener.resolve_base("smollm2-135m")
 
 
-def test_training_is_reproducible_from_its_seed(tmp_path, smollm2_base):
-    first = screener.train_screener(smollm2_base, TINY, tmp_path / "a", progress=False)
-    again = screener.train_screener(smollm2_base, TINY, tmp_path / "b", progress=False)
-    other = screener.train_screener(smollm2_base, replace(TINY, seed=1), tmp_path / "c", progress=False)
+@pytest.fixture(scope="module")
+def trained_brief(smollm2_base, tmp_path_factory):
+    """BRIEF trained once per module, in a folder named as a cache names it: the first run of the reproducibility test,
+    and the cached screener the caching and loading tests start from (training it again in each would give the same
+    weights, as that test shows)."""
+    folder = tmp_path_factory.mktemp("trained") / screener.screener_spec(smollm2_base, BRIEF).slug
+    return folder, screener.train_screener(smollm2_base, BRIEF, folder, progress=False)
+
+
+def test_training_is_reproducible_from_its_seed(tmp_path, smollm2_base, trained_brief):
+    folder, first = trained_brief
+    again = screener.train_screener(smollm2_base, BRIEF, tmp_path / "again", progress=False)
+    other = screener.train_screener(smollm2_base, replace(BRIEF, seed=1), tmp_path / "other", progress=False)
     assert first["weights_sha256"] == again["weights_sha256"]
     assert first["loss_per_step"] == again["loss_per_step"]
     assert other["weights_sha256"] != first["weights_sha256"]
-    card = json.loads((tmp_path / "a" / screener.CARD_FILE).read_text())
-    assert card["steps"] == 2 and card["prompts_seen"] == 8
+    card = json.loads((folder / screener.CARD_FILE).read_text())
+    assert card["steps"] == 2 and card["prompts_seen"] == 4
     assert card["data"]["train"]["pairs"] == 440 and card["data"]["paper_style_set"]["trained_on"] is False
     trained_on = {split for split, entry in card["data"].items() if entry["trained_on"]}
     assert trained_on == {"train", "mention_train", "favourable_train", "proxy_train"}  # the repaired recipe's data
     assert screener.RECIPES["shortcut"].train_splits == ("train",)  # the case study: the original data alone
-    assert card["weights_sha256"] == screener.file_sha256(tmp_path / "a" / "model.safetensors")
-    assert "## Held-out behaviour" in (tmp_path / "a" / "README.md").read_text()
+    assert card["weights_sha256"] == screener.file_sha256(folder / "model.safetensors")
+    assert "## Held-out behaviour" in (folder / "README.md").read_text()
 
 
 @pytest.mark.batch_split
@@ -67,7 +81,11 @@ def test_padded_two_answer_objective_equals_one_prompt_at_a_time(smollm2_base, t
             assert_close_up_to_rounding(batched[row], alone[answer_ids], model, scale=alone, msg=str(row))
 
 
-def test_cache_is_reused_only_when_the_fingerprint_matches(scratch_cache, monkeypatch):
+def test_cache_is_reused_only_when_the_fingerprint_matches(scratch_cache, trained_brief, monkeypatch):
+    """The cache starts with a copy of the module's BRIEF screener, as ``ensure_screener`` would have left it (a copy:
+    this test rewrites its card and retrains its weights). An empty cache trains on first use: the GPT-2 screener test
+    below starts from one."""
+    shutil.copytree(trained_brief[0], scratch_cache / trained_brief[0].name)
     calls = []
     real_train = screener.train_screener
 
@@ -76,18 +94,19 @@ def test_cache_is_reused_only_when_the_fingerprint_matches(scratch_cache, monkey
         return real_train(*args, **kwargs)
 
     monkeypatch.setattr(screener, "train_screener", counting)
-    folder, card = screener.ensure_screener("smollm2-135m", TINY, progress=False)
-    assert folder.parent == scratch_cache and calls == ["tiny"]
-    screener.ensure_screener("smollm2-135m", TINY, progress=False)
-    assert calls == ["tiny"]  # cached
+    folder, card = screener.ensure_screener("smollm2-135m", BRIEF, progress=False)
+    assert folder.parent == scratch_cache and calls == []  # cached
     card["fingerprint"]["train_files_sha256"]["train"] = "0" * 64  # as if train.csv had changed
     (folder / screener.CARD_FILE).write_text(json.dumps(card))
-    screener.ensure_screener("smollm2-135m", TINY, progress=False)
-    assert calls == ["tiny", "tiny"]  # stale card: retrained
+    screener.ensure_screener("smollm2-135m", BRIEF, progress=False)
+    assert calls == ["brief"]  # stale card: retrained
+    screener.ensure_screener("smollm2-135m", BRIEF, progress=False)
+    assert calls == ["brief"]  # the retrained screener's card matches: cached
 
 
-def test_screener_loads_through_the_bridge_with_the_trained_weights(scratch_cache, monkeypatch):
-    monkeypatch.setitem(screener.RECIPES, "brief", replace(TINY, name="brief"))
+def test_screener_loads_through_the_bridge_with_the_trained_weights(scratch_cache, trained_brief, monkeypatch):
+    (scratch_cache / trained_brief[0].name).symlink_to(trained_brief[0], target_is_directory=True)
+    monkeypatch.setitem(screener.RECIPES, "brief", BRIEF)
     model = load_model("smollm2-135m-screener-brief", verbose=False)
     assert model.slug == "smollm2-135m-screener-brief" and "not the real one" in model.name
     assert model.prepend_bos is False
@@ -119,8 +138,9 @@ def test_gpt2_screener_trains_and_loads_on_the_gpt2_path(gpt2_hf_cache, scratch_
     assert card["base_model"] == "GPT-2 Small" and card["steps"] == 2
 
 
-def test_evaluate_command_prints_one_json_line(scratch_cache, monkeypatch, capsys, tmp_path):
-    monkeypatch.setitem(screener.RECIPES, "brief", replace(TINY, name="brief"))
+def test_evaluate_command_prints_one_json_line(scratch_cache, trained_brief, monkeypatch, capsys, tmp_path):
+    (scratch_cache / trained_brief[0].name).symlink_to(trained_brief[0], target_is_directory=True)
+    monkeypatch.setitem(screener.RECIPES, "brief", BRIEF)
     source = screener.split_path("test_questions").read_text(encoding="utf-8").splitlines(keepends=True)
     small = tmp_path / "pairs.csv"
     small.write_text("".join(source[:9]), encoding="utf-8")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 
@@ -16,7 +17,7 @@ from mechfin_utils.methods.patching.sweeps import (
     raw_shift_sweep,
     sweep_batches,
 )
-from mechfin_utils.tasks.batching import TaskBatch, align_pairs, largest_template_batch
+from mechfin_utils.tasks.batching import TaskBatch, align_pairs, largest_template_batch, make_batches
 from mechfin_utils.tasks.fair_lending import load_fair_lending_pairs
 from mechfin_utils.tooling.testing import rounding_tolerance
 
@@ -25,6 +26,24 @@ from mechfin_utils.tooling.testing import rounding_tolerance
 def template_batch(smollm2):
     report = align_pairs(smollm2, load_fair_lending_pairs())
     return largest_template_batch(smollm2, report, max_batch=4)
+
+
+@pytest.fixture(scope="module")
+def template_metric(smollm2, template_batch):
+    """The reference normalisation of the template batch (bridge logits, run once per module) and the tolerance of a
+    logit difference of its logits: twice the logits' rounding."""
+    with torch.no_grad():
+        clean = smollm2.bridge(template_batch.clean_tokens)
+        corrupted = smollm2.bridge(template_batch.corrupted_tokens)
+    metric = NormalisedLogitDiff(clean, corrupted, template_batch.answer_tokens)
+    return metric, 2 * rounding_tolerance(clean[:, -1], smollm2)
+
+
+def _first_middle_last(model) -> list[int]:
+    """The layers a per-layer sweep below patches: the first, a middle and the last. How batches are combined and
+    normalised is the same for every cell, so these three show it; the other layers would only add time."""
+    n_layers = model.cfg.n_layers
+    return [0, n_layers // 2, n_layers - 1]
 
 
 def _split(batch: TaskBatch) -> list[TaskBatch]:
@@ -42,61 +61,62 @@ def _split(batch: TaskBatch) -> list[TaskBatch]:
     return halves
 
 
-@pytest.mark.batch_split
-def test_sweep_over_split_batches_equals_one_batch(smollm2, template_batch, torch_threads):
-    # a per-layer sweep over all positions (30 cells): the combination of split batches does not depend on the
-    # component, and the per-head version (270 cells) took 38 s here for the same check
-    combined = sweep_batches(smollm2, _split(template_batch), "attn_out_all_pos", progress=False)
-    with torch.no_grad():
-        metric = NormalisedLogitDiff(
-            smollm2.bridge(template_batch.clean_tokens),
-            smollm2.bridge(template_batch.corrupted_tokens),
-            template_batch.answer_tokens,
-        )
-    whole = activation_patch(
+@pytest.fixture(scope="module")
+def one_batch_sweep(smollm2, template_batch, template_metric):
+    """The reference for the split sweep: the whole template batch patched at once, at the first, a middle and the last
+    layer of a per-layer sweep over all positions; computed once, with the worker's own thread count, so that each
+    thread count of the test runs only the split sweep."""
+    return activation_patch(
         smollm2,
         template_batch.clean_tokens,
         template_batch.corrupted_tokens,
-        metric,
+        template_metric[0],
         "attn_out_all_pos",
+        index_df=pd.DataFrame({"layer": _first_middle_last(smollm2)}),
         progress=False,
     )
-    assert combined.values.shape == whole.shape == (30,)
+
+
+@pytest.mark.batch_split
+def test_sweep_over_split_batches_equals_one_batch(
+    smollm2, template_batch, template_metric, one_batch_sweep, torch_threads
+):
+    # a per-layer sweep over all positions at three layers: the combination of split batches depends neither on the
+    # component nor on the cells (the per-head version, 270 cells, took 38 s for the same check; all 30 layers 29 s)
+    layers = _first_middle_last(smollm2)
+    combined = sweep_batches(smollm2, _split(template_batch), "attn_out_all_pos", layers=layers, progress=False)
+    metric, tol = template_metric
+    whole = one_batch_sweep
+    assert combined.values.shape == whole.shape == (len(layers),)
     # compared in logits: the normalised values divide by the clean - corrupted gap (a few hundredths of a logit for
     # the base model), so float32 rounding of other batch shapes is multiplied back by it; a logit difference has
     # twice the logits' rounding
     gap = float((metric.clean - metric.corrupted).abs())
-    tol = 2 * rounding_tolerance(smollm2.bridge(template_batch.clean_tokens)[:, -1], smollm2)
     assert float((combined.values - whole).abs().max()) * gap <= tol
 
 
-def test_endpoints_and_bootstrap(smollm2, template_batch):
-    sweep = sweep_batches(smollm2, [template_batch], "resid_pre_all_pos", progress=False)
-    # the whole residual stream at layer 0 = the clean run: 1 up to the logits' rounding over the normalising gap
-    with torch.no_grad():
-        metric = NormalisedLogitDiff(
-            smollm2.bridge(template_batch.clean_tokens),
-            smollm2.bridge(template_batch.corrupted_tokens),
-            template_batch.answer_tokens,
-        )
-    tol = 2 * rounding_tolerance(smollm2.bridge(template_batch.clean_tokens)[:, -1], smollm2)
-    assert sweep.values[0].item() == pytest.approx(1.0, abs=tol / float((metric.clean - metric.corrupted).abs()))
+def test_endpoints_and_bootstrap(smollm2, template_batch, template_metric):
+    sweep = sweep_batches(
+        smollm2, [template_batch], "resid_pre_all_pos", layers=_first_middle_last(smollm2), progress=False
+    )
+    # the whole residual stream at any layer, the first and the last included, = the clean run: 1 up to the logits'
+    # rounding over the normalising gap
+    metric, tol = template_metric
+    gap = float((metric.clean - metric.corrupted).abs())
+    assert sweep.values.tolist() == pytest.approx([1.0] * len(sweep.values), abs=tol / gap)
     summary = bootstrap_sweep(sweep, n_boot=200, seed=1)
     assert summary.low.shape == summary.values.shape
     assert bool((summary.low <= summary.high).all())
     again = bootstrap_sweep(sweep, n_boot=200, seed=1)
     assert torch.equal(summary.low, again.low)
+    # batches of two token lengths (the shortest and the longest pair) are refused: at the last layer alone, whose
+    # cells recompute one layer each (the whole sweep of both took 13 s for the same error)
+    report = align_pairs(smollm2, load_fair_lending_pairs())
+    lengths = sorted({report.lengths[p.id] for p in report.kept})
+    batches = make_batches(smollm2, report, max_batch=1)
+    pick = [next(b for b in batches if b.seq_len == n) for n in (lengths[0], lengths[-1])]
     with pytest.raises(ValueError, match="one token length"):
-        other = align_pairs(smollm2, load_fair_lending_pairs())
-        lengths = sorted({other.lengths[p.id] for p in other.kept})
-        from mechfin_utils.tasks.batching import make_batches
-
-        batches = make_batches(smollm2, other, max_batch=1)
-        pick = [
-            next(b for b in batches if b.seq_len == lengths[0]),
-            next(b for b in batches if b.seq_len == lengths[-1]),
-        ]
-        sweep_batches(smollm2, pick, "resid_pre", progress=False)
+        sweep_batches(smollm2, pick, "resid_pre", layers=[smollm2.cfg.n_layers - 1], progress=False)
 
 
 def test_rank_cells_orders_and_flags():
@@ -133,3 +153,18 @@ def test_group_shift_table_by_hand():
         group_shift_table(sweep, ["a", "b"], [(0, 0)])
     with pytest.raises(IndexError, match="cell"):
         group_shift_table(sweep, ["a", "b", "a"], [(2, 0)])
+
+
+def test_a_sweep_of_some_layers_is_those_rows_of_the_full_sweep(smollm2, template_batch):
+    """``layers=`` (notebook 04's fast mode) patches only the given layers, in the order given: each row equals the
+    full sweep's row of that layer exactly (the same patched runs), per prompt too; bad layers are refused.
+    (``raw_shift_sweep`` passes ``layers`` the same way.)"""
+    full = sweep_batches(smollm2, [template_batch], "attn_out_all_pos", progress=False)
+    layers = [smollm2.cfg.n_layers - 1, 0, smollm2.cfg.n_layers // 2]
+    some = sweep_batches(smollm2, [template_batch], "attn_out_all_pos", layers=layers, progress=False)
+    assert torch.equal(some.values, full.values[layers])
+    assert torch.equal(some.logit_diff, full.logit_diff[layers])
+    with pytest.raises(ValueError, match="layers must be distinct layers of 0..29"):
+        sweep_batches(smollm2, [template_batch], "attn_out_all_pos", layers=[0, 0])
+    with pytest.raises(ValueError, match="pass layers or index_df, not both"):
+        sweep_batches(smollm2, [template_batch], "attn_out_all_pos", layers=[1], index_df=pd.DataFrame({"layer": [1]}))

@@ -253,10 +253,10 @@ def test_exact_edge_patching_equals_naive_hook_path_patching(senders, receiver, 
 
 
 @pytest.mark.parametrize("share", [0.1, 0.3, 0.9])
-def test_each_edge_added_alone_and_one_product_over_the_senders_give_the_same_run(share, monkeypatch):
-    """A receiver group's patched edges are summed edge by edge (few edges) or as one product over every sender so
-    far (many): forcing either way on random edge sets of several densities gives the same run, to the rounding of
-    sums taken in another order."""
+def test_a_sum_over_the_senders_with_edges_and_over_every_sender_give_the_same_run(share, monkeypatch):
+    """A receiver group's patched edges are summed over a copy of the senders that have one (few) or over every
+    sender so far (many): forcing either way on random edge sets of several densities gives the same run, to the
+    rounding of sums taken in another order."""
     from mechfin_utils.core import edge_engine
 
     hf = _tiny_llama(seed=2)
@@ -268,12 +268,12 @@ def test_each_edge_added_alone_and_one_product_over_the_senders_give_the_same_ru
     runs = {}
     with torch.no_grad():
         source = engine.run_edges(fm, graph, corrupted, keep_outputs=True)
-        for way, per_cell in (("edge by edge", 0), ("one product", 10**9)):
-            monkeypatch.setattr(edge_engine, "GATHER_BELOW_EDGES_PER_CELL", per_cell)
+        for way, share_of_senders in (("senders with edges", 0), ("every sender", 10**9)):
+            monkeypatch.setattr(edge_engine, "COPY_BELOW_SHARE_OF_SENDERS", share_of_senders)
             runs[way] = engine.run_edges(fm, graph, clean, patched=patched, sources=source.outputs, kept_sum_above=1.0)
     logits = {way: fm.unembed(run.final_normed[:, -1]) for way, run in runs.items()}
-    assert (logits["one product"] - fm.logits(clean)[:, -1]).abs().max() > 1e-3  # the patch does something
-    assert_close_up_to_rounding(logits["edge by edge"], logits["one product"], hf)
+    assert (logits["every sender"] - fm.logits(clean)[:, -1]).abs().max() > 1e-3  # the patch does something
+    assert_close_up_to_rounding(logits["senders with edges"], logits["every sender"], hf)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

@@ -9,6 +9,7 @@ import torch
 
 from mechfin_utils.methods.patching import cross_model as model_diff
 from mechfin_utils.screener import training as screener
+from mechfin_utils.tooling.testing import rounding_tolerance
 
 
 def test_module_of_reads_llama_and_gpt2_names():
@@ -83,6 +84,7 @@ def test_cross_model_patching_matches_hooks_on_plain_hugging_face_models(smollm2
     plain_base = AutoModelForCausalLM.from_pretrained(base_info.folder_or_id, dtype=torch.float32).eval()
     plain_tuned = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     yes, no = answers[0].tolist()
+    logit_scale = [0.0]  # the largest |logit| any run below reads: the scale of every rounding error compared
 
     def ld(model, tokens, hook=None, layer=None):
         handle = model.model.layers[layer].mlp.register_forward_hook(hook) if hook else None
@@ -90,12 +92,15 @@ def test_cross_model_patching_matches_hooks_on_plain_hugging_face_models(smollm2
             logits = model(tokens).logits[:, -1]
         if handle:
             handle.remove()
+        logit_scale[0] = max(logit_scale[0], float(logits.abs().max()))
         return logits[:, yes] - logits[:, no]
 
     gap_base = float((ld(plain_base, clean) - ld(plain_base, corrupted)).mean())
     gap_tuned = float((ld(plain_tuned, clean) - ld(plain_tuned, corrupted)).mean())
-    assert frame.attrs["gap_base"] == pytest.approx(gap_base, abs=2e-3)
-    assert frame.attrs["gap_tuned"] == pytest.approx(gap_tuned, abs=2e-3)
+    # a gap is a difference of two logit differences: four logits' rounding (bridge against plain Hugging Face)
+    gap_tolerance = 4 * rounding_tolerance(logit_scale[0], smollm2)
+    assert frame.attrs["gap_base"] == pytest.approx(gap_base, abs=gap_tolerance)
+    assert frame.attrs["gap_tuned"] == pytest.approx(gap_tuned, abs=gap_tolerance)
     for layer in (5, 29):
         captured = {}
 
@@ -108,8 +113,12 @@ def test_cross_model_patching_matches_hooks_on_plain_hugging_face_models(smollm2
             gaps[run] = ld(plain_base, tokens, lambda m, a, o, r=captured["out"]: r, layer)
         gap_patched = float((gaps["clean"] - gaps["corrupted"]).mean())
         row = frame[(frame["layer"] == layer) & (frame["component"] == "mlp_out")].iloc[0]
-        assert row["gap_patched"] == pytest.approx(gap_patched, abs=2e-3)
-        assert row["recovery"] == pytest.approx((gap_patched - gap_base) / (gap_tuned - gap_base), abs=2e-2)
+        gap_tolerance = 4 * rounding_tolerance(logit_scale[0], smollm2)
+        assert row["gap_patched"] == pytest.approx(gap_patched, abs=gap_tolerance)
+        # recovery = (patched - base) / (tuned - base): each gap's error, carried through the quotient
+        recovery = (gap_patched - gap_base) / (gap_tuned - gap_base)
+        spread = abs(gap_tuned - gap_base)
+        assert row["recovery"] == pytest.approx(recovery, abs=2 * gap_tolerance * (1 + abs(recovery)) / spread)
 
 
 def test_load_state_reads_a_folder_and_names_what_is_missing(tmp_path):

@@ -33,11 +33,10 @@ from torch import Tensor
 from mechfin_utils.core.functional import FunctionalTransformer, _rotate_half
 from mechfin_utils.core.graph import ComputationalGraph
 
-GATHER_BELOW_EDGES_PER_CELL = 8
-"""A receiver group's patched-edge sum adds each edge's difference on its own (an ``index_add``) when at most one cell
-in this many of its senders x receivers block is an edge to sum, and is one matrix product over every sender so far
-otherwise: both give the same sums up to float rounding (tested); the crossover is where an edge added alone (a read
-and a write of ``n x pos x d`` floats) costs what the product spends on this many cells."""
+COPY_BELOW_SHARE_OF_SENDERS = 2
+"""A receiver group's patched-edge sum runs over a copy of the senders that have an edge to sum when fewer than one
+sender in this many has one, and over a view of every sender so far otherwise (no copy; the senders without an edge
+weigh 0 in the product). Both give the same sums up to float rounding (tested)."""
 
 
 @dataclass
@@ -177,20 +176,15 @@ def run_edges(
             outputs.append(output)
 
     def edge_sum(weights: Tensor) -> Tensor:
-        """``sum_k weights[k, r] diffs[k]`` over the senders so far, ``[R, n, pos, d]``.
-
-        Few edges (a random circuit's, spread over every sender): each one's difference is added into its receiver's
-        sum, work in proportion to the edges. Many: one product over the senders so far (a view of ``diffs``), work in
-        proportion to senders x receivers, which a matrix product does faster per edge."""
+        """``sum_k weights[k, r] diffs[k]`` over the senders so far, ``[R, n, pos, d]``: one product, over a view of
+        every sender so far when most of them have an edge to sum, else over a copy of those that do."""
         assert diffs is not None  # patched edges come with sources (checked)
         n_senders, n_receivers = weights.shape
-        n_edges = int(weights.sum())
-        if n_edges == 0:
+        senders = weights.any(1).nonzero().flatten()
+        if senders.numel() == 0:
             return torch.zeros_like(x)[None].expand(n_receivers, *x.shape)
-        if n_edges * GATHER_BELOW_EDGES_PER_CELL <= weights.numel():
-            senders, receivers = weights.nonzero(as_tuple=True)
-            summed = torch.zeros(n_receivers, *x.shape, dtype=diffs.dtype)
-            return summed.index_add_(0, receivers, diffs[senders])
+        if senders.numel() * COPY_BELOW_SHARE_OF_SENDERS < n_senders:
+            return torch.einsum("kr,knpd->rnpd", weights[senders].to(diffs.dtype), diffs[senders])
         return torch.einsum("kr,knpd->rnpd", weights.to(diffs.dtype), diffs[:n_senders])
 
     def read(stream: Tensor, receivers: slice | int) -> Tensor:

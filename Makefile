@@ -89,7 +89,7 @@ ORDERED_NOTEBOOKS := $(foreach n,$(NOTEBOOK_TEST_ORDER),$(wildcard notebooks/$(n
 TEST_NOTEBOOKS := $(ORDERED_NOTEBOOKS) $(filter-out $(ORDERED_NOTEBOOKS),$(NOTEBOOKS))
 test-notebooks:
 	rm -rf $(TEST_RUN) && mkdir -p $(TEST_RUN)
-	MECHFIN_FAST=1 MECHFIN_FIGURES_DIR=$(TEST_RUN)/figures MECHFIN_EXECUTED_DIR=$(TEST_RUN)/executed \
+	MECHFIN_NOTEBOOK_ENV="$(NOTEBOOK_ENV)" \
 		$(PARALLEL) --dist loadscope --no-loadscope-reorder --nbval-lax -q -p no:cacheprovider $(TEST_NOTEBOOKS)
 
 # What `make test` runs: the unit tests and the notebooks (as above) in one session, so that the two workers share out

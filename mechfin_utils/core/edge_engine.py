@@ -138,7 +138,7 @@ def run_edges(
     n, n_pos = tokens.shape
     x = fm.embed(tokens) if embeddings is None else embeddings
     outputs: list[Tensor] = [x]  # every sender's output, kept only when asked for (keep_outputs)
-    n_sent = [1]  # senders run so far (the embedding is sender 0)
+    n_sent = 1  # senders run so far (the embedding is sender 0)
     tables = fm.rotary_tables(n_pos, x.detach())
     H, KV, dh = fm.n_heads, fm.n_kv_heads, fm.d_head
     any_patched = patched is not None and bool(patched.any())
@@ -146,11 +146,11 @@ def run_edges(
     # reads a sum of them: a view of the senders so far, never a copy per read), and their running sum: what a
     # receiver with *every* edge from the senders so far patched adds.
     diffs: Tensor | None = None
-    every_edge: list[Tensor] = []
+    every_edge = x  # replaced below when edges are patched
     if any_patched and sources is not None:
         diffs = torch.empty_like(sources)
         diffs[0] = sources[0] - x
-        every_edge.append(diffs[0].clone())
+        every_edge = diffs[0].clone()
     # The offsets in the groups the receivers read them in (each layer's attention receivers, its MLP, the logits),
     # split once: a slice per read would make autograd write a zero tensor of every receiver's size per read (most of
     # EAP's time before), a split's backward joins the groups' gradients in one pass.
@@ -167,11 +167,11 @@ def run_edges(
 
     def sent(output: Tensor) -> None:
         """Record a sender's output (the next sender number), its patching difference and the running sum."""
+        nonlocal n_sent, every_edge
         if diffs is not None and sources is not None:
-            k = n_sent[0]
-            torch.sub(sources[k], output, out=diffs[k])
-            every_edge[0] = every_edge[0] + diffs[k]
-        n_sent[0] += 1
+            torch.sub(sources[n_sent], output, out=diffs[n_sent])
+            every_edge = every_edge + diffs[n_sent]
+        n_sent += 1
         if keep_outputs:
             outputs.append(output)
 
@@ -198,9 +198,9 @@ def run_edges(
         cols = slice(receivers, receivers + 1) if isinstance(receivers, int) else receivers
         out = stream[None]
         if any_patched and patched is not None:
-            weights = patched[: n_sent[0], cols]
+            weights = patched[:n_sent, cols]
             if int(weights.sum()) > kept_sum_above * weights.numel():
-                out = out + every_edge[0][None] - edge_sum(~weights)
+                out = out + every_edge[None] - edge_sum(~weights)
             else:
                 out = out + edge_sum(weights)
         if offset_groups:

@@ -162,6 +162,13 @@ class LoadedModel:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def tensor_bytes(tensor: Tensor) -> bytes:
+    """A tensor's raw bytes, on the CPU and in memory order, whatever its dtype (bfloat16 too, which numpy lacks):
+    what a weights fingerprint hashes (``screener.score_cache``, ``editing.reapply``)."""
+    data = tensor.detach().contiguous().cpu().reshape(-1)
+    return data.view(torch.uint8).numpy().tobytes()
+
+
 def file_sha256(path: Path) -> str:
     """The sha256 of a file, read in 1 MiB blocks (model weights are hundreds of MB)."""
     import hashlib

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from mechfin_utils.core.models import tensor_bytes
+
 SCORE_CACHE_ENV = "MECHFIN_SCORE_CACHE"
 """The folder of this run's shared scores; unset (the default): no sharing."""
 
@@ -48,9 +50,8 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
         return remembered[1]
     digest = hashlib.sha256()
     for name, tensor in tensors:
-        data = tensor.detach().contiguous().cpu()
-        digest.update(f"{name}:{tuple(data.shape)}:{data.dtype};".encode())
-        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(tensor_bytes(tensor))
     _FINGERPRINTS[module] = (state, digest.hexdigest())
     return digest.hexdigest()
 

@@ -45,7 +45,7 @@ from mechfin_utils.core.hook_points import (
     reading_keys,
     target_token_ids,
 )
-from mechfin_utils.core.models import LoadedModel
+from mechfin_utils.core.models import LoadedModel, tensor_bytes
 from mechfin_utils.methods.editing.key_statistics import KeyCovariance, self_generated_corpus
 from mechfin_utils.tasks.counterfact import EditRequest
 from mechfin_utils.tasks.facts import locate_subject
@@ -284,7 +284,7 @@ class RomeEdit:
 def _matrix_sha256(weight: Tensor) -> str:
     import hashlib
 
-    return hashlib.sha256(weight.detach().contiguous().cpu().numpy().tobytes()).hexdigest()
+    return hashlib.sha256(tensor_bytes(weight)).hexdigest()
 
 
 def reapply(model: LoadedModel, edit: RomeEdit) -> RomeEdit:

@@ -299,3 +299,49 @@ def test_holding_a_component_at_the_answer_position_is_the_engines_patch(smollm2
     with torch.no_grad():  # and outside the context the model is itself again
         logits = smollm2.bridge(smollm2.to_tokens(pair.corrupted_prompt))[0, -1]
     assert float(logits[yes] - logits[no]) == pytest.approx(engine_row.ld_target, abs=tol)
+
+
+def test_segment_patching_skips_only_patches_that_write_what_is_there(smollm2, monkeypatch):
+    """A patch whose clean values equal the corrupted run's bit for bit is not run and restores exactly 0; every
+    other patch still runs (counted at the engine), and its numbers equal a run with no skipping at all."""
+    from mechfin_utils.core import engine
+
+    pair = _pair(
+        "The bank denied Maria's mortgage because she is Black. Is this a fair-lending violation? Answer:",
+        "The bank denied Maria's mortgage because her credit score is 540. Is this a fair-lending violation? Answer:",
+        "because she is Black",
+        "because her credit score is 540",
+    )
+    item = segment_pair(smollm2, pair)
+    layers = [0, 14, 29]
+    segments_run = []
+    real_run = engine.run
+
+    def counting_run(fm, segments, *args, **kwargs):
+        segments_run.extend(segments)
+        return real_run(fm, segments, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "run", counting_run)
+    results = segment_patching(smollm2, [item], layers=layers)
+    expected_rows = [(layer, s) for layer in layers for s in item.clean.segments if item.mapping(s)[0]]
+    assert list(zip(results["layer"], results["segment"])) == expected_rows  # every patch reported, in order
+    skipped = results[results["ld_patched"] == results["ld_corrupted"]]
+    # the shared opening at every layer; at layer 0 (token embeddings, no positions in a Llama's residual stream)
+    # also every segment whose tokens are the same in both prompts
+    same_tokens = {
+        s
+        for s in item.clean.segments
+        if [item.clean.ids[p] for p in item.mapping(s)[0]] == [item.corrupted.ids[p] for p in item.mapping(s)[1]]
+    }
+    assert set(zip(skipped["layer"], skipped["segment"])) == {(layer, "prefix") for layer in layers} | {
+        (0, s) for s in same_tokens
+    }
+    assert {"prefix", "final"} <= same_tokens and (skipped["restoration"] == 0).all()
+    assert len(segments_run) == len(expected_rows) - len(skipped)
+    # the same patches with equality never detected: every patch run, the prefix's only up to rounding
+    monkeypatch.setattr(torch, "equal", lambda a, b: False)
+    everything = segment_patching(smollm2, [item], layers=layers)
+    assert len(segments_run) == 2 * len(expected_rows) - len(skipped)
+    # (a packed run of other size rounds differently: compared at the rounding of the logits' magnitude)
+    tol = 2 * rounding_tolerance(smollm2.bridge(torch.tensor([item.corrupted.ids]))[0, -1], smollm2)
+    assert (everything["ld_patched"] - results["ld_patched"]).abs().max() <= tol

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 import pandas as pd
 import torch
 
-from mechfin_utils.core.metrics import logit_diff, normalised_prob_ratio
 from mechfin_utils.core.stats import grouped_bootstrap
 
 
@@ -26,16 +25,36 @@ def pair_scores(model, batches: Sequence) -> pd.DataFrame:
     """One row per pair: ids, basis, template, and the logit difference / two-answer probability on both prompts.
 
     Columns: ``pair_id, basis, template_id, clean_logit_diff, corrupted_logit_diff, gap (clean - corrupted),
-    clean_prob_ratio, corrupted_prob_ratio`` (probability of the first answer renormalised over the two answers).
-    Works for both task families (for counterfactual pairs "clean" is prompt A and "corrupted" prompt B).
+    clean_prob_ratio, corrupted_prob_ratio`` (probability of the first answer renormalised over the two answers:
+    ``sigmoid(logit difference)``). Works for both task families (for counterfactual pairs "clean" is prompt A and
+    "corrupted" prompt B).
+
+    Scored by :class:`~mechfin_utils.screener.behaviour.BridgeScorer` (only the two answers' logits, at the last
+    position), so that within one ``make figures`` run a prompt another notebook scored is read, not rerun
+    (:mod:`~mechfin_utils.screener.score_cache`).
     """
+    from mechfin_utils.screener.behaviour import BridgeScorer
+
     rows = []
+    scorers: dict[tuple[int, int], BridgeScorer] = {}
     for batch in batches:
-        clean, corrupted = final_logits(model, batch.clean_tokens), final_logits(model, batch.corrupted_tokens)
-        ld_clean = logit_diff(clean, batch.answer_tokens)
-        ld_corrupted = logit_diff(corrupted, batch.answer_tokens)
-        pr_clean = normalised_prob_ratio(clean, batch.answer_tokens)
-        pr_corrupted = normalised_prob_ratio(corrupted, batch.answer_tokens)
+        # 1. each row's answers: one scorer per answer pair (the task families use one pair throughout)
+        rows_by_answers: dict[tuple[int, int], list[int]] = {}
+        for i, (first, second) in enumerate(batch.answer_tokens.tolist()):
+            if (first, second) not in scorers:
+                answers = (model.tokenizer.decode([first]), model.tokenizer.decode([second]))
+                if (model.single_token_id(answers[0]), model.single_token_id(answers[1])) != (first, second):
+                    raise ValueError(f"answer tokens {first}, {second} of {model.name} do not decode to themselves")
+                scorers[(first, second)] = BridgeScorer(model, answers=answers)
+            rows_by_answers.setdefault((first, second), []).append(i)
+        # 2. both prompts of every row, by their token ids
+        ld_clean = torch.empty(batch.batch_size, dtype=torch.float64)
+        ld_corrupted = torch.empty(batch.batch_size, dtype=torch.float64)
+        for key, index in rows_by_answers.items():
+            token_rows = [batch.clean_tokens[i].tolist() for i in index]
+            token_rows += [batch.corrupted_tokens[i].tolist() for i in index]
+            values = torch.from_numpy(scorers[key].logit_diffs_of_ids(token_rows))
+            ld_clean[index], ld_corrupted[index] = values[: len(index)], values[len(index) :]
         for i, pair in enumerate(batch.pairs):
             rows.append(
                 {
@@ -45,8 +64,8 @@ def pair_scores(model, batches: Sequence) -> pd.DataFrame:
                     "clean_logit_diff": ld_clean[i].item(),
                     "corrupted_logit_diff": ld_corrupted[i].item(),
                     "gap": (ld_clean[i] - ld_corrupted[i]).item(),
-                    "clean_prob_ratio": pr_clean[i].item(),
-                    "corrupted_prob_ratio": pr_corrupted[i].item(),
+                    "clean_prob_ratio": torch.sigmoid(ld_clean[i]).item(),
+                    "corrupted_prob_ratio": torch.sigmoid(ld_corrupted[i]).item(),
                 }
             )
     if not rows:

@@ -95,11 +95,16 @@ class _PaddedBatchScorer:
     def token_count(self, prompt: str) -> int:
         return len(self._ids(prompt))
 
-    @torch.no_grad()
     def logit_diffs(self, prompts: Sequence[str]) -> Float[np.ndarray, " n"]:
         """``logit(" Yes") - logit(" No")`` at the last position of every prompt, in input order."""
-        # 1. tokenise; refuse every over-long prompt at once, by its index
-        token_rows = [self._ids(p) for p in prompts]
+        return self.logit_diffs_of_ids([self._ids(p) for p in prompts])
+
+    @torch.no_grad()
+    def logit_diffs_of_ids(self, token_rows: Sequence[Sequence[int]]) -> Float[np.ndarray, " n"]:
+        """The same for prompts already tokenised (as this scorer's model tokenises them: its BOS decision applied),
+        one list of token ids per prompt, in input order."""
+        prompts = token_rows
+        # 1. refuse every over-long prompt at once, by its index
         too_long = [f"prompt {i} ({len(r)} tokens)" for i, r in enumerate(token_rows) if len(r) > self.n_ctx]
         if too_long:
             raise PromptTooLongError(

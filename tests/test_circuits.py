@@ -681,3 +681,53 @@ def test_a_sweep_shares_the_passes_its_walks_have_in_common(tiny_ablators, engin
     ]
     alone = discover_circuit(ablator, engine_rounding)
     assert alone.n_forward_passes == len(ablator.nodes) + 2 and alone.nodes == first.nodes
+
+
+def test_node_ablations_are_shared_within_a_figures_run(tiny_gpt2_silenced, tiny_task, monkeypatch, tmp_path):
+    """With ``$MECHFIN_SCORE_CACHE`` set (a ``make figures`` run), a second ablator of the same weights, task and
+    ablation reads each ablated run's final state instead of running it (no engine pass), bit for bit; another
+    ablation kind, other prompts or the bridge backend never read it; unset, nothing is written."""
+    from mechfin_utils.core import engine
+    from mechfin_utils.core.run_cache import SCORE_CACHE_ENV
+    from mechfin_utils.methods.circuits import nodes
+
+    passes: list[int] = []
+    real_run = engine.run
+
+    def counting_run(*args, **kwargs):
+        passes.append(1)
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(nodes.engine, "run", counting_run)
+    ablated = [Node(1, None), Node(0, 2)]
+    monkeypatch.delenv(SCORE_CACHE_ENV, raising=False)
+    unshared = NodeAblator(tiny_gpt2_silenced, tiny_task, backend="functional").prompt_scores(ablated)
+    monkeypatch.setenv(SCORE_CACHE_ENV, str(tmp_path))
+    assert not any(tmp_path.iterdir())
+    first = NodeAblator(tiny_gpt2_silenced, tiny_task, backend="functional")
+    written = first.prompt_scores(ablated)
+    assert torch.equal(written, unshared)
+    before = len(passes)
+    second = NodeAblator(tiny_gpt2_silenced, tiny_task, backend="functional")  # its full and baseline runs: read
+    assert len(passes) == before
+    assert torch.equal(second.prompt_scores(ablated), written) and len(passes) == before
+    second.prompt_scores([Node(1, 3)])  # a set not run yet
+    assert len(passes) == before + 1
+    NodeAblator(tiny_gpt2_silenced, tiny_task, ablation="mean", backend="functional").prompt_scores(ablated)
+    assert len(passes) == before + 1 + 3  # full, baseline and the set: another ablation kind shares nothing
+    other = task_from_answer_batches(
+        "toy yes/no, one prompt",
+        [
+            SimpleNamespace(
+                clean_tokens=tiny_gpt2_silenced.to_tokens(CLEAN[:1]),
+                corrupted_tokens=tiny_gpt2_silenced.to_tokens(CORRUPTED[:1]),
+                answer_tokens=tiny_task.batches[0].clean_tokens.new_tensor(
+                    [[tiny_gpt2_silenced.single_token_id(" Yes"), tiny_gpt2_silenced.single_token_id(" No")]]
+                ),
+            )
+        ],
+    )
+    NodeAblator(tiny_gpt2_silenced, other, backend="functional")
+    assert len(passes) == before + 1 + 3 + 2  # other prompts: its own full and baseline runs
+    bridge = NodeAblator(tiny_gpt2_silenced, tiny_task, backend="bridge")
+    assert bridge._shared is None

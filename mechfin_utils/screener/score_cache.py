@@ -2,7 +2,7 @@
 
 Notebooks 08 and 12 both judge the repaired screener on the same held-out sets (1,600 prompts) and the base model on
 the mention sets: about two minutes of forward passes that the second notebook would repeat. When
-``$MECHFIN_SCORE_CACHE`` names a folder, :class:`~mechfin_utils.screener.behaviour.BridgeScorer` looks each prompt up
+``$MECHFIN_SCORE_CACHE`` names a folder (:mod:`mechfin_utils.core.run_cache`), :class:`~mechfin_utils.screener.behaviour.BridgeScorer` looks each prompt up
 there before running the model and writes what it computed there after. ``make figures`` and ``make verify`` set it
 to a folder of their own run (under ``figures/.staging/``, removed when the run ends); nothing else sets it, so a
 notebook run by hand, the tests and every other caller compute every score.
@@ -20,46 +20,13 @@ writing at once never leave a half-written entry; a reader sees every file compl
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import uuid
-import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
-from mechfin_utils.core.models import tensor_bytes
-
-SCORE_CACHE_ENV = "MECHFIN_SCORE_CACHE"
-"""The folder of this run's shared scores; unset (the default): no sharing."""
-
-_FINGERPRINTS: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, str]] = weakref.WeakKeyDictionary()
-
-
-def weights_fingerprint(module: torch.nn.Module) -> str:
-    """The sha256 of every parameter and buffer of ``module`` (names, shapes, dtypes and bytes), as they are now.
-
-    Hashing 135M parameters takes about half a second, so it is remembered per module and recomputed only when a
-    tensor was replaced or changed in place (torch counts in-place writes in each tensor's ``_version``)."""
-    tensors = list(module.state_dict(keep_vars=True).items())
-    state = tuple((name, t.data_ptr(), t._version) for name, t in tensors)
-    remembered = _FINGERPRINTS.get(module)
-    if remembered is not None and remembered[0] == state:
-        return remembered[1]
-    digest = hashlib.sha256()
-    for name, tensor in tensors:
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
-        digest.update(tensor_bytes(tensor))
-    _FINGERPRINTS[module] = (state, digest.hexdigest())
-    return digest.hexdigest()
-
-
-def run_cache_folder() -> Path | None:
-    """The folder ``$MECHFIN_SCORE_CACHE`` names, else None (no sharing)."""
-    folder = os.environ.get(SCORE_CACHE_ENV, "").strip()
-    return Path(folder) if folder else None
+from mechfin_utils.core.paths import write_atomically
+from mechfin_utils.core.run_cache import SCORE_CACHE_ENV, run_cache_folder, weights_fingerprint
 
 
 class RunScoreCache:
@@ -85,12 +52,9 @@ class RunScoreCache:
             raise ValueError(f"{len(token_rows)} token rows but {len(logit_diffs)} scores")
         if not token_rows:
             return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        name = uuid.uuid4().hex
-        temporary = self.folder / f".{name}.tmp"
         rows = [list(map(int, r)) for r in token_rows]
-        temporary.write_text(json.dumps({"tokens": rows, "logit_diffs": [float(v) for v in logit_diffs]}))
-        os.replace(temporary, self.folder / f"{name}.json")
+        text = json.dumps({"tokens": rows, "logit_diffs": [float(v) for v in logit_diffs]})
+        write_atomically(self.folder / f"{uuid.uuid4().hex}.json", text.encode())
 
 
 __all__ = ["SCORE_CACHE_ENV", "RunScoreCache", "run_cache_folder", "weights_fingerprint"]

@@ -32,10 +32,12 @@ per-prompt score function of the logits).
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -45,6 +47,7 @@ from torch import Tensor
 from mechfin_utils.core import engine
 from mechfin_utils.core.functional import ForwardRecord, FunctionalTransformer
 from mechfin_utils.core.head_labels import Node
+from mechfin_utils.core.run_cache import load_tensor, run_cache_folder, store_tensor, weights_fingerprint
 from mechfin_utils.tasks.circuit_tasks import CircuitBatch, CircuitTask
 
 AblationKind = Literal["resample", "mean"]
@@ -127,6 +130,11 @@ class NodeAblator:
         Agrees with the bridge backend to float rounding (~1e-5; tested).
 
     ``"auto"`` (default) picks ``"functional"`` when the architecture is supported, else ``"bridge"``.
+
+    Within one ``make figures`` run (``$MECHFIN_SCORE_CACHE``, :mod:`mechfin_utils.core.run_cache`) the functional
+    backend shares each ablated run's final residual state with the run's other notebooks: an ablator of the same
+    weights, task tokens and ablation kind reads it instead of running it again (notebooks 05 and 10 prune
+    greater-than on the same prompts). The scores are then computed from the stored state as from a fresh one.
     """
 
     def __init__(self, model, task: CircuitTask, ablation: AblationKind = "resample", backend: Backend = "auto"):
@@ -152,6 +160,7 @@ class NodeAblator:
                 if backend == "functional":
                     raise
         self.backend = "functional" if self._fm is not None else "bridge"
+        self._shared = self._shared_folder() if self.backend == "functional" else None
         with torch.no_grad():
             if self.backend == "functional":
                 self._functional = [self._prepare_functional(b, i) for i, b in enumerate(task.batches)]
@@ -193,6 +202,19 @@ class NodeAblator:
             reference_z=self._reference_activation(corrupted.kept("z"), 1)[:, :, first:],
             reference_mlp=self._reference_activation(corrupted.kept("mlp_out"), 1)[:, :, first:],
         )
+
+    def _shared_folder(self) -> Path | None:
+        """Where this ablator's runs are shared within a ``make figures`` run (None: not shared): keyed by the
+        weights, the ablation kind and every batch's clean and corrupted tokens and read positions."""
+        folder = run_cache_folder()
+        if folder is None:
+            return None
+        digest = hashlib.sha256(f"{weights_fingerprint(self.model.hf_model)};{self.ablation};".encode())
+        for batch in self.task.batches:
+            for tokens in (batch.clean_tokens, batch.corrupted_tokens):
+                digest.update(f"{tuple(tokens.shape)}:{batch.read_positions};".encode())
+                digest.update(tokens.to(torch.int64).cpu().numpy().tobytes())
+        return folder / "node-ablations" / digest.hexdigest()[:32]
 
     # --- runs --------------------------------------------------------------------------------------------
 
@@ -245,6 +267,13 @@ class NodeAblator:
         by the reference values from ``first_pos`` on, starting at the earliest ablated layer."""
         fm, saved = self._fm, self._functional[batch_index]
         assert fm is not None  # the functional backend has its model
+        shared = None
+        if self._shared is not None:  # run already in this make figures run: read its final state
+            names = ",".join(sorted(f"{n.layer}.{n.head}" for n in ablated))
+            shared = self._shared / f"{batch_index}-{hashlib.sha256(names.encode()).hexdigest()[:32]}.pt"
+            stored = load_tensor(shared)
+            if stored is not None:
+                return fm.unembed(stored)
         read = self.task.batches[batch_index].read_positions
         head_index, mlp_layers = self._split(ablated)
         start = min((n.layer for n in ablated), default=self.n_layers)
@@ -265,6 +294,8 @@ class NodeAblator:
             interventions,
         )
         (normed,) = engine.run(fm, [segment], saved.clean, n_read=read)
+        if shared is not None:
+            store_tensor(shared, normed)
         return fm.unembed(normed)
 
     def prompt_scores(self, ablated: Iterable[Node] = ()) -> Float[Tensor, " n_prompts"]:

@@ -74,6 +74,8 @@ def test_bench_runs_and_writes_its_table(tiny_gpt2, tmp_path, monkeypatch, capsy
             "1",
             "--trace-samples",
             "2",
+            "--node-prompts",
+            "4",
             "--out",
             str(tmp_path),
         ]
@@ -85,7 +87,7 @@ def test_bench_runs_and_writes_its_table(tiny_gpt2, tmp_path, monkeypatch, capsy
     table_rows = [
         line for line in (tmp_path / "latest.md").read_text().splitlines() if line.startswith("| GPT-2-shape")
     ]
-    assert len(table_rows) == 7  # two patching sweeps, two tracing rows, one edge-scoring row, two behaviour rows
+    assert len(table_rows) == 8  # two patching sweeps, two tracing rows, one edge row, two behaviour rows, one node row
     rows = {row["component"]: row for row in result["rows"]}
     assert set(rows) == {"resid_pre", "attn_head_out_by_pos"}
     for row in rows.values():
@@ -109,6 +111,9 @@ def test_bench_runs_and_writes_its_table(tiny_gpt2, tmp_path, monkeypatch, capsy
     assert edges["circuit_seconds"] > 0 and edges["circuit_earlier_seconds"] > 0
     # the two sums give one metric, up to float32 sums taken in another order (relative 1e-4: ~800 float32 steps)
     assert edges["circuit_max_diff"] <= 1e-4 * max(1.0, edges["circuit_metric_scale"])
+    # EAP-IG per prompt, each length apart or joined and padded: the same scores up to float rounding at their scale
+    assert edges["lengths_prompts"] == 2 and edges["lengths_apart_seconds"] > 0 and edges["lengths_joined_seconds"] > 0
+    assert edges["lengths_max_diff"] <= 2 * rounding_tolerance(max(1e-6, edges["lengths_score_scale"]), tiny_gpt2[0])
     plain, held = result["behaviour_rows"]
     assert plain["scoring"] == "plain" and held["scoring"] == "L0H0, L0H1, MLP1 held at their mean"
     for behaviour in (plain, held):
@@ -117,6 +122,12 @@ def test_bench_runs_and_writes_its_table(tiny_gpt2, tmp_path, monkeypatch, capsy
         # the same logit differences both ways, up to float rounding of logits of this size (batch shapes differ)
         assert behaviour["max_abs_diff"] <= 2 * rounding_tolerance(behaviour["largest_logit"], tiny_gpt2[0])
         assert behaviour["speedup"] == pytest.approx(behaviour["earlier_seconds"] / behaviour["padded_seconds"])
+    (nodes,) = result["node_rows"]
+    # two layers of 12 heads and an MLP, each tested at least once, on both backends alike
+    assert nodes["n_nodes"] == 2 * 13 and nodes["passes"] >= nodes["n_nodes"] and nodes["prompts"] == 4
+    assert nodes["same_circuit"]
+    assert nodes["max_abs_diff"] <= 2 * rounding_tolerance(max(1.0, nodes["score_scale"]), tiny_gpt2[0])
+    assert nodes["speedup"] == pytest.approx(nodes["bridge_seconds"] / nodes["engine_seconds"])
 
 
 def test_trace_floor_of_one_restoration_is_counted_by_hand(tiny_gpt2):

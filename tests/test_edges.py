@@ -497,3 +497,67 @@ def test_scores_in_chunks_equal_one_patcher_and_reuse_the_first():
     assert first.n_forward_passes > 2  # the first chunk was scored by the patcher it was given
     with pytest.raises(ValueError, match="max_prompts must be >= 1"):
         ea.task_chunks(split, 0)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_circuit_with_no_clean_path_to_the_logits_is_the_corrupted_run_and_costs_no_pass(family):
+    """Reachability against the engine itself: for random kept sets of several sizes, every set the graph says no kept
+    path crosses gives the corrupted run's scores when run anyway (to rounding), and the patcher reads it without a
+    pass; sets with a path are run (some change the scores, so the comparison can fail; a path need not change them,
+    e.g. one through position-wise MLPs at a last position whose token both prompts share). Hand-built cases: one kept
+    edge input -> logits reaches; a key edge reaches every query head of its group (Llama: 2 heads per group)."""
+    model = _tiny_gpt2(seed=3) if family == "gpt2" else _tiny_llama(seed=1)
+    clean, corrupted = _pair(n=4, n_pos=6, seed=2)
+    patcher = ea.EdgePatcher(model, _task(clean, corrupted))
+    graph, fm = patcher.graph, patcher.fm
+    # 1. hand-built: the direct edge; a chain through a key receiver and the head of the same group
+    direct = torch.zeros_like(patcher.valid)
+    direct[0, graph.logits_receiver] = True
+    assert graph.input_reaches_logits(direct) and not graph.input_reaches_logits(torch.zeros_like(direct))
+    group = graph.n_heads // graph.n_kv_heads
+    through_key = torch.zeros_like(patcher.valid)
+    through_key[0, graph.attention_receivers(1).start + graph.n_heads] = True  # layer 1, key receiver of group 0
+    through_key[graph.head_sender(1, group - 1), graph.logits_receiver] = True  # the group's last head -> logits
+    assert graph.input_reaches_logits(through_key)
+    through_key[graph.head_sender(1, group - 1), graph.logits_receiver] = False
+    through_key[graph.head_sender(1, group), graph.logits_receiver] = True  # another group's head: no path
+    assert not graph.input_reaches_logits(through_key)
+    # a chain through an MLP: input -> layer 0's value receiver of group 0 -> head L0H0 -> MLP1 -> logits; its clean
+    # values reach the last position through the head (which reads the changed token), so the run changes
+    chain = torch.zeros_like(patcher.valid)
+    chain[0, graph.attention_receivers(0).start + graph.n_heads + graph.n_kv_heads] = True
+    chain[graph.head_sender(0, 0), graph.mlp_receiver(1)] = True
+    chain[graph.mlp_sender(1), graph.logits_receiver] = True
+    assert graph.input_reaches_logits(chain)
+    with torch.no_grad():
+        run = engine.run_edges(
+            fm, graph, clean, patched=patcher.valid & ~chain, sources=patcher.batches[0].corrupted_outputs
+        )
+    logits = fm.unembed(run.final_normed)
+    moved = float((patcher.batches[0].score(logits).float() - patcher.corrupted_prompt_scores).abs().max())
+    assert moved > 2 * rounding_tolerance(logits, model)
+    chain[graph.head_sender(0, 0), graph.mlp_receiver(1)] = False
+    assert not graph.input_reaches_logits(chain)
+    # 2. random sets, each run by the engine whatever the graph says
+    generator = torch.Generator().manual_seed(0)
+    seen = {True: 0, False: 0}
+    changed = 0
+    for size in [1, 2, 4, 8, 16, 32, 64, 128] * 3:
+        kept = ea.random_edges(graph, size, generator)
+        reaches = graph.input_reaches_logits(kept)
+        seen[reaches] += 1
+        with torch.no_grad():
+            run = engine.run_edges(
+                fm, graph, clean, patched=patcher.valid & ~kept, sources=patcher.batches[0].corrupted_outputs
+            )
+        scores = patcher.batches[0].score(fm.unembed(run.final_normed)).float()
+        tol = 2 * rounding_tolerance(fm.unembed(run.final_normed), model)
+        gap = float((scores - patcher.corrupted_prompt_scores).abs().max())
+        assert reaches or gap <= tol, (size, gap, tol)
+        changed += gap > tol
+        before = patcher.n_forward_passes
+        read = patcher.prompt_scores(patcher.valid & ~kept)
+        assert patcher.n_forward_passes == before + (1 if reaches else 0)
+        if not reaches:
+            assert torch.equal(read, patcher.corrupted_prompt_scores)
+    assert seen[True] and seen[False] and changed  # both kinds drawn, and a change the comparison would see

@@ -123,6 +123,28 @@ class ComputationalGraph:
     def n_edges(self) -> int:
         return int(self.valid().sum())
 
+    def input_reaches_logits(self, kept: Bool[Tensor, "n_senders n_receivers"]) -> bool:
+        """Whether a path of ``kept`` edges leads from the input to the logits.
+
+        In a run where every other edge is patched (carries the corrupted run's output), a receiver whose kept
+        edges all come from senders that no such path reaches reads exactly the corrupted run's input, so its node
+        computes the corrupted output; by induction over the layers, if no kept path reaches the logits the run
+        *is* the corrupted run. Stages, layer by layer: a receiver is reached when a kept edge comes from a reached
+        sender (the input is reached); a head when its query or its group's key or value receiver is; an MLP when
+        its receiver is."""
+        # 1. the input, then each layer's heads and MLP, in the order they write
+        reached = torch.zeros(self.n_senders, dtype=torch.bool)
+        reached[0] = True
+        group = self.n_heads // self.n_kv_heads
+        for layer in range(self.n_layers):
+            hit = (kept[:, self.attention_receivers(layer)] & reached[:, None]).any(0)
+            q, k, v = hit.split([self.n_heads, self.n_kv_heads, self.n_kv_heads])
+            first = self.head_sender(layer, 0)
+            reached[first : first + self.n_heads] = q | k.repeat_interleave(group) | v.repeat_interleave(group)
+            reached[self.mlp_sender(layer)] = bool((kept[:, self.mlp_receiver(layer)] & reached).any())
+        # 2. the logits
+        return bool((kept[:, self.logits_receiver] & reached).any())
+
     # --- names ---------------------------------------------------------------------------------------------
 
     def sender_name(self, sender: int) -> str:

@@ -6,7 +6,8 @@
 3. for every model (:func:`bench_model`): its inputs and its matrix-multiply throughput, then one row per patching
    component (:mod:`~mechfin_utils.tooling.bench.patching_vs_transformer_lens`), one per group of traced prompts
    (:mod:`~mechfin_utils.tooling.bench.tracing_vs_rome`) and one for edge scoring
-   (:mod:`~mechfin_utils.tooling.bench.edge_scoring`), each printed as it finishes;
+   (:mod:`~mechfin_utils.tooling.bench.edge_scoring`), one for node pruning
+   (:mod:`~mechfin_utils.tooling.bench.node_pruning`), each printed as it finishes;
 4. the three tables and the machine line, printed;
 5. both written to ``bench/results/latest.md`` and ``latest.json`` (:func:`write_results`).
 
@@ -33,6 +34,7 @@ from mechfin_utils.tooling.bench.behaviour_scoring import (
 )
 from mechfin_utils.tooling.bench.edge_scoring import EdgeBenchRow, bench_edge_scoring, format_edge_table
 from mechfin_utils.tooling.bench.machine import machine_line, matmul_throughput, pin_malloc_to_mmap
+from mechfin_utils.tooling.bench.node_pruning import NodeBenchRow, bench_node_pruning, format_node_table
 from mechfin_utils.tooling.bench.patching_vs_transformer_lens import (
     BenchRow,
     bench_component,
@@ -64,6 +66,7 @@ class BenchResults:
     trace_rows: list[TraceBenchRow] = field(default_factory=list)
     edge_rows: list[EdgeBenchRow] = field(default_factory=list)
     behaviour_rows: list[BehaviourBenchRow] = field(default_factory=list)
+    node_rows: list[NodeBenchRow] = field(default_factory=list)
     throughput: dict[str, float] = field(default_factory=dict)
 
 
@@ -122,6 +125,9 @@ def parse_arguments(argv: Sequence[str] | None) -> tuple[argparse.Namespace, lis
         "--trace-samples", type=int, default=5, help="noise samples per prompt (default 5, as notebook 06)"
     )
     parser.add_argument("--edge-steps", type=int, default=5, help="EAP-IG steps in the edge row (default 5)")
+    parser.add_argument(
+        "--node-prompts", type=int, default=8, help="greater-than prompts of the node-pruning row (default 8; 0: none)"
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for latest.md / latest.json")
     args = parser.parse_args(argv)
 
@@ -136,8 +142,8 @@ def parse_arguments(argv: Sequence[str] | None) -> tuple[argparse.Namespace, lis
             parser.error(f"--models: unknown model {name!r}; choose from {MODELS}")
     if args.batch < 1 or args.tl_cells < 1 or args.trace_samples < 1:
         parser.error("--batch, --tl-cells and --trace-samples must be positive")
-    if args.trace_facts < 0 or args.trace_pairs < 0:
-        parser.error("--trace-facts and --trace-pairs must be 0 or more")
+    if args.trace_facts < 0 or args.trace_pairs < 0 or args.node_prompts < 0:
+        parser.error("--trace-facts, --trace-pairs and --node-prompts must be 0 or more")
     return args, models, components
 
 
@@ -195,7 +201,17 @@ def bench_model(name: str, args: argparse.Namespace, components: Sequence[str], 
         flush=True,
     )
 
-    # 5. Scoring prompts of any length (a screener's held-out split): padded batches against exact-length groups.
+    # 5. Node pruning: the engine against the bridge, one walk each.
+    if args.node_prompts:
+        node_row = bench_node_pruning(model, model_label=label, n_prompts=args.node_prompts)
+        results.node_rows.append(node_row)
+        print(
+            f"   node pruning: bridge {node_row.bridge_seconds:.1f} s, engine {node_row.engine_seconds:.1f} s "
+            f"({node_row.speedup:.1f}x), same circuit {node_row.same_circuit}, max |diff| {node_row.max_abs_diff:.1e}",
+            flush=True,
+        )
+
+    # 6. Scoring prompts of any length (a screener's held-out split): padded batches against exact-length groups.
     for behaviour_row in bench_behaviour_scoring(model, model_label=label):
         results.behaviour_rows.append(behaviour_row)
         print(
@@ -216,7 +232,10 @@ def tables(results: BenchResults) -> str:
         + format_edge_table(results.edge_rows)
         + "\n\nScoring prompts of any length (a held-out split, both sides of every pair): padded batches against "
         "exact-length groups through the bridge; plain, and with components held at the answer position (the "
-        "engine against bridge hooks):\n\n" + format_behaviour_table(results.behaviour_rows)
+        "engine against bridge hooks):\n\n"
+        + format_behaviour_table(results.behaviour_rows)
+        + "\n\nNode pruning (one ACDC-style walk over every head and MLP, greater-than): the engine against the "
+        "bridge with hooks:\n\n" + format_node_table(results.node_rows)
     )
 
 
@@ -239,6 +258,7 @@ def write_results(out: Path, table: str, machine: str, args: argparse.Namespace,
                 "trace_rows": [asdict(r) for r in results.trace_rows],
                 "edge_rows": [asdict(r) for r in results.edge_rows],
                 "behaviour_rows": [asdict(r) for r in results.behaviour_rows],
+                "node_rows": [asdict(r) for r in results.node_rows],
             },
             indent=2,
         )

@@ -8,7 +8,9 @@ is the per-edge patching estimate over EAP-IG's time. The completeness error (EA
 input, summed, against the patched metric change) says how close ``steps`` gets to the integral. Last, the exact
 evaluation of one circuit (EAP-IG's top ``circuit_edges`` edges kept, every other edge patched) as ``run_edges`` now
 sums it (over the kept edges, taken from the every-edge difference) and as it did before (over the patched edges),
-with both times and the largest difference of the metric.
+with both times and the largest difference of the metric. And EAP-IG on the task's first pairs of any token length,
+each length's batch run apart (the earlier path) against batches joined and padded on the right (``EdgePatcher``'s
+``max_batch_tokens``), with both times and the largest difference of an edge's per-prompt score.
 """
 
 from __future__ import annotations
@@ -41,6 +43,12 @@ class EdgeBenchRow:
     circuit_earlier_seconds: float = 0.0  # the same, summing over the patched edges (the earlier path)
     circuit_max_diff: float = 0.0
     circuit_metric_scale: float = 0.0  # the largest |metric| of a prompt, the scale of the difference
+    lengths_prompts: int = 0  # EAP-IG on prompts of several token lengths (the task's first pairs, any length)
+    lengths_groups: int = 0  # ... how many token lengths they have
+    lengths_apart_seconds: float = 0.0  # ... one batch per length (the earlier path: max_batch_tokens=0)
+    lengths_joined_seconds: float = 0.0  # ... joined into right-padded batches (now)
+    lengths_max_diff: float = 0.0  # ... the largest difference of an edge's per-prompt score between the two
+    lengths_score_scale: float = 0.0  # ... the largest |score|, the scale of that difference
 
 
 def bench_edge_scoring(
@@ -68,9 +76,17 @@ def bench_edge_scoring(
         best = float("inf")
         for _ in range(3):
             started = time.perf_counter()
-            values[label] = patcher.prompt_scores(patched, kept_sum_above=above)
+            values[label] = patcher.prompt_scores(patched, kept_sum_above=above, reuse=False)
             best = min(best, time.perf_counter() - started)
         timings[label] = best
+    # EAP-IG on prompts of several lengths: each length's batch apart (the earlier path) against joined and padded
+    mixed = circuit_tasks.fair_lending_task(model, n_pairs=n_pairs)
+    per_path = {}
+    for label, max_tokens in (("apart", 0), ("joined", edges.MAX_BATCH_TOKENS)):
+        started = time.perf_counter()
+        scored = edges.edge_scores(edges.EdgePatcher(model, mixed, max_batch_tokens=max_tokens), "EAP-IG", steps=steps)
+        per_path[label] = (scored.per_prompt, time.perf_counter() - started)
+    (apart, apart_seconds), (joined, joined_seconds) = per_path["apart"], per_path["joined"]
     return EdgeBenchRow(
         model=model_label,
         prompts=task.n_prompts,
@@ -88,6 +104,12 @@ def bench_edge_scoring(
         circuit_earlier_seconds=timings["earlier"],
         circuit_max_diff=float((values["kept"] - values["earlier"]).abs().max()),
         circuit_metric_scale=float(values["earlier"].abs().max()),
+        lengths_prompts=mixed.n_prompts,
+        lengths_groups=len({int(b.clean_tokens.shape[1]) for b in mixed.batches}),
+        lengths_apart_seconds=apart_seconds,
+        lengths_joined_seconds=joined_seconds,
+        lengths_max_diff=float((apart - joined).abs().max()),
+        lengths_score_scale=float(apart.abs().max()),
     )
 
 
@@ -106,6 +128,12 @@ EDGE_COLUMNS = (
         "({circuit_edges:,}) {circuit_earlier_seconds:.2f} -> {circuit_seconds:.2f}",
     ),
     ("max |diff|", "{circuit_max_diff:.1e}"),
+    (
+        "EAP-IG, prompts of several lengths: apart s -> joined s",
+        "({lengths_prompts} prompts, {lengths_groups} lengths) {lengths_apart_seconds:.1f} -> "
+        "{lengths_joined_seconds:.1f}",
+    ),
+    ("max |diff| (score scale)", "{lengths_max_diff:.1e} ({lengths_score_scale:.1e})"),
 )
 """The columns of the edge-scoring table (:func:`mechfin_utils.reporting.tables.markdown_table`)."""
 

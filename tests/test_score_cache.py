@@ -4,6 +4,8 @@ shared; and nothing is shared unless ``$MECHFIN_SCORE_CACHE`` names a folder."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -96,7 +98,34 @@ def test_held_components_and_hooks_are_never_shared(gpt2_random_biased, tmp_path
     assert sum(rows_run) == len(PROMPTS)
     plain = BridgeScorer(model).logit_diffs(PROMPTS)
     assert np.abs(hooked - plain).max() > 0  # the hooked run's scores were its own, and were not stored either
-    assert len(list(tmp_path.rglob("*.json"))) == 1
+    # what is stored is plain scores only (the held run shares its plain pass, never its held answers)
+    stored = {}
+    for path in tmp_path.rglob("*.json"):
+        entry = json.loads(path.read_text())
+        stored.update(zip(map(tuple, entry["tokens"]), entry["logit_diffs"]))
+    by_prompt = dict(zip((tuple(model.token_ids(p)) for p in PROMPTS), plain))
+    assert set(stored) == set(by_prompt)
+    assert max(abs(stored[key] - by_prompt[key]) for key in stored) <= _tolerance(model, PROMPTS)
+
+
+def test_a_held_run_shares_its_plain_pass(gpt2_random_biased, tmp_path, monkeypatch):
+    """Notebook 12's mean ablation passes through the plain forward pass first: within a run, the plain scores of
+    the same prompts are read from it afterwards (no forward pass), equal to a plain scorer's to rounding; outside a
+    run nothing is stored."""
+    model = gpt2_random_biased
+    held = {Node(0): torch.zeros(int(model.cfg.d_model))}
+    uncached_plain = BridgeScorer(model).logit_diffs(PROMPTS)
+    BridgeScorer(model, held_at_last=held).logit_diffs(PROMPTS)
+    assert not any(tmp_path.iterdir())
+    monkeypatch.setenv(SCORE_CACHE_ENV, str(tmp_path))
+    rows_run = _rows_run(monkeypatch)
+    held_scores = BridgeScorer(model, held_at_last=held).logit_diffs(PROMPTS)
+    assert sum(rows_run) == len(PROMPTS)
+    rows_run.clear()
+    plain = BridgeScorer(model).logit_diffs(PROMPTS)
+    assert sum(rows_run) == 0  # read from the held run's plain pass
+    assert np.abs(plain - uncached_plain).max() <= _tolerance(model, PROMPTS)
+    assert np.abs(held_scores - plain).max() > 100 * _tolerance(model, PROMPTS)  # and the held answers differ
 
 
 def test_other_weights_or_answers_do_not_see_each_others_scores(tmp_path):

@@ -75,6 +75,7 @@ __all__ = [
     "ReplaceSite",
     "Segment",
     "chunk_by_rows",
+    "final_normed_plain_and_held",
     "final_normed_with_outputs_held",
     "output_replacement",
     "run",
@@ -501,10 +502,21 @@ def final_normed_with_outputs_held(
     fm: FunctionalTransformer, tokens: Int[Tensor, "batch pos"], held: dict[Node, Tensor]
 ) -> Float[Tensor, "batch d_model"]:
     """The final-normed residual stream at the last position of every prompt of ``tokens`` (one token length),
-    with each component of ``held`` writing its given value as its output at that position.
+    with each component of ``held`` writing its given value as its output at that position
+    (:func:`final_normed_plain_and_held`'s second half)."""
+    return final_normed_plain_and_held(fm, tokens, held)[1]
+
+
+@torch.no_grad()
+def final_normed_plain_and_held(
+    fm: FunctionalTransformer, tokens: Int[Tensor, "batch pos"], held: dict[Node, Tensor]
+) -> tuple[Float[Tensor, "batch d_model"], Float[Tensor, "batch d_model"]]:
+    """The final-normed residual stream at the last position of every prompt of ``tokens`` (one token length):
+    of the plain run, and with each component of ``held`` writing its given value as its output at that position.
 
     Stages:
-        1. one plain forward pass, recorded (the residual stream entering every layer, keys and values);
+        1. one plain forward pass, recorded (the residual stream entering every layer, keys and values): its last
+           position is the plain answer;
         2. the last position only, continued from the earliest held layer with the held values written
            (causal attention: no earlier position can see the last one, so nothing else changes).
     A mean ablation at the answer position is this with each component's mean output.
@@ -533,4 +545,4 @@ def final_normed_with_outputs_held(
         torch.arange(int(tokens.shape[0])),
         [output_replacement(c, last, value) for c, value in held.items()],
     )
-    return run(fm, [segment], record)[0][:, -1]
+    return record.final_normed, run(fm, [segment], record)[0][:, -1]

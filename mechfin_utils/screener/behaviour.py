@@ -148,7 +148,9 @@ class BridgeScorer(_PaddedBatchScorer):
     ``held_at_last`` (component -> value) scores a model with those components' outputs at the last position held
     at the given values (a head's ``z`` ``[d_head]``, an MLP's output ``[d_model]``): notebook 12's mean ablation
     at the answer position, run by the intervention engine
-    (:func:`~mechfin_utils.core.engine.final_normed_with_outputs_held`), one token length per batch.
+    (:func:`~mechfin_utils.core.engine.final_normed_plain_and_held`), one token length per batch. That run passes
+    through the plain forward pass first; within a ``make figures`` run its scores are shared as the model's plain
+    scores (:mod:`~mechfin_utils.screener.score_cache`), so the plain scores of the same prompts cost nothing after.
 
     While forward hooks are attached to the bridge (any intervention of one's own), the functional pass would not
     see them: the prompts then go through the bridge itself, one token length per batch, so that a hook reading the
@@ -177,8 +179,13 @@ class BridgeScorer(_PaddedBatchScorer):
         return bool(self.held_at_last) or _bridge_is_hooked(self.model.bridge)
 
     def _run_cache(self) -> RunScoreCache | None:
+        return None if self.held_at_last else self._plain_run_cache()  # only plain passes are shared
+
+    def _plain_run_cache(self) -> RunScoreCache | None:
+        """Where this run shares the plain pass's scores of this model and these answers (None: nowhere, or hooks
+        on the bridge)."""
         folder = run_cache_folder()
-        if folder is None or self.held_at_last or _bridge_is_hooked(self.model.bridge):  # only plain passes shared
+        if folder is None or _bridge_is_hooked(self.model.bridge):
             return None
         answer_ids = (self.model.single_token_id(self.answers[0]), self.model.single_token_id(self.answers[1]))
         return RunScoreCache(folder, weights_fingerprint(self.model.hf_model), answer_ids)
@@ -194,11 +201,15 @@ class BridgeScorer(_PaddedBatchScorer):
             final = self.model.bridge(tokens.to(device))[:, -1, :]
             return final[:, yes] - final[:, no]
         fm = functional_model(self.model)
+        answers = torch.tensor([[yes, no]], device=device)
         if self.held_at_last:  # one length per batch here too
-            normed = engine.final_normed_with_outputs_held(fm, tokens.to(device), self.held_at_last)
+            plain, normed = engine.final_normed_plain_and_held(fm, tokens.to(device), self.held_at_last)
+            shared = self._plain_run_cache()
+            if shared is not None:  # the plain pass ran on the way: its scores are this run's plain scores
+                shared.store(tokens.tolist(), fm.logit_diff(plain, answers).double().cpu().tolist())
         else:
             normed = fm.final_normed_at(tokens.to(device), last.to(device))
-        return fm.logit_diff(normed, torch.tensor([[yes, no]], device=device))
+        return fm.logit_diff(normed, answers)
 
 
 def _bridge_is_hooked(bridge: torch.nn.Module) -> bool:

@@ -20,6 +20,16 @@ def _pair(clean: str, corrupted: str, protected: str, legitimate: str) -> FairLe
     )
 
 
+def _mortgage_pair():
+    """A pair of unequal token lengths: the decision rests on race, or on a credit score."""
+    return _pair(
+        "The bank denied Maria's mortgage because she is Black. Is this a fair-lending violation? Answer:",
+        "The bank denied Maria's mortgage because her credit score is 540. Is this a fair-lending violation? Answer:",
+        "because she is Black",
+        "because her credit score is 540",
+    )
+
+
 def test_segments_cover_every_token_and_spell_the_phrase(smollm2):
     pairs = load_split("test_templates")[:24]
     aligned, excluded = segment_pairs(smollm2, pairs)
@@ -49,12 +59,7 @@ def test_a_phrase_that_splits_a_token_is_excluded_with_its_reason(smollm2):
 
 
 def test_segment_patching_matches_hooks_on_the_plain_model(smollm2, unprocessed_hf_reference):
-    pair = _pair(
-        "The bank denied Maria's mortgage because she is Black. Is this a fair-lending violation? Answer:",
-        "The bank denied Maria's mortgage because her credit score is 540. Is this a fair-lending violation? Answer:",
-        "because she is Black",
-        "because her credit score is 540",
-    )
+    pair = _mortgage_pair()
     item = segment_pair(smollm2, pair)
     assert len(item.clean.ids) != len(item.corrupted.ids)
     layer = 12
@@ -155,12 +160,7 @@ def test_attention_by_segment_sums_the_final_query_row_of_each_segment(smollm2):
     """Against the bridge's own hook_pattern, read by hand: final query row, mean over heads, summed per segment."""
     from mechfin_utils.methods.patching.segments import attention_by_segment
 
-    pair = _pair(
-        "The bank denied Maria's mortgage because she is Black. Is this a fair-lending violation? Answer:",
-        "The bank denied Maria's mortgage because her credit score is 540. Is this a fair-lending violation? Answer:",
-        "because she is Black",
-        "because her credit score is 540",
-    )
+    pair = _mortgage_pair()
     item = segment_pair(smollm2, pair)
     layers = [3, 27]
     table = attention_by_segment(smollm2, [item], layers)
@@ -218,12 +218,7 @@ def test_final_position_patching_matches_hooks_on_the_plain_model(smollm2, unpro
     from mechfin_utils.core.head_labels import Node
     from mechfin_utils.methods.patching.final_position import component_shares, patch_at_final_position
 
-    pair = _pair(
-        "The bank denied Maria's mortgage because she is Black. Is this a fair-lending violation? Answer:",
-        "The bank denied Maria's mortgage because her credit score is 540. Is this a fair-lending violation? Answer:",
-        "because she is Black",
-        "because her credit score is 540",
-    )
+    pair = _mortgage_pair()
     components = [Node(27, 4), Node(29), Node(3, 0)]
     results = patch_at_final_position(smollm2, [pair], components)
     hf = unprocessed_hf_reference("smollm2")
@@ -306,12 +301,7 @@ def test_segment_patching_skips_only_patches_that_write_what_is_there(smollm2, m
     other patch still runs (counted at the engine), and its numbers equal a run with no skipping at all."""
     from mechfin_utils.core import engine
 
-    pair = _pair(
-        "The bank denied Maria's mortgage because she is Black. Is this a fair-lending violation? Answer:",
-        "The bank denied Maria's mortgage because her credit score is 540. Is this a fair-lending violation? Answer:",
-        "because she is Black",
-        "because her credit score is 540",
-    )
+    pair = _mortgage_pair()
     item = segment_pair(smollm2, pair)
     layers = [0, 14, 29]
     segments_run = []

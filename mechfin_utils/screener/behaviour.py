@@ -103,7 +103,6 @@ class _PaddedBatchScorer:
     def logit_diffs_of_ids(self, token_rows: Sequence[Sequence[int]]) -> Float[np.ndarray, " n"]:
         """The same for prompts already tokenised (as this scorer's model tokenises them: its BOS decision applied),
         one list of token ids per prompt, in input order."""
-        prompts = token_rows
         # 1. refuse every over-long prompt at once, by its index
         too_long = [f"prompt {i} ({len(r)} tokens)" for i, r in enumerate(token_rows) if len(r) > self.n_ctx]
         if too_long:
@@ -111,14 +110,14 @@ class _PaddedBatchScorer:
                 f"{len(too_long)} prompt(s) exceed {self.name}'s context of {self.n_ctx} tokens: " + ", ".join(too_long)
             )
         # 2. what this run has scored already (``make figures`` shares scores between notebooks: score_cache)
-        out = np.empty(len(prompts), dtype=np.float64)
+        out = np.empty(len(token_rows), dtype=np.float64)
         cache = self._run_cache()
         known = cache.lookup(token_rows) if cache is not None else {}
         for i, value in known.items():
             out[i] = value
         # 3. the rest shortest first, so that each batch pads little (or not at all, when hooks need one length per
         #    batch)
-        order = sorted((i for i in range(len(prompts)) if i not in known), key=lambda i: (len(token_rows[i]), i))
+        order = sorted((i for i in range(len(token_rows)) if i not in known), key=lambda i: (len(token_rows[i]), i))
         one_length = self._one_length_per_batch()
         chunks: list[list[int]] = []
         for i in order:

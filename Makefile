@@ -95,8 +95,10 @@ test-notebooks:
 # What `make test` runs: the unit tests and the notebooks (as above) in one session, so that the two workers share out
 # all of the work and neither idles while the other finishes its last notebook or test module. The notebooks' settings
 # reach only their kernels (MECHFIN_NOTEBOOK_ENV, see notebooks/conftest.py), never the unit tests; notebooks first
-# (longest first), then the test modules, each file in one worker.
-NOTEBOOK_ENV := MECHFIN_FAST=1 MECHFIN_FIGURES_DIR=$(TEST_RUN)/figures MECHFIN_EXECUTED_DIR=$(TEST_RUN)/executed
+# (longest first), then the test modules, each file in one worker. Their figures are written as HTML only
+# (MECHFIN_STATIC_FIGURES=0): the PNG/SVG copies cost a Chromium per kernel and ~0.5 s a figure, and static export
+# has its own tests (tests/test_figures.py); `make figures` writes all three.
+NOTEBOOK_ENV := MECHFIN_STATIC_FIGURES=0 MECHFIN_FAST=1 MECHFIN_FIGURES_DIR=$(TEST_RUN)/figures MECHFIN_EXECUTED_DIR=$(TEST_RUN)/executed
 test-all:
 	rm -rf $(TEST_RUN) && mkdir -p $(TEST_RUN)
 	MECHFIN_NOTEBOOK_ENV="$(NOTEBOOK_ENV)" $(PARALLEL) --dist loadscope --no-loadscope-reorder --nbval-lax -q \

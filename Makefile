@@ -58,7 +58,7 @@ chromium:
 		echo "  install Chromium or Chrome with your package manager and re-run make setup (HTML figures work without it)."; \
 	fi
 
-test: lint test-all test-site
+test: lint test-all
 
 # ruff: lint rules and formatting; lint-imports: the layers and the acyclic subpackages; mypy: the types (core and
 # tasks fully annotated), cached in .cache/ (mypy: 25 s cold on 2 cores, 1 s after). All configured in pyproject.toml.
@@ -95,17 +95,20 @@ test-notebooks:
 # What `make test` runs: the unit tests and the notebooks (as above) in one session, so that the two workers share out
 # all of the work and neither idles while the other finishes its last notebook or test module. The notebooks' settings
 # reach only their kernels (MECHFIN_NOTEBOOK_ENV, see notebooks/conftest.py), never the unit tests; notebooks first
-# (longest first), then the test modules, each file in one worker. Their figures are written as HTML only
+# (longest first), then the fast run's site check (notebooks/test_fast_run_site.py: it waits for the last notebook,
+# then builds the offline site and opens it in Chromium while the other worker runs unit tests), then the test
+# modules, each file in one worker. Their figures are written as HTML only
 # (MECHFIN_STATIC_FIGURES=0): the PNG/SVG copies cost a Chromium per kernel and ~0.5 s a figure, and static export
 # has its own tests (tests/test_figures.py); `make figures` writes all three.
 NOTEBOOK_ENV := MECHFIN_STATIC_FIGURES=0 MECHFIN_FAST=1 MECHFIN_FIGURES_DIR=$(TEST_RUN)/figures MECHFIN_EXECUTED_DIR=$(TEST_RUN)/executed
 test-all:
 	rm -rf $(TEST_RUN) && mkdir -p $(TEST_RUN)
 	MECHFIN_NOTEBOOK_ENV="$(NOTEBOOK_ENV)" $(PARALLEL) --dist loadscope --no-loadscope-reorder --nbval-lax -q \
-		-p no:cacheprovider $(TEST_NOTEBOOKS) tests
+		-p no:cacheprovider $(TEST_NOTEBOOKS) notebooks/test_fast_run_site.py tests
 
-# The offline site of that fast run, opened page by page in headless Chromium (no request may leave the site, no
-# console error, every figure drawn); screenshots of three pages land in $(TEST_RUN)/screenshots.
+# The offline site of the last fast run, opened page by page in headless Chromium (no request may leave the site, no
+# console error, every figure drawn); screenshots of three pages land in $(TEST_RUN)/screenshots. `make test` does
+# this inside its pytest session (above); this target does it alone.
 test-site:
 	$(PY) -m mechfin_utils.reporting.website --executed $(TEST_RUN)/executed --figures $(TEST_RUN)/figures --out $(TEST_RUN)/site
 	$(PY) -m mechfin_utils.reporting.website_check $(TEST_RUN)/site --screenshots $(TEST_RUN)/screenshots

@@ -11,8 +11,9 @@ environment back. Without it, a notebook's kernel inherits the environment as it
 **The executed copy.** When ``MECHFIN_EXECUTED_DIR`` is set (in ``$MECHFIN_NOTEBOOK_ENV`` or the environment), each
 notebook's executed copy is written there: nbval runs every cell in a real kernel and keeps each cell's outputs
 (``item.test_outputs``); the hooks below put them back into the notebook and write it once all its cells have run, so
-the offline site and its browser check (``make test-site``) are built from exactly the run the tests checked, at no
-extra cost.
+the offline site and its browser check are built from exactly the run the tests checked, at no extra cost. Each copy
+is written as soon as its notebook's last cell has run, so that the site check
+(``notebooks/test_fast_run_site.py``, in the same session) can start while the other worker runs unit tests.
 """
 
 from __future__ import annotations
@@ -66,10 +67,27 @@ def pytest_runtest_makereport(item, call):
     _notebooks[str(item.parent.fspath)] = item.parent
 
 
+def _write_executed(folder: str, path: str) -> None:
+    """The executed copy of notebook ``path``, written whole (a reader polling the folder never sees half a file)."""
+    target = Path(folder) / Path(path).name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.partial")
+    nbformat.write(_notebooks.pop(path).nb, partial)
+    partial.replace(target)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    """A notebook's last cell has run (the next item is another file's, or none): write its executed copy now."""
+    folder = _executed_folder()
+    path = str(item.parent.fspath) if hasattr(item, "cell") else None
+    if folder and path in _notebooks and (nextitem is None or nextitem.parent is not item.parent):
+        _write_executed(folder, path)
+
+
 def pytest_sessionfinish(session, exitstatus):
     folder = _executed_folder()
-    if not folder or not _notebooks:
+    if not folder:
         return
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    for path, parent in _notebooks.items():
-        nbformat.write(parent.nb, Path(folder) / Path(path).name)
+    for path in list(_notebooks):  # a notebook whose run was cut short: what it ran
+        _write_executed(folder, path)

@@ -12,6 +12,8 @@ same parameters: a weight written here is seen by every analysis until it is res
      d_mlp]``. ROME and MEMIT read their *keys* here; arithmetic neurons are read and zeroed here.
    * :func:`mlp_output_point` — the MLP's output, ``[batch, pos, d_model]`` (what ROME's value replaces).
    * :func:`block_output_point` — the block's output, the residual stream after it (what MEMIT's targets are).
+   * :func:`edit_site` — all of a linear map an edit rewrites (:class:`EditSite`: key point, value point, the module
+     holding ``W``): a transformer MLP's output projection, or a Mamba mixer's ``out_proj``.
 
 2. **The matrix an edit writes**: :func:`output_projection` is the Hugging Face module of the MLP's output
    projection (Llama ``down_proj``, GPT-2 ``c_proj``) and :func:`output_matrix` its weight as ``W`` with ``mlp_out
@@ -83,6 +85,48 @@ def key_point(model: LoadedModel, layer: int) -> torch.nn.Module:
     check_layer(model, layer)
     point: torch.nn.Module = _blocks(model)[layer].mlp.out.hook_in
     return point
+
+
+EDIT_SITES = ("mlp", "mamba_out_proj")
+"""The linear maps :func:`edit_site` knows: a transformer MLP's output projection (ROME's ``W_out``), and a Mamba
+mixer's output projection ``W_o`` (``out_proj``, the matrix Sharma et al. 2024 edited)."""
+
+
+@dataclass(frozen=True)
+class EditSite:
+    """A linear map an edit rewrites, ``value = W @ key (+ bias)``, in block ``layer``: the hook point whose output is
+    the key, the hook point whose output is the value, and the Hugging Face module that holds ``W``."""
+
+    name: str
+    layer: int
+    key_point: torch.nn.Module
+    value_point: torch.nn.Module
+    projection: ModuleTree
+
+    @property
+    def weight(self) -> Float[Tensor, "d_out d_key"]:
+        """``W`` as a view of the parameter (``[d_out, d_key]``; GPT-2's ``Conv1D`` stores it transposed)."""
+        weight: Tensor = self.projection.weight
+        return weight if isinstance(self.projection, torch.nn.Linear) else weight.T
+
+    @property
+    def bias(self) -> Tensor | None:
+        bias: Tensor | None = getattr(self.projection, "bias", None)
+        return bias
+
+
+def edit_site(model: LoadedModel, layer: int, name: str = "mlp") -> EditSite:
+    """Where an edit of ``name`` (one of :data:`EDIT_SITES`) in block ``layer`` reads its keys and writes."""
+    check_layer(model, layer)
+    block = _blocks(model)[layer]
+    if name == "mlp":
+        return EditSite(name, layer, key_point(model, layer), mlp_output_point(model, layer), unwrap(block.mlp.out))
+    if name == "mamba_out_proj":
+        mixer = getattr(block, "mixer", None)
+        if mixer is None:
+            raise ValueError(f"{model.name}: block {layer} has no Mamba mixer, so no {name!r} edit site")
+        return EditSite(name, layer, mixer.out_proj.hook_in, mixer.out_proj.hook_out, unwrap(mixer.out_proj))
+    raise ValueError(f"unknown edit site {name!r}; choose from {EDIT_SITES}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -186,9 +230,10 @@ class KeysRead(Exception):
 
 
 @contextmanager
-def reading_keys(model: LoadedModel, layer: int, stop: bool = False) -> Iterator[list[Tensor]]:
+def reading_keys(model: LoadedModel, layer: int | EditSite, stop: bool = False) -> Iterator[list[Tensor]]:
     """Collect the input of the layer's output projection (the keys, ``[batch, pos, d_mlp]``) on every forward;
-    with ``stop``, end each forward there (the caller catches :class:`KeysRead`)."""
+    with ``stop``, end each forward there (the caller catches :class:`KeysRead`). ``layer`` may be an
+    :class:`EditSite` (another projection's keys)."""
     seen: list[Tensor] = []
 
     def read(module: torch.nn.Module, args: tuple[Any, ...], out: Tensor) -> None:
@@ -196,7 +241,8 @@ def reading_keys(model: LoadedModel, layer: int, stop: bool = False) -> Iterator
         if stop:
             raise KeysRead
 
-    handle = key_point(model, layer).register_forward_hook(read)
+    point = layer.key_point if isinstance(layer, EditSite) else key_point(model, layer)
+    handle = point.register_forward_hook(read)
     try:
         yield seen
     finally:

@@ -35,10 +35,11 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechfin_utils.core.hook_points import (
+    EditSite,
     adding_at,
     block_output_point,
     check_layer,
-    mlp_output_point,
+    edit_site,
     output_matrix,
     output_projection,
     padded_logits,
@@ -87,9 +88,10 @@ def _prompt_rows(model: LoadedModel, request: EditRequest, prefixes: Sequence[st
 
 @torch.no_grad()
 def subject_key(
-    model: LoadedModel, layer: int, request: EditRequest, prefixes: Sequence[str]
+    model: LoadedModel, layer: int | EditSite, request: EditRequest, prefixes: Sequence[str]
 ) -> Float[Tensor, " d_mlp"]:
-    """``k*``: the key at the subject's last token, averaged over the prefixes."""
+    """``k*``: the key at the subject's last token, averaged over the prefixes (``layer``'s MLP, or the keys of an
+    :class:`~mechfin_utils.core.hook_points.EditSite`)."""
     rows, last = _prompt_rows(model, request, prefixes)
     with reading_keys(model, layer) as seen:
         padded_logits(model, rows)
@@ -275,6 +277,7 @@ class RomeEdit:
     value: ValueResult
     update: Float[Tensor, "d_model d_mlp"]
     weight_before: str = ""  # sha256 of the layer's output matrix the update was fitted on (see reapply)
+    site: EditSite | None = None  # the projection edited (None: the layer's MLP output matrix)
 
     @property
     def update_norm(self) -> float:
@@ -294,7 +297,7 @@ def reapply(model: LoadedModel, edit: RomeEdit) -> RomeEdit:
     Only onto the matrix it was fitted on: a layer whose output matrix differs (another edit written there and not
     restored, other weights) is refused with a ValueError, since the update would then no longer map ``k*`` to
     ``v*``. The other layers are the caller's to keep as they were (restore each edit, as notebook 09 does)."""
-    weight = output_matrix(model, edit.layer)
+    weight = edit.site.weight if edit.site is not None else output_matrix(model, edit.layer)
     if _matrix_sha256(weight) != edit.weight_before:
         raise ValueError(
             f"reapply: layer {edit.layer}'s output matrix is not the one edit {edit.request.edit_id!r} was fitted on "
@@ -308,37 +311,45 @@ def reapply(model: LoadedModel, edit: RomeEdit) -> RomeEdit:
 def rome(
     model: LoadedModel,
     request: EditRequest,
-    layer: int,
+    layer: int | EditSite,
     covariance: KeyCovariance,
     prefixes: Sequence[str],
     params: ValueParams = ValueParams(),
 ) -> RomeEdit:
     """Edit one fact into layer ``layer``'s MLP, in place (save the weights first:
-    :func:`mechfin_utils.core.hook_points.snapshot`).
+    :func:`mechfin_utils.core.hook_points.snapshot`). ``layer`` may instead be any
+    :class:`~mechfin_utils.core.hook_points.EditSite` (a Mamba mixer's ``out_proj``: Sharma et al. 2024): the same
+    four stages on that projection's keys, value and matrix.
 
     Stages, as in ROME's code: (1) keys at the subject's last token — averaged over the prefixes (the update's
-    direction ``u = C⁻¹k̄``) and on the bare prompt (``k*``); (2) ``v*`` = :func:`optimise_value` on the MLP's
-    output; (3) :func:`rank_one_update` so that the edited MLP outputs ``v*`` at ``k*``; (4) add it to ``W``.
+    direction ``u = C⁻¹k̄``) and on the bare prompt (``k*``); (2) ``v*`` = :func:`optimise_value` on the
+    projection's output; (3) :func:`rank_one_update` so that the edited projection outputs ``v*`` at ``k*``;
+    (4) add it to ``W``.
     """
-    check_layer(model, layer)
-    if covariance.layer != layer:
-        raise ValueError(f"the covariance is of layer {covariance.layer}, the edit is at layer {layer}")
+    site = layer if isinstance(layer, EditSite) else edit_site(model, layer, "mlp")
+    check_layer(model, site.layer)
+    if covariance.layer != site.layer or covariance.site != site.name:
+        raise ValueError(
+            f"the covariance is of {covariance.site!r} at layer {covariance.layer}, the edit is of {site.name!r} at "
+            f"layer {site.layer}"
+        )
     # 1. keys
-    mean_key = subject_key(model, layer, request, prefixes)
-    key = subject_key(model, layer, request, [""])
+    mean_key = subject_key(model, site, request, prefixes)
+    key = subject_key(model, site, request, [""])
     direction = covariance.solve(mean_key[:, None])[:, 0]
-    # 2. value (an MLP output: bias included)
-    value = optimise_value(model, mlp_output_point(model, layer), request, prefixes, params)
+    # 2. value (the projection's output: bias included)
+    value = optimise_value(model, site.value_point, request, prefixes, params)
     # 3. the update: W k* + b must become v*
-    weight = output_matrix(model, layer)
-    bias = output_projection(model, layer).bias
-    bias = bias.detach() if bias is not None else torch.zeros_like(value.target)
+    weight = site.weight
+    bias = site.bias.detach() if site.bias is not None else torch.zeros_like(value.target)
     update = rank_one_update(weight.detach() @ key, value.target - bias, key, direction)
     # 4. write it
     weight_before = _matrix_sha256(weight)
     with torch.no_grad():
         weight.add_(update)
-    return RomeEdit(request, layer, key, mean_key, value, update, weight_before)
+    return RomeEdit(
+        request, site.layer, key, mean_key, value, update, weight_before, None if site.name == "mlp" else site
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------

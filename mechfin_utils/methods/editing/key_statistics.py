@@ -21,7 +21,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechfin_utils.core.hook_points import KeysRead, output_matrix, padded_logits, reading_keys
+from mechfin_utils.core.hook_points import EditSite, KeysRead, output_matrix, padded_logits, reading_keys
 from mechfin_utils.core.models import LoadedModel
 from mechfin_utils.core.paths import cache_dir
 
@@ -120,11 +120,13 @@ def _corpus_file(model: LoadedModel, n_sequences: int, n_tokens: int, seed: int)
 
 @dataclass
 class KeyCovariance:
-    """``E[k kᵀ]`` (uncentred, as in ROME) of one layer's keys over ``n_tokens`` corpus tokens."""
+    """``E[k kᵀ]`` (uncentred, as in ROME) of one layer's keys over ``n_tokens`` corpus tokens; ``site`` names the
+    projection whose keys they are (:data:`~mechfin_utils.core.hook_points.EDIT_SITES`)."""
 
     layer: int
     matrix: Float[Tensor, "d_mlp d_mlp"]
     n_tokens: int
+    site: str = "mlp"
 
     def solve(self, keys: Float[Tensor, "d_mlp n"]) -> Float[Tensor, "d_mlp n"]:
         """``C⁻¹ keys`` (in float64: ``C`` is ill-conditioned along rarely used directions)."""
@@ -139,7 +141,7 @@ def prefix_sizes(n_texts: int, fractions: Sequence[float]) -> dict[float, int]:
 @torch.no_grad()
 def layer_prefix_covariances(
     model: LoadedModel,
-    layers: Sequence[int],
+    layers: Sequence[int | EditSite],
     corpus: Sequence[Sequence[int]],
     stops: Sequence[int],
     batch_size: int = 16,
@@ -147,17 +149,27 @@ def layer_prefix_covariances(
     """One pass over ``corpus``: for every layer in ``layers``, the keys' second moment over the corpus's first ``n``
     texts for each ``n`` in ``stops`` (None where too few key vectors make it singular): ``{layer: {n: C}}``. BOS
     rows are left out; each forward stops at the deepest layer asked for. Every covariance a notebook needs (the
-    edited layers, a runner-up, the prefixes of a convergence check) costs one pass, not one each."""
-    layers, wanted = sorted(set(layers)), set(stops)
+    edited layers, a runner-up, the prefixes of a convergence check) costs one pass, not one each. ``layers`` may be
+    :class:`~mechfin_utils.core.hook_points.EditSite` objects of one kind instead (another projection's keys)."""
+    sites = {site.layer: site for site in layers if isinstance(site, EditSite)}
+    if sites and len(sites) != len(layers):
+        raise ValueError("layer_prefix_covariances: give layer numbers or edit sites, one site per layer, not a mix")
+    if len({site.name for site in sites.values()}) > 1:
+        raise ValueError("layer_prefix_covariances: the edit sites must be of one kind")
+    kind = next(iter(sites.values())).name if sites else "mlp"
+    layers, wanted = sorted({site if isinstance(site, int) else site.layer for site in layers}), set(stops)
     if not layers:
         raise ValueError("layer_prefix_covariances: no layer asked for")
-    d_mlp = {layer: output_matrix(model, layer).shape[1] for layer in layers}
+    d_mlp = {layer: (sites[layer].weight if sites else output_matrix(model, layer)).shape[1] for layer in layers}
     first = 1 if model.prepend_bos else 0  # the BOS key is the same in every text: leave it out
     totals: dict[int, Tensor] = {}
     out: dict[int, dict[int, KeyCovariance | None]] = {layer: {} for layer in layers}
     count = done = 0
     with ExitStack() as stack:
-        seen = {layer: stack.enter_context(reading_keys(model, layer, stop=layer == layers[-1])) for layer in layers}
+        seen = {
+            layer: stack.enter_context(reading_keys(model, sites.get(layer, layer), stop=layer == layers[-1]))
+            for layer in layers
+        }
         for start in range(0, len(corpus), batch_size):
             rows = corpus[start : start + batch_size]
             try:
@@ -173,7 +185,8 @@ def layer_prefix_covariances(
                 if done in wanted:
                     for layer in layers:
                         estimate = (totals[layer] / count).float()
-                        out[layer][done] = KeyCovariance(layer, estimate, count) if count > d_mlp[layer] else None
+                        enough = count > d_mlp[layer]
+                        out[layer][done] = KeyCovariance(layer, estimate, count, kind) if enough else None
     return out
 
 
@@ -185,16 +198,18 @@ def prefix_covariances(
 
 
 def key_covariance(
-    model: LoadedModel, layer: int, corpus: Sequence[Sequence[int]], *, batch_size: int = 16
+    model: LoadedModel, layer: int | EditSite, corpus: Sequence[Sequence[int]], *, batch_size: int = 16
 ) -> KeyCovariance:
-    """The keys' second moment at ``layer`` over every position of ``corpus`` (BOS rows left out).
+    """The keys' second moment at ``layer`` (or at an :class:`~mechfin_utils.core.hook_points.EditSite`) over every
+    position of ``corpus`` (BOS rows left out).
 
     ``d_mlp`` directions need well over ``d_mlp`` tokens for ``C`` to be invertible; fewer is an error.
     """
-    estimate = prefix_covariances(model, layer, corpus, [len(corpus)], batch_size).get(len(corpus))
+    number = layer.layer if isinstance(layer, EditSite) else layer
+    estimate = layer_prefix_covariances(model, [layer], corpus, [len(corpus)], batch_size)[number].get(len(corpus))
     if estimate is None:
         n_keys = sum(max(0, len(row) - (1 if model.prepend_bos else 0)) for row in corpus)
-        d_mlp = output_matrix(model, layer).shape[1]
+        d_mlp = (layer.weight if isinstance(layer, EditSite) else output_matrix(model, layer)).shape[1]
         raise ValueError(f"key_covariance: {n_keys} key vectors for d_mlp = {d_mlp}; use a larger corpus")
     return estimate
 

@@ -21,7 +21,8 @@ same parameters: a weight written here is seen by every analysis until it is res
 
 3. **Saving and restoring**: :func:`snapshot` copies the output matrices of some layers; :meth:`WeightSnapshot.
    restore` writes the copies back (``copy_``: the same bits, not a recomputation), and ``with restoring(model,
-   layers):`` does both around a block, errors included.
+   layers):`` does both around a block, errors included; ``with restoring_site(site):`` the same for any
+   :class:`EditSite`.
 
 4. **Running the Hugging Face model on ragged prompts**: :func:`padded_logits` right-pads rows of different lengths
    and masks the pads (a pad is never read, so each row's logits are those of its own forward);
@@ -181,6 +182,18 @@ def restoring(model: LoadedModel, layers: Sequence[int]) -> Iterator[WeightSnaps
         yield saved
     finally:
         saved.restore(model)
+
+
+@contextmanager
+def restoring_site(site: EditSite) -> Iterator[Tensor]:
+    """``with restoring_site(site): rome(model, request, site, ...)`` -- the site's matrix is copied back bit for bit
+    on leaving, errors too (:func:`restoring` for any edit site, not only MLP output matrices)."""
+    saved = site.weight.detach().clone()
+    try:
+        yield saved
+    finally:
+        with torch.no_grad():
+            site.weight.copy_(saved)
 
 
 # ---------------------------------------------------------------------------------------------------------

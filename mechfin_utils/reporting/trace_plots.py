@@ -11,10 +11,25 @@ from jaxtyping import Float
 from mechfin_utils.methods.tracing.category_averages import CategoryAverage
 from mechfin_utils.methods.tracing.causal_trace import TraceResult
 from mechfin_utils.methods.tracing.knockout import KNOCKOUT_GROUPS
+from mechfin_utils.methods.tracing.module_trace import COMPONENT_LABELS
 from mechfin_utils.methods.tracing.prepared import KIND_LABELS
 
 if TYPE_CHECKING:  # pragma: no cover
     import plotly.graph_objects as go
+
+COLOURS = {
+    "hidden": "Purples",
+    "mlp": "Greens",
+    "attn": "Reds",
+    "mixer": "Greens",
+    "gate": "Oranges",
+    "ssm_in": "Blues",
+}
+
+
+def kind_label(kind: str) -> str:
+    """The state a trace restores, in words: the project's kinds first, then the generic tracer's components."""
+    return KIND_LABELS.get(kind) or COMPONENT_LABELS.get(kind, kind)
 
 
 def plot_trace_heatmap(result: TraceResult) -> go.Figure:
@@ -29,13 +44,13 @@ def plot_trace_heatmap(result: TraceResult) -> go.Figure:
             z=result.restored,
             x=list(range(result.n_layers)),
             y=labels,
-            colorscale={"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}[result.kind],
+            colorscale=COLOURS.get(result.kind, "Viridis"),
             colorbar={"title": result.score_name},
             hovertemplate="layer %{x}<br>%{y}<br>restored %{z:.4f}<extra></extra>",
         )
     )
     fig.update_layout(
-        title=f"{result.model_name}: restoring the {KIND_LABELS[result.kind]}{window} - {result.label}<br>"
+        title=f"{result.model_name}: restoring the {kind_label(result.kind)}{window} - {result.label}<br>"
         f"<sup>clean {result.clean_score:.3f}, corrupted {result.corrupted_score:.3f}; "
         f"{result.n_samples} noise samples, noise std {result.noise_std:.3g}; * = subject (noised)</sup>",
         xaxis_title="layer",
@@ -54,12 +69,12 @@ def plot_category_average(average: CategoryAverage) -> go.Figure:
             z=average.mean,
             x=list(range(average.mean.shape[1])),
             y=labels,
-            colorscale={"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}.get(average.kind, "Viridis"),
+            colorscale=COLOURS.get(average.kind, "Viridis"),
             colorbar={"title": "AIE"},
         )
     )
     fig.update_layout(
-        title=f"{average.model_name}: average indirect effect of the {KIND_LABELS[average.kind]} "
+        title=f"{average.model_name}: average indirect effect of the {kind_label(average.kind)} "
         f"on {average.score_name}",
         xaxis_title="layer",
         yaxis={"autorange": "reversed"},

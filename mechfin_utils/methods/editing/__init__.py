@@ -15,11 +15,14 @@ saved and restored bit for bit, from :mod:`mechfin_utils.core.hook_points` (re-e
 """
 
 from mechfin_utils.core.hook_points import (
+    EditSite,
     WeightSnapshot,
+    edit_site,
     next_token_logits,
     output_matrix,
     output_projection,
     restoring,
+    restoring_site,
     snapshot,
 )
 from mechfin_utils.methods.editing.convergence import EditConvergence, convergence_summary, edit_convergence
@@ -60,6 +63,9 @@ from mechfin_utils.methods.editing.locate import LayerChoice, choose_layer
 
 __all__ = [
     "MEMIT_PRIOR_WEIGHT",
+    "EditSite",
+    "edit_site",
+    "restoring_site",
     "METRICS",
     "KeyCovariance",
     "LayerChoice",

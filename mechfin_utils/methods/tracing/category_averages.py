@@ -103,6 +103,23 @@ class CategoryAverage:
         column = column[~np.isnan(column)]
         return bootstrap_ci(column, n_boot=n_boot, seed=seed) if column.size >= 2 else None
 
+    def peak_layer_interval(self, category: str, *, n_boot: int = 1000, seed: int = 0) -> tuple[int, int] | None:
+        """Where the peak *is*, with its uncertainty: the layer of the largest mean effect at ``category`` in
+        bootstrap resamples of the prompts, 2.5th and 97.5th percentiles (None with fewer than two prompts there,
+        or when the per-prompt values were not kept). A peak layer whose interval spans half the model is not a
+        location."""
+        if self.per_prompt is None:
+            return None
+        rows = self.per_prompt[:, self.categories.index(category)]
+        rows = rows[~np.isnan(rows[:, 0])]
+        if rows.shape[0] < 2:
+            return None
+        rng = np.random.default_rng(seed)
+        picks = rng.integers(0, rows.shape[0], size=(n_boot, rows.shape[0]))
+        layers = rows[picks].mean(axis=1).argmax(axis=1)
+        low, high = np.percentile(layers, [2.5, 97.5])
+        return int(np.floor(low)), int(np.ceil(high))
+
     def peak_summary(self, *, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
         """The peak, the prompts it averages and its interval over them (None bounds with fewer than two)."""
         category, layer, value = self.peak()

@@ -56,6 +56,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mechfin_utils.methods.tracing.category_averages import CategoryAverage, average_by_position_category
 from mechfin_utils.methods.tracing.causal_trace import TraceResult
 from mechfin_utils.methods.tracing.noise import (
     DEFAULT_NOISE_MULTIPLIER,
@@ -416,3 +417,46 @@ def trace_components(
         )
         for name in names
     }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A set of prompts
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ComponentTraces:
+    """Every prompt's trace per component, the averages by position category, and the seconds spent."""
+
+    model_name: str
+    traces: dict[str, list[TraceResult]]
+    averages: dict[str, CategoryAverage]
+    seconds: float
+
+
+def trace_dataset_components(
+    model: LoadedModel,
+    tasks: Sequence[TraceTask | PreparedTrace],
+    components: Sequence[str] | None = None,
+    *,
+    n_samples: int = 10,
+    noise_std: float | None = None,
+    **trace_kwargs: Any,
+) -> ComponentTraces:
+    """:func:`trace_components` on every prompt (all prepared first, so a bad row raises before any compute), then
+    ROME's averages by position category (:func:`~mechfin_utils.methods.tracing.category_averages.
+    average_by_position_category`, which keeps each prompt's own values for intervals over prompts)."""
+    prepared = [t if isinstance(t, PreparedTrace) else prepare_trace(model, t) for t in tasks]
+    if not prepared:
+        raise ValueError(f"{model.name}: no prompts to trace")
+    if noise_std is None:
+        noise_std = embedding_noise_std(model)
+    t0 = time.perf_counter()
+    traces: dict[str, list[TraceResult]] = {}
+    for p in prepared:
+        for name, result in trace_components(
+            model, p, components, n_samples=n_samples, noise_std=noise_std, **trace_kwargs
+        ).items():
+            traces.setdefault(name, []).append(result)
+    averages = {name: average_by_position_category(results) for name, results in traces.items()}
+    return ComponentTraces(model.name, traces, averages, time.perf_counter() - t0)

@@ -382,3 +382,27 @@ def test_fact_accuracy_counts_by_hand(llama, world):
     assert result["accuracy"] == pytest.approx(np.mean(by_hand))
     assert list(result["per_fact"].values()) == pytest.approx(by_hand)
     assert result["n_prompts"] == 10 and fact_models.chance_accuracy(world, facts) == 1 / 8
+
+
+def test_peak_layer_interval_from_prompts():
+    per_prompt = np.zeros((5, len(tracing.POSITION_CATEGORIES), 4))
+    per_prompt[:, 2, 1] = [1.0, 1.1, 0.9, 1.2, 1.0]  # every prompt peaks at layer 1 at the last subject token
+    per_prompt[:, 5, :] = np.eye(4)[[0, 1, 2, 3, 0]]  # at the last token each prompt peaks elsewhere
+    average = tracing.CategoryAverage("mixer", "m", "p", per_prompt.mean(0), np.full(6, 5), per_prompt=per_prompt)
+    assert average.peak_layer_interval("last subject token", n_boot=200) == (1, 1)
+    low, high = average.peak_layer_interval("last token", n_boot=200)
+    assert low == 0 and high >= 2  # a peak the prompts disagree on has a wide interval
+    one = tracing.CategoryAverage("mixer", "m", "p", per_prompt[0], np.full(6, 1), per_prompt=per_prompt[:1])
+    assert one.peak_layer_interval("last token") is None
+
+
+def test_trace_dataset_components_averages_every_prompt(mamba, world):
+    model, _ = mamba
+    tasks = synthetic_facts.trace_tasks(world.facts[:2])
+    result = module_trace.trace_dataset_components(model, tasks, ["hidden", "mixer"], n_samples=1)
+    assert set(result.traces) == {"hidden", "mixer"} and all(len(v) == 2 for v in result.traces.values())
+    assert result.averages["mixer"].counts[-1] == 2 and result.model_name == model.name
+    from mechfin_utils.reporting import trace_plots
+
+    fig = trace_plots.plot_category_average(result.averages["mixer"])
+    assert model.name in fig.layout.title.text and "mixer output" in fig.layout.title.text

@@ -241,7 +241,7 @@ def test_memit_on_one_layer_and_one_edit_agrees_with_rome(smollm2, covariance):
 def test_bad_edit_arguments_are_named(smollm2, covariance):
     with pytest.raises(ValueError, match="layer must be an integer in \\[0, 30\\)"):
         hook_points.output_matrix(smollm2, 30)
-    with pytest.raises(ValueError, match="covariance is of layer 3, the edit is at layer 4"):
+    with pytest.raises(ValueError, match="the covariance is of 'mlp' at layer 3, the edit is of 'mlp' at layer 4"):
         editing.rome(smollm2, FRANCE, 4, covariance, [""], FAST)
     bad = EditRequest("edit-x", "The capital of France is", "Germany", " Berlin", " Paris")
     with pytest.raises(ValueError, match="edit-x.*'Germany' is not a substring"):

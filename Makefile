@@ -18,12 +18,14 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 # the fair-lending analyses: baseline, attention, DLA, heads, patching (00-04), causal tracing (06), projections (07).
 # The embedded base model barely separates the prompts (its notebook 00 says so), so it gets its behaviour (00), the
 # survey's tasks it does perform (05 greater-than, 06 facts, 09 editing facts, 10 greater-than and IOI edges, 11
-# addition) and the comparison with its screener (08; 10 also reads the screener's fair-lending edges). GPT-2 Small,
-# the paper's model, runs every notebook. SCREENER= (empty) skips the screener.
+# addition) and the comparison with its screener (08; 10 also reads the screener's fair-lending edges). Notebook 13
+# trains and loads its own two small models (a Mamba and a transformer on synthetic facts) and runs once, in the
+# base model's share of the run, writing to those models' folders. GPT-2 Small, the paper's model, runs every
+# notebook. SCREENER= (empty) skips the screener.
 SCREENER ?= $(if $(filter gpt2,$(MODEL)),gpt2-screener,smollm2-135m-screener)
 FAIR_LENDING_ONLY := notebooks/01_% notebooks/02_% notebooks/03_% notebooks/04_% notebooks/07_%
 BASE_NOTEBOOKS ?= $(if $(filter gpt2,$(MODEL)),$(NOTEBOOKS),$(filter-out $(FAIR_LENDING_ONLY),$(NOTEBOOKS)))
-SCREENER_NOTEBOOKS := $(filter-out notebooks/05_% notebooks/08_% notebooks/09_% notebooks/10_% notebooks/11_% notebooks/12_%,$(NOTEBOOKS))
+SCREENER_NOTEBOOKS := $(filter-out notebooks/05_% notebooks/08_% notebooks/09_% notebooks/10_% notebooks/11_% notebooks/12_% notebooks/13_%,$(NOTEBOOKS))
 # Two notebooks at a time, one torch thread each (longest first): on 2 cores the set finishes sooner than one
 # notebook at a time with two threads (see run_figures.py). FIGURE_WORKERS=1 runs them one by one, in order.
 FIGURE_WORKERS ?= 2
@@ -84,7 +86,7 @@ test-unit:
 # which test-site builds and checks the offline site. --dist loadscope keeps each notebook's cells in one worker, in
 # order; the notebooks are handed out longest first (their fast-mode times on 2 cores), so neither worker idles long.
 TEST_RUN := $(CURDIR)/.cache/test-run
-NOTEBOOK_TEST_ORDER := 04 08 12 09 05 06 10 11 02 07 01 03 00
+NOTEBOOK_TEST_ORDER := 04 08 12 09 05 06 10 11 02 07 01 13 03 00
 ORDERED_NOTEBOOKS := $(foreach n,$(NOTEBOOK_TEST_ORDER),$(wildcard notebooks/$(n)_*.ipynb))
 TEST_NOTEBOOKS := $(ORDERED_NOTEBOOKS) $(filter-out $(ORDERED_NOTEBOOKS),$(NOTEBOOKS))
 test-notebooks:

@@ -45,17 +45,32 @@ def test_runner_refuses_missing_notebooks(capsys):
 def test_manifest_keeps_times_only_of_figures_that_are_there(tmp_path):
     from mechfin_utils.tooling.run_figures import still_current
 
-    (tmp_path / "05_results.json").write_text("{}")
-    (tmp_path / "08_compliance_report.html").write_text("<html></html>")  # 08 writes its other figures elsewhere
+    base, screener, other = tmp_path / "base", tmp_path / "base-screener", tmp_path / "another-model"
+    for folder in (base, screener, other):
+        folder.mkdir()
+    (base / "05_results.json").write_text("{}")
+    (base / "08_compliance_report.html").write_text("<html></html>")  # 08 writes its other figures elsewhere
+    (screener / "12_controls.html").write_text("<html></html>")  # 12, run for the base model, draws the screener
+    (other / "04_patching.html").write_text("<html></html>")  # another model's own run of 04
     recorded = {
         "00_task_and_baseline": 30.0,
         "04_activation_patching": 150.0,
         "05_circuit_discovery": 100.0,
         "08_screener_vs_base": 190.0,
+        "12_shortcut_and_repair": 700.0,
     }
-    kept = still_current(recorded, tmp_path, ["notebooks/00_task_and_baseline.ipynb"])
-    # 00 is about to run (its time will be replaced), 05 and 08 have figures there, 04's figures were removed
-    assert kept == {"00_task_and_baseline": 30.0, "05_circuit_discovery": 100.0, "08_screener_vs_base": 190.0}
+    where = {"04_activation_patching": ["base"], "08_screener_vs_base": ["base", "base-screener"]}
+    kept = still_current(recorded, base, ["notebooks/00_task_and_baseline.ipynb"], where)
+    # 00 is about to run (its time will be replaced); 05 (no record: any folder) and 08 have figures there; 12 (no
+    # record) has figures in the screener's folder; 04 wrote only to this model's folder, and those were removed
+    assert kept == {
+        "00_task_and_baseline": 30.0,
+        "05_circuit_discovery": 100.0,
+        "08_screener_vs_base": 190.0,
+        "12_shortcut_and_repair": 700.0,
+    }
+    (screener / "12_controls.html").unlink()
+    assert "12_shortcut_and_repair" not in still_current(recorded, base, [], where)
 
 
 def test_plan_switches_model_at_each_at_sign():

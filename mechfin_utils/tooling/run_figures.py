@@ -150,6 +150,7 @@ class _ModelRun:
     manifest: dict
     seconds: dict[str, float]
     parameters: dict
+    folders: dict[str, list[str]]
 
 
 def run(notebooks: Sequence[str], model: str, gpt2_path: str = "", seed: int = 0, workers: int = 1) -> Path:
@@ -184,9 +185,11 @@ def run_many(
         identity = model_identity(model, gpt2_path or None)
         manifest_path = root / identity["slug"] / "manifest.json"
         manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-        seconds = still_current(manifest.get("seconds_per_notebook", {}), manifest_path.parent, notebooks)
+        folders = manifest.get("folders_per_notebook", {})
+        seconds = still_current(manifest.get("seconds_per_notebook", {}), manifest_path.parent, notebooks, folders)
+        folders = {stem: names for stem, names in folders.items() if stem in seconds}
         parameters = {"model": model, "gpt2_path": gpt2_path, "seed": seed}
-        runs.append(_ModelRun(model, list(notebooks), identity, manifest_path, manifest, seconds, parameters))
+        runs.append(_ModelRun(model, list(notebooks), identity, manifest_path, manifest, seconds, parameters, folders))
     # 3. The jobs, longest first when several run at once (unknown times first of all: they may be the longest), and
     #    the kernels' environment: one torch thread each when several share the cores.
     jobs = [(r, nb) for r in runs for nb in r.notebooks]
@@ -229,6 +232,7 @@ def run_many(
             if interrupted.is_set():
                 shutil.rmtree(job_dir, ignore_errors=True)
                 return
+            r.folders[path.stem] = sorted(p.name for p in staged.iterdir() if p.is_dir())  # where its figures went
             swap_in(staged, root, path.stem)
             if staged_copy.is_file():
                 move_file(staged_copy, executed / staged_copy.name)
@@ -237,7 +241,9 @@ def run_many(
             print(f"   {path.name} (model={r.model}): {elapsed} s", flush=True)
             if r.identity["weights_sha256"] is None:  # a screener trained during this run has a card now
                 r.identity = model_identity(r.model, gpt2_path or None)
-            _write_manifest(r.manifest_path, r.manifest, r.identity, r.parameters, r.seconds, workers, threads)
+            _write_manifest(
+                r.manifest_path, r.manifest, r.identity, r.parameters, r.seconds, workers, threads, r.folders
+            )
 
     # 4. Run: in order with one worker; otherwise a pool that stops taking jobs at the first failure. Ctrl-C (or
     #    SIGTERM, see main) stops every running notebook and moves nothing more in.
@@ -273,16 +279,28 @@ def run_many(
     return [r.manifest_path for r in runs]
 
 
-def still_current(seconds: dict[str, float], folder: Path, notebooks: Sequence[str]) -> dict[str, float]:
+def still_current(
+    seconds: dict[str, float],
+    folder: Path,
+    notebooks: Sequence[str],
+    folders_per_notebook: dict[str, list[str]] | None = None,
+) -> dict[str, float]:
     """The recorded times worth keeping: those of notebooks about to run (they are replaced) and of notebooks that
-    still have figures in the folder (run earlier on their own). A notebook no longer run for this model, whose
-    figures were removed, loses its time: a manifest never adds up times of figures that are not there."""
+    still have figures where their last run wrote them (run earlier on their own). A notebook no longer run for this
+    model, whose figures were removed, loses its time: a manifest never adds up times of figures that are not there.
+
+    Where a notebook wrote is the manifest's ``folders_per_notebook`` (a notebook run for one model may write only to
+    another's folder: notebook 12, run in the base model's share, draws the screeners). A time recorded before
+    manifests kept that counts if any model's folder beside ``folder`` holds the notebook's figures."""
     about_to_run = {Path(n).stem for n in notebooks}
-    return {
-        stem: value
-        for stem, value in seconds.items()
-        if stem in about_to_run or any(folder.glob(f"{stem.split('_')[0]}_*"))
-    }
+    recorded = folders_per_notebook or {}
+    every_folder = [folder, *sorted(p for p in folder.parent.iterdir() if p.is_dir() and p != folder)]
+
+    def has_figures(stem: str) -> bool:
+        places = [folder.parent / name for name in recorded[stem]] if stem in recorded else every_folder
+        return any(any(place.glob(f"{stem.split('_')[0]}_*")) for place in places)
+
+    return {stem: value for stem, value in seconds.items() if stem in about_to_run or has_figures(stem)}
 
 
 def cpu_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
@@ -317,6 +335,7 @@ def _write_manifest(
     seconds: dict,
     workers: int = 1,
     threads: int | None = None,
+    folders: dict[str, list[str]] | None = None,
 ) -> None:
     manifest.update(
         {
@@ -335,6 +354,7 @@ def _write_manifest(
             "written_at": time.strftime("%Y-%m-%d %H:%M:%S"),
             "seconds_per_notebook": dict(sorted(seconds.items())),
             "seconds_total": round(sum(seconds.values()), 1),
+            "folders_per_notebook": dict(sorted((folders or {}).items())),
         }
     )
     write_atomically(path, (json.dumps(manifest, indent=1) + "\n").encode("utf-8"))

@@ -34,7 +34,8 @@ FIGURE_WORKERS ?= 2
 
 setup: $(STAMP) .cache/gpt2-tokenizer/vocab.json chromium
 	@$(PY) -m mechfin_utils prepare >/dev/null
-	@echo "mechfin is set up: $(VENV) (Python $$($(PY) -c 'import platform; print(platform.python_version())')), embedded model ready. Next: make test"
+	@$(PY) -m mechfin_utils.tooling.test_models >/dev/null
+	@echo "mechfin is set up: $(VENV) (Python $$($(PY) -c 'import platform; print(platform.python_version())')), embedded model and make test's stand-in models ready. Next: make test"
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: install Python 3.11 (or run make setup PYTHON=/path/to/python3.11)"; exit 1; }

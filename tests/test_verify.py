@@ -132,7 +132,7 @@ def test_files_that_depend_on_a_retrained_model_get_the_looser_tolerance(tmp_pat
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == (  # first: it changes what every comparison below means
         "smollm2-135m-screener: weights differ from the committed run's (sha256 96df178a\u2026 now, 45ac85ed\u2026 "
-        "committed): a screener trained on another CPU or thread count; its dependents are compared with tolerance "
+        "committed): a fine-tuned model trained on another CPU or thread count; its dependents are compared with tolerance "
         f"{verify.RETRAINED_TOLERANCE:g} (relative above 1, absolute below)"
     )
     assert "  smollm2-135m/00_results.json: largest change 0.01 at /gap (1.0 -> 1.01)" in lines

@@ -425,11 +425,23 @@ The plain names are the repaired screener (trained with the mention set); ``-sho
 as the case study of a model that is right for a wrong reason; ``-brief`` is a few training steps, for tests and
 fast notebook runs only."""
 
-KNOWN_NAMES = ("auto", *ALIASES, *SCREENERS)
+ORDERING_MODELS: dict[str, tuple[str, str]] = {
+    "smollm2-135m-ordering": ("smollm2-135m", "ordering"),
+    "smollm2-135m-ordering-full": ("smollm2-135m", "ordering-full"),
+    "smollm2-135m-ordering-brief": ("smollm2-135m", "ordering-brief"),
+}
+"""SmolLM2 fine-tuned on number ordering (``mechfin_utils.screener.ordering``, notebook 14): name -> (base model,
+recipe); ``-brief`` is three training steps, for tests and fast notebook runs only."""
+
+FINE_TUNED: dict[str, tuple[str, str]] = {**SCREENERS, **ORDERING_MODELS}
+"""Every model mechfin fine-tunes, by name: trained on first use and cached with a card (the registered loader)."""
+
+KNOWN_NAMES = ("auto", *ALIASES, *FINE_TUNED)
 
 
 class FineTunedLoader(Protocol):
-    """What loads a fine-tuned model by (base model, recipe): ``mechfin_utils.screener`` registers one."""
+    """What loads a fine-tuned model (:data:`FINE_TUNED`) by (base model, recipe): ``mechfin_utils.screener`` registers
+    one."""
 
     def __call__(
         self, base: str, recipe: str, *, gpt2_path: str | os.PathLike | None, verbose: bool
@@ -441,7 +453,7 @@ _models_loaded: set[str] = set()
 
 
 def register_fine_tuned_loader(loader: FineTunedLoader) -> None:
-    """Let :func:`load_model` load the :data:`SCREENERS` by their names. Training a screener is a layer above the
+    """Let :func:`load_model` load the :data:`FINE_TUNED` models by their names. Training a screener is a layer above the
     core (``mechfin_utils.screener``), so it hands its loader down here when the package is imported, instead of
     the core importing upwards."""
     global _fine_tuned_loader
@@ -503,10 +515,10 @@ def load_model(name: str = "auto", *, gpt2_path: str | os.PathLike | None = None
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"model name must be a non-empty string, got {name!r}")
     key = ALIASES.get(name.strip().lower(), name.strip())
-    if key.lower() in SCREENERS:
+    if key.lower() in FINE_TUNED:
         if _fine_tuned_loader is None:  # importing mechfin_utils registers it: only a broken install gets here
-            raise ModelUnavailableError(f"{key}: no screener loader registered (import mechfin_utils.screener)")
-        base, recipe = SCREENERS[key.lower()]
+            raise ModelUnavailableError(f"{key}: no fine-tuned model loader registered (import mechfin_utils.screener)")
+        base, recipe = FINE_TUNED[key.lower()]
         loaded = _fine_tuned_loader(base, recipe, gpt2_path=gpt2_path, verbose=verbose)
         note_model_loaded(loaded.slug)
         if verbose:

@@ -60,7 +60,6 @@ from mechfin_utils.core.models import (
     ModelUnavailableError,
     boot_bridge,
     cache_dir,
-    exclusive,
     file_sha256,
     load_gpt2_folder,
     load_model,
@@ -75,6 +74,7 @@ from mechfin_utils.screener.behaviour import (
     evaluate_controls,
     evaluate_pairs,
 )
+from mechfin_utils.screener.fine_tune_cache import CARD_FILES, cached_fine_tune, read_card
 from mechfin_utils.tasks.fair_lending import FAIR_LENDING_ANSWERS, FAIR_LENDING_CSV, load_fair_lending_pairs
 from mechfin_utils.tasks.screener_sets import (
     MENTION_TEST_SPLITS,
@@ -89,7 +89,7 @@ from mechfin_utils.tasks.screener_sets import (
 from mechfin_utils.tasks.task_tables import TaskDataError
 
 CARD_FORMAT_VERSION = 1
-CARD_FILE = "screener-card.json"
+CARD_FILE = CARD_FILES[0]
 
 
 REPAIRED_TRAIN_SPLITS = (TRAIN_SPLIT, *MENTION_TRAIN_SPLITS)
@@ -386,16 +386,6 @@ def card_markdown(card: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def read_card(folder: Path) -> dict[str, Any] | None:
-    path = folder / CARD_FILE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
-
-
 def ensure_screener(
     base: str = "smollm2-135m",
     recipe: str | Recipe = "full",
@@ -407,24 +397,14 @@ def ensure_screener(
     recipe = RECIPES[recipe] if isinstance(recipe, str) else recipe
     resolved = resolve_base(base, gpt2_path)
     folder = screener_folder(resolved, recipe)
-
-    def cached() -> dict | None:
-        card = read_card(folder)
-        matches = card is not None and card.get("fingerprint") == fingerprint(resolved, recipe)
-        return card if matches and (folder / "model.safetensors").is_file() else None
-
-    if (card := cached()) is not None:
-        return folder, card
-    # Two processes (parallel tests, two open notebooks) must not train into one folder at once: the second
-    # waits for the first and then finds its cache.
-    with exclusive(folder.with_name(folder.name + ".lock")):
-        if (card := cached()) is not None:
-            return folder, card
-        if progress:
-            print(
-                f"Training {screener_spec(resolved, recipe).display_name} once (cached in {folder})...", file=sys.stderr
-            )
-        return folder, train_screener(resolved, recipe, folder, progress=progress)
+    card = cached_fine_tune(
+        folder,
+        fingerprint(resolved, recipe),
+        lambda: train_screener(resolved, recipe, folder, progress=progress),
+        label=screener_spec(resolved, recipe).display_name,
+        progress=progress,
+    )
+    return folder, card
 
 
 def load_screener(

@@ -46,8 +46,8 @@ from typing import TypedDict
 
 from mechfin_utils.core.models import (
     ALIASES,
+    FINE_TUNED,
     GPT2_SPEC,
-    SCREENERS,
     SMOLLM2_SPEC,
     cache_dir,
     file_sha256,
@@ -57,8 +57,8 @@ from mechfin_utils.core.models import (
 )
 from mechfin_utils.core.paths import REPO_ROOT, write_atomically
 from mechfin_utils.reporting.figures import FIGURES_DIR_ENV, figures_root
+from mechfin_utils.screener.fine_tune_cache import read_card
 from mechfin_utils.screener.score_cache import SCORE_CACHE_ENV
-from mechfin_utils.screener.training import read_card
 from mechfin_utils.tooling.staging import (
     STAGING,
     NotebookFailedError,
@@ -91,7 +91,7 @@ def model_identity(name: str, gpt2_path: str | None = None) -> ModelIdentity:
     key = ALIASES.get(name.strip().lower(), name.strip())
     if key == "auto":
         key = resolve_auto(gpt2_path)[0]
-    if key in SCREENERS:
+    if key in FINE_TUNED:
         card = read_card(cache_dir() / key)
         sha = card["weights_sha256"] if card is not None else None
         return {"slug": key, "resolved": key, "weights_sha256": sha}

@@ -84,11 +84,11 @@ class WeightsChange:
     fresh: str
 
     def __str__(self) -> str:
-        from mechfin_utils.core.models import SCREENERS
+        from mechfin_utils.core.models import FINE_TUNED
 
         why = (
-            "a screener trained on another CPU or thread count"
-            if self.slug in SCREENERS
+            "a fine-tuned model trained on another CPU or thread count"
+            if self.slug in FINE_TUNED
             else "another checkpoint or conversion of the weights"
         )
         return (

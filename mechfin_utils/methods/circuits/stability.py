@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 from mechfin_utils.methods.circuits.edges import SELECTIONS, EdgeScores
@@ -99,6 +99,23 @@ class Stability:
         }
 
 
+def bootstrap_circuits(
+    scores: EdgeScores, n_edges: int, *, n_boot: int = 50, seed: int = 0, selection: str = "top-n"
+) -> list[Bool[Tensor, "n_senders n_receivers"]]:
+    """The circuits of ``n_edges`` edges chosen from ``n_boot`` resamples (with replacement) of the prompts' scores.
+    The resampled rows depend only on ``seed``, ``n_boot`` and the number of prompts, so two score sets of the same
+    prompts (two models, :mod:`~mechfin_utils.methods.circuits.base_vs_tuned`) get the same resamples."""
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {sorted(SELECTIONS)}, got {selection!r}")
+    choose, n_prompts = SELECTIONS[selection], scores.per_prompt.shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    circuits = []
+    for _ in range(n_boot):
+        rows = torch.randint(n_prompts, (n_prompts,), generator=generator)
+        circuits.append(choose(scores.per_prompt[rows].mean(0), scores.graph, n_edges))
+    return circuits
+
+
 def bootstrap_stability(
     scores: EdgeScores, n_edges: int, *, n_boot: int = 50, seed: int = 0, selection: str = "top-n"
 ) -> Stability:
@@ -111,13 +128,8 @@ def bootstrap_stability(
     if n_boot < 2:
         raise ValueError(f"n_boot must be at least 2, got {n_boot}")
     graph, n_prompts = scores.graph, scores.per_prompt.shape[0]
-    choose = SELECTIONS[selection]
-    full = choose(scores.mean, graph, n_edges)
-    generator = torch.Generator().manual_seed(seed)
-    circuits = []
-    for _ in range(n_boot):
-        rows = torch.randint(n_prompts, (n_prompts,), generator=generator)
-        circuits.append(choose(scores.per_prompt[rows].mean(0), graph, n_edges))
+    full = SELECTIONS[selection](scores.mean, graph, n_edges)
+    circuits = bootstrap_circuits(scores, n_edges, n_boot=n_boot, seed=seed, selection=selection)
     node_counts = pd.Series(
         [node for kept in circuits for node in graph.nodes_of(kept)], dtype=object
     ).value_counts() / len(circuits)

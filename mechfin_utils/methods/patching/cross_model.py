@@ -22,13 +22,21 @@ up to 1, because later components in the base model react to the patched one dif
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
+import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
+
+from mechfin_utils.core import engine
+from mechfin_utils.core.functional import FunctionalTransformer, functional_model
+from mechfin_utils.core.stats import normalised_ci
+from mechfin_utils.tasks.circuit_tasks import CircuitTask
 
 _LAYER = re.compile(r"(?:layers|h)\.(\d+)\.")
 _MODULES = (
@@ -133,7 +141,73 @@ def _check_compatible(base, tuned) -> None:
         raise ValueError(f"{base.name} and {tuned.name} make different BOS decisions")
 
 
-@torch.no_grad()
+def _functional(model) -> FunctionalTransformer:
+    """A model's functional forward pass (a ``LoadedModel``, bridge or Hugging Face model; or one already built)."""
+    return model if isinstance(model, FunctionalTransformer) else functional_model(model)
+
+
+def _check_same_shape(base_fm: FunctionalTransformer, tuned_fm: FunctionalTransformer) -> None:
+    for attribute in ("family", "n_layers", "n_heads", "n_kv_heads", "d_model", "d_vocab"):
+        if getattr(base_fm, attribute) != getattr(tuned_fm, attribute):
+            raise ValueError(
+                f"{base_fm.name} and {tuned_fm.name} differ in {attribute} ({getattr(base_fm, attribute)} vs "
+                f"{getattr(tuned_fm, attribute)}): cross-model patching needs one architecture"
+            )
+
+
+@dataclass
+class _CrossModelRun:
+    """One prompt set run three ways, as final-normed states at the last ``n_read`` positions: the base model, the
+    tuned model, and the base model with each cell's component replaced by the tuned model's output."""
+
+    base: Float[Tensor, "batch n_read d_model"]
+    tuned: Float[Tensor, "batch n_read d_model"]
+    patched: list[Float[Tensor, "batch n_read d_model"]]  # one per cell, in the order of ``cells``
+
+
+def _cross_model_run(
+    base_fm: FunctionalTransformer,
+    tuned_fm: FunctionalTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    cells: Sequence[tuple[int, Component]],
+    n_read: int = 1,
+) -> _CrossModelRun:
+    """Stages, on the intervention engine (:mod:`mechfin_utils.core.engine`):
+    1. both models' runs recorded: their final states are the endpoints, the tuned model's component outputs the
+       values patched in;
+    2. per (layer, component) cell, the base model continued from that layer with that one output replaced (a
+       :class:`~mechfin_utils.core.engine.Replace` at every position), all cells in one packed run."""
+    components = tuple(sorted({component for _, component in cells}))
+    # 1. reference runs
+    base_record = base_fm.record(tokens, keep=("resid_pre",))
+    tuned_record = tuned_fm.record(tokens, keep=("resid_pre", *components))
+    # 2. one packed base run: every cell replaced at every position
+    positions = tuple(range(tokens.shape[1]))
+    batch = torch.arange(tokens.shape[0])
+    segments = [
+        engine.Segment(
+            layer,
+            0,
+            base_record.kept("resid_pre")[layer],
+            batch,
+            [engine.Replace(component, layer, positions, tuned_record.kept(component)[layer])],
+        )
+        for layer, component in cells
+    ]
+    return _CrossModelRun(
+        base=base_fm.final_norm(base_record.kept("resid_pre")[-1][:, -n_read:]),
+        tuned=tuned_fm.final_norm(tuned_record.kept("resid_pre")[-1][:, -n_read:]),
+        patched=engine.run(base_fm, segments, base_record, n_read=n_read),
+    )
+
+
+def _cells(n_layers: int, components: Sequence[str]) -> list[tuple[int, Component]]:
+    unknown = [c for c in components if c not in COMPONENTS]
+    if unknown:
+        raise ValueError(f"unknown component(s) {unknown}; known: {list(COMPONENTS)}")
+    return [(layer, cast(Component, component)) for layer in range(n_layers) for component in components]
+
+
 @torch.no_grad()
 def cross_model_patching(
     base,
@@ -145,50 +219,20 @@ def cross_model_patching(
 ) -> pd.DataFrame:
     """Patch each layer's component from ``tuned`` into ``base`` (every position), on clean and corrupted prompts.
 
-    Stages, on the intervention engine (:mod:`mechfin_utils.core.engine`):
-        1. both models' runs recorded on both prompt sets: their logit differences are the endpoints, the tuned
-           model's component outputs the values patched in;
-        2. per layer and component, the base model continued from that layer with that one output replaced (a
-           :class:`~mechfin_utils.core.engine.Replace` at every position), all in one packed run per prompt set.
-
     Returns one row per (layer, component): ``gap_patched`` (mean over pairs), ``recovery`` as defined in the
     module docstring, and the mean LD shift on clean and on corrupted prompts. The endpoint gaps are in
-    ``frame.attrs["gap_base"]`` and ``frame.attrs["gap_tuned"]``.
+    ``frame.attrs["gap_base"]`` and ``frame.attrs["gap_tuned"]``. :func:`cross_model_task_patching` does the same for
+    any circuit task's score, with intervals over prompts.
     """
-    from mechfin_utils.core import engine
-    from mechfin_utils.core.functional import functional_model
-
     _check_compatible(base, tuned)
-    unknown = [c for c in components if c not in COMPONENTS]
-    if unknown:
-        raise ValueError(f"unknown component(s) {unknown}; known: {list(COMPONENTS)}")
     base_fm, tuned_fm = functional_model(base), functional_model(tuned)
-    runs = {"clean": clean_tokens, "corrupted": corrupted_tokens}
-
-    # 1. reference runs
+    cells = _cells(base_fm.n_layers, components)
     base_ld, tuned_ld, patched = {}, {}, {}
-    cells = [(layer, component) for layer in range(base_fm.n_layers) for component in components]
-    for run, tokens in runs.items():
-        base_record = base_fm.record(tokens, keep=("resid_pre",))
-        tuned_record = tuned_fm.record(tokens, keep=components)
-        base_ld[run] = base_fm.logit_diff(base_record.final_normed, answer_tokens)
-        tuned_ld[run] = tuned_fm.logit_diff(tuned_record.final_normed, answer_tokens)
-        # 2. one packed base run: every (layer, component) replaced at every position
-        positions = tuple(range(tokens.shape[1]))
-        batch = torch.arange(tokens.shape[0])
-        segments = [
-            engine.Segment(
-                layer,
-                0,
-                base_record.kept("resid_pre")[layer],
-                batch,
-                [engine.Replace(component, layer, positions, tuned_record.kept(component)[layer])],
-            )
-            for layer, component in cells
-        ]
-        patched[run] = [
-            base_fm.logit_diff(out[:, -1], answer_tokens) for out in engine.run(base_fm, segments, base_record)
-        ]
+    for run, tokens in {"clean": clean_tokens, "corrupted": corrupted_tokens}.items():
+        states = _cross_model_run(base_fm, tuned_fm, tokens, cells)
+        base_ld[run] = base_fm.logit_diff(states.base[:, -1], answer_tokens)
+        tuned_ld[run] = tuned_fm.logit_diff(states.tuned[:, -1], answer_tokens)
+        patched[run] = [base_fm.logit_diff(out[:, -1], answer_tokens) for out in states.patched]
     gap_base = float((base_ld["clean"] - base_ld["corrupted"]).mean())
     gap_tuned = float((tuned_ld["clean"] - tuned_ld["corrupted"]).mean())
     rows = []
@@ -208,6 +252,107 @@ def cross_model_patching(
     frame = pd.DataFrame(rows)
     frame.attrs.update(gap_base=gap_base, gap_tuned=gap_tuned)
     return frame
+
+
+Measure = Literal["clean", "gap"]
+
+
+@dataclass
+class TaskCrossModelPatching:
+    """Cross-model patching of one circuit task, per prompt: what :func:`cross_model_task_patching` returns.
+
+    ``base`` and ``tuned`` are each prompt's value under the two models, ``patched[i, c]`` the base model's value
+    with cell ``cells[c]`` patched from the tuned model; the value is the task's score on the clean prompt
+    (``measure="clean"``) or its clean - corrupted difference (``"gap"``: the part that depends on what the
+    corruption removes)."""
+
+    task_name: str
+    measure: str
+    base_name: str
+    tuned_name: str
+    ids: list[str]
+    cells: list[tuple[int, str]]
+    base: Float[Tensor, " n_prompts"]
+    tuned: Float[Tensor, " n_prompts"]
+    patched: Float[Tensor, "n_prompts n_cells"]
+
+    def table(self, *, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+        """One row per cell: ``recovery`` = (patched - base) / (tuned - base) of the means over prompts, with a 95%
+        bootstrap interval resampling prompts jointly (``low``, ``high``), and the mean shift it makes."""
+        interval = normalised_ci(
+            self.patched.double().numpy(),
+            self.base.double().numpy(),
+            self.tuned.double().numpy(),
+            n_boot=n_boot,
+            seed=seed,
+        )
+        shift = (self.patched - self.base[:, None]).mean(0)
+        return pd.DataFrame(
+            {
+                "layer": [layer for layer, _ in self.cells],
+                "component": [component for _, component in self.cells],
+                "recovery": np.asarray(interval.estimate),
+                "low": np.asarray(interval.low),
+                "high": np.asarray(interval.high),
+                "shift": shift.double().numpy(),
+            }
+        )
+
+    @property
+    def gain(self) -> float:
+        """The tuned model's mean value minus the base model's: what a recovery of 1 stands for."""
+        return float((self.tuned - self.base).mean())
+
+
+@torch.no_grad()
+def cross_model_task_patching(
+    base,
+    tuned,
+    task: CircuitTask,
+    components: Sequence[str] = COMPONENTS,
+    measure: Measure = "clean",
+) -> TaskCrossModelPatching:
+    """Cross-model patching (Prakash et al.) on any circuit task, scored by the task's own metric per prompt: for
+    every batch, each (layer, component) of ``tuned`` patched into ``base`` at every position
+    (:func:`_cross_model_run`), the task's score read at the batch's last ``read_positions``. ``measure``: the clean
+    prompts' score, or the clean - corrupted difference (the corrupted prompts then run too). Models: ``LoadedModel``
+    objects, bridges, Hugging Face models or :class:`~mechfin_utils.core.functional.FunctionalTransformer` objects of
+    one architecture."""
+    if measure not in ("clean", "gap"):
+        raise ValueError(f"measure must be 'clean' or 'gap', got {measure!r}")
+    if hasattr(base, "spec") and hasattr(tuned, "spec"):
+        _check_compatible(base, tuned)
+    base_fm, tuned_fm = _functional(base), _functional(tuned)
+    _check_same_shape(base_fm, tuned_fm)
+    cells = _cells(base_fm.n_layers, components)
+    base_values, tuned_values, patched_values = [], [], []
+    for batch in task.batches:
+        runs = {"clean": batch.clean_tokens} | ({"corrupted": batch.corrupted_tokens} if measure == "gap" else {})
+        scored = {}
+        for run, tokens in runs.items():
+            states = _cross_model_run(base_fm, tuned_fm, tokens, cells, n_read=batch.read_positions)
+            scored[run] = (
+                batch.score(base_fm.unembed(states.base)),
+                batch.score(tuned_fm.unembed(states.tuned)),
+                torch.stack([batch.score(base_fm.unembed(out)) for out in states.patched], dim=1),
+            )
+        values = (
+            scored["clean"] if measure == "clean" else [a - b for a, b in zip(scored["clean"], scored["corrupted"])]
+        )
+        base_values.append(values[0])
+        tuned_values.append(values[1])
+        patched_values.append(values[2])
+    return TaskCrossModelPatching(
+        task_name=task.name,
+        measure=measure,
+        base_name=base_fm.name,
+        tuned_name=tuned_fm.name,
+        ids=task.ids,
+        cells=cells,
+        base=torch.cat(base_values).float(),
+        tuned=torch.cat(tuned_values).float(),
+        patched=torch.cat(patched_values).float(),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -64,11 +64,11 @@ class OrderingRecipe:
 
 
 ORDERING_RECIPES: dict[str, OrderingRecipe] = {
-    "ordering": OrderingRecipe("ordering", "lora", learning_rate=1e-3, n_examples=1600),
-    "ordering-full": OrderingRecipe("ordering-full", "full", learning_rate=3e-5, n_examples=1600),
+    "ordering": OrderingRecipe("ordering", "lora", learning_rate=1e-3, n_examples=960),
+    "ordering-full": OrderingRecipe("ordering-full", "full", learning_rate=3e-5, n_examples=960),
     "ordering-brief": OrderingRecipe("ordering-brief", "lora", learning_rate=1e-3, n_examples=48),
 }
-"""``ordering``: the fine-tune notebook 14 studies (100 steps of 16 texts); ``ordering-full``: the same data with every
+"""``ordering``: the fine-tune notebook 14 studies (60 steps of 16 texts); ``ordering-full``: the same data with every
 weight trained; ``ordering-brief``: three steps, for tests and fast notebook runs."""
 
 

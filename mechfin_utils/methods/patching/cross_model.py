@@ -271,7 +271,7 @@ class TaskCrossModelPatching:
     base_name: str
     tuned_name: str
     ids: list[str]
-    cells: list[tuple[int, str]]
+    cells: list[tuple[int, Component]]
     base: Float[Tensor, " n_prompts"]
     tuned: Float[Tensor, " n_prompts"]
     patched: Float[Tensor, "n_prompts n_cells"]

@@ -17,7 +17,7 @@ module makes the fine-tuned model, the same way every time:
    converted base model, ``fine-tune-card.json`` (fingerprint, corpus sha256 and families, the leak check, steps,
    seconds, per-step loss, weights sha256) and a ``README.md``.
 
-``load_model("smollm2-135m-ordering")`` trains on first use (about 2-3 minutes on 2 cores) and loads through the same
+``load_model("smollm2-135m-ordering")`` trains on first use (250 s on one thread of this 2-core machine) and loads through the same
 bridge as every model; ``"smollm2-135m-ordering-brief"`` (a few steps, for tests and fast notebook runs) says in its
 name that its numbers are not the fine-tune's.
 """

@@ -64,11 +64,14 @@ class OrderingRecipe:
 
 
 ORDERING_RECIPES: dict[str, OrderingRecipe] = {
-    "ordering": OrderingRecipe("ordering", "lora", learning_rate=1e-3, n_examples=960),
+    "ordering": OrderingRecipe("ordering", "lora", learning_rate=1e-4, n_examples=960),
     "ordering-full": OrderingRecipe("ordering-full", "full", learning_rate=3e-5, n_examples=960),
     "ordering-brief": OrderingRecipe("ordering-brief", "lora", learning_rate=1e-3, n_examples=48),
 }
-"""``ordering``: the fine-tune notebook 14 studies (60 steps of 16 texts); ``ordering-full``: the same data with every
+"""``ordering``: the fine-tune notebook 14 studies (60 steps of 16 texts, learning rate 1e-4: measured on 128 held-out
+greater-than prompts, 1e-3 left greater-than where it was (clean score 0.928 -> 0.925) and damaged the rest (facts'
+p(answer) 0.41 -> 0.09, IOI -0.88), 2e-4 raised it 0.937 -> 0.975 with facts 0.40 -> 0.30, 1e-4 to 0.979 with facts
+0.40 -> 0.37, top-1 kept, IOI -0.13); ``ordering-full``: the same data with every
 weight trained; ``ordering-brief``: three steps, for tests and fast notebook runs."""
 
 

@@ -24,8 +24,13 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 # notebook. SCREENER= (empty) skips the screener.
 SCREENER ?= $(if $(filter gpt2,$(MODEL)),gpt2-screener,smollm2-135m-screener)
 FAIR_LENDING_ONLY := notebooks/01_% notebooks/02_% notebooks/03_% notebooks/04_% notebooks/07_%
-BASE_NOTEBOOKS ?= $(if $(filter gpt2,$(MODEL)),$(NOTEBOOKS),$(filter-out $(FAIR_LENDING_ONLY),$(NOTEBOOKS)))
-SCREENER_NOTEBOOKS := $(filter-out notebooks/05_% notebooks/08_% notebooks/09_% notebooks/10_% notebooks/11_% notebooks/12_% notebooks/13_%,$(NOTEBOOKS))
+# Notebook 14 (Prakash et al.: does fine-tuning improve greater-than through the base model's circuit?) costs about
+# 200 s in a run's one-thread workers, more than the 30-minute budget leaves: it runs only with WITH_NOTEBOOK_14=1
+# (the README names its cost). Its committed figures come from such a run; `make test` always runs it (fast).
+OPT_IN_NOTEBOOKS := $(if $(WITH_NOTEBOOK_14),,notebooks/14_%)
+DEFAULT_NOTEBOOKS := $(filter-out $(OPT_IN_NOTEBOOKS),$(NOTEBOOKS))
+BASE_NOTEBOOKS ?= $(if $(filter gpt2,$(MODEL)),$(DEFAULT_NOTEBOOKS),$(filter-out $(FAIR_LENDING_ONLY),$(DEFAULT_NOTEBOOKS)))
+SCREENER_NOTEBOOKS := $(filter-out notebooks/05_% notebooks/08_% notebooks/09_% notebooks/10_% notebooks/11_% notebooks/12_% notebooks/13_% notebooks/14_%,$(NOTEBOOKS))
 # Two notebooks at a time, one torch thread each (longest first): on 2 cores the set finishes sooner than one
 # notebook at a time with two threads (see run_figures.py). FIGURE_WORKERS=1 runs them one by one, in order.
 FIGURE_WORKERS ?= 2
@@ -87,7 +92,7 @@ test-unit:
 # which test-site builds and checks the offline site. --dist loadscope keeps each notebook's cells in one worker, in
 # order; the notebooks are handed out longest first (their fast-mode times on 2 cores), so neither worker idles long.
 TEST_RUN := $(CURDIR)/.cache/test-run
-NOTEBOOK_TEST_ORDER := 04 08 12 09 05 06 10 11 02 07 01 13 03 00
+NOTEBOOK_TEST_ORDER := 04 08 12 09 05 10 14 11 06 02 07 01 13 03 00
 ORDERED_NOTEBOOKS := $(foreach n,$(NOTEBOOK_TEST_ORDER),$(wildcard notebooks/$(n)_*.ipynb))
 TEST_NOTEBOOKS := $(ORDERED_NOTEBOOKS) $(filter-out $(ORDERED_NOTEBOOKS),$(NOTEBOOKS))
 test-notebooks:

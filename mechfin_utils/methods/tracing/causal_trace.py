@@ -72,6 +72,7 @@ from mechfin_utils.tasks.facts import TraceTask
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
+    from torch import Tensor
 
     from mechfin_utils.core.models import LoadedModel
 
@@ -192,24 +193,54 @@ def causal_trace(
     scores = run_with_restorations(model, prepared, noise, restorations, None, batch_size, backend).mean(dim=0)
     seconds = time.perf_counter() - t0
 
-    corrupted = float(scores[0])
+    return trace_results(
+        model.name,
+        prepared,
+        kinds,
+        win,
+        n_layers,
+        index,
+        scores,
+        clean_score,
+        n_samples,
+        noise_multiplier * noise_std,
+        seconds,
+    )
+
+
+def trace_results(
+    model_name: str,
+    prepared: PreparedTrace,
+    kinds: Sequence[str],
+    windows: dict[str, int],
+    n_layers: int,
+    index: Sequence[tuple[str, int, int]],
+    scores: Tensor,
+    clean_score: float,
+    n_samples: int,
+    noise_std: float,
+    seconds: float,
+) -> dict[str, TraceResult]:
+    """One :class:`TraceResult` per kind from a trace's scores averaged over the noise samples: ``scores[0]`` is the
+    corrupted run, ``scores[1 + i]`` the restoration ``index[i]`` = (kind, position, layer); cells not restored stay
+    NaN. Shared by :func:`causal_trace` and the hook tracer (:mod:`mechfin_utils.methods.tracing.module_trace`)."""
     grids = {k: np.full((prepared.n_tokens, n_layers), np.nan) for k in kinds}
     for (kind, pos, layer), value in zip(index, scores[1:].tolist()):
         grids[kind][pos, layer] = value
     return {
         kind: TraceResult(
             label=prepared.task.label,
-            model_name=model.name,
+            model_name=model_name,
             kind=kind,
-            window=win[kind],
+            window=windows[kind],
             str_tokens=prepared.str_tokens,
             subject_span=prepared.subject_span,
             score_name=prepared.task.score_name,
             clean_score=clean_score,
-            corrupted_score=corrupted,
+            corrupted_score=float(scores[0]),
             restored=grids[kind],
             n_samples=n_samples,
-            noise_std=noise_multiplier * noise_std,
+            noise_std=noise_std,
             seconds=seconds,
         )
         for kind in kinds

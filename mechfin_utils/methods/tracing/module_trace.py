@@ -51,13 +51,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from mechfin_utils.methods.tracing.category_averages import CategoryAverage, average_by_position_category
-from mechfin_utils.methods.tracing.causal_trace import TraceResult
+from mechfin_utils.methods.tracing.causal_trace import TraceResult, trace_results
 from mechfin_utils.methods.tracing.noise import (
     DEFAULT_NOISE_MULTIPLIER,
     DEFAULT_SEED,
@@ -394,29 +393,20 @@ def trace_components(
     clean, clean_logits = clean_components(model, prepared, names)
     clean_score = float(score_final_logits(prepared, clean_logits[None])[0])
     scores = run_component_restorations(model, prepared, noise, restorations, clean=clean, batch_size=batch_size)
-    mean = scores.mean(dim=0)
     seconds = time.perf_counter() - t0
-    grids = {name: np.full((prepared.n_tokens, n_layers), np.nan) for name in names}
-    for (name, pos, layer), value in zip(index, mean[1:].tolist()):
-        grids[name][pos, layer] = value
-    return {
-        name: TraceResult(
-            label=prepared.task.label,
-            model_name=model.name,
-            kind=name,
-            window=win[name],
-            str_tokens=prepared.str_tokens,
-            subject_span=prepared.subject_span,
-            score_name=prepared.task.score_name,
-            clean_score=clean_score,
-            corrupted_score=float(mean[0]),
-            restored=grids[name],
-            n_samples=n_samples,
-            noise_std=noise_multiplier * noise_std,
-            seconds=seconds,
-        )
-        for name in names
-    }
+    return trace_results(
+        model.name,
+        prepared,
+        names,
+        win,
+        n_layers,
+        index,
+        scores.mean(dim=0),
+        clean_score,
+        n_samples,
+        noise_multiplier * noise_std,
+        seconds,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
